@@ -1,0 +1,85 @@
+"""kling_async: an asyncio-first SDK for the Kling image-generation API.
+
+::
+
+    import kling_async
+
+    async with kling_async.Client() as client:
+        handle = await client.images.generate(prompt="a red fox", n=2)
+        task = await handle
+        print([image.url for image in task.images])
+
+Everything public is importable from this package; the submodules are private.
+"""
+
+from ._auth import JWTCredentials, StaticToken
+from ._client import Client
+from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    ClientClosedError,
+    ConcurrencyLimitError,
+    ConfigurationError,
+    ContentPolicyError,
+    InvalidRequestError,
+    KlingError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
+    ServerError,
+    TaskFailedError,
+    TaskTimeoutError,
+    TransportError,
+    ValidationError,
+)
+from ._handle import TaskHandle
+from ._image_input import ImageInput
+from ._models import (
+    Endpoint,
+    ImageGenerationRequest,
+    ImageResult,
+    MultiImageRequest,
+    Task,
+    TaskRequest,
+    TaskStatus,
+)
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "OFFICIAL_BASE_URL",
+    "APIError",
+    "AuthenticationError",
+    "Client",
+    "ClientClosedError",
+    "ConcurrencyLimitError",
+    "ConfigurationError",
+    "ContentPolicyError",
+    "Endpoint",
+    "ImageGenerationRequest",
+    "ImageInput",
+    "ImageResult",
+    "InvalidRequestError",
+    "JWTCredentials",
+    "KlingError",
+    "MultiImageRequest",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServerError",
+    "StaticToken",
+    "Task",
+    "TaskFailedError",
+    "TaskHandle",
+    "TaskRequest",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "TransportError",
+    "ValidationError",
+    "__version__",
+]

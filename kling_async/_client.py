@@ -1,0 +1,106 @@
+"""The Client: configuration in, resources out, one session for everything."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import aiohttp
+
+from ._auth import JWTCredentials, StaticToken, resolve_credentials
+from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
+from ._resources import Images
+from ._tracking import Tracker
+from ._transport import Transport
+
+__all__ = ["Client"]
+
+
+class Client:
+    """An asynchronous Kling API client.
+
+    ::
+
+        async with kling_async.Client() as client:
+            handle = await client.images.generate(prompt="a red fox")
+            task = await handle
+
+    Credentials come from ``api_key`` (a gateway's bearer token) or
+    ``access_key`` + ``secret_key`` (the official API's key pair, signed into
+    JWTs; needs the ``jwt`` extra), else from ``KLING_API_KEY`` or
+    ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY``. Missing credentials are reported
+    at the first request. ``base_url`` is the API root before ``/v1`` (else
+    ``KLING_BASE_URL``, else the powertokens gateway); the official API is
+    ``https://api-singapore.klingai.com``.
+
+    ``timeout`` bounds each HTTP exchange (seconds, or an ``aiohttp.ClientTimeout``;
+    default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
+    ``retry`` and ``polling`` tune retries and polling. Pass ``session`` to share
+    an ``aiohttp.ClientSession`` you own (it is then not closed by the client).
+
+    No I/O happens in the constructor: the session is created on first use, on
+    the running event loop. Use ``async with`` or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | aiohttp.ClientTimeout | None = None,
+        max_connections: int = 100,
+        retry: RetryPolicy | None = None,
+        polling: PollPolicy | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        credentials = resolve_credentials(api_key, access_key, secret_key)
+        self.base_url = resolve_base_url(base_url)
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT
+        elif not isinstance(timeout, aiohttp.ClientTimeout):
+            timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+        self._auth_kind = (
+            "bearer token"
+            if isinstance(credentials, StaticToken)
+            else "access key (JWT)"
+            if isinstance(credentials, JWTCredentials)
+            else "none"
+        )
+        self._transport = Transport(
+            base_url=self.base_url,
+            credentials=credentials,
+            timeout=timeout,
+            max_connections=max_connections,
+            retry=retry or RetryPolicy(),
+            session=session,
+        )
+        self._tracker = Tracker(self._transport, polling or PollPolicy())
+        #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
+        self.images = Images(self._transport, self._tracker)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._transport.closed
+
+    async def close(self) -> None:
+        """Stop all polling, end pending waits with :class:`ClientClosedError`, and
+        close the session. Idempotent."""
+        await self._tracker.close()
+        await self._transport.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Client {self.base_url} auth={self._auth_kind} {state}>"

@@ -1,0 +1,103 @@
+"""Settings with their defaults and the pure arithmetic of waiting.
+
+Everything tunable about retries and polling is a frozen attrs class here, so a
+user passes one object (``Client(retry=RetryPolicy(max_attempts=2))``) and the
+defaults are documented in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import aiohttp
+import attrs
+
+__all__ = ["DEFAULT_BASE_URL", "PollPolicy", "RetryPolicy", "resolve_base_url"]
+
+DEFAULT_BASE_URL = "https://api.powertokens.ai/kling"
+OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
+ENV_BASE_URL = "KLING_BASE_URL"
+
+#: No single HTTP exchange may take longer than this unless the user says so.
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10, sock_read=30)
+
+
+def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The API root before ``/v1``: the argument, else ``KLING_BASE_URL``, else the default."""
+    chosen = base_url or environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+    chosen = chosen.rstrip("/")
+    # Accept a root given with the version on it; paths add /v1 themselves.
+    return chosen.removesuffix("/v1")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _equal_jitter(delay: float, rng: random.Random) -> float:
+    # Half fixed, half random: spreads clients apart without ever collapsing a
+    # wait to ~0 the way full jitter can.
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How one request is retried after a retryable failure (1302, 5000-5002,
+    502/503/504, connection errors and timeouts).
+
+    Waits grow exponentially from ``initial_delay`` up to ``max_delay`` with
+    jitter; a ``Retry-After`` header replaces the computed wait. A request gives
+    up after ``max_attempts`` tries or once ``max_elapsed`` seconds have passed.
+    """
+
+    max_attempts: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    initial_delay: float = attrs.field(default=0.5, validator=_positive)
+    max_delay: float = attrs.field(default=8.0, validator=_positive)
+    max_elapsed: float = attrs.field(default=60.0, validator=_positive)
+    rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
+
+    def waits(self) -> Generator[float, Any, None]:
+        """A ``backoff`` wait generator: it is sent each failure and yields the
+        seconds to wait before the next try."""
+        error = yield 0.0  # backoff primes the generator with send(None) and drops this
+        attempt = 0
+        while True:
+            hinted = getattr(error, "retry_after", None)
+            if hinted is not None:
+                delay = float(hinted)
+            else:
+                delay = _equal_jitter(
+                    min(self.max_delay, self.initial_delay * 2 ** min(attempt, 32)), self.rng
+                )
+            attempt += 1
+            error = yield delay
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """How a task is polled until it ends.
+
+    The first poll comes ``initial_delay`` after submission; the gap then grows
+    by ``multiplier`` up to ``max_delay``, each gap jittered by ±``jitter``
+    (a fraction) so thousands of tasks do not poll in lockstep. ``timeout`` is
+    the default deadline of ``await handle`` (``None``: wait for ever).
+    """
+
+    initial_delay: float = attrs.field(default=1.0, validator=_positive)
+    max_delay: float = attrs.field(default=10.0, validator=_positive)
+    multiplier: float = attrs.field(default=1.5, validator=attrs.validators.ge(1.0))
+    jitter: float = attrs.field(
+        default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]
+    )
+    timeout: float | None = 1800.0
+    rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds before poll number ``attempt`` (0 is the first) of one task."""
+        # Capping the exponent keeps a long-lived task's gap from overflowing a float.
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** min(attempt, 64))
+        return base * (1 + self.rng.uniform(-self.jitter, self.jitter))

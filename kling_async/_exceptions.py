@@ -1,0 +1,287 @@
+"""Every exception kling_async raises, as one tree.
+
+::
+
+    KlingError
+    ├── ValidationError (also a ValueError)   a request is invalid; nothing was sent
+    ├── ConfigurationError                    credentials or settings are missing or wrong
+    ├── ClientClosedError                     the client was closed while work was pending
+    ├── TransportError                        the API could not be reached (connection, timeout)
+    ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
+    ├── TaskTimeoutError (also a TimeoutError) a wait ran out; the handle stays usable
+    └── APIError                              Kling answered with an error code
+        ├── AuthenticationError      1000-1004
+        ├── QuotaExceededError       1100-1102   (HTTP 429, but never worth retrying)
+        ├── PermissionDeniedError    1103, 1304
+        ├── InvalidRequestError      1200, 1201
+        ├── NotFoundError            1202, 1203
+        ├── ContentPolicyError       1300, 1301
+        ├── RateLimitError           1302        (retried with backoff)
+        ├── ConcurrencyLimitError    1303        (retried once capacity frees)
+        └── ServerError              5000-5002, HTTP 5xx (retried)
+
+Only this module decides which class a Kling code maps to; the transport decides
+*whether* to retry from :func:`is_retryable`, never from strings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ._handle import TaskHandle
+    from ._models import Task
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "ClientClosedError",
+    "ConcurrencyLimitError",
+    "ConfigurationError",
+    "ContentPolicyError",
+    "InvalidRequestError",
+    "KlingError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "ServerError",
+    "TaskFailedError",
+    "TaskTimeoutError",
+    "TransportError",
+    "ValidationError",
+]
+
+
+class KlingError(Exception):
+    """Root of every error raised by kling_async: ``except KlingError`` catches them all."""
+
+
+class ValidationError(KlingError, ValueError):
+    """A request field breaks one of Kling's rules; raised before anything is sent.
+
+    ``field`` names the offending field (as the user spelled it, e.g. ``"prompt"`` or
+    ``"subject_images[2]"``) and ``rule`` says what it must satisfy.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class ConfigurationError(KlingError):
+    """The client is missing credentials or was configured inconsistently."""
+
+
+class ClientClosedError(KlingError):
+    """The client was closed while a call or a wait was still pending.
+
+    Tasks already created keep running on Kling's side; re-attach to them with
+    ``client.images.attach(task_id)`` on an open client.
+    """
+
+
+class TransportError(KlingError):
+    """The request did not get a Kling answer: connection refused or reset, or a timeout.
+
+    When a create fails this way the task may or may not exist; the client has
+    already looked it up by ``external_task_id`` before giving up, so raising this
+    means it could not tell and the create was not repeated beyond the retry budget.
+
+    ``may_have_reached_server`` is False only when the connection was never made
+    (refused, DNS failure), i.e. when Kling cannot have acted on the request.
+    """
+
+    def __init__(self, message: str, *, may_have_reached_server: bool = True) -> None:
+        self.may_have_reached_server = may_have_reached_server
+        super().__init__(message)
+
+
+class TaskFailedError(KlingError):
+    """The task reached ``failed``. ``task.status_message`` carries Kling's reason."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        reason = task.status_message or "no reason given"
+        super().__init__(f"task {task.task_id} failed: {reason}")
+
+
+class TaskTimeoutError(KlingError, TimeoutError):
+    """A wait ran out before the task finished. The task keeps running and the
+    handle stays usable: ``await error.handle`` or ``await error.handle.wait(...)``
+    continues waiting."""
+
+    def __init__(self, handle: TaskHandle, timeout: float) -> None:
+        self.handle = handle
+        self.timeout = timeout
+        super().__init__(
+            f"task {handle.task_id} did not finish within {timeout:g}s; it is still running, "
+            "wait on the handle again or re-attach later with client.images.attach(task_id)"
+        )
+
+
+class APIError(KlingError):
+    """Kling answered with an error.
+
+    ``code`` is Kling's business code (``None`` when the body was not a Kling
+    envelope), ``message`` its text, ``request_id`` the id to quote to Kling's
+    support, ``http_status`` the HTTP status, ``retry_after`` the seconds a
+    ``Retry-After`` header asked for (or ``None``).
+    """
+
+    hint: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        request_id: str | None = None,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.http_status = http_status
+        self.retry_after = retry_after
+        self.body = body
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        head = f"[{self.code}] {self.message}" if self.code is not None else self.message
+        context = ", ".join(
+            part
+            for part in (
+                f"HTTP {self.http_status}" if self.http_status is not None else "",
+                f"request_id={self.request_id}" if self.request_id else "",
+            )
+            if part
+        )
+        text = f"{head} ({context})" if context else head
+        return f"{text}. {self.hint}" if self.hint else text
+
+
+class AuthenticationError(APIError):
+    """Codes 1000-1004: the token is missing, invalid, not yet valid or expired."""
+
+    hint = (
+        "Check KLING_API_KEY (or KLING_ACCESS_KEY and KLING_SECRET_KEY) and that the "
+        "machine's clock is right."
+    )
+
+
+class QuotaExceededError(APIError):
+    """Codes 1100-1102: the account is abnormal, in arrears, or out of resource packs."""
+
+    hint = "Top up or renew the account's resource pack; retrying will not help."
+
+
+class PermissionDeniedError(APIError):
+    """Code 1103 (no access to this endpoint or model) or 1304 (IP whitelist)."""
+
+    hint = "Check the account's access to this model/endpoint and its IP whitelist."
+
+
+class InvalidRequestError(APIError):
+    """Codes 1200-1201: Kling rejected the request's parameters."""
+
+    hint = "Fix the request; the message names what Kling rejected."
+
+
+class NotFoundError(APIError):
+    """Codes 1202-1203: the method, model or task does not exist."""
+
+    hint = "Check the task id, model name and base_url."
+
+
+class ContentPolicyError(APIError):
+    """Codes 1300-1301: the platform or content-safety policy refused the request."""
+
+    hint = "Change the prompt or images; the same request will be refused again."
+
+
+class RateLimitError(APIError):
+    """Code 1302: requests arrive too fast. Retried automatically with backoff."""
+
+    hint = "Slow down, or let the client's retries and limiter pace the requests."
+
+
+class ConcurrencyLimitError(APIError):
+    """Code 1303: the account's concurrency quota is full until running tasks end."""
+
+    hint = "Wait for running tasks to finish, or set Client(max_concurrency=...) to queue locally."
+
+
+class ServerError(APIError):
+    """Codes 5000-5002 or an HTTP 5xx: Kling failed or is in maintenance. Retried."""
+
+    hint = "Kling is failing or in maintenance; retry later."
+
+
+_CODE_FAMILIES: tuple[tuple[range, type[APIError]], ...] = (
+    (range(1000, 1005), AuthenticationError),
+    (range(1100, 1103), QuotaExceededError),
+    (range(1103, 1104), PermissionDeniedError),
+    (range(1200, 1202), InvalidRequestError),
+    (range(1202, 1204), NotFoundError),
+    (range(1300, 1302), ContentPolicyError),
+    (range(1302, 1303), RateLimitError),
+    (range(1303, 1304), ConcurrencyLimitError),
+    (range(1304, 1305), PermissionDeniedError),
+    (range(5000, 5003), ServerError),
+)
+
+_HTTP_FALLBACK: dict[int, type[APIError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+}
+
+#: The only HTTP statuses retried when the body carries no retryable Kling code.
+RETRYABLE_HTTP_STATUSES = frozenset({502, 503, 504})
+RETRYABLE_CODES = frozenset({1302, 5000, 5001, 5002})
+#: Codes after which a JWT is signed afresh and the request repeated once.
+RESIGN_CODES = frozenset({1003, 1004})
+
+
+def error_class_for(code: int | None, http_status: int | None) -> type[APIError]:
+    """The exception class for Kling's ``code``, falling back on the HTTP status.
+
+    An unknown 429 stays a plain :class:`APIError`: on Kling a 429 may be a quota
+    problem (1100-1102, 1304) and retrying those only burns requests.
+    """
+    if code is not None:
+        for codes, cls in _CODE_FAMILIES:
+            if code in codes:
+                return cls
+    if http_status is not None:
+        if http_status >= 500:
+            return ServerError
+        return _HTTP_FALLBACK.get(http_status, APIError)
+    return APIError
+
+
+def is_ambiguous(error: BaseException) -> bool:
+    """Whether Kling may have acted on a request that failed this way: a connection
+    lost after sending, a timeout, or a 5xx. A create that failed ambiguously is
+    looked up by its external_task_id before it is sent again."""
+    if isinstance(error, TransportError):
+        return error.may_have_reached_server
+    return isinstance(error, ServerError)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether repeating the same request can succeed: 1302, 5000-5002, 502/503/504,
+    and transport failures. Everything else (auth, quota, 12xx, policy, 1304, 1303)
+    is final for a plain retry; 1303 is the limiter's business, not the transport's."""
+    if isinstance(error, TransportError):
+        return True
+    if isinstance(error, APIError):
+        if error.code is not None and error.code in RETRYABLE_CODES:
+            return True
+        return error.code is None and error.http_status in RETRYABLE_HTTP_STATUSES
+    return False

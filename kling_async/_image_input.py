@@ -1,0 +1,194 @@
+"""Turning what a user calls "an image" into what Kling accepts on the wire.
+
+Kling takes an image as an http(s) URL or as bare base64 (no ``data:`` prefix),
+and rejects anything that is not a jpg/png of at most 10 MB with both sides at
+least 300 px and an aspect ratio within 1:2.5..2.5:1. We check all of that here,
+from the file header alone, so a bad image fails with a :class:`ValidationError`
+before a request is sent rather than as a 1201 after an upload. URLs are passed
+through: fetching them would be I/O and Kling fetches them anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+from pathlib import Path
+from typing import Union
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._exceptions import ValidationError
+
+ImageInput = Union[str, bytes, bytearray, memoryview, "os.PathLike[str]"]
+"""An image as a filesystem path, raw bytes, an http(s) URL, or base64 (a
+``data:image/...;base64,`` prefix is accepted and stripped)."""
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MIN_IMAGE_SIDE = 300
+MAX_ASPECT_RATIO = 2.5
+IMAGE_FORMATS = ("png", "jpeg")
+
+# A str this long cannot be a path on any platform we support, so it is only
+# ever tried as base64; this also keeps os.stat() away from megabytes of text.
+_MAX_PATH_LENGTH = 4096
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers carry the dimensions; C4, C8 and CC are not frames.
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@attrs.frozen
+class ImageInfo:
+    """What a header says about an image: its format and pixel size."""
+
+    format: str
+    width: int
+    height: int
+
+
+class WireImage(str):
+    """An image already validated and in wire form (URL or bare base64).
+
+    Marking it lets a request be copied with :func:`attrs.evolve` without
+    decoding and re-checking megabytes of base64 each time.
+    """
+
+    __slots__ = ()
+
+    @property
+    def is_url(self) -> bool:
+        return self.startswith(("http://", "https://"))
+
+
+def sniff_image(data: bytes) -> ImageInfo | None:
+    """Read format and size from a PNG or JPEG header; ``None`` if neither."""
+    if data.startswith(_PNG_SIGNATURE):
+        # The IHDR chunk must come first: length(4) type(4) width(4) height(4).
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return ImageInfo("png", width, height)
+        return None
+    if data.startswith(b"\xff\xd8"):
+        return _sniff_jpeg(data)
+    return None
+
+
+def _sniff_jpeg(data: bytes) -> ImageInfo | None:
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+        if marker in _JPEG_SOF_MARKERS:
+            if position + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return ImageInfo("jpeg", width, height)
+        if marker == 0xDA:  # start of scan without a frame header before it
+            return None
+        position += 2 + length
+    return None
+
+
+def check_image(data: bytes, field: str) -> ImageInfo:
+    """Apply Kling's image rules to raw bytes, raising :class:`ValidationError`."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValidationError(
+            field, f"is {len(data):,} bytes; Kling accepts at most {MAX_IMAGE_BYTES:,} (10 MB)"
+        )
+    info = sniff_image(data)
+    if info is None:
+        raise ValidationError(field, "must be a JPEG or PNG image")
+    if min(info.width, info.height) < MIN_IMAGE_SIDE:
+        raise ValidationError(
+            field,
+            f"is {info.width}x{info.height} px; each side must be at least {MIN_IMAGE_SIDE} px",
+        )
+    ratio = max(info.width, info.height) / min(info.width, info.height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValidationError(
+            field,
+            f"is {info.width}x{info.height} px; its aspect ratio must be between 1:2.5 and 2.5:1",
+        )
+    return info
+
+
+def encode_image(value: object, field: str) -> WireImage:
+    """Normalise one image input to its wire form, validating it on the way.
+
+    Strings are read as, in order: an http(s) URL, a ``data:`` URL, the path of an
+    existing file, base64. Bytes are the file's contents.
+    """
+    if isinstance(value, WireImage):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        check_image(data, field)
+        return WireImage(base64.b64encode(data).decode("ascii"))
+    if isinstance(value, os.PathLike):
+        return _encode_file(Path(value), field)
+    if not isinstance(value, str):
+        raise ValidationError(
+            field, f"expected a path, bytes, URL or base64 string, got {type(value).__name__}"
+        )
+    text = value.strip()
+    if not text:
+        raise ValidationError(field, "must not be empty")
+    if text.startswith(("http://", "https://")):
+        parts = urlsplit(text)
+        if not parts.netloc:
+            raise ValidationError(field, f"{text[:80]!r} is not a valid http(s) URL")
+        return WireImage(text)
+    if text.startswith("data:"):
+        header, comma, payload = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValidationError(
+                field, "a data: URL must be of the form data:image/...;base64,..."
+            )
+        return _encode_base64(payload, field)
+    # Base64 has no "." and no backslash, so a string with either can only be a path.
+    if len(text) <= _MAX_PATH_LENGTH and (os.path.isfile(text) or any(c in text for c in ".\\")):
+        return _encode_file(Path(text), field)
+    return _encode_base64(text, field)
+
+
+def _encode_file(path: Path, field: str) -> WireImage:
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:  # refuse before reading a huge file into memory
+            raise ValidationError(
+                field,
+                f"{path} is {size:,} bytes; Kling accepts at most {MAX_IMAGE_BYTES:,} (10 MB)",
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValidationError(field, f"image file {path} does not exist") from None
+    except OSError as error:
+        raise ValidationError(field, f"cannot read image file {path}: {error.strerror}") from None
+    suffix = path.suffix.lower()
+    if suffix and suffix not in (".png", ".jpg", ".jpeg"):
+        raise ValidationError(field, f"{path.name}: Kling accepts .jpg, .jpeg and .png files")
+    check_image(data, field)
+    return WireImage(base64.b64encode(data).decode("ascii"))
+
+
+def _encode_base64(text: str, field: str) -> WireImage:
+    compact = "".join(text.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(
+            field,
+            "not an http(s) URL, an existing file, or valid base64 image data",
+        ) from None
+    check_image(data, field)
+    return WireImage(compact)

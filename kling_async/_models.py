@@ -1,0 +1,285 @@
+"""The data kling_async exchanges with Kling: requests going out, tasks coming back.
+
+Requests are frozen attrs classes checked when built, so an invalid one never
+exists, let alone reaches the network. Field names follow Kling's where they are
+flat; nested wire shapes get a flat Python spelling (``element_ids`` for
+``element_list``, ``watermark`` for ``watermark_info``, ``subject_images`` for
+``subject_image_list``) and the converter in ``_wire`` restores them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._exceptions import ValidationError
+from ._image_input import ImageInput, WireImage, encode_image
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "Endpoint",
+    "ImageGenerationRequest",
+    "ImageResult",
+    "MultiImageRequest",
+    "Task",
+    "TaskRequest",
+    "TaskStatus",
+]
+
+MAX_PROMPT_LENGTH = 2500
+MAX_REFERENCES = 10
+MAX_SUBJECT_IMAGES = 4
+N_RANGE = range(1, 10)
+ASPECT_RATIOS = ("1:1", "16:9", "4:3", "3:2", "2:3", "3:4", "9:16", "21:9")
+RESOLUTIONS = ("1k", "2k")
+IMAGE_REFERENCES = ("subject", "face")
+
+
+class Endpoint(str, enum.Enum):
+    """The two task families; the value is the path under ``/v1/``."""
+
+    GENERATIONS = "images/generations"
+    MULTI_IMAGE = "images/multi-image2image"
+
+
+class TaskStatus(str, enum.Enum):
+    """A task's lifecycle: ``submitted`` → ``processing`` → ``succeed`` | ``failed``.
+
+    A status Kling adds later parses to a member carrying its value (compare with
+    ``==``), and counts as not finished.
+    """
+
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    SUCCEED = "succeed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for ``succeed`` and ``failed``: the task will not change again."""
+        return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+    @classmethod
+    def _missing_(cls, value: object) -> TaskStatus | None:
+        if not isinstance(value, str):
+            return None
+        member = str.__new__(cls, value)
+        member._name_ = value.upper()
+        member._value_ = value
+        return member
+
+
+@attrs.frozen(kw_only=True)
+class ImageResult:
+    """One generated image. ``url`` expires after 30 days on Kling's side."""
+
+    index: int
+    url: str
+    watermark_url: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Task:
+    """A task as Kling last reported it.
+
+    ``raw`` keeps the whole ``data`` object, unknown fields included, for anything
+    this class does not model yet.
+    """
+
+    task_id: str
+    status: TaskStatus
+    status_message: str | None = None
+    images: tuple[ImageResult, ...] = ()
+    external_task_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    final_unit_deduction: str | None = None
+    raw: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the task has succeeded or failed."""
+        return self.status.is_terminal
+
+
+# --- validators -------------------------------------------------------------------
+# Small and explicit rather than attrs' generic ones, so every message names the
+# field as the user spelled it and states Kling's rule.
+
+
+def _text(*, required: bool) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None:
+            if required:
+                raise ValidationError(attribute.name, "is required")
+            return
+        if not isinstance(value, str):
+            raise ValidationError(attribute.name, f"must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            raise ValidationError(attribute.name, "must not be empty")
+        if len(value) > MAX_PROMPT_LENGTH:
+            raise ValidationError(
+                attribute.name,
+                f"is {len(value)} characters; Kling accepts at most {MAX_PROMPT_LENGTH}",
+            )
+
+    return check
+
+
+def _one_of(options: Sequence[str]) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and value not in options:
+            raise ValidationError(
+                attribute.name, f"must be one of {', '.join(options)}; got {value!r}"
+            )
+
+    return check
+
+
+def _fraction(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(attribute.name, f"must be a number, got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValidationError(attribute.name, f"must be between 0 and 1; got {value!r}")
+
+
+def _image_count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(attribute.name, f"must be an integer, got {type(value).__name__}")
+    if value not in N_RANGE:
+        raise ValidationError(attribute.name, f"must be between 1 and 9; got {value}")
+
+
+def _nonempty_string(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(attribute.name, "must be a non-empty string")
+
+
+def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError(attribute.name, f"must be an http(s) URL; got {value!r}")
+
+
+def _optional_bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(attribute.name, f"must be true or false; got {value!r}")
+
+
+# attrs converters cannot be told which field they convert, hence one per field.
+def _image(value: ImageInput | None) -> WireImage | None:
+    return None if value is None else encode_image(value, "image")
+
+
+def _scene_image(value: ImageInput | None) -> WireImage | None:
+    return None if value is None else encode_image(value, "scene_image")
+
+
+def _style_image(value: ImageInput | None) -> WireImage | None:
+    return None if value is None else encode_image(value, "style_image")
+
+
+def _element_ids(value: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValidationError("element_ids", "must be a list of integer element ids")
+    ids = tuple(value)
+    for position, element_id in enumerate(ids):
+        if isinstance(element_id, bool) or not isinstance(element_id, int) or element_id < 0:
+            raise ValidationError(
+                f"element_ids[{position}]", f"must be a non-negative integer; got {element_id!r}"
+            )
+    return ids
+
+
+def _subject_images(value: Sequence[ImageInput]) -> tuple[WireImage, ...]:
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+        raise ValidationError("subject_images", "must be a list of 1 to 4 images")
+    if not 1 <= len(value) <= MAX_SUBJECT_IMAGES:
+        raise ValidationError(
+            "subject_images", f"must hold 1 to {MAX_SUBJECT_IMAGES} images; got {len(value)}"
+        )
+    return tuple(
+        encode_image(image, f"subject_images[{position}]") for position, image in enumerate(value)
+    )
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class TaskRequest:
+    """Fields every Kling image task takes. Use a subclass, not this class."""
+
+    endpoint: ClassVar[Endpoint]
+
+    model_name: str = attrs.field(validator=_nonempty_string)
+    n: int = attrs.field(default=1, validator=_image_count)
+    aspect_ratio: str = attrs.field(default="16:9", validator=_one_of(ASPECT_RATIOS))
+    watermark: bool | None = attrs.field(default=None, validator=_optional_bool)
+    callback_url: str | None = attrs.field(default=None, validator=_http_url)
+    external_task_id: str | None = attrs.field(default=None, validator=_nonempty_string)
+
+
+@attrs.frozen(kw_only=True)
+class ImageGenerationRequest(TaskRequest):
+    """A text-to-image (optionally image-referenced) task: ``POST /v1/images/generations``.
+
+    ``image`` takes a path, bytes, an http(s) URL or base64; ``element_ids`` are
+    element-library ids (sent as ``element_list``); ``watermark`` asks for a
+    watermarked copy too (sent as ``watermark_info``).
+    """
+
+    endpoint: ClassVar[Endpoint] = Endpoint.GENERATIONS
+
+    prompt: str = attrs.field(validator=_text(required=True))
+    model_name: str = attrs.field(default="kling-v3", validator=_nonempty_string)
+    negative_prompt: str | None = attrs.field(default=None, validator=_text(required=False))
+    image: WireImage | None = attrs.field(default=None, converter=_image)
+    image_reference: str | None = attrs.field(default=None, validator=_one_of(IMAGE_REFERENCES))
+    image_fidelity: float | None = attrs.field(default=None, validator=_fraction)
+    human_fidelity: float | None = attrs.field(default=None, validator=_fraction)
+    element_ids: tuple[int, ...] = attrs.field(default=(), converter=_element_ids)
+    resolution: str | None = attrs.field(default=None, validator=_one_of(RESOLUTIONS))
+
+    def __attrs_post_init__(self) -> None:
+        if self.negative_prompt is not None and self.image is not None:
+            raise ValidationError(
+                "negative_prompt", "is not supported together with image (image-to-image mode)"
+            )
+        if self.image_reference is not None and self.image is None:
+            raise ValidationError("image", "is required when image_reference is set")
+        references = len(self.element_ids) + (self.image is not None)
+        if references > MAX_REFERENCES:
+            raise ValidationError(
+                "element_ids",
+                f"elements plus reference images must be at most {MAX_REFERENCES}; "
+                f"got {references}",
+            )
+
+
+@attrs.frozen(kw_only=True)
+class MultiImageRequest(TaskRequest):
+    """A multi-image-to-image task: ``POST /v1/images/multi-image2image``.
+
+    ``subject_images`` holds 1 to 4 images (sent as ``subject_image_list``);
+    ``scene_image`` and ``style_image`` are optional references.
+    """
+
+    endpoint: ClassVar[Endpoint] = Endpoint.MULTI_IMAGE
+
+    subject_images: tuple[WireImage, ...] = attrs.field(converter=_subject_images)
+    prompt: str | None = attrs.field(default=None, validator=_text(required=False))
+    model_name: str = attrs.field(default="kling-v2", validator=_nonempty_string)
+    scene_image: WireImage | None = attrs.field(default=None, converter=_scene_image)
+    style_image: WireImage | None = attrs.field(default=None, converter=_style_image)

@@ -1,0 +1,219 @@
+"""``client.images``: submit, fetch, list and re-attach to Kling image tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+
+from ._exceptions import ValidationError
+from ._handle import TaskHandle
+from ._image_input import ImageInput
+from ._models import Endpoint, ImageGenerationRequest, MultiImageRequest, Task, TaskRequest
+from ._tracking import Tracker
+from ._transport import Transport
+from ._wire import (
+    MAX_PAGE_NUMBER,
+    MAX_PAGE_SIZE,
+    create_request,
+    get_request,
+    list_request,
+    parse_task,
+    parse_task_list,
+)
+
+__all__ = ["Images"]
+
+RequestT = TypeVar("RequestT", bound=TaskRequest)
+
+_IMAGE_FIELDS = ("image", "subject_images", "scene_image", "style_image")
+
+
+async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
+    """Build and validate a request, keeping file reads and base64 encoding of
+    megabyte images off the event loop."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    for field in attrs.fields(cls):
+        if field.default is attrs.NOTHING and field.name not in given:
+            raise ValidationError(field.name, "is required")
+    if any(name in given for name in _IMAGE_FIELDS):
+        return await asyncio.to_thread(cls, **given)
+    return cls(**given)
+
+
+def with_external_id(request: RequestT) -> tuple[RequestT, str]:
+    """``request`` with an ``external_task_id`` (generated if it has none), and that id.
+
+    The id is what makes a create safe to retry: after an ambiguous failure the
+    client looks the task up by it instead of creating it a second time.
+    """
+    if request.external_task_id is not None:
+        return request, request.external_task_id
+    external_task_id = uuid.uuid4().hex
+    return attrs.evolve(request, external_task_id=external_task_id), external_task_id
+
+
+class Images:
+    """Kling's image task APIs. Reach it as ``client.images``."""
+
+    def __init__(self, transport: Transport, tracker: Tracker) -> None:
+        self._transport = transport
+        self._tracker = tracker
+
+    async def generate(
+        self,
+        request: ImageGenerationRequest | None = None,
+        /,
+        *,
+        prompt: str | None = None,
+        model_name: str | None = None,
+        negative_prompt: str | None = None,
+        image: ImageInput | None = None,
+        image_reference: str | None = None,
+        image_fidelity: float | None = None,
+        human_fidelity: float | None = None,
+        element_ids: Iterable[int] | None = None,
+        resolution: str | None = None,
+        n: int | None = None,
+        aspect_ratio: str | None = None,
+        watermark: bool | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit a text-to-image task and return its handle once Kling accepted it.
+
+        Pass an :class:`ImageGenerationRequest`, or its fields as keywords (an
+        omitted field takes the model's default: ``kling-v3``, ``n=1``,
+        ``aspect_ratio="16:9"``). Raises :class:`ValidationError` before sending
+        anything if a field is invalid.
+        """
+        if request is None:
+            request = await _build(
+                ImageGenerationRequest,
+                {
+                    "prompt": prompt,
+                    "model_name": model_name,
+                    "negative_prompt": negative_prompt,
+                    "image": image,
+                    "image_reference": image_reference,
+                    "image_fidelity": image_fidelity,
+                    "human_fidelity": human_fidelity,
+                    "element_ids": element_ids,
+                    "resolution": resolution,
+                    "n": n,
+                    "aspect_ratio": aspect_ratio,
+                    "watermark": watermark,
+                    "callback_url": callback_url,
+                    "external_task_id": external_task_id,
+                },
+            )
+        return await self.submit(request)
+
+    async def multi_image(
+        self,
+        request: MultiImageRequest | None = None,
+        /,
+        *,
+        subject_images: Sequence[ImageInput] | None = None,
+        prompt: str | None = None,
+        model_name: str | None = None,
+        scene_image: ImageInput | None = None,
+        style_image: ImageInput | None = None,
+        n: int | None = None,
+        aspect_ratio: str | None = None,
+        watermark: bool | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit a multi-image-to-image task (1-4 subject images) and return its handle.
+
+        Pass a :class:`MultiImageRequest` or its fields as keywords; images may be
+        paths, bytes, URLs or base64. Raises :class:`ValidationError` before
+        sending anything if a field is invalid.
+        """
+        if request is None:
+            request = await _build(
+                MultiImageRequest,
+                {
+                    "subject_images": subject_images,
+                    "prompt": prompt,
+                    "model_name": model_name,
+                    "scene_image": scene_image,
+                    "style_image": style_image,
+                    "n": n,
+                    "aspect_ratio": aspect_ratio,
+                    "watermark": watermark,
+                    "callback_url": callback_url,
+                    "external_task_id": external_task_id,
+                },
+            )
+        return await self.submit(request)
+
+    async def submit(self, request: TaskRequest) -> TaskHandle:
+        """Submit any task request; the endpoint follows from its type.
+
+        The create is sent with an ``external_task_id`` (generated when the
+        request has none), so a retry after a lost response finds the task
+        instead of creating and paying for it twice.
+        """
+        request, external_task_id = with_external_id(request)
+        envelope = await self._transport.send_create(
+            create_request(request), get_request(request.endpoint, external_task_id)
+        )
+        task = parse_task(envelope)
+        state = self._tracker.state(
+            request.endpoint,
+            task.task_id,
+            latest=task,
+            external_task_id=task.external_task_id or external_task_id,
+        )
+        return TaskHandle(self._tracker, state, request)
+
+    async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
+        """Fetch one task by its task_id or external_task_id."""
+        endpoint = Endpoint(endpoint)
+        task = parse_task(await self._transport.send(get_request(endpoint, task_id)))
+        state = self._tracker.find(endpoint, task.task_id)
+        if state is not None:
+            self._tracker.publish(state, task)
+        return task
+
+    async def list(
+        self,
+        *,
+        endpoint: Endpoint | str = Endpoint.GENERATIONS,
+        page_size: int = 30,
+        limit: int | None = None,
+    ) -> AsyncIterator[Task]:
+        """Iterate over the account's tasks, newest first, fetching pages as needed.
+
+        Stops after ``limit`` tasks, at the last page, or at Kling's page 1000.
+        """
+        endpoint = Endpoint(endpoint)
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        yielded = 0
+        for page in range(1, MAX_PAGE_NUMBER + 1):
+            tasks = parse_task_list(
+                await self._transport.send(list_request(endpoint, page, page_size))
+            )
+            for task in tasks:
+                if limit is not None and yielded >= limit:
+                    return
+                yield task
+                yielded += 1
+            if len(tasks) < page_size:
+                return
+
+    def attach(
+        self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS
+    ) -> TaskHandle:
+        """A handle on an existing task, e.g. one submitted before a restart.
+
+        Sends no request; the first wait polls it at once.
+        """
+        state = self._tracker.state(Endpoint(endpoint), task_id)
+        return TaskHandle(self._tracker, state)

@@ -1,0 +1,270 @@
+"""The HTTP layer: one aiohttp session, the auth header, timeouts and retries.
+
+It moves :class:`~kling_async._wire.WireRequest` values over the network and
+hands the bytes to ``_wire`` to interpret; it decides nothing about Kling's
+protocol beyond "retry or not", which ``_exceptions.is_retryable`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiohttp
+import backoff
+from backoff.types import Details
+
+from ._auth import MISSING_CREDENTIALS, Credentials
+from ._config import RetryPolicy
+from ._exceptions import (
+    RESIGN_CODES,
+    AuthenticationError,
+    ClientClosedError,
+    ConfigurationError,
+    InvalidRequestError,
+    KlingError,
+    NotFoundError,
+    TransportError,
+    is_ambiguous,
+    is_retryable,
+)
+from ._version import __version__
+from ._wire import Envelope, WireRequest, parse_envelope
+
+__all__ = ["Transport"]
+
+logger = logging.getLogger("kling_async")
+
+T = TypeVar("T")
+
+#: Kling's largest legitimate answer is a 500-task list page; anything far beyond
+#: that is a broken proxy, and reading it whole would only exhaust memory.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+USER_AGENT = (
+    f"kling-async/{__version__} aiohttp/{aiohttp.__version__} "
+    f"{platform.python_implementation()}/{platform.python_version()}"
+)
+
+
+class Transport:
+    """Sends requests to one Kling API root with one lazily created session.
+
+    The session is made on first use, on the running loop, so constructing a
+    client does no I/O and a client built outside a loop still works inside one.
+    A session passed in by the caller is used as is and left open on close.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        credentials: Credentials | None,
+        timeout: aiohttp.ClientTimeout,
+        max_connections: int,
+        retry: RetryPolicy,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.retry = retry
+        self._credentials = credentials
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self._with_retries = backoff.on_exception(
+            retry.waits,
+            KlingError,
+            max_tries=retry.max_attempts,
+            max_time=retry.max_elapsed,
+            giveup=lambda error: not is_retryable(error),
+            jitter=None,  # the policy jitters its own waits; Retry-After must not be
+            logger=None,
+            on_backoff=_log_backoff,
+        )(_call)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session, created on first use on the running event loop."""
+        if self._closed:
+            raise ClientClosedError("the client is closed; create a new Client")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, limit_per_host=self._max_connections
+                ),
+                timeout=self._timeout,
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session if this transport made it. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    # --- requests ---------------------------------------------------------------
+
+    async def send(self, request: WireRequest, *, retry: bool = True) -> Envelope:
+        """Send ``request`` and return Kling's envelope, retrying what is safe.
+
+        Raises the :class:`~kling_async.APIError` subclass for Kling's code, or
+        :class:`~kling_async.TransportError` when no answer came.
+        """
+        if not retry:
+            return await self._authenticated(lambda: self._exchange(request))
+        return await self._authenticated(lambda: self._with_retries(self._exchange, request))
+
+    async def send_create(self, create: WireRequest, lookup: WireRequest) -> Envelope:
+        """Send a create so that it can never make the task twice.
+
+        ``create`` carries an external_task_id and ``lookup`` GETs the task by it.
+        After an ambiguous failure (connection lost after sending, timeout, 5xx)
+        the task is looked up first and returned if it exists; only if it does
+        not is the create sent again. Non-ambiguous failures (1302, a refused
+        connection) are simply retried.
+        """
+        ambiguous = False
+
+        async def attempt() -> Envelope:
+            nonlocal ambiguous
+            if ambiguous:
+                found = await self._lookup(lookup)
+                if found is not None:
+                    return found
+            try:
+                return await self._exchange(create)
+            except InvalidRequestError:
+                # After an ambiguous try, "external_task_id already exists" means
+                # that try did land and the lookup raced it: find it again.
+                if ambiguous and (found := await self._lookup(lookup)) is not None:
+                    return found
+                raise
+            except KlingError as error:
+                ambiguous = ambiguous or is_ambiguous(error)
+                raise
+
+        return await self._authenticated(lambda: self._with_retries(attempt))
+
+    async def _lookup(self, lookup: WireRequest) -> Envelope | None:
+        try:
+            return await self._exchange(lookup)
+        except NotFoundError:
+            return None
+
+    async def _authenticated(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except AuthenticationError as error:
+            # An expired or not-yet-valid JWT is worth one fresh signature; any
+            # other auth failure, or a static token, will fail the same way again.
+            if error.code in RESIGN_CODES and self._require_credentials().resign():
+                logger.info("Kling rejected the token (%s); signing a new one", error.code)
+                return await call()
+            raise
+
+    def _require_credentials(self) -> Credentials:
+        if self._credentials is None:
+            raise ConfigurationError(MISSING_CREDENTIALS)
+        return self._credentials
+
+    async def _exchange(self, request: WireRequest) -> Envelope:
+        """One HTTP exchange, no retries."""
+        authorization = self._require_credentials().authorization()
+        session = self.session()
+        url = self.base_url + request.path
+        started = time.perf_counter()
+        try:
+            async with session.request(
+                request.method,
+                url,
+                params=request.params,
+                json=request.body,
+                headers={"Authorization": authorization},
+            ) as response:
+                body = await _read_capped(response)
+                status, headers = response.status, response.headers
+        except aiohttp.ClientConnectorError as error:
+            raise TransportError(
+                f"cannot connect to {self.base_url}: {error.os_error.strerror or error}; "
+                "check base_url and the network",
+                may_have_reached_server=False,
+            ) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            reason = type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}"
+            raise TransportError(
+                f"{request.method} {request.path} got no answer ({reason})"
+            ) from None
+        try:
+            envelope = parse_envelope(status, body, headers)
+        finally:
+            logger.debug(
+                "%s %s -> HTTP %s in %.3fs",
+                request.method,
+                request.path,
+                status,
+                time.perf_counter() - started,
+            )
+        return envelope
+
+    @asynccontextmanager
+    async def stream(
+        self, url: str, *, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET an absolute URL (a result image) without Kling credentials.
+
+        Result URLs live on a CDN: sending the API token there would leak it.
+        """
+        session = self.session()
+        try:
+            async with session.get(url, headers=headers) as response:
+                yield response
+        except aiohttp.ClientConnectorError as error:
+            raise TransportError(
+                f"cannot connect for {url}: {error}", may_have_reached_server=False
+            ) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            raise TransportError(f"GET {url} failed ({type(error).__name__}: {error})") from None
+
+
+async def _call(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await function(*args)
+
+
+def _log_backoff(details: Details) -> None:
+    logger.info(
+        "retrying in %.2fs after try %d: %s",
+        details["wait"],
+        details["tries"],
+        details.get("exception"),
+    )
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+        raise TransportError(
+            f"response of {response.content_length:,} bytes exceeds the "
+            f"{MAX_RESPONSE_BYTES:,}-byte limit"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise TransportError(f"response exceeds the {MAX_RESPONSE_BYTES:,}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

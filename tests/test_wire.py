@@ -1,0 +1,309 @@
+"""The protocol layer alone: envelopes, the error tree, Retry-After, task parsing."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+
+import kling_async
+from kling_async import (
+    APIError,
+    AuthenticationError,
+    ConcurrencyLimitError,
+    ContentPolicyError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
+    ServerError,
+    TaskStatus,
+    TransportError,
+)
+from kling_async._exceptions import is_ambiguous, is_retryable
+from kling_async._models import Endpoint
+from kling_async._wire import (
+    Envelope,
+    get_request,
+    list_request,
+    parse_envelope,
+    parse_retry_after,
+    parse_task,
+    parse_task_list,
+)
+
+
+def body(code: int, message: str = "m", **extra: Any) -> bytes:
+    return json.dumps({"code": code, "message": message, "request_id": "req-1", **extra}).encode()
+
+
+FAMILIES = [
+    (1000, 401, AuthenticationError),
+    (1001, 401, AuthenticationError),
+    (1002, 401, AuthenticationError),
+    (1003, 401, AuthenticationError),
+    (1004, 401, AuthenticationError),
+    (1100, 429, QuotaExceededError),
+    (1101, 429, QuotaExceededError),
+    (1102, 429, QuotaExceededError),
+    (1103, 403, PermissionDeniedError),
+    (1200, 400, InvalidRequestError),
+    (1201, 400, InvalidRequestError),
+    (1202, 404, NotFoundError),
+    (1203, 404, NotFoundError),
+    (1300, 400, ContentPolicyError),
+    (1301, 400, ContentPolicyError),
+    (1302, 429, RateLimitError),
+    (1303, 429, ConcurrencyLimitError),
+    (1304, 429, PermissionDeniedError),
+    (5000, 500, ServerError),
+    (5001, 503, ServerError),
+    (5002, 504, ServerError),
+]
+RETRYABLE = {1302, 5000, 5001, 5002}
+
+
+@pytest.mark.parametrize(("code", "status", "cls"), FAMILIES)
+def test_every_code_maps_to_its_family(code: int, status: int, cls: type[APIError]) -> None:
+    with pytest.raises(cls) as caught:
+        parse_envelope(status, body(code, "what Kling said"), {})
+    error = caught.value
+    assert type(error) is cls
+    assert (error.code, error.message, error.request_id, error.http_status) == (
+        code,
+        "what Kling said",
+        "req-1",
+        status,
+    )
+    assert f"[{code}] what Kling said" in str(error)
+    assert "request_id=req-1" in str(error)
+    assert error.hint and error.hint in str(error)  # says what to do next
+    assert is_retryable(error) is (code in RETRYABLE)
+
+
+def test_every_family_is_an_api_error_and_a_kling_error() -> None:
+    for _, _, cls in FAMILIES:
+        assert issubclass(cls, APIError)
+        assert issubclass(cls, kling_async.KlingError)
+
+
+def test_unknown_codes_fall_back_on_the_http_status() -> None:
+    cases = [
+        (400, InvalidRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (500, ServerError),
+        (429, APIError),  # a 429 may be a quota problem: never assume a throttle
+        (418, APIError),
+    ]
+    for status, cls in cases:
+        with pytest.raises(APIError) as caught:
+            parse_envelope(status, body(9999), {})
+        assert type(caught.value) is cls
+        assert caught.value.code == 9999
+        assert not is_retryable(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "cls", "retryable"),
+    [
+        (502, b"<html>Bad Gateway</html>", ServerError, True),
+        (503, b"", ServerError, True),
+        (504, b"upstream timeout", ServerError, True),
+        (500, b"oops", ServerError, False),  # only Kling's 5000 says an HTTP 500 is transient
+        (200, b"not json", APIError, False),
+        (200, b"[]", APIError, False),
+        (200, b'{"message": "no code"}', APIError, False),
+        (200, b'{"code": "0"}', APIError, False),
+        (200, b'{"code": true}', APIError, False),
+        (404, b"\xff\xfe\x00garbage", NotFoundError, False),
+    ],
+)
+def test_malformed_bodies_become_api_errors_with_a_snippet(
+    status: int, raw: bytes, cls: type[APIError], retryable: bool
+) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_envelope(status, raw, {})
+    assert type(caught.value) is cls
+    assert caught.value.http_status == status
+    assert caught.value.code is None
+    assert is_retryable(caught.value) is retryable
+    assert "body:" in str(caught.value)
+
+
+def test_snippet_is_bounded() -> None:
+    with pytest.raises(APIError) as caught:
+        parse_envelope(502, b"x" * 100_000, {})
+    assert len(str(caught.value)) < 400
+
+
+def test_code_zero_with_an_error_status_is_still_an_error() -> None:
+    with pytest.raises(ServerError):
+        parse_envelope(503, body(0), {})
+
+
+def test_success_envelope() -> None:
+    envelope = parse_envelope(200, body(0, "SUCCEED", data={"x": 1}), {})
+    assert envelope == Envelope(data={"x": 1}, request_id="req-1", message="SUCCEED")
+
+
+def test_retry_after_is_attached_to_the_error() -> None:
+    with pytest.raises(RateLimitError) as caught:
+        parse_envelope(429, body(1302), {"Retry-After": "3"})
+    assert caught.value.retry_after == 3.0
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("") is None
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("0.25") == 0.25
+    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("nan") is None
+    future = datetime.now(timezone.utc) + timedelta(seconds=30)
+    seconds = parse_retry_after(format_datetime(future, usegmt=True))
+    assert seconds is not None and 25 <= seconds <= 30
+    past = datetime.now(timezone.utc) - timedelta(seconds=30)
+    assert parse_retry_after(format_datetime(past, usegmt=True)) == 0.0
+
+
+def test_transport_errors_are_retryable_and_ambiguity_depends_on_reaching_the_server() -> None:
+    lost = TransportError("reset after send")
+    refused = TransportError("refused", may_have_reached_server=False)
+    assert is_retryable(lost) and is_retryable(refused)
+    assert is_ambiguous(lost) and not is_ambiguous(refused)
+    assert is_ambiguous(ServerError("boom", code=5000, http_status=500))
+    assert not is_ambiguous(RateLimitError("slow", code=1302, http_status=429))
+
+
+# --- tasks ------------------------------------------------------------------------
+
+TASK = {
+    "task_id": "t-1",
+    "task_status": "succeed",
+    "task_status_msg": "",
+    "task_info": {"external_task_id": "ext-1"},
+    "created_at": 1_700_000_000_000,
+    "updated_at": 1_700_000_004_500,
+    "final_unit_deduction": "2",
+    "watermark_info": {"enabled": True},
+    "task_result": {
+        "images": [
+            {"index": 0, "url": "https://cdn/0.png", "watermark_url": "https://cdn/0w.png"},
+            {"index": 1, "url": "https://cdn/1.png"},
+        ]
+    },
+}
+
+
+def envelope(data: Any) -> Envelope:
+    return Envelope(data=data, request_id="req-2")
+
+
+def test_task_fields() -> None:
+    task = parse_task(envelope(TASK))
+    assert task.task_id == "t-1"
+    assert task.status is TaskStatus.SUCCEED
+    assert task.is_terminal
+    assert task.status_message is None
+    assert task.external_task_id == "ext-1"
+    assert task.created_at == datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
+    assert task.updated_at is not None and task.updated_at.tzinfo is not None
+    assert (task.updated_at - task.created_at).total_seconds() == 4.5
+    assert task.final_unit_deduction == "2"
+    assert [(i.index, i.url, i.watermark_url) for i in task.images] == [
+        (0, "https://cdn/0.png", "https://cdn/0w.png"),
+        (1, "https://cdn/1.png", None),
+    ]
+    assert task.raw["watermark_info"] == {"enabled": True}
+    assert "raw" not in repr(task)
+
+
+def test_unknown_fields_and_statuses_are_kept_and_not_terminal() -> None:
+    data = {**TASK, "task_status": "queued_for_review", "brand_new": {"nested": [1]}}
+    data["task_result"] = {"images": [{"index": 0, "url": "u", "extra": True}], "videos": []}
+    task = parse_task(envelope(data))
+    assert task.status == "queued_for_review"
+    assert task.status.value == "queued_for_review"
+    assert not task.is_terminal
+    assert task.raw["brand_new"] == {"nested": [1]}
+    assert task.images[0].url == "u"
+
+
+def test_create_response_shape() -> None:
+    data = {
+        "task_id": "t-9",
+        "task_status": "submitted",
+        "task_info": {"external_task_id": "e-9"},
+        "created_at": 1,
+        "updated_at": 1,
+    }
+    task = parse_task(envelope(data))
+    assert (task.status, task.images, task.external_task_id) == (TaskStatus.SUBMITTED, (), "e-9")
+
+
+def test_tolerated_variations() -> None:
+    data = {
+        "task_id": 12345,
+        "task_status": "failed",
+        "task_status_msg": "nsfw",
+        "created_at": "1700000000000",
+        "updated_at": None,
+        "final_unit_deduction": 0,
+        "task_info": None,
+        "task_result": None,
+    }
+    task = parse_task(envelope(data))
+    assert task.task_id == "12345"
+    assert task.status_message == "nsfw"
+    assert task.updated_at is None
+    assert task.final_unit_deduction == "0"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        "task",
+        {"task_status": "succeed"},
+        {"task_id": "t", "task_status": 3},
+        {"task_id": "t", "task_status": "succeed", "created_at": "yesterday"},
+        {"task_id": "t", "task_status": "succeed", "created_at": float("inf")},
+        {"task_id": "t", "task_status": "succeed", "task_result": {"images": "many"}},
+        {"task_id": "t", "task_status": "succeed", "task_result": {"images": [{"index": 0}]}},
+        {"task_id": "t", "task_status": "succeed", "task_result": {"images": [7]}},
+        {"task_id": "t", "task_status": "succeed", "task_info": ["x"]},
+        {"task_id": {"a": 1}, "task_status": "succeed"},
+        {"task_id": "t", "task_status": "succeed", "created_at": 10**30},
+    ],
+)
+def test_malformed_tasks_raise_api_error(data: Any) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_task(envelope(data))
+    assert caught.value.request_id == "req-2"
+
+
+def test_task_list() -> None:
+    tasks = parse_task_list(envelope([TASK, {**TASK, "task_id": "t-2"}]))
+    assert [t.task_id for t in tasks] == ["t-1", "t-2"]
+    with pytest.raises(APIError):
+        parse_task_list(envelope({"not": "a list"}))
+
+
+def test_request_paths_work_under_any_root() -> None:
+    assert get_request(Endpoint.MULTI_IMAGE, "abc").path == "/v1/images/multi-image2image/abc"
+    listing = list_request(Endpoint.GENERATIONS, 2, 500)
+    assert (listing.path, listing.params) == (
+        "/v1/images/generations",
+        {"pageNum": "2", "pageSize": "500"},
+    )
+    for page, size in ((0, 10), (1001, 10), (1, 0), (1, 501)):
+        with pytest.raises(ValueError, match="must be between"):
+            list_request(Endpoint.GENERATIONS, page, size)
