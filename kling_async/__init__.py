@@ -12,7 +12,7 @@
 Everything public is importable from this package; the submodules are private.
 """
 
-from ._auth import JWTCredentials, StaticToken
+from ._auth import Credentials, JWTCredentials, StaticToken
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
 from ._exceptions import (
@@ -57,6 +57,7 @@ __all__ = [
     "ConcurrencyLimitError",
     "ConfigurationError",
     "ContentPolicyError",
+    "Credentials",
     "Endpoint",
     "ImageGenerationRequest",
     "ImageInput",

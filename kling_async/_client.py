@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 
-from ._auth import JWTCredentials, StaticToken, resolve_credentials
+from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
+from ._download import DownloadSource, download
+from ._exceptions import ConfigurationError
 from ._resources import Images
 from ._tracking import Tracker
 from ._transport import Transport
@@ -30,7 +34,8 @@ class Client:
     ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY``. Missing credentials are reported
     at the first request. ``base_url`` is the API root before ``/v1`` (else
     ``KLING_BASE_URL``, else the powertokens gateway); the official API is
-    ``https://api-singapore.klingai.com``.
+    ``https://api-singapore.klingai.com``. ``credentials`` takes any object with
+    the :class:`Credentials` protocol instead, e.g. a custom token provider.
 
     ``timeout`` bounds each HTTP exchange (seconds, or an ``aiohttp.ClientTimeout``;
     default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
@@ -48,13 +53,17 @@ class Client:
         access_key: str | None = None,
         secret_key: str | None = None,
         base_url: str | None = None,
+        credentials: Credentials | None = None,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_connections: int = 100,
         retry: RetryPolicy | None = None,
         polling: PollPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        credentials = resolve_credentials(api_key, access_key, secret_key)
+        if credentials is None:
+            credentials = resolve_credentials(api_key, access_key, secret_key)
+        elif api_key or access_key or secret_key:
+            raise ConfigurationError("give credentials or keys, not both")
         self.base_url = resolve_base_url(base_url)
         if timeout is None:
             timeout = DEFAULT_TIMEOUT
@@ -66,6 +75,8 @@ class Client:
             else "access key (JWT)"
             if isinstance(credentials, JWTCredentials)
             else "none"
+            if credentials is None
+            else type(credentials).__name__
         )
         self._transport = Transport(
             base_url=self.base_url,
@@ -78,6 +89,34 @@ class Client:
         self._tracker = Tracker(self._transport, polling or PollPolicy())
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker)
+
+    async def download(
+        self,
+        source: DownloadSource,
+        directory: str | os.PathLike[str],
+        *,
+        concurrency: int = 4,
+        overwrite: bool = False,
+        watermarked: bool = False,
+    ) -> list[Path]:
+        """Save every image of a finished task (or handle, or a list of images) in
+        ``directory`` and return the paths, in image order.
+
+        Files are named ``<task_id>_<index>.<ext>`` (``<index>.<ext>`` for bare
+        images), streamed in chunks, and written to a temporary file that is
+        renamed into place when complete, so an existing file is always whole and
+        is skipped unless ``overwrite``. Transient failures are retried; at most
+        ``concurrency`` files download at once. ``watermarked`` fetches the
+        watermarked copies. No credentials are sent to the result URLs.
+        """
+        return await download(
+            self._transport,
+            source,
+            directory,
+            concurrency=concurrency,
+            overwrite=overwrite,
+            watermarked=watermarked,
+        )
 
     @property
     def closed(self) -> bool:

@@ -15,14 +15,13 @@ import binascii
 import os
 import struct
 from pathlib import Path
-from typing import Union
 from urllib.parse import urlsplit
 
 import attrs
 
 from ._exceptions import ValidationError
 
-ImageInput = Union[str, bytes, bytearray, memoryview, "os.PathLike[str]"]
+ImageInput = str | bytes | bytearray | memoryview | os.PathLike[str]
 """An image as a filesystem path, raw bytes, an http(s) URL, or base64 (a
 ``data:image/...;base64,`` prefix is accepted and stripped)."""
 

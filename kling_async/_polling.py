@@ -75,15 +75,7 @@ class Poller:
         loop = asyncio.get_running_loop()
         try:
             while self._active:
-                now = loop.time()
-                next_due = math.inf
-                for state in tuple(self._active):
-                    if state.polling:
-                        continue
-                    if state.next_poll <= now:
-                        self._start_poll(state)
-                    else:
-                        next_due = min(next_due, state.next_poll)
+                next_due = self._start_due_polls(loop.time())
                 self._wake.clear()
                 timer = loop.call_at(next_due, self._wake.set) if next_due < math.inf else None
                 try:
@@ -93,6 +85,21 @@ class Poller:
                         timer.cancel()
         finally:
             self._runner = None
+
+    def _start_due_polls(self, now: float) -> float:
+        """Start every poll that is due; return when the next one will be.
+
+        A method of its own so no task state lingers in the sleeping loop's frame.
+        """
+        next_due = math.inf
+        for state in tuple(self._active):
+            if state.polling:
+                continue
+            if state.next_poll <= now:
+                self._start_poll(state)
+            else:
+                next_due = min(next_due, state.next_poll)
+        return next_due
 
     def _start_poll(self, state: TaskState) -> None:
         state.polling = True

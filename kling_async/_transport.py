@@ -78,7 +78,7 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._closed = False
-        self._with_retries = backoff.on_exception(
+        self.retrying = backoff.on_exception(
             retry.waits,
             KlingError,
             max_tries=retry.max_attempts,
@@ -88,6 +88,7 @@ class Transport:
             logger=None,
             on_backoff=_log_backoff,
         )(_call)
+        """``await retrying(fn, *args)`` runs ``fn(*args)`` under the retry policy."""
 
     @property
     def closed(self) -> bool:
@@ -127,7 +128,7 @@ class Transport:
         """
         if not retry:
             return await self._authenticated(lambda: self._exchange(request))
-        return await self._authenticated(lambda: self._with_retries(self._exchange, request))
+        return await self._authenticated(lambda: self.retrying(self._exchange, request))
 
     async def send_create(self, create: WireRequest, lookup: WireRequest) -> Envelope:
         """Send a create so that it can never make the task twice.
@@ -158,7 +159,7 @@ class Transport:
                 ambiguous = ambiguous or is_ambiguous(error)
                 raise
 
-        return await self._authenticated(lambda: self._with_retries(attempt))
+        return await self._authenticated(lambda: self.retrying(attempt))
 
     async def _lookup(self, lookup: WireRequest) -> Envelope | None:
         try:

@@ -81,7 +81,8 @@ def test_every_code_maps_to_its_family(code: int, status: int, cls: type[APIErro
     )
     assert f"[{code}] what Kling said" in str(error)
     assert "request_id=req-1" in str(error)
-    assert error.hint and error.hint in str(error)  # says what to do next
+    assert error.hint
+    assert error.hint in str(error)
     assert is_retryable(error) is (code in RETRYABLE)
 
 
@@ -168,7 +169,8 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("nan") is None
     future = datetime.now(timezone.utc) + timedelta(seconds=30)
     seconds = parse_retry_after(format_datetime(future, usegmt=True))
-    assert seconds is not None and 25 <= seconds <= 30
+    assert seconds is not None
+    assert 25 <= seconds <= 30
     past = datetime.now(timezone.utc) - timedelta(seconds=30)
     assert parse_retry_after(format_datetime(past, usegmt=True)) == 0.0
 
@@ -176,8 +178,10 @@ def test_retry_after_forms() -> None:
 def test_transport_errors_are_retryable_and_ambiguity_depends_on_reaching_the_server() -> None:
     lost = TransportError("reset after send")
     refused = TransportError("refused", may_have_reached_server=False)
-    assert is_retryable(lost) and is_retryable(refused)
-    assert is_ambiguous(lost) and not is_ambiguous(refused)
+    assert is_retryable(lost)
+    assert is_retryable(refused)
+    assert is_ambiguous(lost)
+    assert not is_ambiguous(refused)
     assert is_ambiguous(ServerError("boom", code=5000, http_status=500))
     assert not is_ambiguous(RateLimitError("slow", code=1302, http_status=429))
 
@@ -214,7 +218,8 @@ def test_task_fields() -> None:
     assert task.status_message is None
     assert task.external_task_id == "ext-1"
     assert task.created_at == datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
-    assert task.updated_at is not None and task.updated_at.tzinfo is not None
+    assert task.updated_at is not None
+    assert task.updated_at.tzinfo is not None
     assert (task.updated_at - task.created_at).total_seconds() == 4.5
     assert task.final_unit_deduction == "2"
     assert [(i.index, i.url, i.watermark_url) for i in task.images] == [

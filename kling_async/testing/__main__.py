@@ -1,0 +1,104 @@
+"""``python -m kling_async.testing``: run a FakeKlingServer as its own process.
+
+Benchmarks run the fake apart from the client they measure, so the two do not
+share one event loop and one core. The process prints ``{"url": ...}`` as one
+JSON line once it listens and runs until SIGINT or SIGTERM; other processes read
+its figures from ``GET /_fake/stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from ._options import RateLimit
+from ._server import FakeKlingServer
+
+
+def _rate_limit(text: str) -> RateLimit:
+    requests_text, _, period_text = text.partition("/")
+    try:
+        return RateLimit(int(requests_text), float(period_text) if period_text else 1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected REQUESTS/SECONDS such as 100/1, got {text!r} ({error})"
+        ) from None
+
+
+def _duration(text: str) -> float | None:
+    if text.lower() in ("none", "never"):
+        return None
+    return float(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kling_async.testing",
+        description="Run a fake Kling API server on 127.0.0.1 until SIGINT/SIGTERM.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument(
+        "--task-duration",
+        type=_duration,
+        default=0.2,
+        help="seconds from create to the end of a task, or 'none' (default 0.2)",
+    )
+    parser.add_argument(
+        "--processing-delay",
+        type=float,
+        default=0.05,
+        help="seconds from create to 'processing' (default 0.05)",
+    )
+    parser.add_argument("--concurrency-limit", type=int, default=None, help="quota in units")
+    parser.add_argument(
+        "--rate-limit", type=_rate_limit, default=None, help="REQUESTS/SECONDS, e.g. 100/1"
+    )
+    parser.add_argument("--api-key", default=None, help="require this bearer token")
+    parser.add_argument("--path-prefix", default="", help="serve /v1 under this prefix")
+    parser.add_argument("--seed", type=int, default=None, help="seed for random choices")
+    parser.add_argument(
+        "--record-requests",
+        action="store_true",
+        help="keep every request in memory (off by default: nobody can read them)",
+    )
+    return parser
+
+
+async def _serve(server: FakeKlingServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        sys.stdout.write(json.dumps({"url": server.url}) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and serve until a stop signal."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        server = FakeKlingServer(
+            port=arguments.port,
+            task_duration=arguments.task_duration,
+            processing_delay=arguments.processing_delay,
+            concurrency_limit=arguments.concurrency_limit,
+            rate_limit=arguments.rate_limit,
+            api_key=arguments.api_key,
+            path_prefix=arguments.path_prefix,
+            seed=arguments.seed,
+            record_requests=arguments.record_requests,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    asyncio.run(_serve(server))
+
+
+if __name__ == "__main__":
+    main()

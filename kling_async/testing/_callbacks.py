@@ -1,0 +1,196 @@
+"""Delivery of task callbacks, with the misbehaviour Kling's docs warn receivers about."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+import attrs
+
+from ._options import CallbackFaults, CallbackRecord
+from ._tasks import FakeTask
+
+_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+_HEADERS = {"Content-Type": "application/json"}
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine by a loopback address or ``localhost``.
+
+    Decided from the text alone, with no DNS lookup, so a test can never make
+    the fake reach out to another machine.
+    """
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen
+class _Update:
+    task_id: str
+    status: str
+    url: str
+    payload: bytes
+    updated_at: int
+
+
+class CallbackDispatcher:
+    """Posts task updates to their ``callback_url``: one shared session, each
+    task's updates in order, failures recorded and never raised."""
+
+    def __init__(
+        self, faults: CallbackFaults, rng: random.Random, records: list[CallbackRecord]
+    ) -> None:
+        self._faults = faults
+        self._rng = rng
+        self._records = records
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        # Last delivery of each task still under way: the next one waits for it,
+        # so a task's updates leave in the order they happened.
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, _Update] = {}
+        self._closed = False
+
+    def _roll(self, probability: float) -> bool:
+        return probability > 0 and self._rng.random() < probability
+
+    def notify(self, task: FakeTask) -> None:
+        """Queue the delivery of ``task``'s current state, if it has a callback URL."""
+        if task.callback_url is None or self._closed:
+            return
+        update = _Update(
+            task.task_id,
+            task.status,
+            task.callback_url,
+            task.to_json().encode(),
+            task.updated_at_ms,
+        )
+        held = self._held.pop(task.task_id, None)
+        outgoing: list[_Update] = []
+        if self._roll(self._faults.drop):
+            self._record(update, delivered=False, error="dropped (simulated callback fault)")
+        elif not task.is_terminal and held is None and self._roll(self._faults.reorder):
+            self._held[task.task_id] = update
+        else:
+            outgoing.append(update)
+            if self._roll(self._faults.duplicate):
+                outgoing.append(update)
+        if held is not None:
+            outgoing.append(held)
+        if not outgoing:
+            return
+        delay = self._rng.uniform(0, self._faults.delay) if self._faults.delay > 0 else 0.0
+        previous = self._tails.get(task.task_id)
+        delivery = asyncio.get_running_loop().create_task(
+            self._deliver(task.task_id, outgoing, delay, previous)
+        )
+        self._tails[task.task_id] = delivery
+        self._inflight.add(delivery)
+        delivery.add_done_callback(self._inflight.discard)
+
+    async def _deliver(
+        self,
+        task_id: str,
+        updates: list[_Update],
+        delay: float,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait((previous,))
+            if delay:
+                await asyncio.sleep(delay)
+            for update in updates:
+                await self._post(update)
+        finally:
+            if self._tails.get(task_id) is asyncio.current_task():
+                del self._tails[task_id]
+
+    async def _post(self, update: _Update) -> None:
+        if not is_loopback_url(update.url):
+            self._record(
+                update,
+                delivered=False,
+                error="refused: the fake server only delivers callbacks to loopback hosts",
+            )
+            return
+        if self._session is None:
+            # trust_env=False: no proxy from the environment may carry a callback
+            # off this machine.
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=False)
+        attempted_at = time.monotonic()
+        try:
+            async with self._session.post(
+                update.url, data=update.payload, headers=_HEADERS
+            ) as response:
+                await response.read()
+                status = response.status
+        except Exception as error:  # a delivery failure is data for the test, never a crash
+            self._record(
+                update,
+                delivered=False,
+                error=f"{type(error).__name__}: {error}",
+                attempted_at=attempted_at,
+            )
+            return
+        ok = 200 <= status < 300
+        self._record(
+            update,
+            delivered=ok,
+            http_status=status,
+            error=None if ok else f"receiver answered HTTP {status}",
+            attempted_at=attempted_at,
+        )
+
+    def _record(
+        self,
+        update: _Update,
+        *,
+        delivered: bool,
+        error: str | None,
+        http_status: int | None = None,
+        attempted_at: float | None = None,
+    ) -> None:
+        self._records.append(
+            CallbackRecord(
+                task_id=update.task_id,
+                status=update.status,
+                url=update.url,
+                delivered=delivered,
+                http_status=http_status,
+                attempted_at=time.monotonic() if attempted_at is None else attempted_at,
+                error=error,
+                updated_at=update.updated_at,
+            )
+        )
+
+    async def flush(self) -> None:
+        """Wait until every queued delivery has been attempted (held ones excepted)."""
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+
+    async def close(self) -> None:
+        """Abandon pending deliveries and close the session; idempotent."""
+        self._closed = True
+        pending = list(self._inflight)
+        for delivery in pending:
+            delivery.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._held.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,175 @@
+"""Configuration and record types of the fake server: limits, faults, traffic logs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+__all__ = [
+    "CallbackFaults",
+    "CallbackRecord",
+    "Fault",
+    "FaultKind",
+    "FaultRoute",
+    "RateLimit",
+    "RecordedRequest",
+    "Route",
+]
+
+Route = Literal["create", "get", "list", "download", "callback", "other"]
+"""What a request was, as :attr:`RecordedRequest.route` reports it."""
+
+FaultRoute = Literal["create", "get", "list", "download", "any"]
+"""Which requests a :class:`Fault` applies to."""
+
+FaultKind = Literal["error", "error_after", "drop", "drop_after", "delay", "garbage"]
+"""How a :class:`Fault` misbehaves; see :meth:`FakeKlingServer.inject`."""
+
+FAULT_KINDS: frozenset[str] = frozenset(
+    ("error", "error_after", "drop", "drop_after", "delay", "garbage")
+)
+FAULT_ROUTES: frozenset[str] = frozenset(("create", "get", "list", "download", "any"))
+
+
+def _probability(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be a probability between 0 and 1, got {value!r}")
+
+
+def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen
+class RateLimit:
+    """A token bucket over every ``/v1`` request: bursts of up to ``requests``,
+    refilled at ``requests / per`` per second. Over it the server answers 1302
+    (HTTP 429) with a ``Retry-After`` of ``retry_after`` seconds (no header when
+    ``None``)."""
+
+    requests: int = attrs.field(validator=_positive)
+    per: float = attrs.field(validator=_positive)
+    retry_after: float | None = 1.0
+
+
+@attrs.frozen(kw_only=True)
+class CallbackFaults:
+    """How callback deliveries misbehave, each an independent probability per update.
+
+    ``drop``: never sent (recorded as undelivered). ``duplicate``: sent twice.
+    ``reorder``: held back and sent after the task's next update (a task's final
+    update is never held, there being nothing to send after it). ``delay``: the
+    maximum extra wait in seconds, drawn uniformly for each update; a task's
+    updates still leave in order unless ``reorder`` says otherwise.
+    """
+
+    drop: float = attrs.field(default=0.0, validator=_probability)
+    duplicate: float = attrs.field(default=0.0, validator=_probability)
+    reorder: float = attrs.field(default=0.0, validator=_probability)
+    delay: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.define(kw_only=True, eq=False)
+class Fault:
+    """One injected misbehaviour, made by :meth:`FakeKlingServer.inject`.
+
+    ``hits`` counts the requests it has applied to; once it reaches ``times``
+    (unless ``times`` is ``None``) the fault stops applying.
+    """
+
+    kind: FaultKind
+    route: FaultRoute = "any"
+    endpoint: str | None = None
+    times: int | None = 1
+    probability: float = attrs.field(default=1.0, validator=_probability)
+    code: int = 5000
+    http_status: int | None = None
+    message: str | None = None
+    retry_after: float | None = None
+    delay: float = attrs.field(default=0.0, validator=_non_negative)
+    body: str | bytes | None = None
+    hits: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {sorted(FAULT_KINDS)}")
+        if self.route not in FAULT_ROUTES:
+            raise ValueError(f"unknown fault route {self.route!r}; one of {sorted(FAULT_ROUTES)}")
+        if self.times is not None and self.times < 0:
+            raise ValueError("times must be None or a non-negative count")
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the fault has applied ``times`` times."""
+        return self.times is not None and self.hits >= self.times
+
+    def applies_to(self, route: str, endpoint: str | None) -> bool:
+        """Whether a request of ``route`` on ``endpoint`` is one this fault targets."""
+        if self.route != "any" and self.route != route:
+            return False
+        return self.endpoint is None or self.endpoint == endpoint
+
+
+@attrs.define(kw_only=True, eq=False)
+class RecordedRequest:
+    """One request as the server saw it, and how it answered.
+
+    ``json`` is the parsed body (``None`` when absent or not JSON); ``http_status``
+    and ``code`` are ``None`` when no answer was sent (a dropped connection) and
+    ``code`` also when the answer was not a Kling envelope. ``fault`` names the
+    injected fault kind that applied, if any. ``arrived_at`` is monotonic seconds
+    (:func:`time.monotonic`, the event loop's clock).
+    """
+
+    method: str
+    path: str
+    query: dict[str, str]
+    route: Route
+    endpoint: str | None
+    json: Any = attrs.field(repr=False)
+    authorization: str | None = attrs.field(repr=False)
+    arrived_at: float
+    http_status: int | None = None
+    code: int | None = None
+    fault: FaultKind | None = None
+
+    @property
+    def body(self) -> Any:
+        """Alias of :attr:`json`."""
+        return self.json
+
+    @property
+    def external_task_id(self) -> str | None:
+        """The body's ``external_task_id``, if it has one (creates)."""
+        if isinstance(self.json, dict):
+            value = self.json.get("external_task_id")
+            return value if isinstance(value, str) else None
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class CallbackRecord:
+    """One callback delivery attempt.
+
+    ``delivered`` is true when the receiver answered 2xx. Otherwise ``error``
+    says why: the simulated drop, a refused non-loopback host, a connection
+    failure, or a non-2xx answer (``http_status`` set). ``attempted_at`` is
+    monotonic seconds; ``updated_at`` the delivered task's ``updated_at``, which
+    tells a reordered or duplicated update from a fresh one.
+    """
+
+    task_id: str
+    status: str
+    url: str
+    delivered: bool
+    http_status: int | None
+    attempted_at: float
+    error: str | None = None
+    updated_at: int = 0

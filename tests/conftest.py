@@ -1,0 +1,51 @@
+"""Shared fixtures: a fake Kling server on loopback and a client pointed at it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kling_async import Client, PollPolicy, RetryPolicy
+from kling_async.testing import FakeKlingServer
+
+API_KEY = "sk-test-0123456789"
+FAST_POLL = PollPolicy(initial_delay=0.02, max_delay=0.1, timeout=10.0)
+FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=4, max_elapsed=10.0)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never pick up a developer's real keys or base URL from the environment."""
+    for name in (
+        "KLING_API_KEY",
+        "KLING_ACCESS_KEY",
+        "KLING_SECRET_KEY",
+        "KLING_BASE_URL",
+        "KLING_CALLBACK_SECRET",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeKlingServer]:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.15, processing_delay=0.03) as fake:
+        yield fake
+
+
+def make_client(server: FakeKlingServer, **options: object) -> Client:
+    """A client for ``server`` with fast polling and retries unless overridden."""
+    settings: dict[str, object] = {
+        "api_key": API_KEY,
+        "base_url": server.url,
+        "polling": FAST_POLL,
+        "retry": FAST_RETRY,
+    }
+    settings.update(options)
+    return Client(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(server: FakeKlingServer) -> AsyncIterator[Client]:
+    async with make_client(server) as kling:
+        yield kling

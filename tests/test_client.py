@@ -1,0 +1,293 @@
+"""Both endpoints end to end, and TaskHandle's contract, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+
+import pytest
+
+import kling_async
+from kling_async import (
+    ClientClosedError,
+    Endpoint,
+    ImageGenerationRequest,
+    MultiImageRequest,
+    NotFoundError,
+    TaskFailedError,
+    TaskStatus,
+    TaskTimeoutError,
+    ValidationError,
+)
+from kling_async.testing import FakeKlingServer
+from tests.conftest import API_KEY, make_client
+from tests.imagedata import png
+
+
+async def test_generate_end_to_end(client: kling_async.Client, server: FakeKlingServer) -> None:
+    handle = await client.images.generate(prompt="a red fox", n=2, aspect_ratio="1:1")
+    assert handle.task_id in server.tasks
+    assert handle.status is TaskStatus.SUBMITTED
+    assert handle.endpoint is Endpoint.GENERATIONS
+    task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    assert handle.done()
+    assert [image.index for image in task.images] == [0, 1]
+    assert all(image.url.startswith(server.origin) for image in task.images)
+    assert task.external_task_id == handle.external_task_id
+    assert task.created_at is not None
+    assert task.updated_at is not None
+    assert task.created_at <= task.updated_at
+    sent = server.requests_for("create")[0].json
+    assert sent == {
+        "model_name": "kling-v3",
+        "prompt": "a red fox",
+        "n": 2,
+        "aspect_ratio": "1:1",
+        "external_task_id": handle.external_task_id,
+    }
+
+
+async def test_multi_image_end_to_end(client: kling_async.Client, server: FakeKlingServer) -> None:
+    handle = await client.images.multi_image(
+        subject_images=[png(400, 400), png(300, 600)], prompt="blend", style_image=png(500, 500)
+    )
+    assert handle.endpoint is Endpoint.MULTI_IMAGE
+    task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    assert len(task.images) == 1
+    paths = {request.path for request in server.requests_for(endpoint="images/multi-image2image")}
+    assert "/v1/images/multi-image2image" in paths
+    assert f"/v1/images/multi-image2image/{task.task_id}" in paths
+    assert not server.requests_for(endpoint="images/generations")
+
+
+async def test_request_objects_are_accepted_and_keep_a_given_external_id(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    request = ImageGenerationRequest(prompt="p", external_task_id="order-42")
+    handle = await client.images.generate(request)
+    assert handle.external_task_id == "order-42"
+    assert handle.request == request
+    multi = await client.images.submit(MultiImageRequest(subject_images=[png(400, 400)]))
+    assert multi.endpoint is Endpoint.MULTI_IMAGE
+    assert server.task("order-42").task_id == handle.task_id
+
+
+async def test_missing_required_field_is_a_validation_error_before_sending(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    with pytest.raises(ValidationError, match="prompt: is required"):
+        await client.images.generate(n=2)
+    with pytest.raises(ValidationError, match="subject_images"):
+        await client.images.multi_image(prompt="no subjects")
+    with pytest.raises(ValidationError) as caught:
+        await client.images.generate(prompt="p", image=png(100, 100))
+    assert caught.value.field == "image"
+    assert server.requests == []
+
+
+async def test_failed_task_raises_with_kling_message(client: kling_async.Client) -> None:
+    handle = await client.images.generate(prompt="please [fail]")
+    with pytest.raises(TaskFailedError) as caught:
+        await handle
+    assert caught.value.task.status is TaskStatus.FAILED
+    assert caught.value.task.status_message
+    assert caught.value.task.status_message in str(caught.value)
+    with pytest.raises(TaskFailedError):  # the outcome is remembered, no new request
+        await handle.wait()
+
+
+async def test_wait_timeout_leaves_the_handle_usable() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as client:
+            handle = await client.images.generate(prompt="slow")
+            with pytest.raises(TaskTimeoutError) as caught:
+                await handle.wait(timeout=0.1)
+            assert caught.value.handle is handle
+            assert isinstance(caught.value, TimeoutError)
+            assert handle.task_id in str(caught.value)
+            server.finish(handle.task_id)
+            task = await caught.value.handle.wait(timeout=5)
+            assert task.status is TaskStatus.SUCCEED
+
+
+async def test_default_wait_deadline_comes_from_the_poll_policy() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        policy = kling_async.PollPolicy(initial_delay=0.02, max_delay=0.05, timeout=0.15)
+        async with make_client(server, polling=policy) as client:
+            handle = await client.images.generate(prompt="slow")
+            with pytest.raises(TaskTimeoutError):
+                await handle
+            server.finish(handle.task_id)
+            assert (await handle.wait(timeout=None)).status is TaskStatus.SUCCEED
+
+
+async def test_cancelling_the_waiter_stops_polling() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as client:
+            handle = await client.images.generate(prompt="slow")
+            waiter = asyncio.create_task(handle.wait())
+            await asyncio.sleep(0.3)
+            polls_before = len(server.requests_for("get"))
+            assert polls_before >= 2
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            await asyncio.sleep(0.3)
+            assert len(server.requests_for("get")) == polls_before
+            server.finish(handle.task_id)
+            assert (await handle).status is TaskStatus.SUCCEED  # still usable
+
+
+async def test_unawaited_handles_cost_no_polls(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    await client.images.generate(prompt="fire and forget")
+    await asyncio.sleep(0.3)
+    assert server.requests_for("get") == []
+
+
+async def test_many_waiters_share_one_session_and_leave_no_tasks_behind(
+    server: FakeKlingServer,
+) -> None:
+    before = set(asyncio.all_tasks())
+    async with make_client(server) as client:
+        handles = [await client.images.generate(prompt=f"p{i}") for i in range(40)]
+        session = client._transport.session()
+        results = await asyncio.gather(*(handle.wait() for handle in handles * 2))
+        assert {task.status for task in results} == {TaskStatus.SUCCEED}
+        assert client._transport.session() is session
+    await asyncio.sleep(0)
+    assert set(asyncio.all_tasks()) - before == set()
+
+
+async def test_updates_yield_each_status_change_in_order(client: kling_async.Client) -> None:
+    handle = await client.images.generate(prompt="watch me")
+    seen = [task.status async for task in handle.updates()]
+    assert seen == [TaskStatus.SUBMITTED, TaskStatus.PROCESSING, TaskStatus.SUCCEED]
+    again = [task.status async for task in handle.updates()]
+    assert again == [TaskStatus.SUCCEED]
+
+
+async def test_updates_yield_a_failure_without_raising(client: kling_async.Client) -> None:
+    handle = await client.images.generate(prompt="[fail]")
+    statuses = [task.status async for task in handle.updates()]
+    assert statuses[-1] is TaskStatus.FAILED
+
+
+async def test_refresh_is_one_get_and_feeds_waiters(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    handle = await client.images.generate(prompt="p")
+    await asyncio.sleep(0.2)
+    task = await handle.refresh()
+    assert task.status is TaskStatus.SUCCEED
+    assert len(server.requests_for("get")) == 1
+    assert handle.done()
+    assert (await handle) is handle.task
+    assert len(server.requests_for("get")) == 1
+
+
+async def test_attach_sends_nothing_until_awaited(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    async with make_client(server) as other_process:
+        original = await other_process.images.generate(prompt="p")
+    count = len(server.requests)
+    attached = client.images.attach(original.task_id)
+    assert len(server.requests) == count
+    assert attached.task is None
+    assert attached.status is None
+    assert "unknown" in repr(attached)
+    task = await attached
+    assert task.task_id == original.task_id
+    multi = await client.images.multi_image(subject_images=[png(400, 400)])
+    other = client.images.attach(multi.task_id, endpoint="images/multi-image2image")
+    assert (await other).status is TaskStatus.SUCCEED
+
+
+async def test_attaching_a_missing_task_raises_not_found_and_stays_usable(
+    client: kling_async.Client,
+) -> None:
+    handle = client.images.attach("no-such-task")
+    with pytest.raises(NotFoundError) as caught:
+        await handle
+    assert caught.value.code == 1203
+    with pytest.raises(NotFoundError):
+        await handle.wait(timeout=2)
+
+
+async def test_get_by_task_id_and_external_id(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    handle = await client.images.generate(prompt="p", external_task_id="ext-7")
+    by_id = await client.images.get(handle.task_id)
+    by_external = await client.images.get("ext-7")
+    assert by_id.task_id == by_external.task_id == handle.task_id
+    assert handle.task is not None  # a get also updates the client's own handle
+    with pytest.raises(NotFoundError):
+        await client.images.get("nope")
+
+
+async def test_list_pages_newest_first_and_honours_limit(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    ids = [(await client.images.generate(prompt=f"p{i}")).task_id for i in range(7)]
+    listed = [task.task_id async for task in client.images.list(page_size=3)]
+    assert listed == ids[::-1]
+    assert len(server.requests_for("list")) == 3
+    limited = [task.task_id async for task in client.images.list(page_size=2, limit=3)]
+    assert limited == ids[::-1][:3]
+    assert [t async for t in client.images.list(endpoint=Endpoint.MULTI_IMAGE)] == []
+    with pytest.raises(ValueError, match="page_size"):
+        [t async for t in client.images.list(page_size=501)]
+
+
+async def test_close_ends_pending_waits_and_is_idempotent() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        client = make_client(server)
+        handle = await client.images.generate(prompt="slow")
+        waiter = asyncio.create_task(handle.wait())
+        iterator = asyncio.create_task(anext(handle.updates().__aiter__()))
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(ClientClosedError, match="attach"):
+            await waiter
+        assert (await iterator).status is TaskStatus.SUBMITTED
+        await client.close()
+        assert client.closed
+        with pytest.raises(ClientClosedError):
+            await client.images.generate(prompt="after close")
+        with pytest.raises(ClientClosedError):
+            await handle.wait()
+
+
+async def test_a_client_outside_async_with_is_lazy() -> None:
+    client = kling_async.Client("k", base_url="http://127.0.0.1:9")
+    assert client._transport._session is None  # nothing made in __init__
+    await client.close()
+
+
+async def test_handles_do_not_keep_client_state_alive() -> None:
+    async with FakeKlingServer(api_key=API_KEY) as server, make_client(server) as client:
+        handle = await client.images.generate(prompt="p")
+        await handle
+        key = (Endpoint.GENERATIONS, handle.task_id)
+        assert client._tracker._states.get(key) is not None
+        del handle
+        gc.collect()
+        assert client._tracker._states.get(key) is None
+
+
+async def test_updates_can_be_closed_early(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    handle = await client.images.generate(prompt="p")
+    async with contextlib.aclosing(handle.updates()) as updates:
+        async for _ in updates:
+            break
+    state = client._tracker.find(Endpoint.GENERATIONS, handle.task_id)
+    assert state is not None
+    assert state.interest == 0
