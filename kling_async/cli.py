@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 try:
     import click
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ImportError:  # pragma: no cover - only without the extra
     sys.exit("kling-async needs its CLI extra: pip install 'kling-async[cli]'")
@@ -130,7 +131,7 @@ class Settings:
         if self.as_json:
             click.echo(json.dumps({"error": _error_record(error)}), err=True)
         else:
-            self.stderr.print(f"[red]error:[/red] {_describe(error)}", markup=True, highlight=False)
+            self.stderr.print(f"[red]error:[/red] {escape(_describe(error))}", soft_wrap=True)
         sys.exit(EXIT_USAGE if usage else EXIT_ERROR)
 
 
@@ -436,6 +437,35 @@ def status(task_id: str, multi: bool) -> None:
             return await client.images.get(task_id, endpoint=_endpoint(multi))
 
     _print_tasks(settings, [settings.run(work)])
+
+
+@main.command()
+@click.argument("task_id")
+@_endpoint_option
+@_out_option
+def download(task_id: str, multi: bool, out: Path) -> None:
+    """Save the images of a finished task; files already saved are skipped."""
+    settings = _settings()
+    already_there = set(out.iterdir()) if out.is_dir() else set()
+
+    async def work() -> tuple[Task, list[Path]]:
+        async with settings.client() as client:
+            task = await client.images.get(task_id, endpoint=_endpoint(multi))
+            if not task.images:
+                raise ValueError(
+                    f"task {task.task_id} is {task.status.value} and has no images to download"
+                )
+            return task, await client.download(task, out)
+
+    task, paths = settings.run(work)
+    skipped = sum(path in already_there for path in paths)
+    if settings.as_json:
+        click.echo(json.dumps(_task_record(task, paths)))
+        return
+    if skipped:
+        settings.stderr.print(f"{skipped} of {len(paths)} files were already complete; skipped")
+    for path in paths:
+        click.echo(str(path))
 
 
 @main.command("list")

@@ -1,0 +1,244 @@
+"""The kling-async command line, through click's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kling_async.cli import main
+from tests.conftest import API_KEY
+from tests.imagedata import png
+from tests.test_download import assert_valid_png
+
+FAST = ["--mock-task-seconds", "0.1"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLING_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kling_async", *args],
+        capture_output=True,
+        text=True,
+        env=env or clean_env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    """A FakeKlingServer in its own process, like a remote API."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async.testing",
+            "--port",
+            "0",
+            "--api-key",
+            API_KEY,
+            "--task-duration",
+            "0.2",
+            "--record-requests",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    try:
+        yield json.loads(line)["url"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        process.stdout.close()
+
+
+def online(server_url: str, *args: str) -> list[str]:
+    return ["--api-key", API_KEY, "--base-url", server_url, *args]
+
+
+# --- in-process, through click's runner --------------------------------------------
+
+
+def test_offline_generate_writes_real_pngs_and_says_it_is_a_simulation(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, [*FAST, "generate", "a lighthouse at dusk", "-n", "2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "OFFLINE SIMULATION" in result.stderr
+    paths = [Path(line) for line in result.stdout.split()]
+    assert len(paths) == 2
+    for path in paths:
+        assert path.parent == tmp_path
+        assert_valid_png(path)
+
+
+def test_json_output_is_one_machine_readable_object(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, [*FAST, "--mock", "--json", "generate", "p", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["status"] == "succeed"
+    assert len(record["images"]) == 1
+    assert Path(record["paths"][0]).exists()
+
+
+def test_multi_image_offline(tmp_path: Path) -> None:
+    subject = tmp_path / "subject.png"
+    subject.write_bytes(png(400, 400))
+    result = CliRunner().invoke(
+        main,
+        [
+            *FAST,
+            "multi-image",
+            "--subject",
+            str(subject),
+            "--subject",
+            str(subject),
+            "blend",
+            "--out",
+            str(tmp_path / "out"),
+            "--aspect-ratio",
+            "1:1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert_valid_png(Path(result.stdout.split()[0]))
+
+
+def test_validation_error_is_one_line_exit_2_and_nothing_sent(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [*FAST, "generate", "p", "--image", "missing.png"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "invalid image" in result.stderr
+    assert "does not exist" in result.stderr
+    assert "nothing was sent" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "OFFLINE" not in result.stderr  # rejected before any server was started
+
+
+def test_validation_error_as_json(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["--json", "multi-image", "--subject", "https://a/b.png"] * 1 + ["-n", "1", "x" * 2501],
+    )
+    assert result.exit_code == 2
+    error = json.loads(result.stderr)["error"]
+    assert error["type"] == "ValidationError"
+    assert error["field"] == "prompt"
+
+
+def test_failed_task_exits_1_with_kling_message(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [*FAST, "generate", "[fail] this", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "failed: Content review failed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_from_click() -> None:
+    result = CliRunner().invoke(main, ["generate", "p", "-n", "10"])
+    assert result.exit_code == 2
+    assert "-n" in result.stderr
+
+
+# --- against a separate server process --------------------------------------------------
+
+
+def test_api_error_prints_code_message_request_id_and_advice(server_url: str) -> None:
+    result = run_cli("--api-key", "wrong-key", "--base-url", server_url, "generate", "p")
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert "[1002]" in line
+    assert "request_id=" in line
+    assert "KLING_API_KEY" in line  # what to do next
+    assert "Traceback" not in result.stderr
+    assert "OFFLINE" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(server_url: str) -> None:
+    result = run_cli("-v", "--api-key", "wrong-key", "--base-url", server_url, "status", "x")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+
+
+def test_online_generate_status_list_and_download_resume(server_url: str, tmp_path: Path) -> None:
+    created = run_cli(*online(server_url, "--json", "generate", "p", "-n", "2", "--no-download"))
+    assert created.returncode == 0, created.stderr
+    task_id = json.loads(created.stdout)["task_id"]
+
+    status = run_cli(*online(server_url, "--json", "status", task_id))
+    assert json.loads(status.stdout)["status"] == "succeed"
+    table = run_cli(*online(server_url, "list", "--limit", "5"))
+    assert table.returncode == 0
+    assert task_id in table.stdout
+
+    out = tmp_path / "images"
+    first = run_cli(*online(server_url, "download", task_id, "--out", str(out)))
+    assert first.returncode == 0, first.stderr
+    paths = [Path(p) for p in first.stdout.split()]
+    assert [p.name for p in paths] == [f"{task_id}_0.png", f"{task_id}_1.png"]
+    kept = paths[0].stat().st_mtime_ns
+    paths[1].unlink()  # as if the first run died half way
+    second = run_cli(*online(server_url, "download", task_id, "--out", str(out)))
+    assert second.returncode == 0
+    assert "1 of 2 files were already complete" in second.stderr
+    assert paths[0].stat().st_mtime_ns == kept
+    assert_valid_png(paths[1])
+
+
+def test_no_credentials_means_offline(tmp_path: Path) -> None:
+    result = run_cli("--mock-task-seconds", "0.1", "generate", "p", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "OFFLINE SIMULATION" in result.stderr
+    assert_valid_png(Path(result.stdout.split()[0]))
+
+
+def test_ctrl_c_exits_cleanly_naming_submitted_tasks(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async",
+            "--mock-task-seconds",
+            "60",
+            "generate",
+            "p",
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(COLUMNS="200"),
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    seen = ""
+    while "submitted task" not in seen and time.monotonic() < deadline:
+        seen += process.stderr.readline()
+    task_id = seen.split("submitted task", 1)[1].split()[0]
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert task_id in rest
+    assert "Traceback" not in rest
