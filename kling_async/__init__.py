@@ -13,6 +13,7 @@ Everything public is importable from this package; the submodules are private.
 """
 
 from ._auth import Credentials, JWTCredentials, StaticToken
+from ._callbacks import CallbackReceiver
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
 from ._exceptions import (
@@ -52,6 +53,7 @@ __all__ = [
     "OFFICIAL_BASE_URL",
     "APIError",
     "AuthenticationError",
+    "CallbackReceiver",
     "Client",
     "ClientClosedError",
     "ConcurrencyLimitError",

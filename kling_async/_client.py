@@ -9,6 +9,7 @@ from types import TracebackType
 import aiohttp
 
 from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
+from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download
 from ._exceptions import ConfigurationError
@@ -41,6 +42,9 @@ class Client:
     default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
     ``retry`` and ``polling`` tune retries and polling. Pass ``session`` to share
     an ``aiohttp.ClientSession`` you own (it is then not closed by the client).
+    ``callbacks`` takes a :class:`CallbackReceiver`: tasks are then created with a
+    per-task callback URL and resolve as soon as Kling reports them, with polling
+    slowed to a safety net.
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -59,6 +63,7 @@ class Client:
         retry: RetryPolicy | None = None,
         polling: PollPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
+        callbacks: CallbackReceiver | None = None,
     ) -> None:
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
@@ -87,8 +92,12 @@ class Client:
             session=session,
         )
         self._tracker = Tracker(self._transport, polling or PollPolicy())
+        #: The receiver Kling's callbacks for this client's tasks arrive at, if any.
+        self.callbacks = callbacks
+        if callbacks is not None:
+            callbacks.attach(self._tracker)
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
-        self.images = Images(self._transport, self._tracker)
+        self.images = Images(self._transport, self._tracker, callbacks)
 
     async def download(
         self,
@@ -126,6 +135,8 @@ class Client:
     async def close(self) -> None:
         """Stop all polling, end pending waits with :class:`ClientClosedError`, and
         close the session. Idempotent."""
+        if self.callbacks is not None:
+            self.callbacks.detach(self._tracker)
         await self._tracker.close()
         await self._transport.close()
 

@@ -81,10 +81,18 @@ class RetryPolicy:
 class PollPolicy:
     """How a task is polled until it ends.
 
-    The first poll comes ``initial_delay`` after submission; the gap then grows
-    by ``multiplier`` up to ``max_delay``, each gap jittered by ±``jitter``
-    (a fraction) so thousands of tasks do not poll in lockstep. ``timeout`` is
-    the default deadline of ``await handle`` (``None``: wait for ever).
+    The gap between polls grows with the task's age: ``(multiplier - 1) * age``,
+    kept between ``initial_delay`` and ``max_delay``, each gap jittered by
+    ±``jitter`` (a fraction) so thousands of tasks do not poll in lockstep.
+    A young task is checked often; one that has run for minutes, rarely.
+
+    While Kling's callbacks are expected for a task, polls are only a safety net
+    ``callback_delay`` apart, until the task is overdue: older than
+    ``overdue_factor`` times the typical duration of this client's finished
+    tasks (``callback_delay`` before any has finished); then the normal cadence
+    resumes, since its callbacks may have been lost.
+
+    ``timeout`` is the default deadline of ``await handle`` (``None``: for ever).
     """
 
     initial_delay: float = attrs.field(default=1.0, validator=_positive)
@@ -94,10 +102,11 @@ class PollPolicy:
         default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)]
     )
     timeout: float | None = 1800.0
+    callback_delay: float = attrs.field(default=30.0, validator=_positive)
+    overdue_factor: float = attrs.field(default=2.0, validator=_positive)
     rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
 
-    def delay(self, attempt: int) -> float:
-        """Seconds before poll number ``attempt`` (0 is the first) of one task."""
-        # Capping the exponent keeps a long-lived task's gap from overflowing a float.
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** min(attempt, 64))
+    def delay(self, age: float) -> float:
+        """Seconds until the next poll of a task first seen ``age`` seconds ago."""
+        base = min(self.max_delay, max(self.initial_delay, (self.multiplier - 1) * age))
         return base * (1 + self.rng.uniform(-self.jitter, self.jitter))

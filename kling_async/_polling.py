@@ -3,7 +3,8 @@
 A thousand handles awaited at once share this one loop instead of running a
 thousand sleeping coroutines: it wakes when the earliest task is due, sends the
 due polls (bounded in number), and feeds results to the tracker. Each task's
-polls back off from ``PollPolicy.initial_delay`` to ``max_delay`` with jitter.
+polls grow further apart as it ages (``PollPolicy``), and are only a slow
+safety net while Kling's callbacks are expected for it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Poller:
         if state.latest is None:
             state.next_poll = loop.time()
         elif state.next_poll == 0.0:
-            state.next_poll = loop.time() + self._policy.delay(0)
+            state.next_poll = loop.time() + self._delay(state, loop.time())
         if self._runner is None:
             self._runner = loop.create_task(
                 self._run(), name=f"kling-poller-{self._endpoint.value}"
@@ -85,6 +86,22 @@ class Poller:
                         timer.cancel()
         finally:
             self._runner = None
+
+    def _delay(self, state: TaskState, now: float) -> float:
+        """Seconds until ``state``'s next poll: by its age, or, while Kling's
+        callbacks are expected and the task is not overdue, the slow safety net."""
+        age = now - state.first_seen  # both on the monotonic clock the loop uses
+        delay = self._policy.delay(age)
+        if state.callbacks:
+            typical = self._tracker.typical_duration
+            overdue_at = (
+                self._policy.overdue_factor * typical
+                if typical is not None
+                else self._policy.callback_delay
+            )
+            if age < overdue_at:
+                delay = max(delay, min(self._policy.callback_delay, overdue_at - age))
+        return delay
 
     def _start_due_polls(self, now: float) -> float:
         """Start every poll that is due; return when the next one will be.
@@ -127,7 +144,7 @@ class Poller:
             self._tracker.fail(state, KlingError(f"polling task {state.task_id} failed: {error!r}"))
         finally:
             state.polling = False
-            state.polls += 1
-            state.next_poll = asyncio.get_running_loop().time() + self._policy.delay(state.polls)
+            now = asyncio.get_running_loop().time()
+            state.next_poll = now + self._delay(state, now)
             if state in self._active:
                 self._wake.set()

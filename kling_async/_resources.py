@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from ._callbacks import CallbackReceiver
 from ._exceptions import ValidationError
 from ._handle import TaskHandle
 from ._image_input import ImageInput
@@ -59,9 +60,12 @@ def with_external_id(request: RequestT) -> tuple[RequestT, str]:
 class Images:
     """Kling's image task APIs. Reach it as ``client.images``."""
 
-    def __init__(self, transport: Transport, tracker: Tracker) -> None:
+    def __init__(
+        self, transport: Transport, tracker: Tracker, callbacks: CallbackReceiver | None = None
+    ) -> None:
         self._transport = transport
         self._tracker = tracker
+        self._callbacks = callbacks
 
     async def generate(
         self,
@@ -157,19 +161,29 @@ class Images:
 
         The create is sent with an ``external_task_id`` (generated when the
         request has none), so a retry after a lost response finds the task
-        instead of creating and paying for it twice.
+        instead of creating and paying for it twice. With a callback receiver
+        on the client, a request without its own ``callback_url`` gets one.
         """
         request, external_task_id = with_external_id(request)
-        envelope = await self._transport.send_create(
-            create_request(request), get_request(request.endpoint, external_task_id)
-        )
-        task = parse_task(envelope)
-        state = self._tracker.state(
-            request.endpoint,
-            task.task_id,
-            latest=task,
-            external_task_id=task.external_task_id or external_task_id,
-        )
+        # A callback_url of the caller's own wins: those callbacks are theirs.
+        receiver = self._callbacks if request.callback_url is None else None
+        if receiver is not None:
+            request = attrs.evolve(request, callback_url=receiver.url_for(external_task_id))
+        self._tracker.creating(external_task_id)
+        try:
+            envelope = await self._transport.send_create(
+                create_request(request), get_request(request.endpoint, external_task_id)
+            )
+            task = parse_task(envelope)
+            state = self._tracker.state(
+                request.endpoint,
+                task.task_id,
+                latest=task,
+                external_task_id=task.external_task_id or external_task_id,
+            )
+        finally:
+            self._tracker.created(external_task_id)
+        state.callbacks = receiver is not None
         return TaskHandle(self._tracker, state, request)
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:

@@ -1,30 +1,33 @@
 """What the client knows about each task, and who is told when that changes.
 
-Every piece of news about a task (a poll result, a create response, later a
-callback) goes through :meth:`Tracker.publish`, which keeps only news that is
-newer than what is known, and passes it to the task's listeners: waiters of
-``await handle``, ``handle.updates()`` iterators, batch bookkeeping. Polling
-(``_polling``) only runs for tasks somebody listens to, so a handle nobody
-awaits costs nothing.
+Every piece of news about a task (a create response, a poll, a callback) goes
+through :meth:`Tracker.publish`, which keeps only news that is newer than what
+is known and passes it to the task's listeners: waiters of ``await handle``,
+``handle.updates()`` iterators, batch bookkeeping. Polling (``_polling``) only
+runs for tasks somebody listens to or that hold concurrency units, so a handle
+nobody awaits costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from ._config import PollPolicy
-from ._exceptions import ClientClosedError, KlingError
+from ._exceptions import ClientClosedError, KlingError, is_retryable
 from ._models import Endpoint, Task, TaskStatus
+from ._wire import get_request, parse_task
 
 if TYPE_CHECKING:
     from ._polling import Poller
     from ._transport import Transport
 
-__all__ = ["Listener", "TaskState", "Tracker"]
+__all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker"]
 
 logger = logging.getLogger("kling_async")
 
@@ -34,6 +37,9 @@ Listener = Callable[[Task | KlingError], None]
 # Within one updated_at, a later lifecycle stage wins: a duplicate "processing"
 # must not overwrite a "succeed" stamped in the same millisecond.
 _STAGE = {TaskStatus.SUBMITTED: 0, TaskStatus.PROCESSING: 1}
+
+#: Weight of the newest finished task in the running typical duration.
+_DURATION_SMOOTHING = 0.2
 
 
 def _stage(status: TaskStatus) -> int:
@@ -45,15 +51,17 @@ class TaskState:
 
     __slots__ = (
         "__weakref__",
+        "callbacks",
+        "confirming",
         "endpoint",
         "external_task_id",
+        "first_seen",
         "interest",
         "latest",
         "listeners",
         "next_poll",
-        "pinned",
+        "on_terminal",
         "polling",
-        "polls",
         "task_id",
     )
 
@@ -71,9 +79,13 @@ class TaskState:
         self.external_task_id = external_task_id or (latest.external_task_id if latest else None)
         self.listeners: list[Listener] = []
         self.interest = 0  # waiters and iterators currently listening
-        self.pinned = False  # kept polled until terminal even with no listener
+        #: Run once when the task ends, e.g. to give back concurrency units. A
+        #: task with such duties is polled until it ends even if nobody waits.
+        self.on_terminal: list[Callable[[Task], None]] = []
+        self.callbacks = False  # Kling will POST this task's updates to us
+        self.confirming = False  # a GET confirming a terminal callback is under way
         self.polling = False  # a poll of this task is in flight
-        self.polls = 0
+        self.first_seen = time.monotonic()
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
 
     @property
@@ -83,7 +95,7 @@ class TaskState:
     @property
     def wanted(self) -> bool:
         """Whether anyone needs this task polled."""
-        return not self.terminal and (self.interest > 0 or self.pinned)
+        return not self.terminal and (self.interest > 0 or bool(self.on_terminal))
 
     def is_news(self, task: Task) -> bool:
         """Whether ``task`` tells something newer than :attr:`latest`.
@@ -107,6 +119,15 @@ class TaskState:
         return _stage(task.status) >= _stage(known.status)
 
 
+class CallbackOutcome(enum.Enum):
+    """What became of a callback the receiver handed to a tracker."""
+
+    ACCEPTED = "accepted"  # news, published (or being confirmed)
+    IGNORED = "ignored"  # a duplicate or stale update
+    MISMATCH = "mismatch"  # the payload names another task than the URL's
+    UNKNOWN = "unknown"  # no handle of this client holds the task
+
+
 class Tracker:
     """The registry of task states of one client, and the hub of their updates."""
 
@@ -116,8 +137,21 @@ class Tracker:
         self._states: weakref.WeakValueDictionary[tuple[Endpoint, str], TaskState] = (
             weakref.WeakValueDictionary()
         )
+        self._by_external: weakref.WeakValueDictionary[str, TaskState] = (
+            weakref.WeakValueDictionary()
+        )
+        # Creates in flight, and callbacks that overtook their create's response.
+        self._creating: set[str] = set()
+        self._early: dict[str, Task] = {}
         self._pollers: dict[Endpoint, Poller] = {}
+        self._chores: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: Running typical lifetime of this client's tasks, in seconds.
+        self.typical_duration: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def state(
         self,
@@ -133,6 +167,11 @@ class Tracker:
         if state is None:
             state = TaskState(endpoint, task_id, latest=latest, external_task_id=external_task_id)
             self._states[key] = state
+            if state.external_task_id:
+                self._by_external[state.external_task_id] = state
+                early = self._early.pop(state.external_task_id, None)
+                if early is not None and early.task_id == task_id:
+                    self.publish(state, early)
         elif latest is not None:
             self.publish(state, latest)
         return state
@@ -140,6 +179,8 @@ class Tracker:
     def find(self, endpoint: Endpoint, task_id: str) -> TaskState | None:
         """The state of a task some handle of this client holds, if any."""
         return self._states.get((endpoint, task_id))
+
+    # --- news -------------------------------------------------------------------
 
     def publish(self, state: TaskState, task: Task) -> bool:
         """Record ``task`` as news about ``state`` if it is newer; tell listeners.
@@ -149,18 +190,86 @@ class Tracker:
         if not state.is_news(task):
             return False
         state.latest = task
-        if state.external_task_id is None:
+        if state.external_task_id is None and task.external_task_id:
             state.external_task_id = task.external_task_id
+            self._by_external[task.external_task_id] = state
         for listener in tuple(state.listeners):
             listener(task)
         if task.is_terminal:
-            self._poller(state.endpoint).discard(state)
+            self._finished(state, task)
         return True
+
+    def _finished(self, state: TaskState, task: Task) -> None:
+        self._poller(state.endpoint).discard(state)
+        duration = time.monotonic() - state.first_seen
+        typical = self.typical_duration
+        self.typical_duration = (
+            duration if typical is None else typical + _DURATION_SMOOTHING * (duration - typical)
+        )
+        duties, state.on_terminal = state.on_terminal, []
+        for duty in duties:
+            duty(task)
 
     def fail(self, state: TaskState, error: KlingError) -> None:
         """End the current waits on ``state`` with ``error`` (a poll that cannot succeed)."""
         for listener in tuple(state.listeners):
             listener(error)
+
+    # --- callbacks --------------------------------------------------------------
+
+    def creating(self, external_task_id: str) -> None:
+        """Note a create in flight, so a callback that beats its response is kept."""
+        self._creating.add(external_task_id)
+
+    def created(self, external_task_id: str) -> None:
+        """The create of ``external_task_id`` returned (or failed for good)."""
+        self._creating.discard(external_task_id)
+        self._early.pop(external_task_id, None)
+
+    def receive_callback(
+        self, external_task_id: str, task: Task, *, confirm: bool
+    ) -> CallbackOutcome:
+        """Take a callback for the task Kling knows by ``external_task_id``.
+
+        A terminal callback is only believed after one GET of the task confirms
+        it (when ``confirm``): the URL is the callback's only credential, and a
+        leaked one must not be able to fake a result.
+        """
+        state = self._by_external.get(external_task_id)
+        if state is None:
+            if external_task_id in self._creating:
+                self._early[external_task_id] = task
+                return CallbackOutcome.ACCEPTED
+            return CallbackOutcome.UNKNOWN
+        if task.task_id != state.task_id:
+            return CallbackOutcome.MISMATCH
+        if not state.is_news(task):
+            return CallbackOutcome.IGNORED
+        if task.is_terminal and confirm:
+            if not state.confirming:
+                state.confirming = True
+                self._spawn(self._confirm(state))
+            return CallbackOutcome.ACCEPTED
+        self.publish(state, task)
+        return CallbackOutcome.ACCEPTED
+
+    async def _confirm(self, state: TaskState) -> None:
+        try:
+            envelope = await self.transport.send(get_request(state.endpoint, state.task_id))
+            self.publish(state, parse_task(envelope))
+        except KlingError as error:
+            # Polling stays on as the safety net and will pick the result up.
+            level = logging.INFO if is_retryable(error) else logging.WARNING
+            logger.log(level, "could not confirm callback for task %s: %s", state.task_id, error)
+        finally:
+            state.confirming = False
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        chore = asyncio.get_running_loop().create_task(work)
+        self._chores.add(chore)
+        chore.add_done_callback(self._chores.discard)
+
+    # --- interest ---------------------------------------------------------------
 
     def listen(self, state: TaskState, listener: Listener) -> None:
         """Add a listener that needs the task polled until it is removed."""
@@ -168,8 +277,7 @@ class Tracker:
             raise ClientClosedError("the client is closed; create a new Client")
         state.listeners.append(listener)
         state.interest += 1
-        if state.wanted:
-            self._poller(state.endpoint).add(state)
+        self.keep_polled(state)
 
     def unlisten(self, state: TaskState, listener: Listener) -> None:
         """Remove a listener; polling stops when nobody needs the task any more."""
@@ -177,6 +285,11 @@ class Tracker:
         state.interest -= 1
         if not state.wanted:
             self._poller(state.endpoint).discard(state)
+
+    def keep_polled(self, state: TaskState) -> None:
+        """Make sure a wanted task is on its endpoint's poller."""
+        if state.wanted and not self._closed:
+            self._poller(state.endpoint).add(state)
 
     def _poller(self, endpoint: Endpoint) -> Poller:
         poller = self._pollers.get(endpoint)
@@ -191,7 +304,13 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
-        await asyncio.gather(*(poller.close() for poller in self._pollers.values()))
+        for chore in self._chores:
+            chore.cancel()
+        await asyncio.gather(
+            *self._chores,
+            *(poller.close() for poller in self._pollers.values()),
+            return_exceptions=True,
+        )
         closed = ClientClosedError(
             "the client was closed while waiting; the task keeps running on Kling's side, "
             "re-attach with client.images.attach(task_id) on an open client"

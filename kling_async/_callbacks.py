@@ -1,0 +1,315 @@
+"""Receiving Kling's task callbacks, safely.
+
+Kling POSTs a task to its ``callback_url`` on every status change, unsigned,
+possibly repeated, out of order, or never. So the URL itself is the credential:
+each task gets ``<public_url>/<external_task_id>/<token>``, where the token is
+an HMAC of the external_task_id under the receiver's secret. A request with an
+unknown or wrong token is answered 404 and never dispatched; a terminal update
+is confirmed with one GET before any handle resolves on it (so even a leaked URL
+cannot fake a result); duplicates and stale updates are acknowledged and dropped;
+and polling stays on, slower, as the safety net for callbacks that never come.
+
+The receiver is plain: ``await receiver.handle(path, body)`` does all of the
+above, and the aiohttp sub-app, the ASGI app and :meth:`CallbackReceiver.serve`
+are thin adapters around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from aiohttp import web
+
+from ._exceptions import APIError, ConfigurationError
+from ._models import Task
+from ._tracking import CallbackOutcome, Tracker
+from ._wire import Envelope, parse_task
+
+__all__ = ["CallbackReceiver", "UpdateHook"]
+
+logger = logging.getLogger("kling_async")
+
+ENV_CALLBACK_SECRET = "KLING_CALLBACK_SECRET"
+
+UpdateHook = Callable[[Task], Awaitable[None] | None]
+"""Called with tasks this process holds no handle for (sync or async)."""
+
+#: A genuine callback carries one task: a few kilobytes even with nine images.
+DEFAULT_MAX_BODY = 256 * 1024
+#: How far in the future an updated_at may lie before the update is refused:
+#: a forged far-future stamp would otherwise make every true update look stale.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+#: Unknown tasks whose last update is remembered, to drop their duplicates.
+_REMEMBERED_UNKNOWN = 10_000
+
+_Response = tuple[int, bytes]
+
+
+def _reply(status: int, message: str) -> _Response:
+    return status, json.dumps({"ok": status == 200, "message": message}).encode()
+
+
+class CallbackReceiver:
+    """The endpoint Kling's callbacks arrive at; give it to ``Client(callbacks=...)``.
+
+    ``public_url`` is where Kling can reach the receiver (``https://host/kling``);
+    every task the client creates gets a callback URL under it. It may be
+    ``None`` when the receiver is served with :meth:`serve`, which then fills it in.
+
+    ``secret`` keys the per-task tokens. Several processes behind one load
+    balancer must share it: pass it, or set ``KLING_CALLBACK_SECRET``. Without
+    either a random one is made, valid for this process only.
+
+    ``confirm`` (default on) makes a terminal callback wait for one GET of the
+    task before handles resolve. ``max_body_size`` caps a callback's bytes.
+    """
+
+    def __init__(
+        self,
+        public_url: str | None = None,
+        *,
+        secret: str | bytes | None = None,
+        confirm: bool = True,
+        max_body_size: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self.public_url = public_url.rstrip("/") if public_url else None
+        if secret is None:
+            secret = os.environ.get(ENV_CALLBACK_SECRET) or secrets.token_bytes(32)
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        if len(self._secret) < 16:
+            raise ConfigurationError("the callback secret must be at least 16 bytes")
+        self.confirm = confirm
+        self.max_body_size = max_body_size
+        self._trackers: list[Tracker] = []
+        self._hooks: list[UpdateHook] = []
+        self._hook_runs: set[asyncio.Task[None]] = set()
+        self._unknown_seen: OrderedDict[str, tuple[str, datetime | None]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
+
+    # --- URLs -------------------------------------------------------------------
+
+    def token_for(self, external_task_id: str) -> str:
+        """The unguessable token that authorises callbacks for one task."""
+        digest = hmac.new(self._secret, external_task_id.encode(), hashlib.sha256)
+        return digest.hexdigest()
+
+    def url_for(self, external_task_id: str) -> str:
+        """The callback URL to give Kling for the task ``external_task_id``."""
+        if self.public_url is None:
+            raise ConfigurationError(
+                "CallbackReceiver has no public_url; pass one, or start receiver.serve() first"
+            )
+        token = self.token_for(external_task_id)
+        return f"{self.public_url}/{quote(external_task_id, safe='')}/{token}"
+
+    # --- wiring -----------------------------------------------------------------
+
+    def attach(self, tracker: Tracker) -> None:
+        """Route callbacks to a client's tasks (done by ``Client(callbacks=...)``)."""
+        if tracker not in self._trackers:
+            self._trackers.append(tracker)
+
+    def detach(self, tracker: Tracker) -> None:
+        """Stop routing callbacks to a closed client."""
+        if tracker in self._trackers:
+            self._trackers.remove(tracker)
+
+    def on_update(self, hook: UpdateHook) -> UpdateHook:
+        """Register ``hook(task)`` for authentic callbacks about tasks no client of
+        this process holds a handle for (submitted by another process, or before a
+        restart). Usable as a decorator. Duplicates are not passed on."""
+        self._hooks.append(hook)
+        return hook
+
+    # --- the protocol -----------------------------------------------------------
+
+    async def handle(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """Process one callback request; return the HTTP status and JSON body to send.
+
+        ``path`` is the request path; only its last two segments
+        (``<external_task_id>/<token>``) matter, so any mount point works.
+        """
+        external_task_id = self.authorize(path)
+        if external_task_id is None:
+            return _reply(404, "not found")
+        return self._process(external_task_id, body)
+
+    def authorize(self, path: str) -> str | None:
+        """The external_task_id a callback path is valid for, or ``None`` (answer 404).
+
+        Adapters call this before reading the body, so a stranger's request costs
+        no more than its headers.
+        """
+        parts = path.rstrip("/").rsplit("/", 2)
+        if len(parts) < 3:
+            return None
+        external_task_id, token = unquote(parts[1]), parts[2]
+        expected = self.token_for(external_task_id)
+        if not external_task_id or not hmac.compare_digest(token.encode(), expected.encode()):
+            return None
+        return external_task_id
+
+    def _process(self, external_task_id: str, body: bytes) -> _Response:
+        if len(body) > self.max_body_size:
+            return _reply(413, "callback body too large")
+        try:
+            payload = json.loads(body)
+            task = parse_task(Envelope(data=payload, request_id=None))
+        except (ValueError, UnicodeDecodeError, APIError):
+            return _reply(400, "body is not a Kling task")
+        if task.external_task_id != external_task_id:
+            return _reply(400, "the task in the body is not the task of this URL")
+        horizon = datetime.now(timezone.utc) + MAX_CLOCK_SKEW
+        if task.updated_at is not None and task.updated_at > horizon:
+            return _reply(400, "updated_at lies in the future")
+        return self._dispatch(external_task_id, task)
+
+    def _dispatch(self, external_task_id: str, task: Task) -> _Response:
+        for tracker in self._trackers:
+            outcome = tracker.receive_callback(external_task_id, task, confirm=self.confirm)
+            if outcome is CallbackOutcome.MISMATCH:
+                return _reply(400, "the task in the body is not the task of this URL")
+            if outcome is CallbackOutcome.IGNORED:
+                return _reply(200, "duplicate or stale update ignored")
+            if outcome is CallbackOutcome.ACCEPTED:
+                return _reply(200, "accepted")
+        return self._unknown(external_task_id, task)
+
+    def _unknown(self, external_task_id: str, task: Task) -> _Response:
+        seen = self._unknown_seen.get(external_task_id)
+        stamp = (task.status.value, task.updated_at)
+        if seen is not None and (
+            seen == stamp
+            or (seen[1] is not None and task.updated_at is not None and task.updated_at < seen[1])
+        ):
+            return _reply(200, "duplicate or stale update ignored")
+        self._unknown_seen[external_task_id] = stamp
+        self._unknown_seen.move_to_end(external_task_id)
+        while len(self._unknown_seen) > _REMEMBERED_UNKNOWN:
+            self._unknown_seen.popitem(last=False)
+        if not self._hooks:
+            logger.info("callback for task %s, which no handle holds, dropped", task.task_id)
+        for hook in self._hooks:
+            self._run_hook(hook, task)
+        return _reply(200, "accepted")
+
+    def _run_hook(self, hook: UpdateHook, task: Task) -> None:
+        try:
+            result = hook(task)
+        except Exception:
+            logger.exception("on_update hook failed for task %s", task.task_id)
+            return
+        if inspect.isawaitable(result):
+            run = asyncio.get_running_loop().create_task(_logged(result, task.task_id))
+            self._hook_runs.add(run)
+            run.add_done_callback(self._hook_runs.discard)
+
+    # --- adapters ---------------------------------------------------------------
+
+    def aiohttp_app(self) -> web.Application:
+        """An aiohttp application to mount with ``app.add_subapp(prefix, ...)``."""
+        app = web.Application(client_max_size=self.max_body_size)
+        app.router.add_post("/{external_task_id}/{token}", self._aiohttp_handler)
+        return app
+
+    async def _aiohttp_handler(self, request: web.Request) -> web.Response:
+        # The raw path: an external_task_id may hold an escaped "/".
+        external_task_id = self.authorize(request.rel_url.raw_path)
+        if external_task_id is None:
+            status, body = _reply(404, "not found")
+        else:
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                status, body = _reply(413, "callback body too large")
+            else:
+                status, body = self._process(external_task_id, raw)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    async def asgi(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        """An ASGI 3 application (mount it in Starlette, FastAPI, ...)."""
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
+        external_task_id = self.authorize(path)
+        if scope.get("method") != "POST":
+            status, body = _reply(405, "use POST")
+        elif external_task_id is None:
+            status, body = _reply(404, "not found")
+        else:
+            raw = bytearray()
+            more = True
+            while more and len(raw) <= self.max_body_size:
+                message = await receive()
+                raw += message.get("body", b"")
+                more = message.get("more_body", False)
+            status, body = self._process(external_task_id, bytes(raw))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    @asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+        """Serve the receiver on ``host:port`` for the duration of the block; yields
+        the URL it listens on. With no ``public_url``, that URL becomes it."""
+        app = web.Application(client_max_size=self.max_body_size)
+        prefix = urlsplit(self.public_url).path.rstrip("/") if self.public_url else ""
+        app.router.add_post(prefix + "/{external_task_id}/{token}", self._aiohttp_handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            bound = runner.addresses[0][1]
+            url = f"http://{host}:{bound}{prefix}"
+            if self.public_url is None:
+                self.public_url = url
+            yield url
+        finally:
+            await runner.cleanup()
+
+    async def close(self) -> None:
+        """Cancel hook calls still running."""
+        for run in self._hook_runs:
+            run.cancel()
+        await asyncio.gather(*self._hook_runs, return_exceptions=True)
+
+
+async def _logged(result: Awaitable[None], task_id: str) -> None:
+    try:
+        await result
+    except Exception:
+        logger.exception("on_update hook failed for task %s", task_id)
