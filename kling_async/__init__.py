@@ -13,6 +13,7 @@ Everything public is importable from this package; the submodules are private.
 """
 
 from ._auth import Credentials, JWTCredentials, StaticToken
+from ._batch import Batch, BatchResult
 from ._callbacks import CallbackReceiver
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
@@ -37,6 +38,7 @@ from ._exceptions import (
 )
 from ._handle import TaskHandle
 from ._image_input import ImageInput
+from ._limiter import ConcurrencyLimiter
 from ._models import (
     Endpoint,
     ImageGenerationRequest,
@@ -53,10 +55,13 @@ __all__ = [
     "OFFICIAL_BASE_URL",
     "APIError",
     "AuthenticationError",
+    "Batch",
+    "BatchResult",
     "CallbackReceiver",
     "Client",
     "ClientClosedError",
     "ConcurrencyLimitError",
+    "ConcurrencyLimiter",
     "ConfigurationError",
     "ContentPolicyError",
     "Credentials",

@@ -9,10 +9,12 @@ from types import TracebackType
 import aiohttp
 
 from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
+from ._batch import Batch, BatchRequests
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download
 from ._exceptions import ConfigurationError
+from ._limiter import ConcurrencyLimiter
 from ._resources import Images
 from ._tracking import Tracker
 from ._transport import Transport
@@ -38,6 +40,13 @@ class Client:
     ``https://api-singapore.klingai.com``. ``credentials`` takes any object with
     the :class:`Credentials` protocol instead, e.g. a custom token provider.
 
+    ``max_concurrency`` is the account's concurrency quota in units (a task
+    holds ``n`` from creation until it ends): creates then queue locally for
+    free units, adapt when Kling answers 1303, and never fail with it. Without
+    it each create is sent at once and a 1303 raises :class:`ConcurrencyLimitError`.
+    A :class:`ConcurrencyLimiter` instance may be passed instead of a number,
+    e.g. one shared by several clients of the same account.
+
     ``timeout`` bounds each HTTP exchange (seconds, or an ``aiohttp.ClientTimeout``;
     default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
     ``retry`` and ``polling`` tune retries and polling. Pass ``session`` to share
@@ -58,6 +67,7 @@ class Client:
         secret_key: str | None = None,
         base_url: str | None = None,
         credentials: Credentials | None = None,
+        max_concurrency: int | ConcurrencyLimiter | None = None,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_connections: int = 100,
         retry: RetryPolicy | None = None,
@@ -97,7 +107,16 @@ class Client:
         if callbacks is not None:
             callbacks.attach(self._tracker)
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
-        self.images = Images(self._transport, self._tracker, callbacks)
+        #: Units of the account's concurrency quota this client holds, when
+        #: ``max_concurrency`` was given (``None`` otherwise).
+        self.limiter = (
+            ConcurrencyLimiter(max_concurrency)
+            if isinstance(max_concurrency, int)
+            else max_concurrency
+        )
+        # Without max_concurrency, batches share a limiter that learns the quota.
+        self._learned_limiter: ConcurrencyLimiter | None = None
+        self.images = Images(self._transport, self._tracker, callbacks, self.limiter)
 
     async def download(
         self,
@@ -125,6 +144,26 @@ class Client:
             concurrency=concurrency,
             overwrite=overwrite,
             watermarked=watermarked,
+        )
+
+    def batch(self, requests: BatchRequests, *, max_in_flight: int | None = None) -> Batch:
+        """Run many requests through the account's concurrency quota.
+
+        Returns an async iterator of :class:`BatchResult` in completion order
+        (``await batch.collect()`` gives a list in input order). Requests are
+        submitted as quota units free up: the client's ``max_concurrency`` when
+        set, else a limit learned from Kling's 1303 answers, starting small.
+        ``max_in_flight`` also caps how many tasks run at once. One request's
+        failure is one result with an ``error``; a problem of the whole account
+        (quota used up, IP whitelist, credentials) stops the batch and is raised.
+        """
+        limiter = self.limiter
+        if limiter is None:
+            if self._learned_limiter is None:
+                self._learned_limiter = ConcurrencyLimiter(None)
+            limiter = self._learned_limiter
+        return Batch(
+            self.images, self._tracker, requests, limiter=limiter, max_in_flight=max_in_flight
         )
 
     @property

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
 
 from ._callbacks import CallbackReceiver
-from ._exceptions import ValidationError
+from ._exceptions import ConcurrencyLimitError, KlingError, ValidationError
 from ._handle import TaskHandle
 from ._image_input import ImageInput
+from ._limiter import ConcurrencyLimiter
 from ._models import Endpoint, ImageGenerationRequest, MultiImageRequest, Task, TaskRequest
-from ._tracking import Tracker
+from ._tracking import TaskState, Tracker
 from ._transport import Transport
 from ._wire import (
     MAX_PAGE_NUMBER,
@@ -61,11 +62,16 @@ class Images:
     """Kling's image task APIs. Reach it as ``client.images``."""
 
     def __init__(
-        self, transport: Transport, tracker: Tracker, callbacks: CallbackReceiver | None = None
+        self,
+        transport: Transport,
+        tracker: Tracker,
+        callbacks: CallbackReceiver | None = None,
+        limiter: ConcurrencyLimiter | None = None,
     ) -> None:
         self._transport = transport
         self._tracker = tracker
         self._callbacks = callbacks
+        self._limiter = limiter
 
     async def generate(
         self,
@@ -163,7 +169,44 @@ class Images:
         request has none), so a retry after a lost response finds the task
         instead of creating and paying for it twice. With a callback receiver
         on the client, a request without its own ``callback_url`` gets one.
+        With ``Client(max_concurrency=...)`` the create first waits for ``n``
+        units of the concurrency quota, held until the task ends; a 1303 answer
+        then queues the create again instead of failing.
         """
+        if self._limiter is None:
+            return TaskHandle(self._tracker, *await self._create(request))
+        await self._limiter.acquire(request.n)
+        return await self.submit_holding(request, self._limiter)
+
+    async def submit_holding(self, request: TaskRequest, limiter: ConcurrencyLimiter) -> TaskHandle:
+        """Submit a request whose ``n`` units of ``limiter`` the caller already holds.
+
+        The units stay held until the task ends (or are given back if the create
+        fails); on 1303 the create waits at the head of the queue and tries again.
+        """
+        units = request.n
+        while True:
+            try:
+                state, sent = await self._create(request, on_error=limiter.observe)
+            except ConcurrencyLimitError:
+                limiter.release(units, created=False)
+                await limiter.acquire(units, first=True)
+                continue
+            except BaseException:
+                limiter.release(units, created=False)
+                raise
+            limiter.created(units)
+            if state.terminal:
+                limiter.release(units)
+            else:
+                state.on_terminal.append(lambda _task: limiter.release(units))
+                self._tracker.keep_polled(state)
+            return TaskHandle(self._tracker, state, sent)
+
+    async def _create(
+        self, request: TaskRequest, *, on_error: Callable[[KlingError], None] | None = None
+    ) -> tuple[TaskState, TaskRequest]:
+        """Send the create; return the task's state and the request as sent."""
         request, external_task_id = with_external_id(request)
         # A callback_url of the caller's own wins: those callbacks are theirs.
         receiver = self._callbacks if request.callback_url is None else None
@@ -172,7 +215,9 @@ class Images:
         self._tracker.creating(external_task_id)
         try:
             envelope = await self._transport.send_create(
-                create_request(request), get_request(request.endpoint, external_task_id)
+                create_request(request),
+                get_request(request.endpoint, external_task_id),
+                on_error=on_error,
             )
             task = parse_task(envelope)
             state = self._tracker.state(
@@ -184,7 +229,7 @@ class Images:
         finally:
             self._tracker.created(external_task_id)
         state.callbacks = receiver is not None
-        return TaskHandle(self._tracker, state, request)
+        return state, request
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
         """Fetch one task by its task_id or external_task_id."""

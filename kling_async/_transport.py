@@ -130,14 +130,21 @@ class Transport:
             return await self._authenticated(lambda: self._exchange(request))
         return await self._authenticated(lambda: self.retrying(self._exchange, request))
 
-    async def send_create(self, create: WireRequest, lookup: WireRequest) -> Envelope:
+    async def send_create(
+        self,
+        create: WireRequest,
+        lookup: WireRequest,
+        *,
+        on_error: Callable[[KlingError], None] | None = None,
+    ) -> Envelope:
         """Send a create so that it can never make the task twice.
 
         ``create`` carries an external_task_id and ``lookup`` GETs the task by it.
         After an ambiguous failure (connection lost after sending, timeout, 5xx)
         the task is looked up first and returned if it exists; only if it does
         not is the create sent again. Non-ambiguous failures (1302, a refused
-        connection) are simply retried.
+        connection) are simply retried. ``on_error`` sees every failed try
+        (the limiter learns from 1302 and 1303 there).
         """
         ambiguous = False
 
@@ -149,14 +156,18 @@ class Transport:
                     return found
             try:
                 return await self._exchange(create)
-            except InvalidRequestError:
+            except InvalidRequestError as error:
                 # After an ambiguous try, "external_task_id already exists" means
                 # that try did land and the lookup raced it: find it again.
                 if ambiguous and (found := await self._lookup(lookup)) is not None:
                     return found
+                if on_error is not None:
+                    on_error(error)
                 raise
             except KlingError as error:
                 ambiguous = ambiguous or is_ambiguous(error)
+                if on_error is not None:
+                    on_error(error)
                 raise
 
         return await self._authenticated(lambda: self.retrying(attempt))

@@ -1,0 +1,219 @@
+"""The account's concurrency quota, kept full without tripping it.
+
+Kling counts concurrency in units: an image task holds ``n`` of them from the
+moment it is created until it ends, and a create that would exceed the
+account's quota answers 1303. The quota is shared by every key and process of
+the account, so the client cannot know how much of it is free; it can only
+learn. :class:`ConcurrencyLimiter` holds units for each create until the task
+ends, and adapts:
+
+- on 1303 it takes the units this client holds as the limit for now, and pauses
+  new creates (at least a second, jittered, doubling while 1303s continue);
+- on a run of successes it grows the limit again: doubling while no ceiling is
+  known ("slow start"), then one unit per full turnover, never past the
+  configured maximum;
+- on 1302 (too many requests) it spaces creates apart, and relaxes on success.
+
+Admission is first-fit in arrival order: a small task may pass a large one that
+does not fit yet, but only until the large one has waited ``fairness_window``;
+from then on nobody passes it, so an ``n=9`` task cannot be starved by a stream
+of ``n=1`` tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
+
+__all__ = ["ConcurrencyLimiter"]
+
+logger = logging.getLogger("kling_async")
+
+#: Where a limiter that knows no ceiling starts: a few tasks, then slow start.
+UNKNOWN_CAPACITY_START = 8
+MIN_COOLDOWN = 1.0
+MAX_COOLDOWN = 30.0
+MAX_CREATE_SPACING = 2.0
+FIRST_CREATE_SPACING = 0.05
+
+
+class _Waiter:
+    __slots__ = ("future", "since", "units")
+
+    def __init__(self, units: int, future: asyncio.Future[None], since: float) -> None:
+        self.units = units
+        self.future = future
+        self.since = since
+
+
+class ConcurrencyLimiter:
+    """Units of the account's concurrency quota held by a client's tasks.
+
+    ``capacity`` is the most units to hold at once (``Client(max_concurrency=...)``);
+    ``None`` means unknown: start small and learn it from 1303 answers. Pass one
+    instance as ``max_concurrency`` to several clients to share one quota.
+    ``fairness_window`` is how long a task may be overtaken by smaller ones;
+    ``min_cooldown`` the first pause after a 1303 (Kling advises at least 1 s).
+    """
+
+    def __init__(
+        self,
+        capacity: int | None,
+        *,
+        fairness_window: float = 2.0,
+        min_cooldown: float = MIN_COOLDOWN,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.capacity = capacity
+        #: The limit in force now; it shrinks on 1303 and grows back on success.
+        self.limit = capacity if capacity is not None else UNKNOWN_CAPACITY_START
+        #: Units held: by running tasks and by creates still waiting for an answer.
+        self.in_use = 0
+        #: Units held by tasks Kling confirmed it created.
+        self.running = 0
+        self.fairness_window = fairness_window
+        self.min_cooldown = min_cooldown
+        self._ceiling_known = capacity is not None
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._queue: deque[_Waiter] = deque()
+        self._resume_at = 0.0  # no admissions before this (after 1303 / 1302)
+        self._rejections = 0  # consecutive 1303s
+        self._successes = 0  # successes since the limit last changed
+        self._spacing = 0.0  # minimum seconds between creates, after 1302
+        self._next_create = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        #: Counters for reports and benchmarks.
+        self.creates = 0
+        self.rejected_creates = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConcurrencyLimiter {self.in_use}/{self.limit} units"
+            f" (max {self.capacity}), {len(self._queue)} waiting>"
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Creates queued for units."""
+        return len(self._queue)
+
+    async def acquire(self, units: int, *, first: bool = False) -> None:
+        """Wait until ``units`` may be held, then hold them.
+
+        ``first`` puts the caller at the head of the queue: a create that Kling
+        refused with 1303 keeps its place.
+        """
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(units, loop.create_future(), self._clock())
+        if first:
+            self._queue.appendleft(waiter)
+        else:
+            self._queue.append(waiter)
+        self._admit()
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(units)  # admitted just as the caller gave up
+            else:
+                self._queue.remove(waiter)
+                self._admit()
+            raise
+
+    def release(self, units: int, *, created: bool = True) -> None:
+        """Give back units: the task ended, or (``created=False``) its create failed."""
+        self.in_use -= units
+        if created:
+            self.running -= units
+        self._admit()
+
+    # --- what Kling said --------------------------------------------------------
+
+    def created(self, units: int) -> None:
+        """A create of ``units`` succeeded: the limit may grow, the spacing relax."""
+        self.creates += 1
+        self.running += units
+        self._rejections = 0
+        self._successes += 1
+        if self._successes >= max(1, self.limit):
+            self._successes = 0
+            self._grow()
+        if self._spacing:
+            self._spacing = 0.0 if self._spacing <= FIRST_CREATE_SPACING else self._spacing / 2
+        self._admit()
+
+    def observe(self, error: KlingError) -> None:
+        """Learn from a failed create: 1303 shrinks the limit, 1302 slows creates."""
+        if isinstance(error, ConcurrencyLimitError):
+            self.rejected_creates += 1
+            self._successes = 0
+            self._ceiling_known = True
+            # The quota is full with what our running tasks hold (plus whatever
+            # other processes of the account hold): that is all we may count on.
+            self.limit = max(1, self.running)
+            # Creates already in flight when the first 1303 came are one wave:
+            # only a 1303 to a create sent after the pause lengthens the next one.
+            if self._clock() >= self._resume_at:
+                self._rejections += 1
+                cooldown = self.min_cooldown * 2 ** min(self._rejections - 1, 16)
+                self._pause(min(MAX_COOLDOWN, cooldown) * self._rng.uniform(1.0, 1.5))
+            logger.info("concurrency quota full (1303): limit now %d units", self.limit)
+        elif isinstance(error, RateLimitError):
+            self._spacing = min(MAX_CREATE_SPACING, max(FIRST_CREATE_SPACING, self._spacing * 2))
+
+    def _grow(self) -> None:
+        ceiling = self.capacity if self.capacity is not None else math.inf
+        if self.limit >= ceiling:
+            return
+        grown = self.limit * 2 if not self._ceiling_known else self.limit + 1
+        self.limit = int(min(ceiling, grown))
+
+    def _pause(self, seconds: float) -> None:
+        self._resume_at = max(self._resume_at, self._clock() + seconds)
+
+    # --- admission --------------------------------------------------------------
+
+    def _admit(self) -> None:
+        now = self._clock()
+        if now < self._resume_at:
+            self._wake_at(self._resume_at)
+            return
+        for waiter in tuple(self._queue):
+            if waiter.future.done():  # cancelled; acquire() removes it
+                continue
+            fits = self.in_use + waiter.units <= self.limit
+            # A task larger than the whole limit goes alone, or it would never go.
+            alone = self.in_use == 0 and waiter.units > self.limit
+            if fits or alone:
+                if now < self._next_create:
+                    self._wake_at(self._next_create)
+                    return
+                self._queue.remove(waiter)
+                self.in_use += waiter.units
+                self._next_create = now + self._spacing
+                waiter.future.set_result(None)
+                continue
+            if now - waiter.since >= self.fairness_window:
+                return  # it has waited long enough: nobody passes it now
+
+    def _wake_at(self, when: float) -> None:
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            self._timer = None
+            self._admit()
+
+        self._timer = loop.call_later(max(0.0, when - self._clock()), wake)

@@ -1,0 +1,195 @@
+"""The n-weighted adaptive limiter on its own: weights, fairness, 1303, 1302, growth."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from kling_async import ConcurrencyLimiter, ConcurrencyLimitError, RateLimitError, ServerError
+
+QUOTA_FULL = ConcurrencyLimitError("full", code=1303, http_status=429)
+TOO_FAST = RateLimitError("slow down", code=1302, http_status=429)
+
+
+async def admitted(limiter: ConcurrencyLimiter, units: int, within: float = 0.05) -> bool:
+    """Whether an acquire of ``units`` succeeds within ``within`` seconds (it keeps them)."""
+    try:
+        await asyncio.wait_for(limiter.acquire(units), within)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+async def test_units_are_weighted_by_n() -> None:
+    limiter = ConcurrencyLimiter(10)
+    assert await admitted(limiter, 6)
+    assert not await admitted(limiter, 5)
+    assert await admitted(limiter, 4)
+    assert limiter.in_use == 10
+    limiter.release(6)
+    assert await admitted(limiter, 5)
+    assert limiter.in_use == 9
+
+
+async def test_a_waiter_is_admitted_when_units_come_back() -> None:
+    limiter = ConcurrencyLimiter(3)
+    await limiter.acquire(3)
+    waiter = asyncio.create_task(limiter.acquire(2))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    limiter.release(3)
+    await asyncio.wait_for(waiter, 1)
+    assert limiter.in_use == 2
+
+
+async def test_small_tasks_may_pass_a_large_one_only_within_the_fairness_window() -> None:
+    limiter = ConcurrencyLimiter(10, fairness_window=0.2)
+    await limiter.acquire(5)
+    large = asyncio.create_task(limiter.acquire(9))
+    await asyncio.sleep(0.01)
+    assert await admitted(limiter, 2)  # fits beside the waiting 9: may pass it for now
+    await asyncio.sleep(0.25)
+    assert not await admitted(limiter, 1)  # the 9 has waited long enough: nobody passes
+    limiter.release(5)
+    limiter.release(2)
+    await asyncio.wait_for(large, 1)
+    assert limiter.in_use == 9
+
+
+async def test_a_large_task_is_not_starved_by_a_stream_of_small_ones() -> None:
+    limiter = ConcurrencyLimiter(10, fairness_window=0.1)
+    stop = asyncio.Event()
+
+    async def small_stream() -> None:
+        while not stop.is_set():
+            await limiter.acquire(1)
+            await asyncio.sleep(0.01)
+            limiter.release(1)
+
+    streams = [asyncio.create_task(small_stream()) for _ in range(12)]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.wait_for(limiter.acquire(9), 2)
+    waited = time.monotonic() - started
+    stop.set()
+    limiter.release(9)
+    await asyncio.gather(*streams)
+    assert waited < 0.5  # the window (0.1 s) plus the time for small tasks to drain
+
+
+async def test_a_task_larger_than_the_limit_runs_alone() -> None:
+    limiter = ConcurrencyLimiter(4)
+    await limiter.acquire(2)
+    big = asyncio.create_task(limiter.acquire(9))
+    await asyncio.sleep(0.01)
+    assert not big.done()
+    limiter.release(2)
+    await asyncio.wait_for(big, 1)
+    assert limiter.in_use == 9
+
+
+async def test_cancelled_waiters_leave_the_queue_and_keep_nothing() -> None:
+    limiter = ConcurrencyLimiter(2)
+    await limiter.acquire(2)
+    waiter = asyncio.create_task(limiter.acquire(1))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.waiting == 0
+    limiter.release(2)
+    assert limiter.in_use == 0
+    assert await admitted(limiter, 2)
+
+
+async def test_concurrency_error_shrinks_the_limit_to_what_running_tasks_hold() -> None:
+    limiter = ConcurrencyLimiter(20, min_cooldown=0.2)
+    await limiter.acquire(7)
+    limiter.created(7)
+    await limiter.acquire(5)  # a create still waiting for its answer
+    limiter.observe(QUOTA_FULL)
+    limiter.release(5, created=False)
+    assert limiter.limit == 7
+    assert limiter.rejected_creates == 1
+    limiter.release(7)
+    assert (limiter.in_use, limiter.running) == (0, 0)
+    started = time.monotonic()
+    await asyncio.wait_for(limiter.acquire(1), 2)
+    assert time.monotonic() - started >= 0.19  # the pause after a 1303
+
+
+async def test_repeated_concurrency_errors_back_off_longer_but_one_wave_counts_once() -> None:
+    limiter = ConcurrencyLimiter(5, min_cooldown=0.05)
+    for _ in range(10):  # ten creates in flight all answered 1303 at once
+        limiter.observe(QUOTA_FULL)
+    first = limiter._resume_at - time.monotonic()
+    assert 0.04 <= first <= 0.08
+    assert limiter.limit == 1  # nothing running: the smallest useful limit
+    await asyncio.sleep(first + 0.01)
+    limiter.observe(QUOTA_FULL)  # a create sent after the pause: the quota is still full
+    second = limiter._resume_at - time.monotonic()
+    assert 0.09 <= second <= 0.16  # doubled, jittered upwards only
+
+
+def test_default_cooldown_follows_klings_advice() -> None:
+    assert ConcurrencyLimiter(5).min_cooldown >= 1.0
+
+
+async def test_the_limit_grows_back_to_capacity_on_sustained_success() -> None:
+    limiter = ConcurrencyLimiter(6, min_cooldown=0.01)
+    await limiter.acquire(2)
+    limiter.created(2)
+    limiter.observe(QUOTA_FULL)
+    assert limiter.limit == 2
+    for _ in range(2):
+        limiter.created(0)
+    assert limiter.limit == 3  # one more unit per full turnover
+    for _ in range(100):
+        limiter.created(0)
+    assert limiter.limit == 6  # never past the configured maximum
+
+
+async def test_an_unknown_quota_is_probed_by_doubling_then_learned() -> None:
+    limiter = ConcurrencyLimiter(None, min_cooldown=0.01)
+    assert limiter.limit == 8
+    for _ in range(8):
+        limiter.created(0)
+    assert limiter.limit == 16
+    for _ in range(16):
+        limiter.created(0)
+    assert limiter.limit == 32
+    await limiter.acquire(20)
+    limiter.created(20)
+    limiter.observe(QUOTA_FULL)
+    assert limiter.limit == 20
+    for _ in range(20):
+        limiter.created(0)
+    assert limiter.limit == 21  # additive once a ceiling was met
+
+
+async def test_rate_limit_spaces_creates_and_success_relaxes_it() -> None:
+    limiter = ConcurrencyLimiter(100)
+    limiter.observe(TOO_FAST)
+    limiter.observe(TOO_FAST)
+    limiter.observe(TOO_FAST)  # 0.05 -> 0.1 -> 0.2 s between creates
+    started = time.monotonic()
+    for _ in range(3):
+        await limiter.acquire(1)
+    assert time.monotonic() - started >= 0.35
+    for _ in range(4):
+        limiter.created(1)
+    assert limiter._spacing == 0.0
+
+
+async def test_other_errors_teach_nothing() -> None:
+    limiter = ConcurrencyLimiter(5)
+    limiter.observe(ServerError("boom", code=5000, http_status=500))
+    assert limiter.limit == 5
+    assert limiter.rejected_creates == 0
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ConcurrencyLimiter(0)
