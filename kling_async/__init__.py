@@ -47,6 +47,7 @@ from ._models import (
     Task,
     TaskRequest,
     TaskStatus,
+    request_from_mapping,
 )
 from ._version import __version__
 
@@ -90,4 +91,5 @@ __all__ = [
     "TransportError",
     "ValidationError",
     "__version__",
+    "request_from_mapping",
 ]

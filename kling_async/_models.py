@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -29,6 +29,8 @@ __all__ = [
     "Task",
     "TaskRequest",
     "TaskStatus",
+    "build_request",
+    "request_from_mapping",
 ]
 
 MAX_PROMPT_LENGTH = 2500
@@ -283,3 +285,51 @@ class MultiImageRequest(TaskRequest):
     model_name: str = attrs.field(default="kling-v2", validator=_nonempty_string)
     scene_image: WireImage | None = attrs.field(default=None, converter=_scene_image)
     style_image: WireImage | None = attrs.field(default=None, converter=_style_image)
+
+
+RequestT = TypeVar("RequestT", bound=TaskRequest)
+
+
+def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
+    """``cls(**fields)``, leaving out ``None`` values and reporting unknown or
+    missing fields as :class:`ValidationError` (not ``TypeError``)."""
+    given = {key: value for key, value in fields.items() if value is not None}
+    known = {field.name for field in attrs.fields(cls)}
+    for key in given:
+        if key not in known:
+            raise ValidationError(str(key), f"is not a field of {cls.__name__}")
+    for field in attrs.fields(cls):
+        if field.default is attrs.NOTHING and field.name not in given:
+            raise ValidationError(field.name, "is required")
+    return cls(**given)
+
+
+def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
+    """Build a request from a dict, e.g. a line of a JSONL file.
+
+    A dict with ``subject_images`` (or Kling's ``subject_image_list``) becomes a
+    :class:`MultiImageRequest`, anything else an :class:`ImageGenerationRequest`.
+    Kling's wire names are accepted beside the SDK's (``element_list``,
+    ``watermark_info``, ``subject_image_list``), so a file of raw request bodies
+    works. Raises :class:`ValidationError` naming any unknown or invalid field.
+    """
+    if not isinstance(data, Mapping):
+        raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
+    fields = dict(data)
+    wire_lists = {"subject_image_list": "subject_image", "element_list": "element_id"}
+    for wire_name, item_key in wire_lists.items():
+        if wire_name in fields:
+            items = fields.pop(wire_name)
+            if not isinstance(items, list):
+                raise ValidationError(wire_name, "must be a list")
+            sdk_name = "subject_images" if wire_name == "subject_image_list" else "element_ids"
+            fields[sdk_name] = [
+                item.get(item_key) if isinstance(item, Mapping) else item for item in items
+            ]
+    if "watermark_info" in fields:
+        info = fields.pop("watermark_info")
+        fields["watermark"] = info.get("enabled") if isinstance(info, Mapping) else info
+    cls: type[TaskRequest] = (
+        MultiImageRequest if fields.get("subject_images") is not None else ImageGenerationRequest
+    )
+    return build_request(cls, fields)

@@ -10,11 +10,18 @@ from typing import Any, TypeVar
 import attrs
 
 from ._callbacks import CallbackReceiver
-from ._exceptions import ConcurrencyLimitError, KlingError, ValidationError
+from ._exceptions import ConcurrencyLimitError, KlingError
 from ._handle import TaskHandle
 from ._image_input import ImageInput
 from ._limiter import ConcurrencyLimiter
-from ._models import Endpoint, ImageGenerationRequest, MultiImageRequest, Task, TaskRequest
+from ._models import (
+    Endpoint,
+    ImageGenerationRequest,
+    MultiImageRequest,
+    Task,
+    TaskRequest,
+    build_request,
+)
 from ._tracking import TaskState, Tracker
 from ._transport import Transport
 from ._wire import (
@@ -37,13 +44,9 @@ _IMAGE_FIELDS = ("image", "subject_images", "scene_image", "style_image")
 async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
     """Build and validate a request, keeping file reads and base64 encoding of
     megabyte images off the event loop."""
-    given = {name: value for name, value in fields.items() if value is not None}
-    for field in attrs.fields(cls):
-        if field.default is attrs.NOTHING and field.name not in given:
-            raise ValidationError(field.name, "is required")
-    if any(name in given for name in _IMAGE_FIELDS):
-        return await asyncio.to_thread(cls, **given)
-    return cls(**given)
+    if any(fields.get(name) is not None for name in _IMAGE_FIELDS):
+        return await asyncio.to_thread(build_request, cls, fields)
+    return build_request(cls, fields)
 
 
 def with_external_id(request: RequestT) -> tuple[RequestT, str]:

@@ -22,11 +22,20 @@ try:
     import click
     from rich.console import Console
     from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 except ImportError:  # pragma: no cover - only without the extra
     sys.exit("kling-async needs its CLI extra: pip install 'kling-async[cli]'")
 
 from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
+from ._batch import Batch, BatchResult
 from ._client import Client
 from ._config import ENV_BASE_URL
 from ._exceptions import APIError, KlingError, TaskFailedError, ValidationError
@@ -40,6 +49,7 @@ from ._models import (
     MultiImageRequest,
     Task,
     TaskRequest,
+    request_from_mapping,
 )
 
 __all__ = ["main"]
@@ -79,6 +89,8 @@ class Settings:
         self.stderr = Console(stderr=True, highlight=False)
         #: Task ids created so far, reported if the run is interrupted.
         self.submitted: list[str] = []
+        #: The batch being run, whose pending tasks an interruption reports.
+        self.batch: Batch | None = None
 
     @property
     def offline(self) -> bool:
@@ -86,10 +98,12 @@ class Settings:
         return self.mock or not (self.api_key or has_keys)
 
     @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[Client]:
+    async def client(self, max_concurrency: int | None = None) -> AsyncIterator[Client]:
         """A client for the real API, or for an embedded fake server when offline."""
         if not self.offline:
-            async with Client(self.api_key, base_url=self.base_url) as client:
+            async with Client(
+                self.api_key, base_url=self.base_url, max_concurrency=max_concurrency
+            ) as client:
                 yield client
             return
         from .testing import FakeKlingServer
@@ -100,7 +114,9 @@ class Settings:
                 task_duration=self.mock_task_seconds,
                 processing_delay=self.mock_task_seconds / 4,
             ) as server,
-            Client("offline-simulation", base_url=server.url) as client,
+            Client(
+                "offline-simulation", base_url=server.url, max_concurrency=max_concurrency
+            ) as client,
         ):
             yield client
 
@@ -114,6 +130,8 @@ class Settings:
             self._fail(error)
 
     def _interrupted(self) -> NoReturn:
+        if self.batch is not None:
+            self.submitted = [handle.task_id for handle in self.batch.pending]
         if self.submitted:
             ids = " ".join(self.submitted)
             self.stderr.print(
@@ -466,6 +484,172 @@ def download(task_id: str, multi: bool, out: Path) -> None:
         settings.stderr.print(f"{skipped} of {len(paths)} files were already complete; skipped")
     for path in paths:
         click.echo(str(path))
+
+
+def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict[str, Any]]]:
+    """Parse a JSONL file: one request object (or a bare prompt string) per line.
+
+    Returns the valid requests with their line numbers, and a result record for
+    every invalid line (nothing is sent for those).
+    """
+    requests: list[tuple[int, TaskRequest]] = []
+    invalid: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+            if isinstance(data, str):
+                data = {"prompt": data}
+            requests.append((number, request_from_mapping(data)))
+        except (ValueError, ValidationError) as error:
+            if not isinstance(error, ValidationError):
+                error = ValidationError("line", f"is not JSON ({error})")
+            invalid.append({"line": number, "status": "invalid", "error": _error_record(error)})
+    return requests, invalid
+
+
+class _BatchProgress:
+    """The live progress display of ``kling-async batch`` (on stderr)."""
+
+    def __init__(self, settings: Settings, total: int) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed · {task.fields[in_flight]} in flight"),
+            TextColumn("· {task.fields[rate]}/s"),
+            TimeRemainingColumn(),
+            console=settings.stderr,
+            disable=settings.as_json,
+        )
+        self.task = self.progress.add_task(
+            "generating", total=total, failed=0, in_flight=0, rate="0.0"
+        )
+        self.started = time.monotonic()
+
+    def update(self, batch: Batch, done: int, failed: int) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        self.progress.update(
+            self.task,
+            completed=done,
+            failed=failed,
+            in_flight=batch.in_flight,
+            rate=f"{done / elapsed:.1f}",
+        )
+
+
+async def _run_batch(
+    settings: Settings,
+    numbered: list[tuple[int, TaskRequest]],
+    invalid: list[dict[str, Any]],
+    out: Path,
+    results_path: Path,
+    concurrency: int | None,
+    max_in_flight: int | None,
+    save: bool,
+) -> tuple[int, int]:
+    lines = [number for number, _ in numbered]
+    display = _BatchProgress(settings, len(numbered) + len(invalid))
+    succeeded, failed = 0, len(invalid)
+    downloads: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(8)
+    with results_path.open("a", encoding="utf-8") as results, display.progress:
+        for record in invalid:
+            results.write(json.dumps(record) + "\n")
+        async with settings.client(max_concurrency=concurrency) as client:
+            batch = client.batch((request for _, request in numbered), max_in_flight=max_in_flight)
+            settings.batch = batch
+
+            async def finish(result: BatchResult) -> None:
+                record: dict[str, Any] = {
+                    "line": lines[result.index],
+                    "task_id": result.handle.task_id if result.handle else None,
+                    "external_task_id": result.request.external_task_id,
+                    "status": result.task.status.value if result.task else "error",
+                    "error": _error_record(result.error) if result.error else None,
+                }
+                if result.ok and result.task is not None and save:
+                    async with slots:
+                        paths = await client.download(result.task, out)
+                    record["paths"] = [str(path) for path in paths]
+                elif result.task is not None:
+                    record["images"] = [image.url for image in result.task.images]
+                results.write(json.dumps(record) + "\n")
+                if settings.as_json:
+                    click.echo(json.dumps(record))
+
+            async for result in batch:
+                if result.ok:
+                    succeeded += 1
+                else:
+                    failed += 1
+                job = asyncio.create_task(finish(result))
+                downloads.add(job)
+                job.add_done_callback(downloads.discard)
+                display.update(batch, succeeded + failed, failed)
+            await asyncio.gather(*downloads)
+            display.update(batch, succeeded + failed, failed)
+    return succeeded, failed
+
+
+@main.command()
+@click.argument("requests_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_out_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="The account's concurrency quota in units (a task holds n); learned if not given.",
+)
+@click.option("--max-in-flight", type=click.IntRange(1), default=None, help="Cap on running tasks.")
+@click.option(
+    "--results",
+    "results_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to append one JSON line per request [default: OUT/results.jsonl].",
+)
+@_no_download_option
+def batch(
+    requests_file: Path,
+    out: Path,
+    concurrency: int | None,
+    max_in_flight: int | None,
+    results_path: Path | None,
+    no_download: bool,
+) -> None:
+    """Run every request of a JSONL file (one request object, or a prompt string,
+    per line), download the images, and write one result line per request.
+
+    Exits 0 when every request succeeded, 1 otherwise.
+    """
+    settings = _settings()
+    numbered, invalid = _read_requests(requests_file)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = results_path or out / "results.jsonl"
+    started = time.monotonic()
+    succeeded, failed = settings.run(
+        lambda: _run_batch(
+            settings,
+            numbered,
+            invalid,
+            out,
+            results_path,
+            concurrency,
+            max_in_flight,
+            not no_download,
+        )
+    )
+    invalid_note = f" ({len(invalid)} invalid lines)" if invalid else ""
+    settings.stderr.print(
+        f"{succeeded} succeeded, {failed} failed{invalid_note} in "
+        f"{time.monotonic() - started:.1f}s; results in {results_path}",
+        soft_wrap=True,
+    )
+    if failed:
+        sys.exit(EXIT_ERROR)
 
 
 @main.command("list")

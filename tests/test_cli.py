@@ -242,3 +242,122 @@ def test_ctrl_c_exits_cleanly_naming_submitted_tasks(tmp_path: Path) -> None:
     assert process.returncode == 130
     assert task_id in rest
     assert "Traceback" not in rest
+
+
+# --- batch ----------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    path.write_text(
+        "\n".join(
+            line if isinstance(line, str) and line.startswith("#") else json.dumps(line)
+            for line in lines
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_batch_offline_mixed_file(tmp_path: Path) -> None:
+    subject = tmp_path / "subject.png"
+    subject.write_bytes(png(400, 400))
+    requests = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            "# comments and blank lines are skipped",
+            {"prompt": "a lighthouse", "n": 2},
+            "a bare prompt string",
+            {"prompt": "[fail] this one"},
+            {"prompt": "too many", "n": 12},
+            {"subject_images": [str(subject)], "prompt": "blend"},
+            {
+                "model_name": "kling-v3",
+                "prompt": "raw body",
+                "element_list": [{"element_id": 3}],
+                "watermark_info": {"enabled": False},
+            },
+        ],
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [*FAST, "batch", str(requests), "--out", str(out)])
+    assert result.exit_code == 1, result.output  # one failed, one invalid
+    assert "4 succeeded, 2 failed (1 invalid lines)" in result.stderr
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_line = {record["line"]: record for record in records}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7]
+    assert by_line[5]["status"] == "invalid"
+    assert by_line[5]["error"]["field"] == "n"
+    assert by_line[4]["status"] == "failed"
+    assert "Content review failed" in by_line[4]["error"]["message"]
+    assert len(by_line[2]["paths"]) == 2
+    for number in (2, 3, 6, 7):
+        assert by_line[number]["status"] == "succeed"
+        for path in by_line[number]["paths"]:
+            assert_valid_png(Path(path))
+
+
+def test_batch_all_good_exits_0_and_json_streams_results(tmp_path: Path) -> None:
+    requests = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    result = CliRunner().invoke(
+        main,
+        [
+            *FAST,
+            "--json",
+            "batch",
+            str(requests),
+            "--out",
+            str(tmp_path),
+            "--no-download",
+            "--results",
+            str(tmp_path / "r.jsonl"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    streamed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(streamed) == 5
+    assert all(record["status"] == "succeed" and record["images"] for record in streamed)
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 5
+
+
+def test_batch_respects_the_account_quota(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async.testing",
+            "--port",
+            "0",
+            "--api-key",
+            API_KEY,
+            "--task-duration",
+            "0.2",
+            "--concurrency-limit",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    assert process.stdout is not None
+    try:
+        url = json.loads(process.stdout.readline())["url"]
+        requests = write_jsonl(
+            tmp_path / "p.jsonl", [{"prompt": f"p{i}", "n": 2} for i in range(12)]
+        )
+        result = run_cli(
+            *online(url, "batch", str(requests), "--out", str(tmp_path), "--concurrency", "4")
+        )
+        assert result.returncode == 0, result.stderr
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/_fake/stats", timeout=5) as response:
+            stats = json.loads(response.read())
+        assert stats["peak_units"] <= 4
+        assert stats["creates_rejected_concurrency"] == 0
+        assert stats["creates_accepted"] == 12
+        assert len(list(tmp_path.glob("*.png"))) == 24
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        process.stdout.close()

@@ -243,3 +243,45 @@ def test_only_jpeg_and_png_suffixes(tmp_path: Path) -> None:
 def test_urls_pass_through_unchecked() -> None:
     request = ImageGenerationRequest(prompt="p", image="  https://cdn.example.com/x.webp ")
     assert request.image == "https://cdn.example.com/x.webp"
+
+
+# --- building requests from dicts (JSONL files) -------------------------------------------
+
+
+def test_request_from_mapping_picks_the_endpoint_and_accepts_wire_names() -> None:
+    from kling_async import MultiImageRequest as Multi
+    from kling_async import request_from_mapping
+
+    generation = request_from_mapping(
+        {
+            "prompt": "p",
+            "element_list": [{"element_id": 4}],
+            "watermark_info": {"enabled": True},
+            "negative_prompt": None,
+        }
+    )
+    assert isinstance(generation, ImageGenerationRequest)
+    assert generation.element_ids == (4,)
+    assert generation.watermark is True
+    multi = request_from_mapping({"subject_image_list": [{"subject_image": "https://a/b.png"}]})
+    assert isinstance(multi, Multi)
+    assert multi.subject_images == ("https://a/b.png",)
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"prompt": "p", "colour": "red"}, "colour"),
+        ({"n": 2}, "prompt"),
+        ({"subject_images": ["https://a/b.png"], "negative_prompt": "x"}, "negative_prompt"),
+        ({"prompt": "p", "element_list": "7"}, "element_list"),
+        (["not", "an", "object"], "request"),
+        ({"prompt": "p", "n": 0}, "n"),
+    ],
+)
+def test_request_from_mapping_names_bad_fields(data: Any, field: str) -> None:
+    from kling_async import request_from_mapping
+
+    with pytest.raises(ValidationError) as caught:
+        request_from_mapping(data)
+    assert caught.value.field == field
