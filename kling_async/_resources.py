@@ -49,6 +49,12 @@ async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
     return build_request(cls, fields)
 
 
+def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The request fields among a keyword method's arguments (its ``locals()``),
+    so the signature, typed for callers, is the one list of field names."""
+    return {name: value for name, value in arguments.items() if name not in ("self", "request")}
+
+
 def with_external_id(request: RequestT) -> tuple[RequestT, str]:
     """``request`` with an ``external_task_id`` (generated if it has none), and that id.
 
@@ -103,26 +109,9 @@ class Images:
         ``aspect_ratio="16:9"``). Raises :class:`ValidationError` before sending
         anything if a field is invalid.
         """
+        arguments = locals()
         if request is None:
-            request = await _build(
-                ImageGenerationRequest,
-                {
-                    "prompt": prompt,
-                    "model_name": model_name,
-                    "negative_prompt": negative_prompt,
-                    "image": image,
-                    "image_reference": image_reference,
-                    "image_fidelity": image_fidelity,
-                    "human_fidelity": human_fidelity,
-                    "element_ids": element_ids,
-                    "resolution": resolution,
-                    "n": n,
-                    "aspect_ratio": aspect_ratio,
-                    "watermark": watermark,
-                    "callback_url": callback_url,
-                    "external_task_id": external_task_id,
-                },
-            )
+            request = await _build(ImageGenerationRequest, _fields(arguments))
         return await self.submit(request)
 
     async def multi_image(
@@ -147,22 +136,9 @@ class Images:
         paths, bytes, URLs or base64. Raises :class:`ValidationError` before
         sending anything if a field is invalid.
         """
+        arguments = locals()
         if request is None:
-            request = await _build(
-                MultiImageRequest,
-                {
-                    "subject_images": subject_images,
-                    "prompt": prompt,
-                    "model_name": model_name,
-                    "scene_image": scene_image,
-                    "style_image": style_image,
-                    "n": n,
-                    "aspect_ratio": aspect_ratio,
-                    "watermark": watermark,
-                    "callback_url": callback_url,
-                    "external_task_id": external_task_id,
-                },
-            )
+            request = await _build(MultiImageRequest, _fields(arguments))
         return await self.submit(request)
 
     async def submit(self, request: TaskRequest) -> TaskHandle:

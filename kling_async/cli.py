@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import attrs
+
 try:
     import click
     from rich.console import Console
@@ -67,30 +69,21 @@ OFFLINE_NOTICE = (
 )
 
 
+@attrs.define(kw_only=True)
 class Settings:
     """What the global options resolved to, shared by every command."""
 
-    def __init__(
-        self,
-        *,
-        api_key: str | None,
-        base_url: str | None,
-        mock: bool,
-        as_json: bool,
-        verbose: bool,
-        mock_task_seconds: float,
-    ) -> None:
-        self.api_key = api_key
-        self.base_url = base_url
-        self.mock = mock
-        self.as_json = as_json
-        self.verbose = verbose
-        self.mock_task_seconds = mock_task_seconds
-        self.stderr = Console(stderr=True, highlight=False)
-        #: Task ids created so far, reported if the run is interrupted.
-        self.submitted: list[str] = []
-        #: The batch being run, whose pending tasks an interruption reports.
-        self.batch: Batch | None = None
+    api_key: str | None = attrs.field(repr=False)
+    base_url: str | None
+    mock: bool
+    as_json: bool
+    verbose: bool
+    mock_task_seconds: float
+    stderr: Console = attrs.field(factory=lambda: Console(stderr=True, highlight=False))
+    #: Task ids created so far, reported if the run is interrupted.
+    submitted: list[str] = attrs.field(factory=list)
+    #: The batch being run, whose pending tasks an interruption reports.
+    batch: Batch | None = None
 
     @property
     def offline(self) -> bool:
