@@ -73,8 +73,11 @@ class CallbackReceiver:
     balancer must share it: pass it, or set ``KLING_CALLBACK_SECRET``. Without
     either a random one is made, valid for this process only.
 
-    ``confirm`` (default on) makes a terminal callback wait for one GET of the
+    ``confirm`` (default on) makes a terminal callback wait for one poll of the
     task before handles resolve. ``max_body_size`` caps a callback's bytes.
+
+    A callback URL is a credential: keep it out of access logs (aiohttp's default
+    access log records full paths; :meth:`serve` turns it off).
     """
 
     def __init__(

@@ -89,19 +89,14 @@ class TaskHandle:
         limit = self._tracker.policy.timeout if timeout is DEFAULT_TIMEOUT else timeout
         task = self._state.latest
         if task is None or not task.is_terminal:
-            if limit is None:
-                task = await self._until_terminal()
-            else:
-                try:
-                    task = await asyncio.wait_for(self._until_terminal(), limit)
-                except asyncio.TimeoutError:
-                    raise TaskTimeoutError(self, limit) from None
+            task = await self._until_terminal(limit)
         if task.status is TaskStatus.FAILED:
             raise TaskFailedError(task)
         return task
 
-    async def _until_terminal(self) -> Task:
-        future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+    async def _until_terminal(self, limit: float | None) -> Task:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Task] = loop.create_future()
 
         def listener(item: Task | KlingError) -> None:
             if future.done():
@@ -111,10 +106,19 @@ class TaskHandle:
             elif item.is_terminal:
                 future.set_result(item)
 
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(TaskTimeoutError(self, limit or 0.0))
+
+        # A timer on the future, not asyncio.wait_for: no extra task and no
+        # extra loop hops for each of thousands of waiters.
+        timer = loop.call_later(limit, expire) if limit is not None else None
         self._tracker.listen(self._state, listener)
         try:
             return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self._tracker.unlisten(self._state, listener)
 
     async def refresh(self) -> Task:

@@ -74,6 +74,18 @@ class Poller:
             self._runner = loop.create_task(self._run(), name=f"kling-poll-{self._endpoint.value}")
         self._wake.set()
 
+    def hurry(self, state: TaskState) -> None:
+        """Poll ``state`` as soon as possible (a terminal callback wants confirming);
+        a poll already in flight may predate it, so another follows that one."""
+        if state not in self._active:
+            if not state.wanted:
+                return  # nobody waits: a later wait polls it anyway
+            self.add(state)
+        state.hurry = True
+        if not state.polling:
+            state.next_poll = asyncio.get_running_loop().time()
+        self._wake.set()
+
     def discard(self, state: TaskState) -> None:
         """Stop polling ``state``; an in-flight poll still delivers its answer."""
         self._active.discard(state)
@@ -137,11 +149,11 @@ class Poller:
             if not self._sweeping:
                 self._sweeping = True
                 for state in due:
-                    state.polling = True
+                    state.polling, state.hurry = True, False
                 self._spawn(self._sweep(due))
             return next_due
         for state in due:
-            state.polling = True
+            state.polling, state.hurry = True, False
             self._spawn(self._poll(state))
         return next_due
 
@@ -154,7 +166,7 @@ class Poller:
         now = asyncio.get_running_loop().time()
         for state in states:
             state.polling = False
-            state.next_poll = now + self._delay(state, now)
+            state.next_poll = now if state.hurry else now + self._delay(state, now)
         self._wake.set()
 
     # --- single GETs ------------------------------------------------------------

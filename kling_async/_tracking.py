@@ -15,13 +15,12 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._config import PollPolicy
-from ._exceptions import ClientClosedError, KlingError, is_retryable
+from ._exceptions import ClientClosedError, KlingError
 from ._models import Endpoint, Task, TaskStatus
-from ._wire import get_request, parse_task
 
 if TYPE_CHECKING:
     from ._polling import Poller
@@ -52,10 +51,10 @@ class TaskState:
     __slots__ = (
         "__weakref__",
         "callbacks",
-        "confirming",
         "endpoint",
         "external_task_id",
         "first_seen",
+        "hurry",
         "interest",
         "latest",
         "listeners",
@@ -83,7 +82,7 @@ class TaskState:
         #: task with such duties is polled until it ends even if nobody waits.
         self.on_terminal: list[Callable[[Task], None]] = []
         self.callbacks = False  # Kling will POST this task's updates to us
-        self.confirming = False  # a GET confirming a terminal callback is under way
+        self.hurry = False  # poll again as soon as possible (a terminal callback came)
         self.polling = False  # a poll of this task is in flight
         self.first_seen = time.monotonic()
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
@@ -144,7 +143,6 @@ class Tracker:
         self._creating: set[str] = set()
         self._early: dict[str, Task] = {}
         self._pollers: dict[Endpoint, Poller] = {}
-        self._chores: set[asyncio.Task[None]] = set()
         self._closed = False
         #: Running typical lifetime of this client's tasks, in seconds.
         self.typical_duration: float | None = None
@@ -231,8 +229,8 @@ class Tracker:
     ) -> CallbackOutcome:
         """Take a callback for the task Kling knows by ``external_task_id``.
 
-        A terminal callback is only believed after one GET of the task confirms
-        it (when ``confirm``): the URL is the callback's only credential, and a
+        A terminal callback is only believed once a poll of the task confirms it
+        (when ``confirm``): the URL is the callback's only credential, and a
         leaked one must not be able to fake a result.
         """
         state = self._by_external.get(external_task_id)
@@ -246,28 +244,14 @@ class Tracker:
         if not state.is_news(task):
             return CallbackOutcome.IGNORED
         if task.is_terminal and confirm:
-            if not state.confirming:
-                state.confirming = True
-                self._spawn(self._confirm(state))
+            # The confirmation is a poll, due now: with many tasks in flight one
+            # list page confirms many callbacks at once. If it disagrees, the
+            # task goes back to the normal cadence: its callbacks are suspect.
+            state.callbacks = False
+            self._poller(state.endpoint).hurry(state)
             return CallbackOutcome.ACCEPTED
         self.publish(state, task)
         return CallbackOutcome.ACCEPTED
-
-    async def _confirm(self, state: TaskState) -> None:
-        try:
-            envelope = await self.transport.send(get_request(state.endpoint, state.task_id))
-            self.publish(state, parse_task(envelope))
-        except KlingError as error:
-            # Polling stays on as the safety net and will pick the result up.
-            level = logging.INFO if is_retryable(error) else logging.WARNING
-            logger.log(level, "could not confirm callback for task %s: %s", state.task_id, error)
-        finally:
-            state.confirming = False
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        chore = asyncio.get_running_loop().create_task(work)
-        self._chores.add(chore)
-        chore.add_done_callback(self._chores.discard)
 
     # --- interest ---------------------------------------------------------------
 
@@ -304,12 +288,8 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
-        for chore in self._chores:
-            chore.cancel()
         await asyncio.gather(
-            *self._chores,
-            *(poller.close() for poller in self._pollers.values()),
-            return_exceptions=True,
+            *(poller.close() for poller in self._pollers.values()), return_exceptions=True
         )
         closed = ClientClosedError(
             "the client was closed while waiting; the task keeps running on Kling's side, "

@@ -255,21 +255,44 @@ async def test_a_forged_terminal_callback_is_not_believed(
     async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
         async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
             handle = await client.images.generate(prompt="p")
+            waiter = asyncio.create_task(handle.wait())
             assert handle.task is not None
             url = receiver.url_for(str(handle.external_task_id))
+            await asyncio.sleep(0.1)
+            assert server.requests_for("get") == []  # callbacks expected: no polling yet
             forged = task_payload(
                 handle.task,
                 task_status="succeed",
-                updated_at=int(time.time() * 1000) + 5,
+                updated_at=int(time.time() * 1000) + 1000,  # newer than anything genuine
                 task_result={"images": [{"index": 0, "url": "https://evil.example/x.png"}]},
             )
+            posted = time.monotonic()
             assert (await post(url, forged))[0] == 200  # authentic URL, so acknowledged
             await asyncio.sleep(0.2)
-            assert len(server.requests_for("get")) == 1  # the confirming GET...
-            assert not handle.done()  # ...said the task is still running
+            gets = server.requests_for("get")
+            assert gets  # a confirming poll came at once, not after the 30 s safety net...
+            assert gets[0].arrived_at - posted < 0.15
+            assert not handle.done()  # ...and said the task is still running
+            assert not waiter.done()
             server.finish(handle.task_id)
-            task = await handle
+            task = await waiter
     assert "evil" not in task.images[0].url
+
+
+async def test_terminal_callbacks_of_many_tasks_are_confirmed_by_list_pages(
+    receiver: CallbackReceiver,
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.3) as server:
+        async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
+            # Created together so they end together, with 20+ in flight.
+            handles = await asyncio.gather(
+                *(client.images.generate(prompt=f"p{i}") for i in range(40))
+            )
+            tasks = await asyncio.gather(*handles)
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    confirmations = len(server.requests_for("get")) + len(server.requests_for("list"))
+    assert server.requests_for("list")
+    assert confirmations < 20  # not one GET per task
 
 
 async def test_without_confirmation_a_terminal_callback_resolves_at_once(
