@@ -56,10 +56,6 @@ class WireImage(str):
 
     __slots__ = ()
 
-    @property
-    def is_url(self) -> bool:
-        return self.startswith(("http://", "https://"))
-
 
 def sniff_image(data: bytes) -> ImageInfo | None:
     """Read format and size from a PNG or JPEG header; ``None`` if neither."""

@@ -120,14 +120,12 @@ class Transport:
 
     # --- requests ---------------------------------------------------------------
 
-    async def send(self, request: WireRequest, *, retry: bool = True) -> Envelope:
+    async def send(self, request: WireRequest) -> Envelope:
         """Send ``request`` and return Kling's envelope, retrying what is safe.
 
         Raises the :class:`~kling_async.APIError` subclass for Kling's code, or
         :class:`~kling_async.TransportError` when no answer came.
         """
-        if not retry:
-            return await self._authenticated(lambda: self._exchange(request))
         return await self._authenticated(lambda: self.retrying(self._exchange, request))
 
     async def send_create(
