@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     from ._transport import Transport
 
 __all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker"]
-
-logger = logging.getLogger("kling_async")
 
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
@@ -147,10 +144,6 @@ class Tracker:
         #: Running typical lifetime of this client's tasks, in seconds.
         self.typical_duration: float | None = None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def state(
         self,
         endpoint: Endpoint,
@@ -199,7 +192,12 @@ class Tracker:
 
     def _finished(self, state: TaskState, task: Task) -> None:
         self._poller(state.endpoint).discard(state)
-        duration = time.monotonic() - state.first_seen
+        # Kling's own timestamps give the true lifetime, also for a task this
+        # client only attached to; the local clock is the fallback.
+        if task.created_at is not None and task.updated_at is not None:
+            duration = (task.updated_at - task.created_at).total_seconds()
+        else:
+            duration = time.monotonic() - state.first_seen
         typical = self.typical_duration
         self.typical_duration = (
             duration if typical is None else typical + _DURATION_SMOOTHING * (duration - typical)
