@@ -56,7 +56,9 @@ def server_url() -> Iterator[str]:
             "--task-duration",
             "0.2",
             "--record-requests",
+            "--exit-with-stdin",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=clean_env(),
@@ -69,6 +71,8 @@ def server_url() -> Iterator[str]:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         process.stdout.close()
+        if process.stdin is not None:
+            process.stdin.close()
 
 
 def online(server_url: str, *args: str) -> list[str]:

@@ -3,7 +3,9 @@
 Benchmarks run the fake apart from the client they measure, so the two do not
 share one event loop and one core. The process prints ``{"url": ...}`` as one
 JSON line once it listens and runs until SIGINT or SIGTERM; other processes read
-its figures from ``GET /_fake/stats``.
+its figures from ``GET /_fake/stats``. With ``--exit-with-stdin`` it also stops
+when its standard input closes, so a parent that is killed outright (SIGKILL)
+cannot leave it running: start it with ``stdin=subprocess.PIPE``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from ._options import RateLimit
@@ -61,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--path-prefix", default="", help="serve /v1 under this prefix")
     parser.add_argument("--seed", type=int, default=None, help="seed for random choices")
     parser.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="also stop when standard input closes (e.g. the parent process died)",
+    )
+    parser.add_argument(
         "--record-requests",
         action="store_true",
         help="keep every request in memory (off by default: nobody can read them)",
@@ -68,11 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(server: FakeKlingServer) -> None:
+async def _serve(server: FakeKlingServer, *, exit_with_stdin: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if exit_with_stdin:
+
+        def watch_stdin() -> None:
+            # The raw descriptor, not sys.stdin: a buffered reader blocked here
+            # would hold its lock and abort the interpreter's shutdown.
+            while os.read(0, 4096):
+                pass  # EOF: the parent closed the pipe, or died
+            loop.call_soon_threadsafe(stop.set)
+
+        # A daemon thread: a blocked read must not hold up a signal-driven exit.
+        threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
     async with server:
         sys.stdout.write(json.dumps({"url": server.url}) + "\n")
         sys.stdout.flush()
@@ -97,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except ValueError as error:
         parser.error(str(error))
-    asyncio.run(_serve(server))
+    asyncio.run(_serve(server, exit_with_stdin=arguments.exit_with_stdin))
 
 
 if __name__ == "__main__":
