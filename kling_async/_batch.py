@@ -41,6 +41,10 @@ logger = logging.getLogger("kling_async")
 
 BatchRequests = Iterable[TaskRequest] | AsyncIterable[TaskRequest]
 
+#: Requests of a batch waiting for quota units at once. Enough that a few tasks
+#: of every size (n = 1..9) are on offer when units free up.
+LOOKAHEAD = 16
+
 
 @attrs.frozen(kw_only=True)
 class BatchResult:
@@ -101,6 +105,7 @@ class Batch:
         self._requests = requests
         self._limiter = limiter
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._lookahead = asyncio.Semaphore(LOOKAHEAD)
         self._results: asyncio.Queue[BatchResult | Exception | _Fed] = asyncio.Queue()
         self._creates: dict[asyncio.Task[None], str] = {}
         self._outstanding = 0
@@ -179,7 +184,7 @@ class Batch:
             async for request in _each(self._requests):
                 if self._slots is not None:
                     await self._slots.acquire()
-                await self._limiter.acquire(request.n)
+                await self._lookahead.acquire()
                 # The id is fixed here so that a create cut short can be named.
                 request, external_task_id = with_external_id(request)
                 self._outstanding += 1
@@ -193,6 +198,13 @@ class Batch:
         self._results.put_nowait(_Fed())
 
     async def _submit(self, index: int, request: TaskRequest) -> None:
+        # Up to LOOKAHEAD requests wait in the limiter together, queued in input
+        # order, so its first-fit rule can start a small one beside a large one
+        # that does not fit yet. One at a time would leave those units idle.
+        try:
+            await self._limiter.acquire(request.n)
+        finally:
+            self._lookahead.release()
         try:
             handle = await self._images.submit_holding(request, self._limiter)
         except asyncio.CancelledError:
