@@ -22,7 +22,9 @@ OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
 ENV_BASE_URL = "KLING_BASE_URL"
 
 #: No single HTTP exchange may take longer than this unless the user says so.
-DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10, sock_read=30)
+#: (No sock_read: the total bounds every exchange, and a per-read timeout
+#: would reschedule a timer on every chunk.)
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 
 
 def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:

@@ -10,6 +10,7 @@ crash skips it and fetches only what is missing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -73,7 +74,7 @@ async def download(
         if not overwrite and await asyncio.to_thread(path.exists):
             return path
         async with slots:
-            await transport.retrying(_save, transport, url, path)
+            await transport.retrying(functools.partial(_save, transport, url, path))
         return path
 
     return list(await asyncio.gather(*(fetch(url, path) for url, path in targets)))

@@ -76,7 +76,7 @@ class TaskHandle:
         return self._state.terminal
 
     def __await__(self) -> Generator[Any, None, Task]:
-        return self.wait().__await__()
+        return self._outcome(self._tracker.policy.timeout).__await__()
 
     async def wait(self, timeout: float | _Default | None = DEFAULT_TIMEOUT) -> Task:
         """Wait for the task to end and return it.
@@ -87,39 +87,17 @@ class TaskHandle:
         Raises :class:`TaskFailedError` if the task failed.
         """
         limit = self._tracker.policy.timeout if timeout is DEFAULT_TIMEOUT else timeout
-        task = self._state.latest
-        if task is None or not task.is_terminal:
-            task = await self._until_terminal(limit)
-        if task.status is TaskStatus.FAILED:
-            raise TaskFailedError(task)
-        return task
+        return await self._outcome(limit)
 
-    async def _until_terminal(self, limit: float | None) -> Task:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Task] = loop.create_future()
-
-        def listener(item: Task | KlingError) -> None:
-            if future.done():
-                return
-            if isinstance(item, KlingError):
-                future.set_exception(item)
-            elif item.is_terminal:
-                future.set_result(item)
-
-        def expire() -> None:
-            if not future.done():
-                future.set_exception(TaskTimeoutError(self, limit or 0.0))
-
-        # A timer on the future, not asyncio.wait_for: no extra task and no
-        # extra loop hops for each of thousands of waiters.
-        timer = loop.call_later(limit, expire) if limit is not None else None
-        self._tracker.listen(self._state, listener)
-        try:
-            return await future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._tracker.unlisten(self._state, listener)
+    def _outcome(self, limit: float | None) -> asyncio.Future[Task]:
+        """A future of the task's end: its terminal Task, TaskFailedError,
+        TaskTimeoutError after ``limit`` seconds, or the error that stopped polling."""
+        latest = self._state.latest
+        if latest is not None and latest.is_terminal:
+            future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+            _settle(future, latest)
+            return future
+        return _Waiter(self, limit).future
 
     async def refresh(self) -> Task:
         """Fetch the task once now (one GET) and return it; waiters see the result too."""
@@ -157,3 +135,47 @@ class TaskHandle:
     def __repr__(self) -> str:
         status = self.status.value if self.status else "unknown"
         return f"<TaskHandle {self.endpoint.value} task_id={self.task_id!r} status={status}>"
+
+
+def _settle(future: asyncio.Future[Task], task: Task) -> None:
+    if task.status is TaskStatus.FAILED:
+        future.set_exception(TaskFailedError(task))
+    else:
+        future.set_result(task)
+
+
+class _Waiter:
+    """One wait on a handle: a future that the tracker's news settles.
+
+    A slotted object with a done-callback instead of a coroutine with closures:
+    thousands of handles are awaited at once, and a cancelled await cancels the
+    future, which still runs the cleanup.
+    """
+
+    __slots__ = ("future", "handle", "limit", "timer")
+
+    def __init__(self, handle: TaskHandle, limit: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.handle = handle
+        self.limit = limit
+        self.future: asyncio.Future[Task] = loop.create_future()
+        self.timer = loop.call_later(limit, self._expire) if limit is not None else None
+        handle._tracker.listen(handle._state, self)
+        self.future.add_done_callback(self._finish)
+
+    def __call__(self, item: Task | KlingError) -> None:
+        if self.future.done():
+            return
+        if isinstance(item, KlingError):
+            self.future.set_exception(item)
+        elif item.is_terminal:
+            _settle(self.future, item)
+
+    def _expire(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(TaskTimeoutError(self.handle, self.limit or 0.0))
+
+    def _finish(self, _future: asyncio.Future[Task]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.handle._tracker.unlisten(self.handle._state, self)

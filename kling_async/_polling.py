@@ -53,6 +53,7 @@ class Poller:
         self._runner: asyncio.Task[None] | None = None
         self._sweeping = False
         self._wake = asyncio.Event()
+        self._wake_at = -math.inf  # when the sleeping runner's timer fires
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         #: Requests sent, for reports and benchmarks.
         self.gets = 0
@@ -69,10 +70,11 @@ class Poller:
         if state.latest is None:
             state.next_poll = loop.time()
         elif state.next_poll == 0.0:
-            state.next_poll = loop.time() + self._delay(state, loop.time())
+            state.interval = self._delay(state, loop.time())
+            state.next_poll = loop.time() + state.interval
         if self._runner is None:
             self._runner = loop.create_task(self._run(), name=f"kling-poll-{self._endpoint.value}")
-        self._wake.set()
+        self._due_at(state.next_poll)
 
     def hurry(self, state: TaskState) -> None:
         """Poll ``state`` as soon as possible (a terminal callback wants confirming);
@@ -84,7 +86,7 @@ class Poller:
         state.hurry = True
         if not state.polling:
             state.next_poll = asyncio.get_running_loop().time()
-        self._wake.set()
+            self._due_at(state.next_poll)
 
     def discard(self, state: TaskState) -> None:
         """Stop polling ``state``; an in-flight poll still delivers its answer."""
@@ -98,16 +100,24 @@ class Poller:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._active.clear()
 
+    def _due_at(self, when: float) -> None:
+        """Wake the runner if ``when`` comes before its own timer: most finished
+        polls schedule the next one later than that, and need not wake it."""
+        if when < self._wake_at:
+            self._wake.set()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._active:
                 next_due = self._start_due_polls(loop.time())
                 self._wake.clear()
+                self._wake_at = next_due
                 timer = loop.call_at(next_due, self._wake.set) if next_due < math.inf else None
                 try:
                     await self._wake.wait()
                 finally:
+                    self._wake_at = -math.inf
                     if timer is not None:
                         timer.cancel()
         finally:
@@ -134,24 +144,35 @@ class Poller:
 
         A method of its own so no task state lingers in the sleeping loop's frame.
         """
+        sweeping = len(self._active) >= LIST_THRESHOLD
+        if sweeping and self._sweeping:
+            return math.inf  # the sweep under way wakes the runner when it ends
         next_due = math.inf
         due: list[TaskState] = []
         for state in self._active:
             if state.polling:
                 continue
-            if state.next_poll <= now:
+            when = state.next_poll
+            if when <= now:
                 due.append(state)
-            else:
-                next_due = min(next_due, state.next_poll)
+            elif when < next_due:
+                next_due = when
         if not due:
             return next_due
-        if len(self._active) >= LIST_THRESHOLD:
-            if not self._sweeping:
-                self._sweeping = True
-                for state in due:
-                    state.polling, state.hurry = True, False
-                self._spawn(self._sweep(due))
-            return next_due
+        if sweeping:
+            # A sweep reads as deep as its oldest due task, so it takes along
+            # every task at least halfway to its next poll: scattered due times
+            # merge into few sweeps instead of one deep sweep per straggler.
+            due += [
+                state
+                for state in self._active
+                if not state.polling and now < state.next_poll <= now + state.interval / 2
+            ]
+            self._sweeping = True
+            for state in due:
+                state.polling, state.hurry = True, False
+            self._spawn(self._sweep(due))
+            return math.inf
         for state in due:
             state.polling, state.hurry = True, False
             self._spawn(self._poll(state))
@@ -164,10 +185,13 @@ class Poller:
 
     def _reschedule(self, states: Iterable[TaskState]) -> None:
         now = asyncio.get_running_loop().time()
+        earliest = math.inf
         for state in states:
             state.polling = False
-            state.next_poll = now if state.hurry else now + self._delay(state, now)
-        self._wake.set()
+            state.interval = 0.0 if state.hurry else self._delay(state, now)
+            state.next_poll = now + state.interval
+            earliest = min(earliest, state.next_poll)
+        self._due_at(earliest)
 
     # --- single GETs ------------------------------------------------------------
 
@@ -180,7 +204,8 @@ class Poller:
                 envelope = await self._tracker.transport.send(
                     get_request(self._endpoint, state.task_id)
                 )
-            self._tracker.publish(state, parse_task(envelope))
+            if not _unchanged(state, envelope.data):
+                self._tracker.publish(state, parse_task(envelope))
         except KlingError as error:
             self._failed(state, error)
         except Exception as error:  # a bug must end the waits, not hang them
@@ -238,13 +263,8 @@ class Poller:
             if state is None:
                 continue
             seen.add(state)
-            known = state.latest
-            if (
-                known is not None
-                and known.raw.get("updated_at") == item.get("updated_at")
-                and known.raw.get("task_status") == item.get("task_status")
-            ):
-                continue  # unchanged: no need to decode it
+            if _unchanged(state, item):
+                continue
             try:
                 task = parse_task(
                     Envelope(item, envelope.request_id, http_status=envelope.http_status)
@@ -253,3 +273,15 @@ class Poller:
                 logger.warning("unreadable task %s on a list page: %s", task_id, error)
                 continue
             self._tracker.publish(state, task)
+
+
+def _unchanged(state: TaskState, data: Any) -> bool:
+    """Whether ``data`` (a task as Kling sent it) is what ``state`` already knows:
+    then there is nothing to decode."""
+    known = state.latest
+    return (
+        known is not None
+        and isinstance(data, dict)
+        and known.raw.get("updated_at") == data.get("updated_at")
+        and known.raw.get("task_status") == data.get("task_status")
+    )

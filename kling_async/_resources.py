@@ -51,8 +51,15 @@ async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
 
 def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     """The request fields among a keyword method's arguments (its ``locals()``),
-    so the signature, typed for callers, is the one list of field names."""
-    return {name: value for name, value in arguments.items() if name not in ("self", "request")}
+    so the signature, typed for callers, is the one list of field names.
+
+    An ``external_task_id`` is generated here when none is given, so the request
+    is built once rather than built and then copied with the id.
+    """
+    fields = {name: value for name, value in arguments.items() if name not in ("self", "request")}
+    if fields.get("external_task_id") is None:
+        fields["external_task_id"] = uuid.uuid4().hex
+    return fields
 
 
 def with_external_id(request: RequestT) -> tuple[RequestT, str]:
@@ -178,7 +185,7 @@ class Images:
             if state.terminal:
                 limiter.release(units)
             else:
-                state.on_terminal.append(lambda _task: limiter.release(units))
+                state.when_terminal(lambda _task: limiter.release(units))
                 self._tracker.keep_polled(state)
             return TaskHandle(self._tracker, state, sent)
 

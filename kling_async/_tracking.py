@@ -53,6 +53,7 @@ class TaskState:
         "first_seen",
         "hurry",
         "interest",
+        "interval",
         "latest",
         "listeners",
         "next_poll",
@@ -77,16 +78,24 @@ class TaskState:
         self.interest = 0  # waiters and iterators currently listening
         #: Run once when the task ends, e.g. to give back concurrency units. A
         #: task with such duties is polled until it ends even if nobody waits.
-        self.on_terminal: list[Callable[[Task], None]] = []
+        # Made on first use: most tasks never get one, and thousands are held.
+        self.on_terminal: list[Callable[[Task], None]] | None = None
         self.callbacks = False  # Kling will POST this task's updates to us
         self.hurry = False  # poll again as soon as possible (a terminal callback came)
         self.polling = False  # a poll of this task is in flight
         self.first_seen = time.monotonic()
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
+        self.interval = 0.0  # the gap before that poll
 
     @property
     def terminal(self) -> bool:
         return self.latest is not None and self.latest.is_terminal
+
+    def when_terminal(self, duty: Callable[[Task], None]) -> None:
+        """Run ``duty(task)`` once the task ends; keeps it polled until then."""
+        if self.on_terminal is None:
+            self.on_terminal = []
+        self.on_terminal.append(duty)
 
     @property
     def wanted(self) -> bool:
@@ -202,7 +211,7 @@ class Tracker:
         self.typical_duration = (
             duration if typical is None else typical + _DURATION_SMOOTHING * (duration - typical)
         )
-        duties, state.on_terminal = state.on_terminal, []
+        duties, state.on_terminal = state.on_terminal or (), None
         for duty in duties:
             duty(task)
 

@@ -8,10 +8,11 @@ protocol beyond "retry or not", which ``_exceptions.is_retryable`` answers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -78,17 +79,6 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._closed = False
-        self.retrying = backoff.on_exception(
-            retry.waits,
-            KlingError,
-            max_tries=retry.max_attempts,
-            max_time=retry.max_elapsed,
-            giveup=lambda error: not is_retryable(error),
-            jitter=None,  # the policy jitters its own waits; Retry-After must not be
-            logger=None,
-            on_backoff=_log_backoff,
-        )(_call)
-        """``await retrying(fn, *args)`` runs ``fn(*args)`` under the retry policy."""
 
     @property
     def closed(self) -> bool:
@@ -126,7 +116,13 @@ class Transport:
         Raises the :class:`~kling_async.APIError` subclass for Kling's code, or
         :class:`~kling_async.TransportError` when no answer came.
         """
-        return await self._authenticated(lambda: self.retrying(self._exchange, request))
+        attempt = functools.partial(self._exchange, request)
+        try:
+            return await self.retrying(attempt)
+        except AuthenticationError as error:
+            if not self._worth_resigning(error):
+                raise
+        return await self.retrying(attempt)
 
     async def send_create(
         self,
@@ -168,7 +164,12 @@ class Transport:
                     on_error(error)
                 raise
 
-        return await self._authenticated(lambda: self.retrying(attempt))
+        try:
+            return await self.retrying(attempt)
+        except AuthenticationError as error:
+            if not self._worth_resigning(error):
+                raise
+        return await self.retrying(attempt)
 
     async def _lookup(self, lookup: WireRequest) -> Envelope | None:
         try:
@@ -176,16 +177,48 @@ class Transport:
         except NotFoundError:
             return None
 
-    async def _authenticated(self, call: Callable[[], Awaitable[T]]) -> T:
+    def _worth_resigning(self, error: AuthenticationError) -> bool:
+        """An expired or not-yet-valid JWT is worth one fresh signature; any other
+        auth failure, or a static token, would fail the same way again."""
+        if error.code in RESIGN_CODES and self._require_credentials().resign():
+            logger.info("Kling rejected the token (%s); signing a new one", error.code)
+            return True
+        return False
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt()`` under the retry policy.
+
+        The first try runs directly, so a request that succeeds (nearly all of
+        them) pays nothing for retries; after a retryable failure the rest runs
+        in ``backoff``'s loop, continuing the same wait sequence and time budget.
+        """
+        started = time.monotonic()
         try:
-            return await call()
-        except AuthenticationError as error:
-            # An expired or not-yet-valid JWT is worth one fresh signature; any
-            # other auth failure, or a static token, will fail the same way again.
-            if error.code in RESIGN_CODES and self._require_credentials().resign():
-                logger.info("Kling rejected the token (%s); signing a new one", error.code)
-                return await call()
-            raise
+            return await attempt()
+        except KlingError as error:
+            if not is_retryable(error) or self.retry.max_attempts <= 1:
+                raise
+            first = error
+        waits = self.retry.waits()
+        next(waits)
+        delay = waits.send(first)
+        remaining = self.retry.max_elapsed - (time.monotonic() - started)
+        if remaining <= 0:
+            raise first
+        delay = min(delay, remaining)
+        logger.info("retrying in %.2fs after try 1: %s", delay, first)
+        await asyncio.sleep(delay)
+        loop = backoff.on_exception(
+            functools.partial(_resumed, waits),
+            KlingError,
+            max_tries=self.retry.max_attempts - 1,
+            max_time=remaining - delay,
+            giveup=lambda error: not is_retryable(error),
+            jitter=None,  # the policy jitters its own waits; Retry-After must not be
+            logger=None,
+            on_backoff=_log_backoff,
+        )(_call)
+        return await loop(attempt)
 
     def _require_credentials(self) -> Credentials:
         if self._credentials is None:
@@ -251,25 +284,34 @@ class Transport:
             raise TransportError(f"GET {url} failed ({type(error).__name__}: {error})") from None
 
 
-async def _call(function: Callable[..., Awaitable[T]], *args: Any) -> T:
-    return await function(*args)
+async def _call(attempt: Callable[[], Awaitable[T]]) -> T:
+    return await attempt()
+
+
+def _resumed(waits: Generator[float, Any, None]) -> Generator[float, Any, None]:
+    """A wait generator for ``backoff`` that continues one already under way."""
+    error = yield 0.0  # backoff primes it with send(None): not a failure
+    while True:
+        error = yield waits.send(error)
 
 
 def _log_backoff(details: Details) -> None:
     logger.info(
         "retrying in %.2fs after try %d: %s",
         details["wait"],
-        details["tries"],
+        details["tries"] + 1,  # the first try ran before backoff's loop
         details.get("exception"),
     )
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
-        raise TransportError(
-            f"response of {response.content_length:,} bytes exceeds the "
-            f"{MAX_RESPONSE_BYTES:,}-byte limit"
-        )
+    length = response.content_length
+    if length is not None:
+        if length > MAX_RESPONSE_BYTES:
+            raise TransportError(
+                f"response of {length:,} bytes exceeds the {MAX_RESPONSE_BYTES:,}-byte limit"
+            )
+        return await response.read()  # the size is known and bounded: one read
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(64 * 1024):

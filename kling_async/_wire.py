@@ -145,12 +145,14 @@ def _structure_task(value: Any, _type: Any) -> Task:
         task_id=task_id,
         status=TaskStatus(status),
         status_message=_optional_text(value.get("task_status_msg")) or None,
-        images=tuple(converter.structure(image, ImageResult) for image in images),
+        # The hooks are called directly: this runs for every task of every poll.
+        images=tuple(_structure_image(image, ImageResult) for image in images),
         external_task_id=_optional_text(info.get("external_task_id")) or None,
-        created_at=converter.structure(value.get("created_at"), datetime),
-        updated_at=converter.structure(value.get("updated_at"), datetime),
+        created_at=_structure_millis(value.get("created_at"), datetime),
+        updated_at=_structure_millis(value.get("updated_at"), datetime),
         final_unit_deduction=_optional_text(value.get("final_unit_deduction")),
-        raw=dict(value),
+        # A dict fresh from json.loads is ours to keep; anything else is copied.
+        raw=value if type(value) is dict else dict(value),
     )
 
 
