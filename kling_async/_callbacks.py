@@ -35,7 +35,7 @@ from aiohttp import web
 
 from ._exceptions import APIError, ConfigurationError
 from ._models import Task
-from ._tracking import CallbackOutcome, Tracker
+from ._tracking import CallbackOutcome, Tracker, is_newer
 from ._wire import Envelope, parse_task
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
@@ -99,7 +99,7 @@ class CallbackReceiver:
         self._trackers: list[Tracker] = []
         self._hooks: list[UpdateHook] = []
         self._hook_runs: set[asyncio.Task[None]] = set()
-        self._unknown_seen: OrderedDict[str, tuple[str, datetime | None]] = OrderedDict()
+        self._unknown_seen: OrderedDict[str, Task] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
@@ -173,7 +173,7 @@ class CallbackReceiver:
         try:
             payload = json.loads(body)
             task = parse_task(Envelope(data=payload, request_id=None))
-        except (ValueError, UnicodeDecodeError, APIError):
+        except (ValueError, UnicodeDecodeError, RecursionError, APIError):
             return _reply(400, "body is not a Kling task")
         if task.external_task_id != external_task_id:
             return _reply(400, "the task in the body is not the task of this URL")
@@ -194,14 +194,9 @@ class CallbackReceiver:
         return self._unknown(external_task_id, task)
 
     def _unknown(self, external_task_id: str, task: Task) -> _Response:
-        seen = self._unknown_seen.get(external_task_id)
-        stamp = (task.status.value, task.updated_at)
-        if seen is not None and (
-            seen == stamp
-            or (seen[1] is not None and task.updated_at is not None and task.updated_at < seen[1])
-        ):
+        if not is_newer(task, self._unknown_seen.get(external_task_id), trusted=False):
             return _reply(200, "duplicate or stale update ignored")
-        self._unknown_seen[external_task_id] = stamp
+        self._unknown_seen[external_task_id] = task
         self._unknown_seen.move_to_end(external_task_id)
         while len(self._unknown_seen) > _REMEMBERED_UNKNOWN:
             self._unknown_seen.popitem(last=False)
@@ -236,13 +231,26 @@ class CallbackReceiver:
         if external_task_id is None:
             status, body = _reply(404, "not found")
         else:
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
+            raw = await self._read_body(request)
+            if raw is None:
                 status, body = _reply(413, "callback body too large")
             else:
                 status, body = self._process(external_task_id, raw)
         return web.Response(status=status, body=body, content_type="application/json")
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        """The body, or ``None`` once it exceeds ``max_body_size``. Read from the
+        stream: a sub-app's own ``client_max_size`` is not applied by aiohttp."""
+        if request.content_length is not None and request.content_length > self.max_body_size:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_body_size:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def asgi(
         self,
@@ -298,9 +306,14 @@ class CallbackReceiver:
             await web.TCPSite(runner, host, port).start()
             bound = runner.addresses[0][1]
             url = f"http://{host}:{bound}{prefix}"
-            if self.public_url is None:
+            filled_in = self.public_url is None
+            if filled_in:
                 self.public_url = url
-            yield url
+            try:
+                yield url
+            finally:
+                if filled_in:
+                    self.public_url = None  # that address is about to go away
         finally:
             await runner.cleanup()
 

@@ -67,7 +67,7 @@ class Poller:
         self._active.add(state)
         # A task the client has never seen is polled at once; one it just
         # created (or polled) waits its turn on the backoff schedule.
-        if state.latest is None:
+        if state.latest is None or state.hurry:
             state.next_poll = loop.time()
         elif state.next_poll == 0.0:
             state.interval = self._delay(state, loop.time())

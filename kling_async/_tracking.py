@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._polling import Poller
     from ._transport import Transport
 
-__all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker"]
+__all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker", "is_newer"]
 
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
@@ -60,6 +60,7 @@ class TaskState:
         "on_terminal",
         "polling",
         "task_id",
+        "untrusted",
     )
 
     def __init__(
@@ -86,6 +87,7 @@ class TaskState:
         self.first_seen = time.monotonic()
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
         self.interval = 0.0  # the gap before that poll
+        self.untrusted = False  # latest came from a callback, not from Kling's API
 
     @property
     def terminal(self) -> bool:
@@ -102,26 +104,38 @@ class TaskState:
         """Whether anyone needs this task polled."""
         return not self.terminal and (self.interest > 0 or bool(self.on_terminal))
 
-    def is_news(self, task: Task) -> bool:
-        """Whether ``task`` tells something newer than :attr:`latest`.
+    def is_news(self, task: Task, *, trusted: bool = True) -> bool:
+        """Whether ``task`` tells something newer than :attr:`latest` (see
+        :func:`is_newer`; ``trusted`` is False for what a callback said)."""
+        return is_newer(task, self.latest, trusted=trusted, known_untrusted=self.untrusted)
 
-        Duplicates and stale updates (an older ``updated_at``, or an earlier stage
-        at the same time) are not news; nothing is news after a terminal state.
-        """
-        known = self.latest
-        if known is None:
-            return True
-        if known.is_terminal:
-            return False
-        if (
-            known.updated_at is not None
-            and task.updated_at is not None
-            and task.updated_at != known.updated_at
-        ):
-            return task.updated_at > known.updated_at
-        if task.status == known.status:
-            return task.updated_at != known.updated_at or task.raw != known.raw
-        return _stage(task.status) >= _stage(known.status)
+
+def is_newer(
+    task: Task, known: Task | None, *, trusted: bool = True, known_untrusted: bool = False
+) -> bool:
+    """Whether ``task`` is news next to ``known``.
+
+    Duplicates and stale updates (an older ``updated_at``, or an earlier stage at
+    the same time) are not news; nothing is news after a terminal state. An
+    answer of Kling's API (``trusted``) showing a later stage always beats what a
+    callback said (``known_untrusted``), whatever its stamp: a forged callback
+    stamped in the future must not make every true update look stale.
+    """
+    if known is None:
+        return True
+    if known.is_terminal:
+        return False
+    if trusted and known_untrusted and _stage(task.status) != _stage(known.status):
+        return _stage(task.status) > _stage(known.status)
+    if (
+        known.updated_at is not None
+        and task.updated_at is not None
+        and task.updated_at != known.updated_at
+    ):
+        return task.updated_at > known.updated_at
+    if task.status == known.status:
+        return task.updated_at != known.updated_at or task.raw != known.raw
+    return _stage(task.status) >= _stage(known.status)
 
 
 class CallbackOutcome(enum.Enum):
@@ -147,7 +161,7 @@ class Tracker:
         )
         # Creates in flight, and callbacks that overtook their create's response.
         self._creating: set[str] = set()
-        self._early: dict[str, Task] = {}
+        self._early: dict[str, tuple[Task, bool]] = {}  # the task, and whether to confirm
         self._pollers: dict[Endpoint, Poller] = {}
         self._closed = False
         #: Running typical lifetime of this client's tasks, in seconds.
@@ -170,8 +184,8 @@ class Tracker:
             if state.external_task_id:
                 self._by_external[state.external_task_id] = state
                 early = self._early.pop(state.external_task_id, None)
-                if early is not None and early.task_id == task_id:
-                    self.publish(state, early)
+                if early is not None and early[0].task_id == task_id:
+                    self._take_callback(state, *early)
         elif latest is not None:
             self.publish(state, latest)
         return state
@@ -182,14 +196,16 @@ class Tracker:
 
     # --- news -------------------------------------------------------------------
 
-    def publish(self, state: TaskState, task: Task) -> bool:
+    def publish(self, state: TaskState, task: Task, *, trusted: bool = True) -> bool:
         """Record ``task`` as news about ``state`` if it is newer; tell listeners.
 
+        ``trusted`` is False for what a callback said, True for Kling's API.
         Returns whether it was news.
         """
-        if not state.is_news(task):
+        if not state.is_news(task, trusted=trusted):
             return False
         state.latest = task
+        state.untrusted = not trusted
         if state.external_task_id is None and task.external_task_id:
             state.external_task_id = task.external_task_id
             self._by_external[task.external_task_id] = state
@@ -243,22 +259,28 @@ class Tracker:
         state = self._by_external.get(external_task_id)
         if state is None:
             if external_task_id in self._creating:
-                self._early[external_task_id] = task
+                kept = self._early.get(external_task_id)
+                if kept is None or is_newer(task, kept[0], trusted=False):
+                    self._early[external_task_id] = (task, confirm)
                 return CallbackOutcome.ACCEPTED
             return CallbackOutcome.UNKNOWN
         if task.task_id != state.task_id:
             return CallbackOutcome.MISMATCH
-        if not state.is_news(task):
+        if not state.is_news(task, trusted=False):
             return CallbackOutcome.IGNORED
+        self._take_callback(state, task, confirm)
+        return CallbackOutcome.ACCEPTED
+
+    def _take_callback(self, state: TaskState, task: Task, confirm: bool) -> None:
         if task.is_terminal and confirm:
             # The confirmation is a poll, due now: with many tasks in flight one
             # list page confirms many callbacks at once. If it disagrees, the
             # task goes back to the normal cadence: its callbacks are suspect.
             state.callbacks = False
+            state.hurry = True
             self._poller(state.endpoint).hurry(state)
-            return CallbackOutcome.ACCEPTED
-        self.publish(state, task)
-        return CallbackOutcome.ACCEPTED
+        else:
+            self.publish(state, task, trusted=False)
 
     # --- interest ---------------------------------------------------------------
 

@@ -151,7 +151,10 @@ async def test_overdue_is_learned_from_finished_tasks(receiver: CallbackReceiver
 async def test_wrong_or_missing_token_is_404_and_dispatches_nothing(
     server: FakeKlingServer, receiver: CallbackReceiver
 ) -> None:
-    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as slow_server:
+    # The server never moves the task on: only a forged callback could.
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=60
+    ) as slow_server:
         async with make_client(slow_server, callbacks=receiver, polling=CALLBACK_POLLING) as c:
             handle = await c.images.generate(prompt="p")
             ext = str(handle.external_task_id)
