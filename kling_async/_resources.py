@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -49,6 +49,12 @@ async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
     return build_request(cls, fields)
 
 
+def new_external_task_id() -> str:
+    """A fresh external_task_id: 128 random bits from the OS, so forked workers
+    never repeat each other's (a seeded PRNG would)."""
+    return secrets.token_hex(16)
+
+
 def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     """The request fields among a keyword method's arguments (its ``locals()``),
     so the signature, typed for callers, is the one list of field names.
@@ -58,7 +64,7 @@ def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     """
     fields = {name: value for name, value in arguments.items() if name not in ("self", "request")}
     if fields.get("external_task_id") is None:
-        fields["external_task_id"] = uuid.uuid4().hex
+        fields["external_task_id"] = new_external_task_id()
     return fields
 
 
@@ -70,7 +76,7 @@ def with_external_id(request: RequestT) -> tuple[RequestT, str]:
     """
     if request.external_task_id is not None:
         return request, request.external_task_id
-    external_task_id = uuid.uuid4().hex
+    external_task_id = new_external_task_id()
     return attrs.evolve(request, external_task_id=external_task_id), external_task_id
 
 
