@@ -243,6 +243,11 @@ class CallbackReceiver:
         stream: a sub-app's own ``client_max_size`` is not applied by aiohttp."""
         if request.content_length is not None and request.content_length > self.max_body_size:
             return None
+        if not request.can_read_body:
+            # A middleware already read it (aiohttp keeps those bytes): the
+            # stream is spent, and reading it again would find nothing.
+            cached = await request.read()
+            return None if len(cached) > self.max_body_size else cached
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(64 * 1024):

@@ -635,3 +635,33 @@ async def test_serve_forgets_the_address_it_filled_in() -> None:
     assert receiver.public_url is None  # that port is gone: no URLs pointing at it
     async with receiver.serve() as second:
         assert receiver.url_for("x").startswith(second)
+
+
+async def test_a_middleware_that_reads_the_body_first_changes_nothing(
+    server: FakeKlingServer,
+) -> None:
+    """Logging and tracing middlewares often read the body before any handler."""
+    seen: list[int] = []
+
+    @web.middleware
+    async def read_first(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(len(await request.read()))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    receiver = CallbackReceiver(secret=SECRET)
+    app = web.Application(middlewares=[read_first])
+    app.add_subapp("/kling", receiver.aiohttp_app())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        receiver.public_url = f"http://127.0.0.1:{runner.addresses[0][1]}/kling"
+        policy = PollPolicy(initial_delay=0.02, max_delay=0.1, callback_delay=30, timeout=5)
+        async with make_client(server, callbacks=receiver, polling=policy) as client:
+            task = await (await client.images.generate(prompt="p")).wait(timeout=5)
+        assert task.status is TaskStatus.SUCCEED  # resolved by callback, not the 30 s net
+        assert seen
+        assert all(record.http_status == 200 for record in server.callbacks)
+    finally:
+        await runner.cleanup()
