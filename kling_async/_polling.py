@@ -36,6 +36,12 @@ logger = logging.getLogger("kling_async")
 MAX_CONCURRENT_POLLS = 32
 #: From this many tasks of one endpoint in flight, polls read list pages.
 LIST_THRESHOLD = 20
+#: A sweep reads 500 tasks a page, which costs about as much to decode as a
+#: handful of single GETs: below this many tasks to poll, GETs are cheaper.
+MIN_SWEEP = 8
+#: With many tasks in flight, confirmations of terminal callbacks wait this
+#: long for company, so a burst of them is one sweep rather than many GETs.
+CONFIRM_GATHER = 0.02
 #: Pages a sweep may read beyond what its own tasks would fill: other
 #: processes of the account interleave their tasks with ours.
 EXTRA_SWEEP_PAGES = 2
@@ -54,6 +60,7 @@ class Poller:
         self._sweeping = False
         self._wake = asyncio.Event()
         self._wake_at = -math.inf  # when the sleeping runner's timer fires
+        self._gather_at = -math.inf  # when the confirmations gathered now are polled
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         #: Requests sent, for reports and benchmarks.
         self.gets = 0
@@ -85,7 +92,13 @@ class Poller:
             self.add(state)
         state.hurry = True
         if not state.polling:
-            state.next_poll = asyncio.get_running_loop().time()
+            now = asyncio.get_running_loop().time()
+            if len(self._active) >= LIST_THRESHOLD:
+                if self._gather_at <= now:
+                    self._gather_at = now + CONFIRM_GATHER
+                state.next_poll = self._gather_at
+            else:
+                state.next_poll = now
             self._due_at(state.next_poll)
 
     def discard(self, state: TaskState) -> None:
@@ -144,8 +157,8 @@ class Poller:
 
         A method of its own so no task state lingers in the sleeping loop's frame.
         """
-        sweeping = len(self._active) >= LIST_THRESHOLD
-        if sweeping and self._sweeping:
+        list_mode = len(self._active) >= LIST_THRESHOLD
+        if list_mode and self._sweeping:
             return math.inf  # the sweep under way wakes the runner when it ends
         next_due = math.inf
         due: list[TaskState] = []
@@ -159,20 +172,22 @@ class Poller:
                 next_due = when
         if not due:
             return next_due
-        if sweeping:
+        if list_mode:
             # A sweep reads as deep as its oldest due task, so it takes along
             # every task at least halfway to its next poll: scattered due times
             # merge into few sweeps instead of one deep sweep per straggler.
-            due += [
+            near = [
                 state
                 for state in self._active
                 if not state.polling and now < state.next_poll <= now + state.interval / 2
             ]
-            self._sweeping = True
-            for state in due:
-                state.polling, state.hurry = True, False
-            self._spawn(self._sweep(due))
-            return math.inf
+            if len(due) + len(near) >= MIN_SWEEP:
+                due += near
+                self._sweeping = True
+                for state in due:
+                    state.polling, state.hurry = True, False
+                self._spawn(self._sweep(due))
+                return math.inf
         for state in due:
             state.polling, state.hurry = True, False
             self._spawn(self._poll(state))

@@ -298,6 +298,29 @@ async def test_terminal_callbacks_of_many_tasks_are_confirmed_by_list_pages(
     assert confirmations < 20  # not one GET per task
 
 
+async def test_a_few_confirmations_among_many_in_flight_are_single_gets(
+    receiver: CallbackReceiver,
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
+            handles = await asyncio.gather(
+                *(client.images.generate(prompt=f"p{i}") for i in range(30))
+            )
+            waits = [asyncio.create_task(handle.wait()) for handle in handles]
+            await asyncio.sleep(0.1)  # all 30 polled, on the slow callback schedule
+            lists_before = len(server.requests_for("list"))
+            for handle in handles[:3]:
+                server.finish(handle.task_id)
+            tasks = await asyncio.wait_for(asyncio.gather(*waits[:3]), 5)
+            for wait in waits[3:]:
+                wait.cancel()
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    # Three tasks to confirm: a 500-task page would cost more than three GETs.
+    assert len(server.requests_for("list")) == lists_before
+    confirmed = {r.path.rsplit("/", 1)[-1] for r in server.requests_for("get")}
+    assert confirmed == {handle.task_id for handle in handles[:3]}
+
+
 async def test_without_confirmation_a_terminal_callback_resolves_at_once(
     server: FakeKlingServer,
 ) -> None:
