@@ -39,8 +39,10 @@ LIST_THRESHOLD = 20
 #: A sweep reads 500 tasks a page, which costs about as much to decode as a
 #: handful of single GETs: below this many tasks to poll, GETs are cheaper.
 MIN_SWEEP = 8
-#: With many tasks in flight, confirmations of terminal callbacks wait this
-#: long for company, so a burst of them is one sweep rather than many GETs.
+#: With many tasks in flight, confirmations of terminal callbacks arriving in a
+#: burst (MIN_SWEEP or more within this many seconds) wait up to this long for
+#: company, so the burst is a few sweeps rather than one GET each. At a steady
+#: trickle each is polled at once: waiting would cost latency and save nothing.
 CONFIRM_GATHER = 0.02
 #: Pages a sweep may read beyond what its own tasks would fill: other
 #: processes of the account interleave their tasks with ours.
@@ -61,6 +63,8 @@ class Poller:
         self._wake = asyncio.Event()
         self._wake_at = -math.inf  # when the sleeping runner's timer fires
         self._gather_at = -math.inf  # when the confirmations gathered now are polled
+        self._confirm_pace = 0.0  # confirmations in about the last CONFIRM_GATHER s
+        self._last_confirm = -math.inf
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         #: Requests sent, for reports and benchmarks.
         self.gets = 0
@@ -93,13 +97,24 @@ class Poller:
         state.hurry = True
         if not state.polling:
             now = asyncio.get_running_loop().time()
-            if len(self._active) >= LIST_THRESHOLD:
+            if self._in_confirmation_burst(now) and len(self._active) >= LIST_THRESHOLD:
                 if self._gather_at <= now:
                     self._gather_at = now + CONFIRM_GATHER
                 state.next_poll = self._gather_at
             else:
                 state.next_poll = now
             self._due_at(state.next_poll)
+
+    def _in_confirmation_burst(self, now: float) -> bool:
+        """Count one more confirmation; whether they come fast enough to fill a sweep.
+
+        The count decays exponentially with a CONFIRM_GATHER time constant: at a
+        steady rate r it settles near ``r * CONFIRM_GATHER``.
+        """
+        elapsed = now - self._last_confirm
+        self._confirm_pace = self._confirm_pace * math.exp(-elapsed / CONFIRM_GATHER) + 1.0
+        self._last_confirm = now
+        return self._confirm_pace >= MIN_SWEEP
 
     def discard(self, state: TaskState) -> None:
         """Stop polling ``state``; an in-flight poll still delivers its answer."""
