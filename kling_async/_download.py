@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -28,6 +28,7 @@ DownloadSource = Task | TaskHandle | Iterable[ImageResult]
 """A finished task, its handle, or the images themselves."""
 
 _CHUNK_SIZE = 256 * 1024
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate newlines
 _EXTENSIONS = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg", ".webp": ".webp"}
 
 
@@ -81,7 +82,10 @@ async def download(
 
 
 async def _save(transport: Transport, url: str, path: Path) -> None:
-    descriptor, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    # Not tempfile.mkstemp: its files are private (0600), and an image saved for
+    # a web server or a colleague should get the permissions the umask gives.
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as file:
             async with transport.stream(url) as response:

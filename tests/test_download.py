@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -42,6 +44,19 @@ async def test_downloads_every_image_as_real_png_named_by_task_and_index(
     downloads = server.requests_for("download")
     assert len(downloads) == 3
     assert all(not request.authorization for request in downloads)  # no token to the CDN
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+async def test_saved_files_get_the_permissions_the_umask_gives(
+    client: kling_async.Client, tmp_path: Path
+) -> None:
+    task = await (await client.images.generate(prompt="p"))
+    old_umask = os.umask(0o022)
+    try:
+        [path] = await client.download(task, tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not a private temp file's 0600
 
 
 async def test_existing_files_are_skipped_and_overwrite_refetches(
