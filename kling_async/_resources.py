@@ -68,6 +68,21 @@ def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _reject_fields_beside(request: TaskRequest, arguments: dict[str, Any], method: str) -> None:
+    """A request model and keyword fields together is a mistake: the fields
+    would be silently ignored, so say so before anything is sent."""
+    given = [
+        name
+        for name, value in arguments.items()
+        if name not in ("self", "request") and value is not None
+    ]
+    if given:
+        raise TypeError(
+            f"{method}() takes a {type(request).__name__} or keyword fields, not both; "
+            f"got the request and {', '.join(given)} (use attrs.evolve(request, ...) to change it)"
+        )
+
+
 def with_external_id(request: RequestT) -> tuple[RequestT, str]:
     """``request`` with an ``external_task_id`` (generated if it has none), and that id.
 
@@ -119,12 +134,14 @@ class Images:
 
         Pass an :class:`ImageGenerationRequest`, or its fields as keywords (an
         omitted field takes the model's default: ``kling-v3``, ``n=1``,
-        ``aspect_ratio="16:9"``). Raises :class:`ValidationError` before sending
-        anything if a field is invalid.
+        ``aspect_ratio="16:9"``), not both (``TypeError``). Raises
+        :class:`ValidationError` before sending anything if a field is invalid.
         """
         arguments = locals()
         if request is None:
             request = await _build(ImageGenerationRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "generate")
         return await self.submit(request)
 
     async def multi_image(
@@ -145,13 +162,15 @@ class Images:
     ) -> TaskHandle:
         """Submit a multi-image-to-image task (1-4 subject images) and return its handle.
 
-        Pass a :class:`MultiImageRequest` or its fields as keywords; images may be
-        paths, bytes, URLs or base64. Raises :class:`ValidationError` before
-        sending anything if a field is invalid.
+        Pass a :class:`MultiImageRequest` or its fields as keywords, not both
+        (``TypeError``); images may be paths, bytes, URLs or base64. Raises
+        :class:`ValidationError` before sending anything if a field is invalid.
         """
         arguments = locals()
         if request is None:
             request = await _build(MultiImageRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "multi_image")
         return await self.submit(request)
 
     async def submit(self, request: TaskRequest) -> TaskHandle:

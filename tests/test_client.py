@@ -75,6 +75,18 @@ async def test_request_objects_are_accepted_and_keep_a_given_external_id(
     assert server.task("order-42").task_id == handle.task_id
 
 
+async def test_a_request_object_with_keyword_fields_beside_it_is_refused(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    request = ImageGenerationRequest(prompt="p")
+    with pytest.raises(TypeError, match="not both; got the request and n, watermark"):
+        await client.images.generate(request, n=4, watermark=False)
+    multi = MultiImageRequest(subject_images=[png(400, 400)])
+    with pytest.raises(TypeError, match=r"MultiImageRequest or keyword fields.*prompt"):
+        await client.images.multi_image(multi, prompt="ignored otherwise")
+    assert server.requests == []
+
+
 async def test_missing_required_field_is_a_validation_error_before_sending(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
