@@ -166,12 +166,32 @@ def _nonempty_string(_instance: object, attribute: attrs.Attribute[Any], value: 
         raise ValidationError(attribute.name, "must be a non-empty string")
 
 
+def redacted_url(value: object) -> str:
+    """A URL as reprs and messages show it: scheme and host only. A callback
+    URL's path carries the token that authorises its callbacks."""
+    if not isinstance(value, str):
+        return repr(value)
+    try:
+        parts = urlsplit(value)
+        host = parts.netloc.rpartition("@")[2]  # never the user:password part
+    except ValueError:
+        return "a string that is not a URL"
+    if not parts.scheme and not host:
+        return "a string that is not a URL"
+    hidden = "/..." if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return repr(f"{parts.scheme}://{host}{hidden}")
+
+
 def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError(attribute.name, f"must be an http(s) URL; got {value!r}")
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        valid = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. a malformed port or IPv6 address
+        valid = False
+    if not valid:
+        raise ValidationError(attribute.name, f"must be an http(s) URL; got {redacted_url(value)}")
 
 
 def _optional_bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -229,7 +249,7 @@ class TaskRequest:
     n: int = attrs.field(default=1, validator=_image_count)
     aspect_ratio: str = attrs.field(default="16:9", validator=_one_of(ASPECT_RATIOS))
     watermark: bool | None = attrs.field(default=None, validator=_optional_bool)
-    callback_url: str | None = attrs.field(default=None, validator=_http_url)
+    callback_url: str | None = attrs.field(default=None, validator=_http_url, repr=redacted_url)
     external_task_id: str | None = attrs.field(default=None, validator=_nonempty_string)
 
 

@@ -231,6 +231,7 @@ class Transport:
         session = self.session()
         url = self.base_url + request.path
         started = time.perf_counter()
+        failure: TransportError | None = None
         try:
             async with session.request(
                 request.method,
@@ -242,16 +243,18 @@ class Transport:
                 body = await _read_capped(response)
                 status, headers = response.status, response.headers
         except aiohttp.ClientConnectorError as error:
-            raise TransportError(
+            failure = TransportError(
                 f"cannot connect to {self.base_url}: {error.os_error.strerror or error}; "
                 "check base_url and the network",
                 may_have_reached_server=False,
-            ) from None
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             reason = type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}"
-            raise TransportError(
-                f"{request.method} {request.path} got no answer ({reason})"
-            ) from None
+            failure = TransportError(f"{request.method} {request.path} got no answer ({reason})")
+        if failure is not None:
+            # Raised outside the except block so it has no __context__ either:
+            # aiohttp's exception holds the request headers, token included.
+            raise failure
         try:
             envelope = parse_envelope(status, body, headers)
         finally:
@@ -273,15 +276,18 @@ class Transport:
         Result URLs live on a CDN: sending the API token there would leak it.
         """
         session = self.session()
+        failure: TransportError | None = None
         try:
             async with session.get(url, headers=headers) as response:
                 yield response
         except aiohttp.ClientConnectorError as error:
-            raise TransportError(
+            failure = TransportError(
                 f"cannot connect for {url}: {error}", may_have_reached_server=False
-            ) from None
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-            raise TransportError(f"GET {url} failed ({type(error).__name__}: {error})") from None
+            failure = TransportError(f"GET {url} failed ({type(error).__name__}: {error})")
+        if failure is not None:
+            raise failure  # outside the except block: no __context__ to carry headers
 
 
 async def _call(attempt: Callable[[], Awaitable[T]]) -> T:

@@ -185,3 +185,21 @@ async def test_secrets_never_appear_in_reprs_errors_or_logs(
         for secret in secrets:
             assert secret not in text, f"{secret[:6]}… leaked in {text[:80]!r}"
     assert any("retrying" in record.getMessage() for record in caplog.records)
+
+
+async def test_transport_errors_carry_no_aiohttp_exception_with_the_request_headers() -> None:
+    # aiohttp's exceptions keep the request (Authorization header included);
+    # a TransportError must not hold one as its cause or context.
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        server.inject("drop", route="get", times=None)
+        no_retry = kling_async.RetryPolicy(max_attempts=1)
+        async with kling_async.Client(API_KEY, base_url=server.url, retry=no_retry) as client:
+            with pytest.raises(kling_async.TransportError) as dropped:
+                await client.images.get("some-task")
+        url = server.url
+    async with kling_async.Client(API_KEY, base_url=url, retry=no_retry) as client:
+        with pytest.raises(kling_async.TransportError) as refused:
+            await client.images.get("some-task")  # the server is gone: connection refused
+    for caught in (dropped, refused):
+        assert caught.value.__cause__ is None
+        assert caught.value.__context__ is None

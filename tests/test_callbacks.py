@@ -12,7 +12,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kling_async import CallbackReceiver, Client, PollPolicy, Task, TaskStatus
+from kling_async import (
+    CallbackReceiver,
+    Client,
+    ConfigurationError,
+    ImageGenerationRequest,
+    PollPolicy,
+    Task,
+    TaskStatus,
+    ValidationError,
+)
 from kling_async.testing import CallbackFaults, FakeKlingServer
 from tests.conftest import API_KEY, make_client
 
@@ -191,6 +200,24 @@ async def test_token_is_an_hmac_of_the_external_id_and_secrets_can_be_shared(
     assert SECRET not in repr(shared_a)
     with pytest.raises(Exception, match="16 bytes"):
         CallbackReceiver("http://h", secret="short")
+
+
+async def test_callback_tokens_stay_out_of_reprs_and_errors(
+    server: FakeKlingServer, receiver: CallbackReceiver
+) -> None:
+    async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
+        handle = await client.images.generate(prompt="p", external_task_id="ext-r")
+        token = receiver.token_for("ext-r")
+        assert handle.request.callback_url == receiver.url_for("ext-r")  # sent in full
+        assert token not in repr(handle.request)
+        assert token not in repr(handle)
+        await handle
+    with pytest.raises(ValidationError) as caught:
+        ImageGenerationRequest(prompt="p", callback_url=f"ftp://h/cb/ext-r/{token}")
+    assert token not in str(caught.value)
+    assert "ftp://h/..." in str(caught.value)
+    with pytest.raises(ConfigurationError, match="public_url must be an http"):
+        CallbackReceiver("ftp://example.invalid/kling")
 
 
 async def test_oversize_malformed_and_mismatched_bodies(
