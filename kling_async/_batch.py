@@ -84,9 +84,10 @@ class Batch:
     """An async iterator over a batch's results, in completion order.
 
     Iterate it once (``async for result in batch``) or call :meth:`collect`.
-    Breaking out stops submitting; tasks already created keep running on Kling,
-    stay attached to the client (polled until they end, releasing their
-    concurrency units) and are listed in :attr:`pending`.
+    Breaking out stops submitting: requests still waiting for quota units are
+    dropped, creates already on the wire get their answer first. Tasks created
+    keep running on Kling, stay attached to the client (polled until they end,
+    releasing their concurrency units) and are listed in :attr:`pending`.
     """
 
     def __init__(
@@ -108,6 +109,8 @@ class Batch:
         self._lookahead = asyncio.Semaphore(LOOKAHEAD)
         self._results: asyncio.Queue[BatchResult | Exception | _Fed] = asyncio.Queue()
         self._creates: dict[asyncio.Task[None], str] = {}
+        self._sending: set[asyncio.Task[None]] = set()  # creates on the wire now
+        self._sent = asyncio.Event()  # a create got its answer
         self._outstanding = 0
         self._started = False
         #: Handles of every task this batch created, in creation order.
@@ -159,9 +162,33 @@ class Batch:
 
     async def _stop(self, feeder: asyncio.Task[None]) -> None:
         feeder.cancel()
-        for create in self._creates:
-            create.cancel()
-        await asyncio.gather(feeder, *self._creates, return_exceptions=True)
+        await asyncio.gather(feeder, return_exceptions=True)
+        try:
+            await self._settle_creates()
+        finally:
+            # Cancelled while settling: what is still on the wire becomes uncertain.
+            for create in self._creates:
+                create.cancel()
+            await asyncio.gather(*self._creates, return_exceptions=True)
+        self._report_stop()
+
+    async def _settle_creates(self) -> None:
+        """Cancel the creates still waiting for quota units; let those on the
+        wire get their answer, so a task Kling created is attached, not lost.
+        A create answered 1303 goes back to waiting, and is cancelled then."""
+        while self._creates:
+            waiting = [c for c in self._creates if c not in self._sending and not c.done()]
+            for create in waiting:
+                create.cancel()
+            self._sent.clear()
+            answered = asyncio.ensure_future(self._sent.wait())
+            try:
+                await asyncio.wait([*self._creates, answered], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                answered.cancel()
+            await asyncio.sleep(0)  # let finished creates' done-callbacks leave _creates
+
+    def _report_stop(self) -> None:
         if self._outstanding:
             pending = [handle.task_id for handle in self.pending]
             if pending:
@@ -205,10 +232,21 @@ class Batch:
             await self._limiter.acquire(request.n)
         finally:
             self._lookahead.release()
+        me = asyncio.current_task()
+        assert me is not None  # a coroutine of the batch's own tasks
+
+        def sending(on_the_wire: bool) -> None:
+            if on_the_wire:
+                self._sending.add(me)
+            else:
+                self._sending.discard(me)
+                self._sent.set()
+
         try:
-            handle = await self._images.submit_holding(request, self._limiter)
+            handle = await self._images.submit_holding(request, self._limiter, on_sending=sending)
         except asyncio.CancelledError:
-            self.uncertain.append(str(request.external_task_id))
+            if me in self._sending:  # cut short on the wire: Kling may have the task
+                self.uncertain.append(str(request.external_task_id))
             raise
         except KlingError as error:
             if _stops_the_batch(error):
@@ -216,6 +254,8 @@ class Batch:
             else:
                 self._finish(BatchResult(index=index, request=request, error=error))
             return
+        finally:
+            self._sending.discard(me)
         self.handles.append(handle)
         self._follow(index, request, handle)
 

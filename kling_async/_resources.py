@@ -189,23 +189,43 @@ class Images:
         await self._limiter.acquire(request.n)
         return await self.submit_holding(request, self._limiter)
 
-    async def submit_holding(self, request: TaskRequest, limiter: ConcurrencyLimiter) -> TaskHandle:
+    async def submit_holding(
+        self,
+        request: TaskRequest,
+        limiter: ConcurrencyLimiter,
+        *,
+        on_sending: Callable[[bool], None] | None = None,
+    ) -> TaskHandle:
         """Submit a request whose ``n`` units of ``limiter`` the caller already holds.
 
         The units stay held until the task ends (or are given back if the create
         fails); on 1303 the create waits at the head of the queue and tries again.
+        ``on_sending(True)`` is called as a create goes on the wire and
+        ``on_sending(False)`` once Kling has answered it; a cancellation in
+        between may have cut short a create that Kling carried out.
         """
         units = request.n
         while True:
+            if on_sending is not None:
+                on_sending(True)
             try:
                 state, sent = await self._create(request, on_error=limiter.observe)
             except ConcurrencyLimitError:
+                if on_sending is not None:
+                    on_sending(False)
                 limiter.release(units, created=False)
                 await limiter.acquire(units, first=True)
                 continue
+            except KlingError:
+                if on_sending is not None:
+                    on_sending(False)
+                limiter.release(units, created=False)
+                raise
             except BaseException:
                 limiter.release(units, created=False)
                 raise
+            if on_sending is not None:
+                on_sending(False)
             limiter.created(units)
             if state.terminal:
                 limiter.release(units)

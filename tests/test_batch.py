@@ -179,6 +179,11 @@ async def test_breaking_out_stops_submitting_and_leaves_tasks_attached(
                     break
             creates = len(server.requests_for("create"))
             assert creates <= 10
+            # Creates on the wire at the break got their answer: every task Kling
+            # created is attached, none is left uncertain.
+            created = {r.external_task_id for r in server.requests_for("create") if r.code == 0}
+            assert created == {handle.external_task_id for handle in batch.handles}
+            assert batch.uncertain == []
             pending = batch.pending
             assert pending
             await asyncio.sleep(0.3)
@@ -191,6 +196,22 @@ async def test_breaking_out_stops_submitting_and_leaves_tasks_attached(
                 await asyncio.sleep(0.02)
             assert limiter.in_use == 0
     assert any("still running on Kling" in record.getMessage() for record in caplog.records)
+
+
+async def test_breaking_out_while_creates_are_on_the_wire_loses_no_task() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2) as server:
+        async with make_client(server, max_concurrency=fast_limiter(5)) as client:
+            batch = client.batch(requests(20))
+            async with contextlib.aclosing(batch.__aiter__()) as results:
+                async for _ in results:
+                    server.inject("delay", route="create", delay=0.3, times=None)
+                    await asyncio.sleep(0.1)  # the next creates are on the wire now
+                    break
+            await asyncio.sleep(0.4)  # any create cut short would have landed by now
+            on_kling = {task.external_task_id for task in server.tasks.values()}
+            assert on_kling == {handle.external_task_id for handle in batch.handles}
+            assert batch.uncertain == []
+            await asyncio.gather(*(handle.wait() for handle in batch.pending))
 
 
 async def test_max_in_flight_caps_running_tasks() -> None:
