@@ -40,7 +40,7 @@ from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
 from ._batch import Batch, BatchResult
 from ._client import Client
 from ._config import ENV_BASE_URL
-from ._exceptions import APIError, KlingError, TaskFailedError, ValidationError
+from ._exceptions import APIError, KlingError, NotFoundError, TaskFailedError, ValidationError
 from ._handle import TaskHandle
 from ._models import (
     ASPECT_RATIOS,
@@ -87,7 +87,8 @@ class Settings:
 
     @property
     def offline(self) -> bool:
-        has_keys = bool(os.environ.get(ENV_ACCESS_KEY) and os.environ.get(ENV_SECRET_KEY))
+        # One key of the pair alone is a mistake to report, not a reason to simulate.
+        has_keys = bool(os.environ.get(ENV_ACCESS_KEY) or os.environ.get(ENV_SECRET_KEY))
         return self.mock or not (self.api_key or has_keys)
 
     @contextlib.asynccontextmanager
@@ -155,6 +156,8 @@ def _describe(error: BaseException) -> str:
         return f"invalid {error}; nothing was sent"
     if isinstance(error, TaskFailedError):
         return f"{error} (task {error.task.task_id})"
+    if isinstance(error, NotFoundError):
+        return f"{error} A multi-image task is found only with --multi-image."
     return str(error) or type(error).__name__
 
 

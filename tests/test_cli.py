@@ -217,6 +217,23 @@ def test_no_credentials_means_offline(tmp_path: Path) -> None:
     assert_valid_png(Path(result.stdout.split()[0]))
 
 
+def test_an_unknown_task_id_hints_at_multi_image(server_url: str) -> None:
+    result = run_cli(*online(server_url, "status", "no-such-task"))
+    assert result.returncode == 1
+    assert "1203" in result.stderr
+    assert "--multi-image" in result.stderr
+
+
+def test_half_a_key_pair_is_an_error_not_an_offline_run(tmp_path: Path) -> None:
+    env = {**clean_env(), "KLING_ACCESS_KEY": "only-the-access-key"}
+    result = run_cli("generate", "p", "--out", str(tmp_path), env=env)
+    assert result.returncode == 1
+    assert "KLING_SECRET_KEY" in result.stderr
+    assert "OFFLINE" not in result.stderr
+    assert "only-the-access-key" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_exits_cleanly_naming_submitted_tasks(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
