@@ -576,15 +576,26 @@ async def _run_batch(
                 if settings.as_json:
                     click.echo(json.dumps(record))
 
-            async for result in batch:
-                if result.ok:
-                    succeeded += 1
-                else:
-                    failed += 1
-                job = asyncio.create_task(finish(result))
-                downloads.add(job)
-                job.add_done_callback(downloads.discard)
-                display.update(batch, succeeded + failed, failed)
+            async def refresh() -> None:
+                # Between results too: tasks go in flight long before the first ends.
+                while True:
+                    display.update(batch, succeeded + failed, failed)
+                    await asyncio.sleep(0.5)
+
+            ticker = asyncio.create_task(refresh())
+            try:
+                async for result in batch:
+                    if result.ok:
+                        succeeded += 1
+                    else:
+                        failed += 1
+                    job = asyncio.create_task(finish(result))
+                    downloads.add(job)
+                    job.add_done_callback(downloads.discard)
+                    display.update(batch, succeeded + failed, failed)
+            finally:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
             await asyncio.gather(*downloads)
             display.update(batch, succeeded + failed, failed)
     return succeeded, failed
