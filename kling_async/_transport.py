@@ -116,13 +116,7 @@ class Transport:
         Raises the :class:`~kling_async.APIError` subclass for Kling's code, or
         :class:`~kling_async.TransportError` when no answer came.
         """
-        attempt = functools.partial(self._exchange, request)
-        try:
-            return await self.retrying(attempt)
-        except AuthenticationError as error:
-            if not self._worth_resigning(error):
-                raise
-        return await self.retrying(attempt)
+        return await self._retrying_resigned(functools.partial(self._exchange, request))
 
     async def send_create(
         self,
@@ -164,18 +158,22 @@ class Transport:
                     on_error(error)
                 raise
 
-        try:
-            return await self.retrying(attempt)
-        except AuthenticationError as error:
-            if not self._worth_resigning(error):
-                raise
-        return await self.retrying(attempt)
+        return await self._retrying_resigned(attempt)
 
     async def _lookup(self, lookup: WireRequest) -> Envelope | None:
         try:
             return await self._exchange(lookup)
         except NotFoundError:
             return None
+
+    async def _retrying_resigned(self, attempt: Callable[[], Awaitable[Envelope]]) -> Envelope:
+        """:meth:`retrying`, and all of it once more after re-signing a rejected JWT."""
+        try:
+            return await self.retrying(attempt)
+        except AuthenticationError as error:
+            if not self._worth_resigning(error):
+                raise
+        return await self.retrying(attempt)
 
     def _worth_resigning(self, error: AuthenticationError) -> bool:
         """An expired or not-yet-valid JWT is worth one fresh signature; any other
