@@ -55,6 +55,10 @@ def new_external_task_id() -> str:
     return secrets.token_hex(16)
 
 
+def _keyword_fields(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in arguments.items() if name not in ("self", "request")}
+
+
 def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     """The request fields among a keyword method's arguments (its ``locals()``),
     so the signature, typed for callers, is the one list of field names.
@@ -62,7 +66,7 @@ def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
     An ``external_task_id`` is generated here when none is given, so the request
     is built once rather than built and then copied with the id.
     """
-    fields = {name: value for name, value in arguments.items() if name not in ("self", "request")}
+    fields = _keyword_fields(arguments)
     if fields.get("external_task_id") is None:
         fields["external_task_id"] = new_external_task_id()
     return fields
@@ -71,11 +75,7 @@ def _fields(arguments: dict[str, Any]) -> dict[str, Any]:
 def _reject_fields_beside(request: TaskRequest, arguments: dict[str, Any], method: str) -> None:
     """A request model and keyword fields together is a mistake: the fields
     would be silently ignored, so say so before anything is sent."""
-    given = [
-        name
-        for name, value in arguments.items()
-        if name not in ("self", "request") and value is not None
-    ]
+    given = [name for name, value in _keyword_fields(arguments).items() if value is not None]
     if given:
         raise TypeError(
             f"{method}() takes a {type(request).__name__} or keyword fields, not both; "
@@ -194,7 +194,7 @@ class Images:
         request: TaskRequest,
         limiter: ConcurrencyLimiter,
         *,
-        on_sending: Callable[[bool], None] | None = None,
+        on_sending: Callable[[bool], None] = lambda _on_the_wire: None,
     ) -> TaskHandle:
         """Submit a request whose ``n`` units of ``limiter`` the caller already holds.
 
@@ -206,26 +206,20 @@ class Images:
         """
         units = request.n
         while True:
-            if on_sending is not None:
-                on_sending(True)
+            on_sending(True)
             try:
                 state, sent = await self._create(request, on_error=limiter.observe)
-            except ConcurrencyLimitError:
-                if on_sending is not None:
-                    on_sending(False)
+            except KlingError as error:
+                on_sending(False)  # Kling answered, or the transport gave up
                 limiter.release(units, created=False)
-                await limiter.acquire(units, first=True)
-                continue
-            except KlingError:
-                if on_sending is not None:
-                    on_sending(False)
-                limiter.release(units, created=False)
+                if isinstance(error, ConcurrencyLimitError):
+                    await limiter.acquire(units, first=True)
+                    continue
                 raise
             except BaseException:
                 limiter.release(units, created=False)
                 raise
-            if on_sending is not None:
-                on_sending(False)
+            on_sending(False)
             limiter.created(units)
             if state.terminal:
                 limiter.release(units)
