@@ -89,12 +89,14 @@ class Poller:
 
     def hurry(self, state: TaskState) -> None:
         """Poll ``state`` as soon as possible (a terminal callback wants confirming);
-        a poll already in flight may predate it, so another follows that one."""
+        a poll already in flight may predate it, so another follows that one.
+        Nobody waiting yet (a callback that overtook its create), the state is
+        marked so that the first wait polls it at once."""
+        state.hurry = True
         if state not in self._active:
             if not state.wanted:
-                return  # nobody waits: a later wait polls it anyway
+                return
             self.add(state)
-        state.hurry = True
         if not state.polling:
             now = asyncio.get_running_loop().time()
             if self._in_confirmation_burst(now) and len(self._active) >= LIST_THRESHOLD:

@@ -277,7 +277,6 @@ class Tracker:
             # list page confirms many callbacks at once. If it disagrees, the
             # task goes back to the normal cadence: its callbacks are suspect.
             state.callbacks = False
-            state.hurry = True
             self._poller(state.endpoint).hurry(state)
         else:
             self.publish(state, task, trusted=False)

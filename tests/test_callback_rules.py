@@ -618,6 +618,30 @@ async def test_a_forged_terminal_callback_before_the_create_returns_is_not_belie
     assert not handle.done()  # Kling says the task is still submitted
 
 
+async def test_an_early_terminal_callback_is_confirmed_as_soon_as_someone_waits(
+    receiver: CallbackReceiver,
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None, processing_delay=60) as server:
+        server.inject("drop_after", route="create")
+        server.inject("delay", route="get", delay=0.3)
+        async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
+            creating = asyncio.create_task(
+                client.images.generate(prompt="p", external_task_id="early-1")
+            )
+            await eventually(lambda: server.tasks)
+            (fake,) = server.tasks.values()
+            said = fake.to_data()
+            said.update(task_status="succeed", updated_at=fake.updated_at_ms + 10)
+            assert (await post(receiver.url_for("early-1"), json.dumps(said).encode()))[0] == 200
+            handle = await creating
+            assert not handle.done()  # not believed before a poll confirms it
+            _lose_callbacks_of(server, handle)
+            server.finish(handle.task_id)
+            # Confirmed by a poll due at once, not by the safety net 30 s away.
+            task = await handle.wait(timeout=1.5)
+    assert task.status is TaskStatus.SUCCEED
+
+
 async def test_aiohttp_sub_app_honours_a_max_body_size_above_aiohttps_default() -> None:
     receiver = CallbackReceiver(secret=SECRET, max_body_size=2 * MIB)
     runner, _ = await mounted(receiver)
