@@ -34,7 +34,7 @@ from urllib.parse import quote, unquote, urlsplit
 from aiohttp import web
 
 from ._exceptions import APIError, ConfigurationError
-from ._models import Task, redacted_url
+from ._models import Task, is_http_url, redacted_url
 from ._tracking import CallbackOutcome, Tracker, is_newer
 from ._wire import Envelope, parse_task
 
@@ -88,7 +88,7 @@ class CallbackReceiver:
         confirm: bool = True,
         max_body_size: int = DEFAULT_MAX_BODY,
     ) -> None:
-        if public_url and urlsplit(public_url).scheme not in ("http", "https"):
+        if public_url and not is_http_url(public_url):
             raise ConfigurationError(
                 f"public_url must be an http(s) URL Kling can reach; got {redacted_url(public_url)}"
             )

@@ -182,15 +182,19 @@ def redacted_url(value: object) -> str:
     return repr(f"{parts.scheme}://{host}{hidden}")
 
 
-def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
+def is_http_url(value: object) -> bool:
+    """Whether ``value`` is an http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
     try:
-        parts = urlsplit(value) if isinstance(value, str) else None
-        valid = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:  # e.g. a malformed port or IPv6 address
-        valid = False
-    if not valid:
+        return False
+
+
+def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not is_http_url(value):
         raise ValidationError(attribute.name, f"must be an http(s) URL; got {redacted_url(value)}")
 
 
