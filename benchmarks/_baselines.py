@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -234,14 +235,10 @@ async def semaphore_batch(
     async def one(index: int, n: int) -> None:
         nonlocal rejected
         async with semaphore:
-            while True:
-                envelope, future = await _create_with_callback(raw, receiver, f"task {index}", n)
-                if envelope.get("code") == 0:
-                    break
-                if envelope.get("code") != CONCURRENCY_FULL:
-                    raise RuntimeError(f"create failed: {envelope}")
-                rejected += 1
-                await asyncio.sleep(0.05)
+            future, refusals = await _create_until_accepted(
+                raw, receiver, index, n, itertools.repeat(0.05)
+            )
+            rejected += refusals
             on_end(await future)
 
     await asyncio.gather(*(one(index, n) for index, n in enumerate(sizes)))
@@ -266,23 +263,37 @@ async def retry_on_1303_batch(
     queue = iter(enumerate(sizes))
     rejected = 0
 
+    def backoffs() -> Iterator[float]:
+        backoff = first_backoff
+        while True:
+            yield backoff * rng.uniform(0.5, 1.0)
+            backoff = min(max_backoff, backoff * 2)
+
     async def worker() -> None:
         nonlocal rejected
         for index, n in queue:
-            backoff = first_backoff
-            while True:
-                envelope, future = await _create_with_callback(raw, receiver, f"task {index}", n)
-                if envelope.get("code") == 0:
-                    break
-                if envelope.get("code") != CONCURRENCY_FULL:
-                    raise RuntimeError(f"create failed: {envelope}")
-                rejected += 1
-                await asyncio.sleep(backoff * rng.uniform(0.5, 1.0))
-                backoff = min(max_backoff, backoff * 2)
+            future, refusals = await _create_until_accepted(raw, receiver, index, n, backoffs())
+            rejected += refusals
             on_end(await future)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return rejected
+
+
+async def _create_until_accepted(
+    raw: RawKling, receiver: CallbackFutures, index: int, n: int, pauses: Iterator[float]
+) -> tuple[asyncio.Future[dict[str, Any]], int]:
+    """Create task ``index`` until Kling accepts it, pausing as ``pauses`` says
+    after each 1303; return the future of its end and the 1303s seen."""
+    refusals = 0
+    while True:
+        envelope, future = await _create_with_callback(raw, receiver, f"task {index}", n)
+        if envelope.get("code") == 0:
+            return future, refusals
+        if envelope.get("code") != CONCURRENCY_FULL:
+            raise RuntimeError(f"create failed: {envelope}")
+        refusals += 1
+        await asyncio.sleep(next(pauses))
 
 
 async def hold_in_flight(

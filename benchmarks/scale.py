@@ -995,27 +995,29 @@ def headline(p: Params, sections: dict[str, Any]) -> dict[str, Any]:
             "sdk_mean_ms": sdk["detection_latency"]["mean_ms"],
             "baseline_mean_ms": base["detection_latency"]["mean_ms"],
         }
-        polls = ratio(sdk["polls_per_task"], base["polls_per_task"])
-        figures[f"polls_per_task{suffix}"] = figure(
-            sdk["polls_per_task"],
-            base["polls_per_task"],
-            goal,
-            polls is not None and polls <= 0.05 and point["latency_matched"],
-            detection_latency=latency,
-            baseline_poll_interval_s=point["baseline_poll_interval_s"],
-            note="GETs + list pages per completed task, creates not counted",
-        )
-        total = ratio(sdk["requests_per_task"], base["requests_per_task"])
-        figures[f"requests_per_task_with_create{suffix}"] = figure(
-            sdk["requests_per_task"],
-            base["requests_per_task"],
-            goal,
-            total is not None and total <= 0.05 and point["latency_matched"],
-            detection_latency=latency,
-            baseline_poll_interval_s=point["baseline_poll_interval_s"],
-            note="creates counted: the ratio cannot go below "
-            "1 / baseline requests per task whatever the SDK does",
-        )
+        for name, key, note in (
+            (
+                "polls_per_task",
+                "polls_per_task",
+                "GETs + list pages per completed task, creates not counted",
+            ),
+            (
+                "requests_per_task_with_create",
+                "requests_per_task",
+                "creates counted: the ratio cannot go below "
+                "1 / baseline requests per task whatever the SDK does",
+            ),
+        ):
+            r = ratio(sdk[key], base[key])
+            figures[f"{name}{suffix}"] = figure(
+                sdk[key],
+                base[key],
+                goal,
+                r is not None and r <= 0.05 and point["latency_matched"],
+                detection_latency=latency,
+                baseline_poll_interval_s=point["baseline_poll_interval_s"],
+                note=note,
+            )
     if not points:
         figures["polls_per_task"] = missing("requests", goal)
         figures["requests_per_task_with_create"] = missing("requests", goal)
