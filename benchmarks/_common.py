@@ -17,6 +17,7 @@ import os
 import platform
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -171,6 +172,12 @@ def summarize_ms(seconds: Sequence[float]) -> dict[str, float | int | None]:
         "mean_ms": round(sum(ordered) / len(ordered) * 1000, 3),
         "max_ms": round(ordered[-1] * 1000, 3),
     }
+
+
+def end_lag(updated_at_ms: float) -> float:
+    """Seconds from a task's terminal ``updated_at`` (Unix ms, Kling's clock,
+    here the same machine's) to now."""
+    return time.time() - updated_at_ms / 1000
 
 
 def ratio(numerator: float | int | None, denominator: float | int | None) -> float | None:

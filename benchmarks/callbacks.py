@@ -71,6 +71,7 @@ import aiohttp
 from _common import (
     FakeServerProcess,
     cancel_on_termination,
+    end_lag,
     machine_info,
     ratio,
     request_delta,
@@ -245,10 +246,6 @@ async def drive(
     tally.end_lags.extend(outcome.end_lag for outcome in outcomes)
     if clock is not None:
         tally.add_clock(clock, outcomes)
-
-
-def end_lag(updated_at_ms: float) -> float:
-    return time.time() - updated_at_ms / 1000
 
 
 async def sdk_mode(

@@ -86,6 +86,7 @@ from _baselines import (
 from _common import (
     FakeServerProcess,
     cancel_on_termination,
+    end_lag,
     machine_info,
     ratio,
     request_delta,
@@ -326,14 +327,9 @@ class Window:
         }
 
 
-def end_lag(updated_at_ms: float) -> float:
-    """Seconds from a task's terminal ``updated_at`` (Unix ms) to now."""
-    return time.time() - updated_at_ms / 1000
-
-
 def task_end_lag(task: kling_async.Task) -> float:
     assert task.updated_at is not None
-    return time.time() - task.updated_at.timestamp()
+    return end_lag(task.updated_at.timestamp() * 1000)
 
 
 # --- 1. CPU per lifecycle ---------------------------------------------------------
