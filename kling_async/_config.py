@@ -62,21 +62,23 @@ class RetryPolicy:
     max_elapsed: float = attrs.field(default=60.0, validator=_positive)
     rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
 
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (1 for the
+        first): ``retry_after`` when the server asked for it, else jittered
+        exponential backoff."""
+        if retry_after is not None:
+            return float(retry_after)
+        exponent = min(max(failures - 1, 0), 32)
+        return _equal_jitter(min(self.max_delay, self.initial_delay * 2**exponent), self.rng)
+
     def waits(self) -> Generator[float, Any, None]:
         """A ``backoff`` wait generator: it is sent each failure and yields the
         seconds to wait before the next try."""
         error = yield 0.0  # backoff primes the generator with send(None) and drops this
-        attempt = 0
+        failures = 0
         while True:
-            hinted = getattr(error, "retry_after", None)
-            if hinted is not None:
-                delay = float(hinted)
-            else:
-                delay = _equal_jitter(
-                    min(self.max_delay, self.initial_delay * 2 ** min(attempt, 32)), self.rng
-                )
-            attempt += 1
-            error = yield delay
+            failures += 1
+            error = yield self.delay(failures, getattr(error, "retry_after", None))
 
 
 @attrs.frozen(kw_only=True)

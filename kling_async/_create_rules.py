@@ -1,0 +1,229 @@
+"""What to do next with a create: pure decisions over what happened so far.
+
+A create that fails may still have created (and billed) its task: the answer was
+lost, the connection dropped after sending, the gateway timed out, Kling failed
+with a 5xx after acting. Every create carries an ``external_task_id``, unique per
+account, so the client can always ask Kling whether it has the task (a lookup),
+and re-sending under the same id can never make a second task: at worst Kling
+answers "external_task_id already exists".
+
+These functions decide, from a :class:`CreateProgress` and the latest outcome,
+the next :class:`Step`: send (again), look the id up, re-sign the token, wait
+for quota units again (1303), or stop: created, not created, or uncertain. They
+do no I/O and read no clock (the caller passes the elapsed time), so every rule
+is table-tested without a server. ``_submissions`` carries them out.
+
+The rules in words:
+
+- an ambiguous failure (no answer after sending, a timeout, a 5xx) means the
+  task may exist: look it up, with backoff; if Kling has it, it is created;
+  if not, send again under the same id while the retry budget lasts;
+- once a try may have landed, no refusal is believed until a lookup settles
+  it ("external_task_id already exists" is the landed try speaking);
+- 1303 (the account's quota is full) waits for units again, when the client
+  has a limiter, with the same id; without one it is final;
+- 1302 and refused connections (nothing reached Kling) are sent again;
+- an expired or not-yet-valid JWT (1003/1004) is re-signed once;
+- every other refusal is final: the task was not created;
+- the last try, too, is followed by lookups when it may have landed; if the
+  lookups themselves fail the create is *uncertain*, reported with its id.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from ._config import RetryPolicy
+from ._exceptions import (
+    RESIGN_CODES,
+    APIError,
+    AuthenticationError,
+    ConcurrencyLimitError,
+    KlingError,
+    is_ambiguous,
+    is_retryable,
+)
+
+__all__ = ["CreateProgress", "Decision", "Step", "after_lookup", "after_sent", "lookup_budget"]
+
+#: Lookups that settle a create which may have landed, whatever the retry
+#: policy says: a create is money, and a lost answer is usually one blip.
+MIN_LOOKUPS = 3
+
+
+class Step(enum.Enum):
+    """The next thing to do with a create."""
+
+    SEND = "send"
+    LOOKUP = "lookup"
+    RESIGN = "resign"
+    REQUEUE = "requeue"
+    CREATED = "created"
+    NOT_CREATED = "not_created"
+    UNCERTAIN = "uncertain"
+
+    @property
+    def final(self) -> bool:
+        """True when the create is settled one way or the other."""
+        return self in (Step.CREATED, Step.NOT_CREATED, Step.UNCERTAIN)
+
+
+@attrs.frozen(kw_only=True)
+class CreateProgress:
+    """What has happened to one create so far.
+
+    ``sends`` and ``failures`` count within the current round (a 1303 re-queue
+    starts a new one: waiting for quota is not failing); ``lookups`` since the
+    last send. ``possibly_landed`` stays set once any try may have created the
+    task, across rounds. ``settling`` means no more sends: the remaining lookups
+    decide between created and not created. ``error`` is the failure to report
+    if the task turns out not to exist.
+    """
+
+    sends: int = 0
+    lookups: int = 0
+    failures: int = 0
+    possibly_landed: bool = False
+    resigned: bool = False
+    settling: bool = False
+    error: KlingError | None = attrs.field(default=None, eq=False)
+
+
+@attrs.frozen
+class Decision:
+    """The next step, the progress to carry into it, and how long to wait first.
+
+    For :attr:`Step.RESIGN`, ``then`` is the step to repeat once a new token is
+    signed, and ``otherwise`` the decision to follow when the credentials
+    cannot be renewed (a static token).
+    """
+
+    step: Step
+    progress: CreateProgress
+    delay: float = 0.0
+    then: Step | None = None
+    otherwise: Decision | None = None
+
+    @property
+    def error(self) -> KlingError | None:
+        """The failure to report when the step is NOT_CREATED or UNCERTAIN."""
+        return self.progress.error
+
+
+def lookup_budget(policy: RetryPolicy) -> int:
+    """How many lookups may follow one send."""
+    return max(MIN_LOOKUPS, policy.max_attempts)
+
+
+def _may_send(progress: CreateProgress, policy: RetryPolicy, elapsed: float, delay: float) -> bool:
+    return progress.sends < policy.max_attempts and elapsed + delay < policy.max_elapsed
+
+
+def _retry_after(error: KlingError) -> float | None:
+    return error.retry_after if isinstance(error, APIError) else None
+
+
+def _resignable(error: KlingError, progress: CreateProgress) -> bool:
+    return (
+        isinstance(error, AuthenticationError)
+        and error.code in RESIGN_CODES
+        and not progress.resigned
+    )
+
+
+def after_sent(
+    progress: CreateProgress,
+    error: KlingError | None,
+    *,
+    policy: RetryPolicy,
+    elapsed: float,
+    can_requeue: bool,
+) -> Decision:
+    """Decide after a send: ``error`` is ``None`` when Kling answered with the task."""
+    sent = attrs.evolve(progress, sends=progress.sends + 1, lookups=0)
+    if error is None:
+        return Decision(Step.CREATED, sent)
+    if _resignable(error, sent):
+        as_final = after_sent(
+            attrs.evolve(progress, resigned=True),
+            error,
+            policy=policy,
+            elapsed=elapsed,
+            can_requeue=can_requeue,
+        )
+        resigned = attrs.evolve(sent, resigned=True)
+        return Decision(Step.RESIGN, resigned, then=Step.SEND, otherwise=as_final)
+    failures = sent.failures + 1
+    if is_ambiguous(error):
+        landed = attrs.evolve(sent, possibly_landed=True, failures=failures, error=error)
+        return Decision(Step.LOOKUP, landed, policy.delay(failures, _retry_after(error)))
+    requeue = isinstance(error, ConcurrencyLimitError) and can_requeue
+    if sent.possibly_landed:
+        # Whatever Kling says now may be about the earlier try that landed:
+        # "external_task_id already exists", or 1303 because our own orphan
+        # holds the units. Ask before believing it.
+        delay = policy.delay(failures, _retry_after(error))
+        retry = is_retryable(error) and _may_send(sent, policy, elapsed, delay)
+        checked = attrs.evolve(
+            sent, failures=failures, error=error, settling=not (requeue or retry)
+        )
+        return Decision(Step.LOOKUP, checked, delay if retry else 0.0)
+    if requeue:
+        return Decision(Step.REQUEUE, _new_round(sent, error))
+    if is_retryable(error):
+        delay = policy.delay(failures, _retry_after(error))
+        if _may_send(sent, policy, elapsed, delay):
+            return Decision(Step.SEND, attrs.evolve(sent, failures=failures, error=error), delay)
+    return Decision(Step.NOT_CREATED, attrs.evolve(sent, error=error))
+
+
+def after_lookup(
+    progress: CreateProgress,
+    found: bool | KlingError,
+    *,
+    policy: RetryPolicy,
+    elapsed: float,
+    can_requeue: bool,
+) -> Decision:
+    """Decide after a lookup by external_task_id: ``found`` is True (Kling has
+    the task), False (it answered "not found"), or the error the lookup met."""
+    looked = attrs.evolve(progress, lookups=progress.lookups + 1)
+    if found is True:
+        return Decision(Step.CREATED, looked)
+    failures = looked.failures + 1
+    if isinstance(found, KlingError):
+        if _resignable(found, looked):
+            as_final = after_lookup(
+                attrs.evolve(progress, resigned=True),
+                found,
+                policy=policy,
+                elapsed=elapsed,
+                can_requeue=can_requeue,
+            )
+            resigned = attrs.evolve(looked, resigned=True)
+            return Decision(Step.RESIGN, resigned, then=Step.LOOKUP, otherwise=as_final)
+        if is_retryable(found) and looked.lookups < lookup_budget(policy):
+            delay = policy.delay(failures, _retry_after(found))
+            return Decision(Step.LOOKUP, attrs.evolve(looked, failures=failures), delay)
+        return Decision(Step.UNCERTAIN, attrs.evolve(looked, error=looked.error or found))
+    if not looked.settling:
+        if isinstance(looked.error, ConcurrencyLimitError) and can_requeue:
+            return Decision(Step.REQUEUE, _new_round(looked, looked.error))
+        if _may_send(looked, policy, elapsed, 0.0):
+            return Decision(Step.SEND, looked)
+        looked = attrs.evolve(looked, settling=True)
+    # Not found, and no sends left to ask with. A task created an instant ago
+    # may not be visible yet (read-after-write lag): ask a few more times.
+    if looked.lookups < lookup_budget(policy):
+        return Decision(
+            Step.LOOKUP, attrs.evolve(looked, failures=failures), policy.delay(failures)
+        )
+    return Decision(Step.NOT_CREATED, looked)
+
+
+def _new_round(progress: CreateProgress, error: KlingError) -> CreateProgress:
+    """After 1303 the create waits for quota units, then starts afresh: waiting
+    is not failing, so the retry budget is full again (the id stays the same)."""
+    return attrs.evolve(progress, sends=0, lookups=0, failures=0, settling=False, error=error)
