@@ -1,0 +1,156 @@
+"""The ledger: what the client knows of every create, keyed by external_task_id.
+
+A create is money: Kling bills a task from the moment it accepts it, whether or
+not its answer reaches us. So the create's owner (``_submissions``) writes an
+entry for each create *before* anything is sent, and keeps it current as the
+create settles: sent, created (with the task_id), not created, or uncertain
+(sent, and nobody could tell whether it landed), then terminal.
+
+:class:`Ledger` is the protocol; :class:`MemoryLedger` the default, which keeps
+only what a running process needs (creates not yet settled). A durable journal
+(SQLite) and a shared one (Redis) implement the same protocol, so resuming
+after a crash, or adopting another process's tasks, reads the same entries.
+
+Writes are synchronous and never block (``record``); a durable implementation
+queues them and makes them durable in batches. ``flush`` is the barrier: once it
+returns, everything recorded before it survives a crash. The owner awaits it
+after recording an intent and before sending the create.
+
+Entries never hold credentials: the request body is stored without a callback
+URL the receiver made (its path is a token; it is made again from the id).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from ._models import Endpoint, ImageResult
+
+__all__ = ["EntryState", "Ledger", "LedgerEntry", "MemoryLedger"]
+
+
+class EntryState(str, enum.Enum):
+    """Where a create stands."""
+
+    INTENDED = "intended"
+    """Recorded, not sent yet."""
+    SENT = "sent"
+    """On the wire (or was, when a process died): look it up before sending again."""
+    CREATED = "created"
+    """Kling created the task; ``task_id`` is known."""
+    NOT_CREATED = "not_created"
+    """Kling refused it, confirmed it has no such task, or it was never sent."""
+    UNCERTAIN = "uncertain"
+    """Sent, and it could not be told whether Kling created it: look it up by
+    external_task_id (``client.images.get`` or ``client.resume()``)."""
+    TERMINAL = "terminal"
+    """The task ended (``succeed`` or ``failed``)."""
+
+    @property
+    def settled(self) -> bool:
+        """True when nothing more will happen to the create: it ended or never was."""
+        return self in (EntryState.NOT_CREATED, EntryState.TERMINAL)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _frozen_body(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return dict(body)
+
+
+@attrs.frozen(kw_only=True)
+class LedgerEntry:
+    """One create, as the ledger holds it.
+
+    ``body`` is the create's JSON body (Kling's wire names) without a callback
+    URL the client's receiver made; ``receiver_callback`` says one was made, so
+    that a re-send gets a fresh one. ``units`` is the task's share of the
+    concurrency quota (its ``n``). ``status`` and ``images`` are the task's last
+    known status and results; ``error`` says why a create was not made or is
+    uncertain. ``key`` identifies the request inside a batch (its position and
+    content) so a rerun finds it; ``owner`` names the process that holds it.
+    Times are Unix seconds.
+    """
+
+    external_task_id: str
+    endpoint: Endpoint
+    body: Mapping[str, Any] = attrs.field(converter=_frozen_body, repr=False)
+    units: int = 1
+    state: EntryState = EntryState.INTENDED
+    task_id: str | None = None
+    status: str | None = None
+    images: tuple[ImageResult, ...] = ()
+    error: str | None = None
+    receiver_callback: bool = False
+    key: str | None = None
+    owner: str | None = None
+    downloaded: tuple[str, ...] = ()
+    intended_at: float = attrs.field(factory=time.time)
+    updated_at: float = attrs.field(factory=time.time)
+
+    def moved(self, state: EntryState, **changes: Any) -> LedgerEntry:
+        """This entry in ``state`` (with ``changes``), stamped now."""
+        return attrs.evolve(self, state=state, updated_at=time.time(), **changes)
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """Where a client records its creates. Implementations: :class:`MemoryLedger`
+    (the default), the SQLite journal, the Redis ledger."""
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Insert or replace the entry for ``entry.external_task_id``. Never blocks:
+        a durable ledger queues the write; :meth:`flush` waits for it."""
+
+    async def flush(self) -> None:
+        """Return once every entry recorded so far is durable."""
+
+    async def get(self, external_task_id: str) -> LedgerEntry | None:
+        """The entry for ``external_task_id``, if the ledger holds one."""
+
+    async def unsettled(self) -> list[LedgerEntry]:
+        """Entries whose create or task has not reached an end: intended, sent,
+        created or uncertain. What ``client.resume()`` settles."""
+
+    async def close(self) -> None:
+        """Flush and release the ledger's resources."""
+
+
+class MemoryLedger:
+    """The default ledger: this process's unsettled creates, in memory.
+
+    Once a task is created the client's tracker knows it, and nothing in memory
+    outlives the process anyway, so created, terminal and not-created entries are
+    dropped: what stays are creates in progress and uncertain ones, which is what
+    ``close()`` reports and :meth:`unsettled` lists.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, LedgerEntry] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryLedger {len(self._entries)} unsettled>"
+
+    def record(self, entry: LedgerEntry) -> None:
+        if entry.state in (EntryState.INTENDED, EntryState.SENT, EntryState.UNCERTAIN):
+            self._entries[entry.external_task_id] = entry
+        else:
+            self._entries.pop(entry.external_task_id, None)
+
+    async def flush(self) -> None:
+        return None
+
+    async def get(self, external_task_id: str) -> LedgerEntry | None:
+        return self._entries.get(external_task_id)
+
+    async def unsettled(self) -> list[LedgerEntry]:
+        return list(self._entries.values())
+
+    async def close(self) -> None:
+        return None
