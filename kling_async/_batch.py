@@ -1,9 +1,10 @@
 """``client.batch()``: thousands of requests through the concurrency quota.
 
-A feeder takes requests in order, waits for their units in the limiter (so the
-account's quota stays full but is not exceeded) and starts each create; every
-created task reports back when it ends, and results come out in completion
-order. One request's failure is one result with an ``error``; only a problem of
+A feeder takes requests in order and hands each to the client's create owner
+(``_submissions``), which waits for its units in the limiter (so the account's
+quota stays full but is not exceeded), sends it and settles it; every created
+task reports back when it ends, and results come out in completion order.
+One request's failure is one result with an ``error``; only a problem of
 the whole account (quota used up, IP not whitelisted, bad credentials) stops the
 batch, raised from the iterator.
 """
@@ -29,10 +30,9 @@ from ._exceptions import (
 from ._handle import TaskHandle
 from ._limiter import ConcurrencyLimiter
 from ._models import Task, TaskRequest, TaskStatus
-from ._resources import with_external_id
 
 if TYPE_CHECKING:
-    from ._resources import Images
+    from ._submissions import Submission, Submissions
     from ._tracking import Tracker
 
 __all__ = ["Batch", "BatchResult"]
@@ -76,23 +76,20 @@ def _stops_the_batch(error: KlingError) -> bool:
     return isinstance(error, PermissionDeniedError) and error.code == 1304
 
 
-class _Fed:
-    """Marks the end of the input in the results queue."""
-
-
 class Batch:
     """An async iterator over a batch's results, in completion order.
 
     Iterate it once (``async for result in batch``) or call :meth:`collect`.
     Breaking out stops submitting: requests still waiting for quota units are
-    dropped, creates already on the wire get their answer first. Tasks created
+    dropped, creates already on the wire get their answer first (even when the
+    client is closed at once, as ``async with Client()`` does). Tasks created
     keep running on Kling, stay attached to the client (polled until they end,
     releasing their concurrency units) and are listed in :attr:`pending`.
     """
 
     def __init__(
         self,
-        images: Images,
+        submissions: Submissions,
         tracker: Tracker,
         requests: BatchRequests,
         *,
@@ -101,22 +98,20 @@ class Batch:
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._images = images
+        self._submissions = submissions
         self._tracker = tracker
         self._requests = requests
         self._limiter = limiter
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._lookahead = asyncio.Semaphore(LOOKAHEAD)
-        self._results: asyncio.Queue[BatchResult | Exception | _Fed] = asyncio.Queue()
-        self._creates: dict[asyncio.Task[None], str] = {}
-        self._sending: set[asyncio.Task[None]] = set()  # creates on the wire now
-        self._sent = asyncio.Event()  # a create got its answer
+        self._results: asyncio.Queue[BatchResult | Exception | None] = asyncio.Queue()
+        self._live: set[Submission] = set()  # creates not settled yet
         self._outstanding = 0
         self._started = False
         #: Handles of every task this batch created, in creation order.
         self.handles: list[TaskHandle] = []
-        #: external_task_ids of creates cut short when the batch stopped: they
-        #: may or may not exist on Kling (look them up with client.images.get).
+        #: external_task_ids of creates that may or may not exist on Kling
+        #: (look them up with client.images.get, or client.resume()).
         self.uncertain: list[str] = []
         self.finished = 0
         self.failed = 0
@@ -148,7 +143,7 @@ class Batch:
         try:
             while not (fed and self._outstanding == 0):
                 item = await self._results.get()
-                if isinstance(item, _Fed):
+                if item is None:  # the input is used up
                     fed = True
                 elif isinstance(item, Exception):
                     raise item
@@ -161,32 +156,18 @@ class Batch:
             await self._stop(feeder)
 
     async def _stop(self, feeder: asyncio.Task[None]) -> None:
+        """Stop feeding, drop creates still waiting for units, and wait for those
+        on the wire: the create owner settles them whatever happens here (a
+        cancelled cleanup included), so a task Kling created is never lost."""
         feeder.cancel()
         await asyncio.gather(feeder, return_exceptions=True)
-        try:
-            await self._settle_creates()
-        finally:
-            # Cancelled while settling: what is still on the wire becomes uncertain.
-            for create in self._creates:
-                create.cancel()
-            await asyncio.gather(*self._creates, return_exceptions=True)
+        live = list(self._live)
+        for submission in live:
+            self._submissions.abandon(submission)
+        runners = [s.runner for s in live if s.runner is not None and not s.runner.done()]
+        if runners:
+            await asyncio.wait(runners)
         self._report_stop()
-
-    async def _settle_creates(self) -> None:
-        """Cancel the creates still waiting for quota units; let those on the
-        wire get their answer, so a task Kling created is attached, not lost.
-        A create answered 1303 goes back to waiting, and is cancelled then."""
-        while self._creates:
-            waiting = [c for c in self._creates if c not in self._sending and not c.done()]
-            for create in waiting:
-                create.cancel()
-            self._sent.clear()
-            answered = asyncio.ensure_future(self._sent.wait())
-            try:
-                await asyncio.wait([*self._creates, answered], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                answered.cancel()
-            await asyncio.sleep(0)  # let finished creates' done-callbacks leave _creates
 
     def _report_stop(self) -> None:
         if self._outstanding:
@@ -197,13 +178,6 @@ class Batch:
                     len(pending),
                     ", ".join(pending),
                 )
-            if self.uncertain:
-                logger.warning(
-                    "batch stopped during %d creates that may or may not have landed "
-                    "(external_task_ids): %s",
-                    len(self.uncertain),
-                    ", ".join(self.uncertain),
-                )
 
     async def _feed(self) -> None:
         try:
@@ -211,53 +185,51 @@ class Batch:
             async for request in _each(self._requests):
                 if self._slots is not None:
                     await self._slots.acquire()
+                # Up to LOOKAHEAD requests wait in the limiter together, queued in
+                # input order, so its first-fit rule can start a small one beside
+                # a large one that does not fit yet.
                 await self._lookahead.acquire()
-                # The id is fixed here so that a create cut short can be named.
-                request, external_task_id = with_external_id(request)
                 self._outstanding += 1
-                create = asyncio.create_task(self._submit(index, request))
-                self._creates[create] = external_task_id
-                create.add_done_callback(self._creates.pop)
+                self._start(index, request)
                 index += 1
         except Exception as error:  # the caller's own request iterator failed
             self._results.put_nowait(error)
             return
-        self._results.put_nowait(_Fed())
+        self._results.put_nowait(None)
 
-    async def _submit(self, index: int, request: TaskRequest) -> None:
-        # Up to LOOKAHEAD requests wait in the limiter together, queued in input
-        # order, so its first-fit rule can start a small one beside a large one
-        # that does not fit yet. One at a time would leave those units idle.
+    def _start(self, index: int, request: TaskRequest) -> None:
         try:
-            await self._limiter.acquire(request.n)
-        finally:
+            submission = self._submissions.start(
+                request, limiter=self._limiter, on_admitted=self._lookahead.release
+            )
+        except KlingError as error:  # refused before anything was sent
             self._lookahead.release()
-        me = asyncio.current_task()
-        assert me is not None  # a coroutine of the batch's own tasks
-
-        def sending(on_the_wire: bool) -> None:
-            if on_the_wire:
-                self._sending.add(me)
-            else:
-                self._sending.discard(me)
-                self._sent.set()
-
-        try:
-            handle = await self._images.submit_holding(request, self._limiter, on_sending=sending)
-        except asyncio.CancelledError:
-            if me in self._sending:  # cut short on the wire: Kling may have the task
-                self.uncertain.append(str(request.external_task_id))
-            raise
-        except KlingError as error:
-            if _stops_the_batch(error):
-                self._results.put_nowait(error)
-            else:
-                self._finish(BatchResult(index=index, request=request, error=error))
+            self._ended_create(index, request, error)
             return
-        finally:
-            self._sending.discard(me)
-        self.handles.append(handle)
-        self._follow(index, request, handle)
+        self._live.add(submission)
+        submission.result.add_done_callback(lambda result: self._settled(index, submission, result))
+
+    def _settled(
+        self, index: int, submission: Submission, result: asyncio.Future[TaskHandle]
+    ) -> None:
+        self._live.discard(submission)
+        if result.cancelled():  # dropped before it was sent: the batch stopped
+            return
+        error = result.exception()
+        if error is None:
+            handle = result.result()
+            self.handles.append(handle)
+            self._follow(index, submission.request, handle)
+        elif isinstance(error, KlingError):
+            if submission.uncertain:
+                self.uncertain.append(submission.external_task_id)
+            self._ended_create(index, submission.request, error)
+
+    def _ended_create(self, index: int, request: TaskRequest, error: KlingError) -> None:
+        if _stops_the_batch(error):
+            self._results.put_nowait(error)
+        else:
+            self._finish(BatchResult(index=index, request=request, error=error))
 
     def _follow(self, index: int, request: TaskRequest, handle: TaskHandle) -> None:
         """Put the task's result in the queue when it ends."""
@@ -272,15 +244,24 @@ class Batch:
             self._finish(result(state.latest))
             return
 
+        def ended(error: KlingError) -> None:
+            if _stops_the_batch(error):  # the client closed under the batch
+                self._results.put_nowait(error)
+            else:
+                self._finish(result(error=error))
+
         def listener(item: Task | KlingError) -> None:
             if isinstance(item, KlingError):
                 self._tracker.unlisten(state, listener)
-                self._finish(result(error=item))
+                ended(item)
             elif item.is_terminal:
                 self._tracker.unlisten(state, listener)
                 self._finish(result(item))
 
-        self._tracker.listen(state, listener)
+        try:
+            self._tracker.listen(state, listener)
+        except ClientClosedError as error:
+            ended(error)
 
     def _finish(self, result: BatchResult) -> None:
         if self._slots is not None:

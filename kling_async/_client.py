@@ -14,8 +14,10 @@ from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download
 from ._exceptions import ConfigurationError
+from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter
 from ._resources import Images
+from ._submissions import Submissions
 from ._tracking import Tracker
 from ._transport import Transport
 
@@ -53,7 +55,8 @@ class Client:
     an ``aiohttp.ClientSession`` you own (it is then not closed by the client).
     ``callbacks`` takes a :class:`CallbackReceiver`: tasks are then created with a
     per-task callback URL and resolve as soon as Kling reports them, with polling
-    slowed to a safety net.
+    slowed to a safety net. ``ledger`` takes a :class:`Ledger`, where every
+    create is recorded before it is sent (default: a :class:`MemoryLedger`).
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -74,6 +77,7 @@ class Client:
         polling: PollPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
         callbacks: CallbackReceiver | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
@@ -106,7 +110,6 @@ class Client:
         self.callbacks = callbacks
         if callbacks is not None:
             callbacks.attach(self._tracker)
-        #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         #: Units of the account's concurrency quota this client holds, when
         #: ``max_concurrency`` was given (``None`` otherwise).
         self.limiter = (
@@ -116,7 +119,21 @@ class Client:
         )
         # Without max_concurrency, batches share a limiter that learns the quota.
         self._learned_limiter: ConcurrencyLimiter | None = None
-        self.images = Images(self._transport, self._tracker, callbacks, self.limiter)
+        self._submissions = Submissions(
+            self._transport,
+            self._tracker,
+            ledger if ledger is not None else MemoryLedger(),
+            receiver=callbacks,
+            limiter=self.limiter,
+        )
+        #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
+        self.images = Images(self._transport, self._tracker, self._submissions)
+
+    @property
+    def ledger(self) -> Ledger:
+        """Where every create of this client is recorded before it is sent;
+        ``await client.ledger.unsettled()`` lists creates not yet settled."""
+        return self._submissions.ledger
 
     async def download(
         self,
@@ -163,7 +180,11 @@ class Client:
                 self._learned_limiter = ConcurrencyLimiter(None)
             limiter = self._learned_limiter
         return Batch(
-            self.images, self._tracker, requests, limiter=limiter, max_in_flight=max_in_flight
+            self._submissions,
+            self._tracker,
+            requests,
+            limiter=limiter,
+            max_in_flight=max_in_flight,
         )
 
     @property
@@ -172,8 +193,19 @@ class Client:
         return self._transport.closed
 
     async def close(self) -> None:
-        """Stop all polling, end pending waits with :class:`ClientClosedError`, and
-        close the session. Idempotent."""
+        """Close the client. Idempotent.
+
+        Creates still waiting for quota units are dropped (nothing was sent);
+        creates on the wire get their answer first, bounded by the request
+        timeout, so a task Kling created is attached, not lost (those that cannot
+        be settled are logged with their external_task_ids and stay listed by
+        the ledger). Then polling stops, pending waits end with
+        :class:`ClientClosedError`, every concurrency unit this client's tasks
+        held is given back, and the session is closed.
+        """
+        if self._transport.closed:
+            return
+        await self._submissions.close()
         if self.callbacks is not None:
             self.callbacks.detach(self._tracker)
         await self._tracker.close()

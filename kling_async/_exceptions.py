@@ -50,11 +50,19 @@ __all__ = [
     "TaskTimeoutError",
     "TransportError",
     "ValidationError",
+    "for_create",
 ]
 
 
 class KlingError(Exception):
-    """Root of every error raised by kling_async: ``except KlingError`` catches them all."""
+    """Root of every error raised by kling_async: ``except KlingError`` catches them all.
+
+    An error raised from a create carries the create's ``external_task_id`` (also
+    in its message), so a task whose fate is unclear can always be looked up.
+    """
+
+    #: The external_task_id of the create this error ended, else ``None``.
+    external_task_id: str | None = None
 
 
 class ValidationError(KlingError, ValueError):
@@ -246,6 +254,15 @@ RETRYABLE_HTTP_STATUSES = frozenset({502, 503, 504})
 RETRYABLE_CODES = frozenset({1302, 5000, 5001, 5002})
 #: Codes after which a JWT is signed afresh and the request repeated once.
 RESIGN_CODES = frozenset({1003, 1004})
+
+
+def for_create(error: KlingError, external_task_id: str, outcome: str) -> KlingError:
+    """Mark ``error`` as the end of the create ``external_task_id`` and say in its
+    message what became of the task (``outcome``). Returns the same error."""
+    if error.external_task_id is None:
+        error.external_task_id = external_task_id
+        error.args = (f"{error} [external_task_id={external_task_id}: {outcome}]",)
+    return error
 
 
 def error_class_for(code: int | None, http_status: int | None) -> type[APIError]:

@@ -159,8 +159,10 @@ class _Waiter:
         self.handle = handle
         self.limit = limit
         self.future: asyncio.Future[Task] = loop.create_future()
-        self.timer = loop.call_later(limit, self._expire) if limit is not None else None
+        # Listen first: on a closed client it raises, and no timer may be left
+        # behind to fail a future nobody awaits.
         handle._tracker.listen(handle._state, self)
+        self.timer = loop.call_later(limit, self._expire) if limit is not None else None
         self.future.add_done_callback(self._finish)
 
     def __call__(self, item: Task | KlingError) -> None:

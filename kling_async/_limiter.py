@@ -93,6 +93,7 @@ class ConcurrencyLimiter:
         self._spacing = 0.0  # minimum seconds between creates, after 1302
         self._next_create = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         #: Counters for reports and benchmarks.
         self.creates = 0
         self.rejected_creates = 0
@@ -114,6 +115,10 @@ class ConcurrencyLimiter:
         ``first`` puts the caller at the head of the queue: a create that Kling
         refused with 1303 keeps its place.
         """
+        if self.capacity is not None and units > self.capacity:
+            raise ValueError(
+                f"a task of {units} units can never fit a quota of {self.capacity} units"
+            )
         loop = asyncio.get_running_loop()
         waiter = _Waiter(units, loop.create_future(), self._clock())
         if first:
@@ -125,7 +130,8 @@ class ConcurrencyLimiter:
             await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(units)  # admitted just as the caller gave up
+                # Admitted just as the caller gave up: nothing was created.
+                self.release(units, created=False)
             else:
                 self._queue.remove(waiter)
                 self._admit()
@@ -208,12 +214,16 @@ class ConcurrencyLimiter:
                 return  # it has waited long enough: nobody passes it now
 
     def _wake_at(self, when: float) -> None:
-        if self._timer is not None:
-            return
         loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            if self._timer_loop is loop:
+                return
+            # Set on a loop that has ended (a second asyncio.run()): it never fires.
+            self._timer.cancel()
 
         def wake() -> None:
             self._timer = None
             self._admit()
 
         self._timer = loop.call_later(max(0.0, when - self._clock()), wake)
+        self._timer_loop = loop

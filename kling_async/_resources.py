@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
 
-import attrs
-
-from ._callbacks import CallbackReceiver
-from ._exceptions import ConcurrencyLimitError, KlingError
 from ._handle import TaskHandle
 from ._image_input import ImageInput
-from ._limiter import ConcurrencyLimiter
 from ._models import (
     Endpoint,
     ImageGenerationRequest,
@@ -22,12 +16,12 @@ from ._models import (
     TaskRequest,
     build_request,
 )
-from ._tracking import TaskState, Tracker
+from ._submissions import Submissions, new_external_task_id
+from ._tracking import Tracker
 from ._transport import Transport
 from ._wire import (
     MAX_PAGE_NUMBER,
     MAX_PAGE_SIZE,
-    create_request,
     get_request,
     list_request,
     parse_task,
@@ -47,12 +41,6 @@ async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
     if any(fields.get(name) is not None for name in _IMAGE_FIELDS):
         return await asyncio.to_thread(build_request, cls, fields)
     return build_request(cls, fields)
-
-
-def new_external_task_id() -> str:
-    """A fresh external_task_id: 128 random bits from the OS, so forked workers
-    never repeat each other's (a seeded PRNG would)."""
-    return secrets.token_hex(16)
 
 
 def _keyword_fields(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -83,32 +71,13 @@ def _reject_fields_beside(request: TaskRequest, arguments: dict[str, Any], metho
         )
 
 
-def with_external_id(request: RequestT) -> tuple[RequestT, str]:
-    """``request`` with an ``external_task_id`` (generated if it has none), and that id.
-
-    The id is what makes a create safe to retry: after an ambiguous failure the
-    client looks the task up by it instead of creating it a second time.
-    """
-    if request.external_task_id is not None:
-        return request, request.external_task_id
-    external_task_id = new_external_task_id()
-    return attrs.evolve(request, external_task_id=external_task_id), external_task_id
-
-
 class Images:
     """Kling's image task APIs. Reach it as ``client.images``."""
 
-    def __init__(
-        self,
-        transport: Transport,
-        tracker: Tracker,
-        callbacks: CallbackReceiver | None = None,
-        limiter: ConcurrencyLimiter | None = None,
-    ) -> None:
+    def __init__(self, transport: Transport, tracker: Tracker, submissions: Submissions) -> None:
         self._transport = transport
         self._tracker = tracker
-        self._callbacks = callbacks
-        self._limiter = limiter
+        self._submissions = submissions
 
     async def generate(
         self,
@@ -178,83 +147,18 @@ class Images:
 
         The create is sent with an ``external_task_id`` (generated when the
         request has none), so a retry after a lost response finds the task
-        instead of creating and paying for it twice. With a callback receiver
-        on the client, a request without its own ``callback_url`` gets one.
-        With ``Client(max_concurrency=...)`` the create first waits for ``n``
-        units of the concurrency quota, held until the task ends; a 1303 answer
-        then queues the create again instead of failing.
+        instead of creating and paying for it twice; after an ambiguous failure
+        the task is looked up by that id. With a callback receiver on the client,
+        a request without its own ``callback_url`` gets one. With
+        ``Client(max_concurrency=...)`` the create first waits for ``n`` units of
+        the concurrency quota, held until the task ends; a 1303 answer then
+        queues the create again, under the same id, instead of failing.
+
+        Every error raised carries the create's ``external_task_id``. Cancelling
+        the call while the create is on the wire does not lose the task: it
+        settles in the background, stays attached to the client, and is logged.
         """
-        if self._limiter is None:
-            return TaskHandle(self._tracker, *await self._create(request))
-        await self._limiter.acquire(request.n)
-        return await self.submit_holding(request, self._limiter)
-
-    async def submit_holding(
-        self,
-        request: TaskRequest,
-        limiter: ConcurrencyLimiter,
-        *,
-        on_sending: Callable[[bool], None] = lambda _on_the_wire: None,
-    ) -> TaskHandle:
-        """Submit a request whose ``n`` units of ``limiter`` the caller already holds.
-
-        The units stay held until the task ends (or are given back if the create
-        fails); on 1303 the create waits at the head of the queue and tries again.
-        ``on_sending(True)`` is called as a create goes on the wire and
-        ``on_sending(False)`` once Kling has answered it; a cancellation in
-        between may have cut short a create that Kling carried out.
-        """
-        units = request.n
-        while True:
-            on_sending(True)
-            try:
-                state, sent = await self._create(request, on_error=limiter.observe)
-            except KlingError as error:
-                on_sending(False)  # Kling answered, or the transport gave up
-                limiter.release(units, created=False)
-                if isinstance(error, ConcurrencyLimitError):
-                    await limiter.acquire(units, first=True)
-                    continue
-                raise
-            except BaseException:
-                limiter.release(units, created=False)
-                raise
-            on_sending(False)
-            limiter.created(units)
-            if state.terminal:
-                limiter.release(units)
-            else:
-                state.when_terminal(lambda _task: limiter.release(units))
-                self._tracker.keep_polled(state)
-            return TaskHandle(self._tracker, state, sent)
-
-    async def _create(
-        self, request: TaskRequest, *, on_error: Callable[[KlingError], None] | None = None
-    ) -> tuple[TaskState, TaskRequest]:
-        """Send the create; return the task's state and the request as sent."""
-        request, external_task_id = with_external_id(request)
-        # A callback_url of the caller's own wins: those callbacks are theirs.
-        receiver = self._callbacks if request.callback_url is None else None
-        if receiver is not None:
-            request = attrs.evolve(request, callback_url=receiver.url_for(external_task_id))
-        self._tracker.creating(external_task_id)
-        try:
-            envelope = await self._transport.send_create(
-                create_request(request),
-                get_request(request.endpoint, external_task_id),
-                on_error=on_error,
-            )
-            task = parse_task(envelope)
-            state = self._tracker.state(
-                request.endpoint,
-                task.task_id,
-                latest=task,
-                external_task_id=task.external_task_id or external_task_id,
-            )
-        finally:
-            self._tracker.created(external_task_id)
-        state.callbacks = receiver is not None
-        return state, request
+        return await self._submissions.submit(request)
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
         """Fetch one task by its task_id or external_task_id."""

@@ -22,6 +22,7 @@ from ._exceptions import ClientClosedError, KlingError
 from ._models import Endpoint, Task, TaskStatus
 
 if TYPE_CHECKING:
+    from ._ledger import LedgerEntry
     from ._polling import Poller
     from ._transport import Transport
 
@@ -49,6 +50,7 @@ class TaskState:
         "__weakref__",
         "callbacks",
         "endpoint",
+        "entry",
         "external_task_id",
         "first_seen",
         "hurry",
@@ -88,6 +90,8 @@ class TaskState:
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
         self.interval = 0.0  # the gap before that poll
         self.untrusted = False  # latest came from a callback, not from Kling's API
+        #: The create's ledger entry, kept current when the ledger records results.
+        self.entry: LedgerEntry | None = None
 
     @property
     def terminal(self) -> bool:
@@ -166,6 +170,9 @@ class Tracker:
         self._closed = False
         #: Running typical lifetime of this client's tasks, in seconds.
         self.typical_duration: float | None = None
+        #: Told every accepted piece of news (the create's owner keeps a durable
+        #: ledger current with it).
+        self.on_news: Callable[[TaskState, Task], None] | None = None
 
     def state(
         self,
@@ -211,6 +218,8 @@ class Tracker:
             self._by_external[task.external_task_id] = state
         for listener in tuple(state.listeners):
             listener(task)
+        if self.on_news is not None:
+            self.on_news(state, task)
         if task.is_terminal:
             self._finished(state, task)
         return True

@@ -1,8 +1,16 @@
 """The HTTP layer: one aiohttp session, the auth header, timeouts and retries.
 
 It moves :class:`~kling_async._wire.WireRequest` values over the network and
-hands the bytes to ``_wire`` to interpret; it decides nothing about Kling's
-protocol beyond "retry or not", which ``_exceptions.is_retryable`` answers.
+hands the bytes to ``_wire`` to interpret. It decides nothing about Kling's
+protocol: :meth:`Transport.send` retries what ``_exceptions.is_retryable``
+calls safe (queries only), and :meth:`Transport.exchange` makes exactly one
+try, for the create's owner (``_submissions``), whose pure rules
+(``_create_rules``) decide what follows a failed create.
+
+Every failure leaves as a :class:`~kling_async.KlingError`: a credentials
+provider that raises, a closed session, aiohttp refusing a header. aiohttp's
+own exceptions are never chained, since they hold the request headers and with
+them the token.
 """
 
 from __future__ import annotations
@@ -27,11 +35,8 @@ from ._exceptions import (
     AuthenticationError,
     ClientClosedError,
     ConfigurationError,
-    InvalidRequestError,
     KlingError,
-    NotFoundError,
     TransportError,
-    is_ambiguous,
     is_retryable,
 )
 from ._version import __version__
@@ -85,6 +90,11 @@ class Transport:
         """True once :meth:`close` was called."""
         return self._closed
 
+    @property
+    def request_timeout(self) -> float | None:
+        """The longest one exchange may take (the session timeout's total)."""
+        return self._timeout.total
+
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use on the running event loop."""
         if self._closed:
@@ -116,55 +126,7 @@ class Transport:
         Raises the :class:`~kling_async.APIError` subclass for Kling's code, or
         :class:`~kling_async.TransportError` when no answer came.
         """
-        return await self._retrying_resigned(functools.partial(self._exchange, request))
-
-    async def send_create(
-        self,
-        create: WireRequest,
-        lookup: WireRequest,
-        *,
-        on_error: Callable[[KlingError], None] | None = None,
-    ) -> Envelope:
-        """Send a create so that it can never make the task twice.
-
-        ``create`` carries an external_task_id and ``lookup`` GETs the task by it.
-        After an ambiguous failure (connection lost after sending, timeout, 5xx)
-        the task is looked up first and returned if it exists; only if it does
-        not is the create sent again. Non-ambiguous failures (1302, a refused
-        connection) are simply retried. ``on_error`` sees every failed try
-        (the limiter learns from 1302 and 1303 there).
-        """
-        ambiguous = False
-
-        async def attempt() -> Envelope:
-            nonlocal ambiguous
-            if ambiguous:
-                found = await self._lookup(lookup)
-                if found is not None:
-                    return found
-            try:
-                return await self._exchange(create)
-            except InvalidRequestError as error:
-                # After an ambiguous try, "external_task_id already exists" means
-                # that try did land and the lookup raced it: find it again.
-                if ambiguous and (found := await self._lookup(lookup)) is not None:
-                    return found
-                if on_error is not None:
-                    on_error(error)
-                raise
-            except KlingError as error:
-                ambiguous = ambiguous or is_ambiguous(error)
-                if on_error is not None:
-                    on_error(error)
-                raise
-
-        return await self._retrying_resigned(attempt)
-
-    async def _lookup(self, lookup: WireRequest) -> Envelope | None:
-        try:
-            return await self._exchange(lookup)
-        except NotFoundError:
-            return None
+        return await self._retrying_resigned(functools.partial(self.exchange, request))
 
     async def _retrying_resigned(self, attempt: Callable[[], Awaitable[Envelope]]) -> Envelope:
         """:meth:`retrying`, and all of it once more after re-signing a rejected JWT."""
@@ -178,8 +140,13 @@ class Transport:
     def _worth_resigning(self, error: AuthenticationError) -> bool:
         """An expired or not-yet-valid JWT is worth one fresh signature; any other
         auth failure, or a static token, would fail the same way again."""
-        if error.code in RESIGN_CODES and self._require_credentials().resign():
-            logger.info("Kling rejected the token (%s); signing a new one", error.code)
+        return error.code in RESIGN_CODES and self.resign()
+
+    def resign(self) -> bool:
+        """Drop the current token so the next request signs a new one; whether
+        that can help (a static token cannot be renewed)."""
+        if self._require_credentials().resign():
+            logger.info("Kling rejected the token; signing a new one")
             return True
         return False
 
@@ -223,13 +190,30 @@ class Transport:
             raise ConfigurationError(MISSING_CREDENTIALS)
         return self._credentials
 
-    async def _exchange(self, request: WireRequest) -> Envelope:
-        """One HTTP exchange, no retries."""
-        authorization = self._require_credentials().authorization()
+    def _authorization(self) -> str:
+        credentials = self._require_credentials()
+        try:
+            return credentials.authorization()
+        except KlingError:
+            raise
+        except Exception as error:  # a custom provider's failure, before anything is sent
+            raise ConfigurationError(
+                f"the credentials provider {type(credentials).__name__} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+    async def exchange(self, request: WireRequest) -> Envelope:
+        """One HTTP exchange, no retries: Kling's envelope, or a :class:`KlingError`."""
+        authorization = self._authorization()
         session = self.session()
+        if session.closed:  # a caller's own session, closed under us
+            raise ClientClosedError(
+                "the aiohttp session given as Client(session=...) is closed; nothing was sent"
+            )
         url = self.base_url + request.path
         started = time.perf_counter()
-        failure: TransportError | None = None
+        failure: KlingError | None = None
+        unexpected: Exception | None = None
         try:
             async with session.request(
                 request.method,
@@ -237,6 +221,9 @@ class Transport:
                 params=request.params,
                 json=request.body,
                 headers={"Authorization": authorization},
+                # A caller's session may raise for every 4xx: Kling's error
+                # bodies are what tells a 1303 from a 1201, so read them.
+                raise_for_status=False,
             ) as response:
                 body = await _read_capped(response)
                 status, headers = response.status, response.headers
@@ -249,10 +236,26 @@ class Transport:
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             reason = type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}"
             failure = TransportError(f"{request.method} {request.path} got no answer ({reason})")
+        except KlingError:
+            raise
+        except (ValueError, TypeError) as error:
+            # aiohttp refusing an argument (a header value with a newline, a URL it
+            # cannot use) before writing anything: a setting to fix, not a blip.
+            unexpected = error
+            failure = ConfigurationError(
+                f"{request.method} {request.path} could not be sent: "
+                f"{type(error).__name__}: {error}; check the credentials and base_url"
+            )
+        except Exception as error:  # anything else: maybe after sending, so ambiguous
+            unexpected = error
+            failure = TransportError(
+                f"{request.method} {request.path} failed: {type(error).__name__}: {error}"
+            )
         if failure is not None:
             # Raised outside the except block so it has no __context__ either:
             # aiohttp's exception holds the request headers, token included.
-            raise failure
+            # Anything else is chained, for its traceback.
+            raise failure from unexpected
         try:
             envelope = parse_envelope(status, body, headers)
         finally:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import cattrs
@@ -36,6 +37,7 @@ __all__ = [
     "create_request",
     "get_request",
     "list_request",
+    "parse_created",
     "parse_envelope",
     "parse_retry_after",
     "parse_task",
@@ -165,6 +167,12 @@ converter.register_structure_hook(Task, _structure_task)
 # --- requests -------------------------------------------------------------------
 
 
+def _body_summary(body: Mapping[str, Any] | None) -> str:
+    # A body holds megabytes of base64 images and a callback URL whose path is
+    # a token: its repr names the fields only.
+    return "None" if body is None else f"<fields: {', '.join(body)}>"
+
+
 @attrs.frozen
 class WireRequest:
     """One HTTP request, as data: ``path`` is relative to the API root (before /v1)."""
@@ -172,7 +180,7 @@ class WireRequest:
     method: str
     path: str
     params: Mapping[str, str] | None = None
-    body: Mapping[str, Any] | None = None
+    body: Mapping[str, Any] | None = attrs.field(default=None, repr=_body_summary)
 
 
 def request_body(request: TaskRequest) -> dict[str, Any]:
@@ -187,8 +195,12 @@ def create_request(request: TaskRequest) -> WireRequest:
 
 
 def get_request(endpoint: Endpoint, task_id: str) -> WireRequest:
-    """``GET /v1/<endpoint>/<id>``; Kling accepts an external_task_id as the id too."""
-    return WireRequest("GET", f"/v1/{endpoint.value}/{task_id}")
+    """``GET /v1/<endpoint>/<id>``; Kling accepts an external_task_id as the id too.
+
+    The id is percent-encoded whole: an external_task_id is the caller's text,
+    and ``order#42`` or ``a/b`` must name one task, not a fragment or a path.
+    """
+    return WireRequest("GET", f"/v1/{endpoint.value}/{quote(task_id, safe='')}")
 
 
 def list_request(endpoint: Endpoint, page: int, page_size: int) -> WireRequest:
@@ -301,6 +313,25 @@ def parse_task(envelope: Envelope) -> Task:
             http_status=envelope.http_status,
             body=envelope.data,
         ) from None
+
+
+def parse_created(envelope: Envelope) -> Task:
+    """The task in a create's (or a lookup's) answer, read leniently.
+
+    ``code == 0`` with a task_id means Kling created the task, whatever else the
+    answer lacks or garbles, so only a missing task_id raises :class:`APIError`;
+    any other unreadable part is dropped and the task taken as ``submitted``.
+    """
+    try:
+        return parse_task(envelope)
+    except APIError:
+        data = envelope.data
+        task_id = data.get("task_id") if isinstance(data, Mapping) else None
+        if isinstance(task_id, int) and not isinstance(task_id, bool):
+            task_id = str(task_id)
+        if not isinstance(task_id, str) or not task_id:
+            raise
+        return Task(task_id=task_id, status=TaskStatus.SUBMITTED, raw=dict(data))
 
 
 def parse_task_list(envelope: Envelope) -> list[Task]:

@@ -80,7 +80,10 @@ async def test_a_large_task_is_not_starved_by_a_stream_of_small_ones() -> None:
 
 
 async def test_a_task_larger_than_the_limit_runs_alone() -> None:
-    limiter = ConcurrencyLimiter(4)
+    # The quota is unknown and the limit starts small: a large task still goes,
+    # alone, since the limit is only a guess.
+    limiter = ConcurrencyLimiter(None)
+    assert limiter.limit < 9
     await limiter.acquire(2)
     big = asyncio.create_task(limiter.acquire(9))
     await asyncio.sleep(0.01)
@@ -88,6 +91,15 @@ async def test_a_task_larger_than_the_limit_runs_alone() -> None:
     limiter.release(2)
     await asyncio.wait_for(big, 1)
     assert limiter.in_use == 9
+
+
+async def test_a_task_larger_than_the_known_quota_is_refused_at_once() -> None:
+    # With a known quota it could never be created: waiting would hang for ever.
+    limiter = ConcurrencyLimiter(4)
+    with pytest.raises(ValueError, match="never fit"):
+        await asyncio.wait_for(limiter.acquire(9), 1)
+    assert limiter.in_use == 0
+    assert limiter.waiting == 0
 
 
 async def test_cancelled_waiters_leave_the_queue_and_keep_nothing() -> None:
@@ -193,3 +205,44 @@ async def test_other_errors_teach_nothing() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ConcurrencyLimiter(0)
+
+
+async def test_a_waiter_cancelled_just_after_admission_created_nothing() -> None:
+    # r01: it gave its units back as a created task's, so `running` drifted down
+    # and the next 1303 shrank the limit below what really ran.
+    limiter = ConcurrencyLimiter(10, min_cooldown=0.01)
+    for _ in range(4):
+        await limiter.acquire(2)
+        limiter.created(2)
+    await limiter.acquire(2)  # a create on the wire
+    waiters = [asyncio.create_task(limiter.acquire(1)) for _ in range(3)]
+    await asyncio.sleep(0)
+    limiter.release(2, created=False)  # it failed: the waiters are admitted ...
+    for waiter in waiters:
+        waiter.cancel()  # ... and their callers give up in the same loop iteration
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert limiter.running == 8
+    assert limiter.in_use == 8
+    limiter.observe(ConcurrencyLimitError("quota full", code=1303))
+    assert limiter.limit == 8
+
+
+def test_a_limiter_paused_on_one_event_loop_still_wakes_on_the_next() -> None:
+    # r11: a pause timer left on an ended loop blocked every later wake-up.
+    limiter = ConcurrencyLimiter(2, min_cooldown=0.05)
+
+    async def pause_and_leave() -> None:
+        await limiter.acquire(1)
+        limiter.observe(ConcurrencyLimitError("full", code=1303))
+        limiter.release(1, created=False)  # schedules the resume timer on this loop
+
+    async def pause_and_wait() -> None:
+        await asyncio.sleep(0.1)  # the first pause is over
+        await limiter.acquire(1)
+        limiter.observe(ConcurrencyLimitError("full", code=1303))
+        limiter.release(1, created=False)
+        await asyncio.wait_for(limiter.acquire(1), 2)
+
+    asyncio.run(pause_and_leave())
+    asyncio.run(pause_and_wait())
+    assert limiter.in_use == 1

@@ -1,0 +1,553 @@
+"""One owner for the life of every create, from intent to a tracked task.
+
+``generate``, ``multi_image``, ``submit``, batches and ``close`` all go through
+:class:`Submissions`. For each create it:
+
+1. fixes the external_task_id (and the callback URL) before anything is sent;
+2. records the intent in the ledger, durably when the ledger is durable;
+3. waits for the task's ``n`` units of the concurrency quota, when limited;
+4. sends, and settles the outcome by the pure rules of ``_create_rules``:
+   created (a task_id), not created, or uncertain, looking the id up after any
+   ambiguous failure and across 1303 re-queues, always under the same id;
+5. hands the task to the tracker, holding its units until it ends.
+
+The work runs in a task of its own (the *runner*), so the caller's coroutine
+may be cancelled at any point without cutting a create short: one still queued
+for units is dropped (nothing was sent), one on the wire settles in the
+background, stays attached to the client and is logged at WARNING with its
+ids. ``close()`` waits, bounded by the request timeout, for creates on the wire
+to settle, reports those it cannot settle, and gives back every unit its tasks
+held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent
+from ._exceptions import (
+    ClientClosedError,
+    KlingError,
+    NotFoundError,
+    TransportError,
+    ValidationError,
+    for_create,
+)
+from ._handle import TaskHandle
+from ._ledger import EntryState, Ledger, LedgerEntry
+from ._limiter import ConcurrencyLimiter
+from ._models import Task, TaskRequest
+from ._wire import Envelope, WireRequest, create_request, get_request, parse_created
+
+if TYPE_CHECKING:
+    from ._callbacks import CallbackReceiver
+    from ._tracking import TaskState, Tracker
+    from ._transport import Transport
+
+__all__ = ["Submission", "Submissions", "new_external_task_id"]
+
+logger = logging.getLogger("kling_async")
+
+#: How long ``close()`` waits for creates on the wire when the client has no
+#: request timeout of its own.
+DEFAULT_CLOSE_WAIT: Final = 60.0
+
+
+def new_external_task_id() -> str:
+    """A fresh external_task_id: 128 random bits from the OS, so forked workers
+    never repeat each other's (a seeded PRNG would)."""
+    return secrets.token_hex(16)
+
+
+class Phase(enum.Enum):
+    """Where a create is, as far as giving it up goes."""
+
+    QUEUED = "queued"
+    """Waiting for quota units, nothing that may have landed: safe to drop."""
+    ON_THE_WIRE = "on the wire"
+    """Sent, or settling whether a send landed: it must run to its end."""
+    SETTLED = "settled"
+
+
+class _UseLimiter(enum.Enum):
+    CLIENT = enum.auto()
+
+
+CLIENT_LIMITER: Final = _UseLimiter.CLIENT
+"""``start()``'s default: the client's own limiter, if it has one."""
+
+
+class Submission:
+    """One create in progress.
+
+    :attr:`result` resolves to the task's handle, or to the error that ended the
+    create (carrying its ``external_task_id``); it is cancelled when the create
+    was given up before anything was sent.
+    """
+
+    __slots__ = (
+        "_on_admitted",
+        "abandoned",
+        "external_task_id",
+        "holding",
+        "key",
+        "phase",
+        "possibly_landed",
+        "receiver_callback",
+        "request",
+        "result",
+        "runner",
+        "uncertain",
+        "unwatched",
+    )
+
+    def __init__(
+        self,
+        request: TaskRequest,
+        *,
+        receiver_callback: bool,
+        key: str | None,
+        on_admitted: Callable[[], None] | None,
+    ) -> None:
+        assert request.external_task_id is not None
+        self.request = request
+        self.external_task_id: str = request.external_task_id
+        self.receiver_callback = receiver_callback
+        self.key = key
+        self.result: asyncio.Future[TaskHandle] = asyncio.get_running_loop().create_future()
+        self.phase = Phase.QUEUED
+        self.abandoned = False
+        self.unwatched = False  # its caller was cancelled: only the log will tell
+        self.holding = False  # the create's units are held in its limiter
+        self.possibly_landed = False
+        self.uncertain = False  # settled without knowing whether Kling has the task
+        self.runner: asyncio.Task[None] | None = None
+        self._on_admitted = on_admitted
+
+    @property
+    def units(self) -> int:
+        """The task's share of the concurrency quota: its ``n``."""
+        return self.request.n
+
+    def admitted(self) -> None:
+        """The create holds its units (or needs none) and goes to the wire; tell
+        whoever rations how many wait for units (a batch's lookahead), once."""
+        callback, self._on_admitted = self._on_admitted, None
+        if callback is not None:
+            callback()
+
+    def __repr__(self) -> str:
+        return f"<Submission external_task_id={self.external_task_id!r} {self.phase.value}>"
+
+
+@attrs.define(eq=False)
+class _HeldUnits:
+    """Units a created task holds until it ends (or the client closes): given
+    back exactly once, whichever comes first."""
+
+    limiter: ConcurrencyLimiter
+    units: int
+    given_back: bool = False
+
+    def give_back(self, _task: object = None) -> None:
+        if not self.given_back:
+            self.given_back = True
+            self.limiter.release(self.units)
+
+
+class Submissions:
+    """The owner of every create of one client (see the module docstring)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        tracker: Tracker,
+        ledger: Ledger,
+        *,
+        receiver: CallbackReceiver | None = None,
+        limiter: ConcurrencyLimiter | None = None,
+    ) -> None:
+        self._transport = transport
+        self._tracker = tracker
+        self._receiver = receiver
+        self.ledger = ledger
+        self.limiter = limiter
+        self._records_results = bool(getattr(ledger, "records_results", False))
+        self._live: set[Submission] = set()
+        self._held: dict[TaskState, _HeldUnits] = {}
+        self._closing = False
+        if self._records_results:
+            tracker.on_news = self._note
+
+    # --- starting ---------------------------------------------------------------
+
+    def prepare(self, request: TaskRequest) -> tuple[TaskRequest, bool]:
+        """``request`` as it will be sent: with an external_task_id (generated if
+        it has none) and, with a receiver and no URL of the caller's own, a
+        per-task callback URL. Returns it and whether the URL is the receiver's."""
+        external_task_id = request.external_task_id or new_external_task_id()
+        receiver = self._receiver if request.callback_url is None else None
+        changes: dict[str, Any] = {}
+        if request.external_task_id is None:
+            changes["external_task_id"] = external_task_id
+        if receiver is not None:
+            changes["callback_url"] = receiver.url_for(external_task_id)
+        return (attrs.evolve(request, **changes) if changes else request), receiver is not None
+
+    def start(
+        self,
+        request: TaskRequest,
+        *,
+        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        key: str | None = None,
+        on_admitted: Callable[[], None] | None = None,
+    ) -> Submission:
+        """Begin a create in the background and return it; :attr:`Submission.result`
+        gives its handle. Raises :class:`ClientClosedError` on a closed client and
+        :class:`ValidationError` when ``n`` exceeds the limiter's known capacity."""
+        if self._closing or self._transport.closed:
+            raise ClientClosedError("the client is closed; create a new Client")
+        chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
+        assert not isinstance(chosen, _UseLimiter)
+        prepared, receiver_callback = self.prepare(request)
+        submission = Submission(
+            prepared, receiver_callback=receiver_callback, key=key, on_admitted=on_admitted
+        )
+        if chosen is not None and chosen.capacity is not None and prepared.n > chosen.capacity:
+            raise for_create(
+                ValidationError(
+                    "n",
+                    f"is {prepared.n}, more units than the account's max_concurrency of "
+                    f"{chosen.capacity}: the task could never start",
+                ),
+                submission.external_task_id,
+                "nothing was sent",
+            )
+        self._live.add(submission)
+        submission.runner = asyncio.get_running_loop().create_task(
+            self._run(submission, chosen), name=f"kling-create-{submission.external_task_id}"
+        )
+        submission.result.add_done_callback(self._retrieved)
+        return submission
+
+    async def submit(
+        self,
+        request: TaskRequest,
+        *,
+        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+    ) -> TaskHandle:
+        """Create the task and return its handle once Kling accepted it.
+
+        Cancelling the caller does not cut the create short: see the module docstring.
+        """
+        submission = self.start(request, limiter=limiter)
+        try:
+            return await asyncio.shield(submission.result)
+        except asyncio.CancelledError:
+            submission.unwatched = True
+            self.abandon(submission)
+            raise
+
+    def abandon(self, submission: Submission) -> None:
+        """Nobody waits for this create any more: drop it if nothing was sent,
+        else let it settle in the background (logged when it does)."""
+        submission.abandoned = True
+        runner = submission.runner
+        if submission.phase is Phase.QUEUED and runner is not None and not runner.done():
+            runner.cancel()
+
+    # --- the life of one create ---------------------------------------------------
+
+    @staticmethod
+    def _entry(submission: Submission, create: WireRequest) -> LedgerEntry:
+        body = dict(create.body or {})
+        if submission.receiver_callback:
+            del body["callback_url"]  # a credential; made again from the id
+        return LedgerEntry(
+            external_task_id=submission.external_task_id,
+            endpoint=submission.request.endpoint,
+            body=body,
+            units=submission.units,
+            state=EntryState.INTENDED,
+            receiver_callback=submission.receiver_callback,
+            key=submission.key,
+        )
+
+    async def _run(self, submission: Submission, limiter: ConcurrencyLimiter | None) -> None:
+        create = create_request(submission.request)
+        entry = self._entry(submission, create)
+        external_task_id = submission.external_task_id
+        self._tracker.creating(external_task_id)
+        try:
+            self.ledger.record(entry)
+            await self.ledger.flush()  # the intent survives a crash before it is sent
+            if limiter is not None:
+                await limiter.acquire(submission.units)
+                submission.holding = True
+            submission.admitted()
+            decision, task = await self._settle(submission, create, entry, limiter)
+        except asyncio.CancelledError:
+            # Given up while queued (abandon), or cut short by close().
+            self._give_back(submission, limiter)
+            if submission.phase is Phase.QUEUED and not submission.possibly_landed:
+                self.ledger.record(entry.moved(EntryState.NOT_CREATED, error="cancelled"))
+                self._fail(submission, None)
+            else:
+                error = ClientClosedError("the client closed while the create was on the wire")
+                self._uncertain(submission, entry, error)
+        except Exception as error:  # a bug must end the create, not hang its caller
+            self._give_back(submission, limiter)
+            logger.exception("unexpected error in the create of %s", external_task_id)
+            failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
+            failure.__cause__ = error
+            if submission.phase is Phase.QUEUED and not submission.possibly_landed:
+                self.ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(failure)))
+                self._fail(submission, for_create(failure, external_task_id, "nothing was sent"))
+            else:
+                self._uncertain(submission, entry, failure)
+        else:
+            if decision.step is Step.CREATED:
+                assert task is not None
+                self._attach(submission, entry, task, limiter)
+            else:
+                self._give_back(submission, limiter)
+                refusal = decision.error or KlingError("the create failed")
+                if decision.step is Step.UNCERTAIN:
+                    self._uncertain(submission, entry, refusal)
+                else:
+                    self.ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(refusal)))
+                    outcome = "Kling has no such task: nothing was created"
+                    self._fail(submission, for_create(refusal, external_task_id, outcome))
+        finally:
+            self._tracker.created(external_task_id)
+            submission.phase = Phase.SETTLED
+            self._live.discard(submission)
+
+    async def _settle(
+        self,
+        submission: Submission,
+        create: WireRequest,
+        entry: LedgerEntry,
+        limiter: ConcurrencyLimiter | None,
+    ) -> tuple[Decision, Task | None]:
+        """Send and look up as the rules say until the create is settled."""
+        loop = asyncio.get_running_loop()
+        policy = self._transport.retry
+        lookup = get_request(submission.request.endpoint, submission.external_task_id)
+        can_requeue = limiter is not None
+        decision = Decision(Step.SEND, CreateProgress())
+        started = loop.time()
+        task: Task | None = None
+        while not decision.step.final:
+            if decision.delay > 0:
+                await asyncio.sleep(decision.delay)
+            progress, elapsed = decision.progress, loop.time() - started
+            if decision.step is Step.SEND:
+                if submission.phase is Phase.QUEUED:
+                    submission.phase = Phase.ON_THE_WIRE
+                    self.ledger.record(entry.moved(EntryState.SENT))
+                task, error = await self._ask(create)
+                if error is not None and limiter is not None:
+                    limiter.observe(error)
+                decision = after_sent(
+                    progress, error, policy=policy, elapsed=elapsed, can_requeue=can_requeue
+                )
+                if error is not None and not decision.step.final:
+                    _log_retry(submission, error, decision)
+            elif decision.step is Step.LOOKUP:
+                task, error = await self._ask(lookup)
+                found: bool | KlingError = task is not None or (
+                    False if isinstance(error, NotFoundError) else error or False
+                )
+                decision = after_lookup(
+                    progress, found, policy=policy, elapsed=elapsed, can_requeue=can_requeue
+                )
+                if isinstance(found, KlingError) and not decision.step.final:
+                    _log_retry(submission, found, decision)
+            elif decision.step is Step.RESIGN:
+                then, otherwise = decision.then, decision.otherwise
+                assert then is not None
+                assert otherwise is not None
+                decision = Decision(then, progress) if self._transport.resign() else otherwise
+            else:  # Step.REQUEUE: 1303, wait for units again at the head of the queue
+                assert limiter is not None
+                submission.phase = Phase.ON_THE_WIRE if progress.possibly_landed else Phase.QUEUED
+                submission.holding = False
+                limiter.release(submission.units, created=False)
+                await limiter.acquire(submission.units, first=True)
+                submission.holding = True
+                started = loop.time()
+                decision = Decision(Step.SEND, progress)
+            submission.possibly_landed = decision.progress.possibly_landed
+        return decision, task
+
+    async def _ask(self, request: WireRequest) -> tuple[Task | None, KlingError | None]:
+        """One exchange: the task in the answer, or the error it met."""
+        try:
+            envelope: Envelope = await self._transport.exchange(request)
+        except KlingError as error:
+            return None, error
+        try:
+            return parse_created(envelope), None
+        except KlingError:
+            # code 0 but no task_id: Kling acted, and its answer does not say on
+            # what. Ambiguous: the id must be looked up.
+            return None, TransportError(
+                f"{request.method} {request.path} was answered without a task_id "
+                f"(request_id={envelope.request_id})"
+            )
+
+    # --- outcomes -------------------------------------------------------------------
+
+    def _attach(
+        self,
+        submission: Submission,
+        entry: LedgerEntry,
+        task: Task,
+        limiter: ConcurrencyLimiter | None,
+    ) -> None:
+        request = submission.request
+        state = self._tracker.state(
+            request.endpoint,
+            task.task_id,
+            latest=task,
+            external_task_id=submission.external_task_id,
+        )
+        state.callbacks = submission.receiver_callback
+        created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
+        self.ledger.record(created)
+        if self._records_results:
+            state.entry = created
+            if state.latest is not None and state.latest.is_terminal:
+                self._note(state, state.latest)
+        if limiter is not None:
+            limiter.created(submission.units)
+            submission.holding = False  # the task holds them now
+            held = _HeldUnits(limiter, submission.units)
+            if state.terminal:
+                held.give_back()
+            else:
+                self._held[state] = held
+                state.when_terminal(lambda _task: self._held.pop(state, held).give_back())
+                self._tracker.keep_polled(state)
+        handle = TaskHandle(self._tracker, state, request)
+        if not submission.result.done():
+            submission.result.set_result(handle)
+        if submission.unwatched:
+            logger.warning(
+                "a create settled after its caller stopped waiting: task %s "
+                "(external_task_id %s) exists on Kling and stays attached to the client",
+                task.task_id,
+                submission.external_task_id,
+            )
+
+    def _uncertain(self, submission: Submission, entry: LedgerEntry, error: KlingError) -> None:
+        submission.uncertain = True
+        self.ledger.record(entry.moved(EntryState.UNCERTAIN, error=str(error)))
+        logger.warning(
+            "cannot tell whether Kling created the task of external_task_id %s (%s); "
+            "look it up with client.images.get(%r) or client.resume()",
+            submission.external_task_id,
+            error,
+            submission.external_task_id,
+        )
+        external_task_id = submission.external_task_id
+        outcome = f"it may exist on Kling: look it up with client.images.get({external_task_id!r})"
+        self._fail(submission, for_create(error, external_task_id, outcome))
+
+    def _fail(self, submission: Submission, error: KlingError | None) -> None:
+        """End the create's result with ``error``; ``None`` for a create dropped
+        before it was sent, which ends cancelled (or closed, on ``close()``)."""
+        submission.admitted()
+        future = submission.result
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        elif self._closing:
+            closed = ClientClosedError("the client was closed before the create was sent")
+            future.set_exception(
+                for_create(closed, submission.external_task_id, "nothing was created")
+            )
+        else:
+            future.cancel()
+
+    def _give_back(self, submission: Submission, limiter: ConcurrencyLimiter | None) -> None:
+        if submission.holding and limiter is not None:
+            submission.holding = False
+            limiter.release(submission.units, created=False)
+
+    @staticmethod
+    def _retrieved(future: asyncio.Future[TaskHandle]) -> None:
+        # The outcome is always reported (to the caller, a batch, or the log):
+        # mark it retrieved so asyncio never warns about it.
+        if not future.cancelled():
+            future.exception()
+
+    def _note(self, state: TaskState, task: Task) -> None:
+        """Keep a durable ledger's entry current with the task's status and results."""
+        entry = state.entry
+        if entry is None or (entry.status == task.status.value and not task.is_terminal):
+            return
+        moved = entry.moved(
+            EntryState.TERMINAL if task.is_terminal else EntryState.CREATED,
+            status=task.status.value,
+            images=task.images,
+        )
+        state.entry = None if task.is_terminal else moved
+        self.ledger.record(moved)
+
+    # --- closing ----------------------------------------------------------------------
+
+    async def close(self) -> list[str]:
+        """Stop taking creates; let those on the wire settle (bounded by the request
+        timeout); give back every unit this client's tasks hold. Returns the
+        external_task_ids it could not settle."""
+        self._closing = True
+        live = list(self._live)
+        for submission in live:
+            self.abandon(submission)
+        runners = [s.runner for s in live if s.runner is not None and not s.runner.done()]
+        unsettled: list[str] = []
+        if runners:
+            wait = self._transport.request_timeout or DEFAULT_CLOSE_WAIT
+            _done, pending = await asyncio.wait(runners, timeout=wait)
+            for runner in pending:
+                runner.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            unsettled = [s.external_task_id for s in live if s.runner in pending]
+        if unsettled:
+            logger.warning(
+                "client closed with %d creates it could not settle; they may or may not "
+                "exist on Kling (external_task_ids): %s",
+                len(unsettled),
+                ", ".join(unsettled),
+            )
+        held, self._held = self._held, {}
+        for units in held.values():
+            units.give_back()
+        await self.ledger.flush()
+        return unsettled
+
+
+def _log_retry(submission: Submission, error: KlingError, decision: Decision) -> None:
+    next_step = {
+        Step.SEND: "sending it again",
+        Step.LOOKUP: "looking its external_task_id up",
+        Step.RESIGN: "signing a new token",
+        Step.REQUEUE: "waiting for quota units",
+    }[decision.step]
+    logger.info(
+        "create %s: %s; retrying by %s in %.2fs",
+        submission.external_task_id,
+        error,
+        next_step,
+        decision.delay,
+    )
