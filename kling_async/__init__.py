@@ -38,6 +38,7 @@ from ._exceptions import (
 )
 from ._handle import TaskHandle
 from ._image_input import ImageInput
+from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
 from ._limiter import ConcurrencyLimiter
 from ._models import (
     Endpoint,
@@ -67,12 +68,16 @@ __all__ = [
     "ContentPolicyError",
     "Credentials",
     "Endpoint",
+    "EntryState",
     "ImageGenerationRequest",
     "ImageInput",
     "ImageResult",
     "InvalidRequestError",
     "JWTCredentials",
     "KlingError",
+    "Ledger",
+    "LedgerEntry",
+    "MemoryLedger",
     "MultiImageRequest",
     "NotFoundError",
     "PermissionDeniedError",

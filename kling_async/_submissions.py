@@ -251,9 +251,17 @@ class Submissions:
         try:
             return await asyncio.shield(submission.result)
         except asyncio.CancelledError:
-            submission.unwatched = True
-            self.abandon(submission)
+            self._left(submission)
             raise
+
+    def _left(self, submission: Submission) -> None:
+        """The caller of ``submit()`` was cancelled: from now on only the log can
+        tell it about the task, now (if the create has just settled) or once it does."""
+        submission.unwatched = True
+        self.abandon(submission)
+        result = submission.result
+        if result.done() and not result.cancelled() and result.exception() is None:
+            self._report_unwatched(result.result())
 
     def abandon(self, submission: Submission) -> None:
         """Nobody waits for this create any more: drop it if nothing was sent,
@@ -441,12 +449,16 @@ class Submissions:
         if not submission.result.done():
             submission.result.set_result(handle)
         if submission.unwatched:
-            logger.warning(
-                "a create settled after its caller stopped waiting: task %s "
-                "(external_task_id %s) exists on Kling and stays attached to the client",
-                task.task_id,
-                submission.external_task_id,
-            )
+            self._report_unwatched(handle)
+
+    @staticmethod
+    def _report_unwatched(handle: TaskHandle) -> None:
+        logger.warning(
+            "a create settled after its caller stopped waiting: task %s "
+            "(external_task_id %s) exists on Kling and stays attached to the client",
+            handle.task_id,
+            handle.external_task_id,
+        )
 
     def _uncertain(self, submission: Submission, entry: LedgerEntry, error: KlingError) -> None:
         submission.uncertain = True

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from kling_async import Client, PollPolicy, RetryPolicy
 from kling_async.testing import FakeKlingServer
+
+# Hypothesis profiles: "ci" for every run of the suite, "fuzz" for the dedicated
+# run of 10,000 examples per property (HYPOTHESIS_PROFILE=fuzz; see tests/test_fuzz.py).
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("fuzz", max_examples=10_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 API_KEY = "sk-test-0123456789"
 FAST_POLL = PollPolicy(initial_delay=0.02, max_delay=0.1, timeout=10.0)
