@@ -38,6 +38,7 @@ from ._exceptions import (
 )
 from ._handle import TaskHandle
 from ._image_input import ImageInput
+from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
 from ._limiter import ConcurrencyLimiter
 from ._models import (
@@ -74,6 +75,7 @@ __all__ = [
     "ImageResult",
     "InvalidRequestError",
     "JWTCredentials",
+    "Journal",
     "KlingError",
     "Ledger",
     "LedgerEntry",

@@ -12,6 +12,8 @@ batch, raised from the iterator.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING
@@ -28,8 +30,10 @@ from ._exceptions import (
     TaskFailedError,
 )
 from ._handle import TaskHandle
+from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import ConcurrencyLimiter
 from ._models import Task, TaskRequest, TaskStatus
+from ._wire import request_body
 
 if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
@@ -60,11 +64,26 @@ class BatchResult:
     handle: TaskHandle | None = None
     task: Task | None = None
     error: KlingError | None = None
+    #: True when the task ended in an earlier run of the batch and the result
+    #: was read from its journal: nothing was sent for it this time.
+    resumed: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the task succeeded."""
         return self.task is not None and self.task.status is TaskStatus.SUCCEED
+
+
+def batch_key(name: str, index: int, request: TaskRequest) -> str:
+    """The key of a batch's request in a journal: the batch's name, the request's
+    position, and a digest of its content (its body without the id and callback
+    URL the client fills in), so an edited line is a new request."""
+    body = dict(request_body(request))
+    body.pop("external_task_id", None)
+    body.pop("callback_url", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return f"{name}#{index}#{digest}"
 
 
 def _stops_the_batch(error: KlingError) -> bool:
@@ -95,10 +114,14 @@ class Batch:
         *,
         limiter: ConcurrencyLimiter,
         max_in_flight: int | None = None,
+        journal: Ledger | None = None,
+        name: str = "batch",
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._submissions = submissions
+        self._journal = journal
+        self._name = name
         self._tracker = tracker
         self._requests = requests
         self._limiter = limiter
@@ -190,18 +213,77 @@ class Batch:
                 # a large one that does not fit yet.
                 await self._lookahead.acquire()
                 self._outstanding += 1
-                self._start(index, request)
+                if self._journal is None:
+                    self._start(index, request)
+                else:
+                    await self._resume_or_start(index, request, self._journal)
                 index += 1
         except Exception as error:  # the caller's own request iterator failed
             self._results.put_nowait(error)
             return
         self._results.put_nowait(None)
 
-    def _start(self, index: int, request: TaskRequest) -> None:
-        try:
-            submission = self._submissions.start(
-                request, limiter=self._limiter, on_admitted=self._lookahead.release
+    async def _resume_or_start(self, index: int, request: TaskRequest, journal: Ledger) -> None:
+        """What an earlier run of this batch left in the journal decides: a result
+        read back, a task re-attached, a create looked up, or a fresh create."""
+        key = batch_key(self._name, index, request)
+        entry = await journal.by_key(key)
+        if entry is None:
+            self._start(index, request, key=key)
+        elif entry.state is EntryState.TERMINAL and entry.task_id is not None:
+            self._lookahead.release()
+            self._ended_before(index, request, entry, journal)
+        elif entry.state is EntryState.CREATED and entry.task_id is not None:
+            self._lookahead.release()
+            handle = self._submissions.reattach(
+                entry, ledger=journal, limiter=self._limiter, request=request
             )
+            self.handles.append(handle)
+            self._follow(index, request, handle)
+        else:  # intended, sent, uncertain, or not created (Ctrl-C before it was sent)
+            self._start(index, request, key=key, entry=entry)
+
+    def _ended_before(
+        self, index: int, request: TaskRequest, entry: LedgerEntry, journal: Ledger
+    ) -> None:
+        handle = self._submissions.reattach(
+            entry, ledger=journal, limiter=self._limiter, request=request
+        )
+        task = handle.task
+        assert task is not None
+        self.handles.append(handle)
+        error = TaskFailedError(task) if task.status is TaskStatus.FAILED else None
+        self._finish(
+            BatchResult(
+                index=index, request=request, handle=handle, task=task, error=error, resumed=True
+            )
+        )
+
+    def _start(
+        self,
+        index: int,
+        request: TaskRequest,
+        *,
+        key: str | None = None,
+        entry: LedgerEntry | None = None,
+    ) -> None:
+        try:
+            if entry is not None:
+                submission = self._submissions.resume_entry(
+                    entry,
+                    ledger=self._journal,
+                    limiter=self._limiter,
+                    request=request,
+                    on_admitted=self._lookahead.release,
+                )
+            else:
+                submission = self._submissions.start(
+                    request,
+                    limiter=self._limiter,
+                    ledger=self._journal,
+                    key=key,
+                    on_admitted=self._lookahead.release,
+                )
         except KlingError as error:  # refused before anything was sent
             self._lookahead.release()
             self._ended_create(index, request, error)

@@ -14,8 +14,11 @@ from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download
 from ._exceptions import ConfigurationError
+from ._handle import TaskHandle
+from ._journal import Journal
 from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter
+from ._models import Task
 from ._resources import Images
 from ._submissions import Submissions
 from ._tracking import Tracker
@@ -56,7 +59,9 @@ class Client:
     ``callbacks`` takes a :class:`CallbackReceiver`: tasks are then created with a
     per-task callback URL and resolve as soon as Kling reports them, with polling
     slowed to a safety net. ``ledger`` takes a :class:`Ledger`, where every
-    create is recorded before it is sent (default: a :class:`MemoryLedger`).
+    create is recorded before it is sent (default: a :class:`MemoryLedger`);
+    ``journal`` a path (or a :class:`Journal`) for a durable SQLite ledger that
+    :meth:`resume` reads after a crash.
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -78,6 +83,7 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         callbacks: CallbackReceiver | None = None,
         ledger: Ledger | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
     ) -> None:
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
@@ -119,6 +125,12 @@ class Client:
         )
         # Without max_concurrency, batches share a limiter that learns the quota.
         self._learned_limiter: ConcurrencyLimiter | None = None
+        # Journals this client opened from a path: it closes them.
+        self._journals: dict[Path, Journal] = {}
+        if journal is not None:
+            if ledger is not None:
+                raise ConfigurationError("give a ledger or a journal, not both")
+            ledger = self._journal(journal)
         self._submissions = Submissions(
             self._transport,
             self._tracker,
@@ -134,6 +146,28 @@ class Client:
         """Where every create of this client is recorded before it is sent;
         ``await client.ledger.unsettled()`` lists creates not yet settled."""
         return self._submissions.ledger
+
+    def _journal(self, journal: str | os.PathLike[str] | Journal) -> Journal:
+        """The journal at a path (opened once per client, closed with it), or the
+        caller's own :class:`Journal`."""
+        if isinstance(journal, Journal):
+            return journal
+        path = Path(journal).absolute()
+        if path not in self._journals:
+            self._journals[path] = Journal(path)
+        return self._journals[path]
+
+    async def resume(self) -> list[TaskHandle]:
+        """Settle every create the ledger holds that did not end (after a crash,
+        read from a :class:`Journal`), and return the handles of its tasks.
+
+        A create Kling confirmed is re-attached by its task_id (polled, holding
+        its concurrency units until it ends). One that may or may not have landed
+        is looked up by its external_task_id, and sent again, under the same id,
+        only if Kling has no such task. Creates that cannot be settled now (Kling
+        unreachable) stay in the ledger, logged, for the next ``resume()``.
+        """
+        return await self._submissions.resume()
 
     async def download(
         self,
@@ -154,7 +188,7 @@ class Client:
         ``concurrency`` files download at once. ``watermarked`` fetches the
         watermarked copies. No credentials are sent to the result URLs.
         """
-        return await download(
+        paths = await download(
             self._transport,
             source,
             directory,
@@ -162,8 +196,18 @@ class Client:
             overwrite=overwrite,
             watermarked=watermarked,
         )
+        if isinstance(source, (Task, TaskHandle)):
+            self._submissions.note_downloaded(source.task_id, [str(path) for path in paths])
+        return paths
 
-    def batch(self, requests: BatchRequests, *, max_in_flight: int | None = None) -> Batch:
+    def batch(
+        self,
+        requests: BatchRequests,
+        *,
+        max_in_flight: int | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        name: str = "batch",
+    ) -> Batch:
         """Run many requests through the account's concurrency quota.
 
         Returns an async iterator of :class:`BatchResult` in completion order
@@ -173,6 +217,13 @@ class Client:
         ``max_in_flight`` also caps how many tasks run at once. One request's
         failure is one result with an ``error``; a problem of the whole account
         (quota used up, IP whitelist, credentials) stops the batch and is raised.
+
+        With a ``journal`` (a path or a :class:`Journal`), each request is recorded
+        under a key made of ``name``, its position and its content, so running the
+        same batch again (after a crash, Ctrl-C or a kill) skips what is done:
+        a request whose task ended comes back as a result read from the journal
+        (``result.resumed``), one in flight is re-attached, one whose create may
+        have landed is looked up before it is sent again. Nothing is created twice.
         """
         limiter = self.limiter
         if limiter is None:
@@ -185,6 +236,8 @@ class Client:
             requests,
             limiter=limiter,
             max_in_flight=max_in_flight,
+            journal=self._journal(journal) if journal is not None else None,
+            name=name,
         )
 
     @property
@@ -210,6 +263,9 @@ class Client:
             self.callbacks.detach(self._tracker)
         await self._tracker.close()
         await self._transport.close()
+        journals, self._journals = self._journals, {}
+        for journal in journals.values():
+            await journal.close()
 
     async def __aenter__(self) -> Client:
         return self

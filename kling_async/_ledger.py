@@ -102,7 +102,13 @@ class LedgerEntry:
 @runtime_checkable
 class Ledger(Protocol):
     """Where a client records its creates. Implementations: :class:`MemoryLedger`
-    (the default), the SQLite journal, the Redis ledger."""
+    (the default), :class:`~kling_async.Journal` (SQLite), the Redis ledger of
+    ``kling_async.contrib.redis``.
+
+    A ledger whose class sets ``records_results = True`` is also kept current with
+    each task's status changes, results and downloads (a durable ledger wants
+    them for ``resume()``; the in-memory one does not).
+    """
 
     def record(self, entry: LedgerEntry) -> None:
         """Insert or replace the entry for ``entry.external_task_id``. Never blocks:
@@ -113,6 +119,9 @@ class Ledger(Protocol):
 
     async def get(self, external_task_id: str) -> LedgerEntry | None:
         """The entry for ``external_task_id``, if the ledger holds one."""
+
+    async def by_key(self, key: str) -> LedgerEntry | None:
+        """The latest entry recorded under a batch request's ``key``, if any."""
 
     async def unsettled(self) -> list[LedgerEntry]:
         """Entries whose create or task has not reached an end: intended, sent,
@@ -148,6 +157,10 @@ class MemoryLedger:
 
     async def get(self, external_task_id: str) -> LedgerEntry | None:
         return self._entries.get(external_task_id)
+
+    async def by_key(self, key: str) -> LedgerEntry | None:
+        matches = [entry for entry in self._entries.values() if entry.key == key]
+        return max(matches, key=lambda entry: entry.intended_at) if matches else None
 
     async def unsettled(self) -> list[LedgerEntry]:
         return list(self._entries.values())

@@ -137,6 +137,12 @@ class ConcurrencyLimiter:
                 self._admit()
             raise
 
+    def adopt(self, units: int) -> None:
+        """Count the units of a task already running on Kling that this client
+        takes over (resumed after a restart, or adopted from a dead process)."""
+        self.in_use += units
+        self.running += units
+
     def release(self, units: int, *, created: bool = True) -> None:
         """Give back units: the task ended, or (``created=False``) its create failed."""
         self.in_use -= units

@@ -43,7 +43,7 @@ from ._exceptions import (
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import ConcurrencyLimiter
-from ._models import Task, TaskRequest
+from ._models import Endpoint, Task, TaskRequest, TaskStatus, request_from_mapping
 from ._wire import Envelope, WireRequest, create_request, get_request, parse_created
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ class Submission:
         "external_task_id",
         "holding",
         "key",
+        "ledger",
+        "look_up_first",
         "phase",
         "possibly_landed",
         "receiver_callback",
@@ -112,12 +114,16 @@ class Submission:
         self,
         request: TaskRequest,
         *,
+        ledger: Ledger,
         receiver_callback: bool,
-        key: str | None,
-        on_admitted: Callable[[], None] | None,
+        key: str | None = None,
+        look_up_first: bool = False,
+        on_admitted: Callable[[], None] | None = None,
     ) -> None:
         assert request.external_task_id is not None
         self.request = request
+        self.ledger = ledger
+        self.look_up_first = look_up_first
         self.external_task_id: str = request.external_task_id
         self.receiver_callback = receiver_callback
         self.key = key
@@ -179,12 +185,10 @@ class Submissions:
         self._receiver = receiver
         self.ledger = ledger
         self.limiter = limiter
-        self._records_results = bool(getattr(ledger, "records_results", False))
         self._live: set[Submission] = set()
         self._held: dict[TaskState, _HeldUnits] = {}
         self._closing = False
-        if self._records_results:
-            tracker.on_news = self._note
+        tracker.on_news = self._note
 
     # --- starting ---------------------------------------------------------------
 
@@ -206,19 +210,32 @@ class Submissions:
         request: TaskRequest,
         *,
         limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        ledger: Ledger | None = None,
         key: str | None = None,
+        look_up_first: bool = False,
         on_admitted: Callable[[], None] | None = None,
     ) -> Submission:
         """Begin a create in the background and return it; :attr:`Submission.result`
         gives its handle. Raises :class:`ClientClosedError` on a closed client and
-        :class:`ValidationError` when ``n`` exceeds the limiter's known capacity."""
+        :class:`ValidationError` when ``n`` exceeds the limiter's known capacity.
+
+        ``ledger`` records it somewhere else than the client's ledger (a batch's
+        journal); ``key`` is its batch key. ``look_up_first`` asks Kling for the
+        external_task_id before sending anything: a create resumed after a crash
+        may have landed already.
+        """
         if self._closing or self._transport.closed:
             raise ClientClosedError("the client is closed; create a new Client")
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
         prepared, receiver_callback = self.prepare(request)
         submission = Submission(
-            prepared, receiver_callback=receiver_callback, key=key, on_admitted=on_admitted
+            prepared,
+            ledger=ledger if ledger is not None else self.ledger,
+            receiver_callback=receiver_callback,
+            key=key,
+            look_up_first=look_up_first,
+            on_admitted=on_admitted,
         )
         if chosen is not None and chosen.capacity is not None and prepared.n > chosen.capacity:
             raise for_create(
@@ -293,9 +310,10 @@ class Submissions:
         entry = self._entry(submission, create)
         external_task_id = submission.external_task_id
         self._tracker.creating(external_task_id)
+        ledger = submission.ledger
         try:
-            self.ledger.record(entry)
-            await self.ledger.flush()  # the intent survives a crash before it is sent
+            ledger.record(entry)
+            await ledger.flush()  # the intent survives a crash before it is sent
             if limiter is not None:
                 await limiter.acquire(submission.units)
                 submission.holding = True
@@ -305,7 +323,7 @@ class Submissions:
             # Given up while queued (abandon), or cut short by close().
             self._give_back(submission, limiter)
             if submission.phase is Phase.QUEUED and not submission.possibly_landed:
-                self.ledger.record(entry.moved(EntryState.NOT_CREATED, error="cancelled"))
+                ledger.record(entry.moved(EntryState.NOT_CREATED, error="cancelled"))
                 self._fail(submission, None)
             else:
                 error = ClientClosedError("the client closed while the create was on the wire")
@@ -316,7 +334,7 @@ class Submissions:
             failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
             failure.__cause__ = error
             if submission.phase is Phase.QUEUED and not submission.possibly_landed:
-                self.ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(failure)))
+                ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(failure)))
                 self._fail(submission, for_create(failure, external_task_id, "nothing was sent"))
             else:
                 self._uncertain(submission, entry, failure)
@@ -330,7 +348,7 @@ class Submissions:
                 if decision.step is Step.UNCERTAIN:
                     self._uncertain(submission, entry, refusal)
                 else:
-                    self.ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(refusal)))
+                    ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(refusal)))
                     outcome = "Kling has no such task: nothing was created"
                     self._fail(submission, for_create(refusal, external_task_id, outcome))
         finally:
@@ -350,7 +368,11 @@ class Submissions:
         policy = self._transport.retry
         lookup = get_request(submission.request.endpoint, submission.external_task_id)
         can_requeue = limiter is not None
-        decision = Decision(Step.SEND, CreateProgress())
+        if submission.look_up_first:  # resumed: it may have landed before a crash
+            submission.phase = Phase.ON_THE_WIRE
+            decision = Decision(Step.LOOKUP, CreateProgress(possibly_landed=True))
+        else:
+            decision = Decision(Step.SEND, CreateProgress())
         started = loop.time()
         task: Task | None = None
         while not decision.step.final:
@@ -360,7 +382,7 @@ class Submissions:
             if decision.step is Step.SEND:
                 if submission.phase is Phase.QUEUED:
                     submission.phase = Phase.ON_THE_WIRE
-                    self.ledger.record(entry.moved(EntryState.SENT))
+                    submission.ledger.record(entry.moved(EntryState.SENT))
                 task, error = await self._ask(create)
                 if error is not None and limiter is not None:
                     limiter.observe(error)
@@ -430,21 +452,12 @@ class Submissions:
         )
         state.callbacks = submission.receiver_callback
         created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
-        self.ledger.record(created)
-        if self._records_results:
-            state.entry = created
-            if state.latest is not None and state.latest.is_terminal:
-                self._note(state, state.latest)
+        submission.ledger.record(created)
+        self._follow_in(submission.ledger, state, created)
         if limiter is not None:
             limiter.created(submission.units)
             submission.holding = False  # the task holds them now
-            held = _HeldUnits(limiter, submission.units)
-            if state.terminal:
-                held.give_back()
-            else:
-                self._held[state] = held
-                state.when_terminal(lambda _task: self._held.pop(state, held).give_back())
-                self._tracker.keep_polled(state)
+            self._hold(state, limiter, submission.units)
         handle = TaskHandle(self._tracker, state, request)
         if not submission.result.done():
             submission.result.set_result(handle)
@@ -460,9 +473,27 @@ class Submissions:
             handle.external_task_id,
         )
 
+    def _follow_in(self, ledger: Ledger, state: TaskState, entry: LedgerEntry) -> None:
+        """Keep ``entry`` current with the task's news, when the ledger wants results."""
+        if getattr(ledger, "records_results", False):
+            state.entry, state.ledger = entry, ledger
+            if state.latest is not None and state.latest.is_terminal:
+                self._note(state, state.latest)
+
+    def _hold(self, state: TaskState, limiter: ConcurrencyLimiter, units: int) -> None:
+        """The running task holds ``units`` until it ends (or the client closes);
+        it is polled until then, so they come back."""
+        held = _HeldUnits(limiter, units)
+        if state.terminal:
+            held.give_back()
+            return
+        self._held[state] = held
+        state.when_terminal(lambda _task: self._held.pop(state, held).give_back())
+        self._tracker.keep_polled(state)
+
     def _uncertain(self, submission: Submission, entry: LedgerEntry, error: KlingError) -> None:
         submission.uncertain = True
-        self.ledger.record(entry.moved(EntryState.UNCERTAIN, error=str(error)))
+        submission.ledger.record(entry.moved(EntryState.UNCERTAIN, error=str(error)))
         logger.warning(
             "cannot tell whether Kling created the task of external_task_id %s (%s); "
             "look it up with client.images.get(%r) or client.resume()",
@@ -505,16 +536,101 @@ class Submissions:
 
     def _note(self, state: TaskState, task: Task) -> None:
         """Keep a durable ledger's entry current with the task's status and results."""
-        entry = state.entry
-        if entry is None or (entry.status == task.status.value and not task.is_terminal):
+        entry, ledger = state.entry, state.ledger
+        if entry is None or ledger is None or entry.state is EntryState.TERMINAL:
+            return
+        if entry.status == task.status.value and not task.is_terminal:
             return
         moved = entry.moved(
             EntryState.TERMINAL if task.is_terminal else EntryState.CREATED,
             status=task.status.value,
             images=task.images,
+            error=task.status_message if task.is_terminal else None,
         )
-        state.entry = None if task.is_terminal else moved
-        self.ledger.record(moved)
+        state.entry = moved
+        ledger.record(moved)
+
+    def note_downloaded(self, task_id: str, paths: list[str]) -> None:
+        """Record in a durable ledger which files hold the task's images."""
+        for endpoint in Endpoint:
+            state = self._tracker.find(endpoint, task_id)
+            if state is not None and state.entry is not None and state.ledger is not None:
+                state.entry = state.entry.moved(state.entry.state, downloaded=tuple(paths))
+                state.ledger.record(state.entry)
+
+    # --- resuming -----------------------------------------------------------------------
+
+    def reattach(
+        self,
+        entry: LedgerEntry,
+        *,
+        ledger: Ledger | None = None,
+        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        request: TaskRequest | None = None,
+    ) -> TaskHandle:
+        """A handle on the task of an entry that Kling created (task_id known),
+        following it in its ledger; a running task holds its units again."""
+        assert entry.task_id is not None
+        chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
+        assert not isinstance(chosen, _UseLimiter)
+        latest = None
+        if entry.state is EntryState.TERMINAL and entry.status is not None:
+            latest = entry_task(entry)
+        state = self._tracker.state(
+            entry.endpoint, entry.task_id, latest=latest, external_task_id=entry.external_task_id
+        )
+        state.callbacks = entry.receiver_callback and self._receiver is not None
+        self._follow_in(ledger if ledger is not None else self.ledger, state, entry)
+        if chosen is not None and not state.terminal and state not in self._held:
+            chosen.adopt(entry.units)
+            self._hold(state, chosen, entry.units)
+        return TaskHandle(self._tracker, state, request)
+
+    def resume_entry(
+        self,
+        entry: LedgerEntry,
+        *,
+        ledger: Ledger | None = None,
+        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        request: TaskRequest | None = None,
+        on_admitted: Callable[[], None] | None = None,
+    ) -> Submission:
+        """Settle an entry whose create may or may not have landed: look its id up
+        and send it again (same id) only if Kling has no such task."""
+        if request is None:
+            request = request_from_mapping(entry.body)
+        request = attrs.evolve(request, external_task_id=entry.external_task_id)
+        return self.start(
+            request,
+            limiter=limiter,
+            ledger=ledger,
+            key=entry.key,
+            look_up_first=True,
+            on_admitted=on_admitted,
+        )
+
+    async def resume(self) -> list[TaskHandle]:
+        """Settle every unsettled entry of the client's ledger; return the handles of
+        the tasks that exist. Entries that cannot be settled stay in the ledger."""
+        handles: list[TaskHandle] = []
+        submissions: list[Submission] = []
+        for entry in await self.ledger.unsettled():
+            if entry.state is EntryState.CREATED and entry.task_id is not None:
+                handles.append(self.reattach(entry))
+                continue
+            try:
+                submissions.append(self.resume_entry(entry))
+            except KlingError as error:  # a body that no longer validates, say
+                logger.warning("cannot resume %s: %s", entry.external_task_id, error)
+        for submission in submissions:
+            try:
+                handles.append(await asyncio.shield(submission.result))
+            except asyncio.CancelledError:
+                self._left(submission)
+                raise
+            except KlingError as error:
+                logger.info("resumed create %s: %s", submission.external_task_id, error)
+        return handles
 
     # --- closing ----------------------------------------------------------------------
 
@@ -545,7 +661,10 @@ class Submissions:
         held, self._held = self._held, {}
         for units in held.values():
             units.give_back()
-        await self.ledger.flush()
+        try:
+            await self.ledger.flush()
+        except Exception as error:  # a broken ledger must not stop the client closing
+            logger.error("the ledger could not be flushed on close: %s", error)
         return unsettled
 
 
@@ -562,4 +681,17 @@ def _log_retry(submission: Submission, error: KlingError, decision: Decision) ->
         error,
         next_step,
         decision.delay,
+    )
+
+
+def entry_task(entry: LedgerEntry) -> Task:
+    """The task as the ledger last knew it (a terminal entry's result)."""
+    assert entry.task_id is not None
+    status = TaskStatus(entry.status or TaskStatus.SUBMITTED.value)
+    return Task(
+        task_id=entry.task_id,
+        status=status,
+        status_message=entry.error if status is TaskStatus.FAILED else None,
+        images=entry.images,
+        external_task_id=entry.external_task_id,
     )

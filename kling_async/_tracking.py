@@ -22,7 +22,7 @@ from ._exceptions import ClientClosedError, KlingError
 from ._models import Endpoint, Task, TaskStatus
 
 if TYPE_CHECKING:
-    from ._ledger import LedgerEntry
+    from ._ledger import Ledger, LedgerEntry
     from ._polling import Poller
     from ._transport import Transport
 
@@ -57,6 +57,7 @@ class TaskState:
         "interest",
         "interval",
         "latest",
+        "ledger",
         "listeners",
         "next_poll",
         "on_terminal",
@@ -90,8 +91,9 @@ class TaskState:
         self.next_poll = 0.0  # loop time of the next poll, set when polling starts
         self.interval = 0.0  # the gap before that poll
         self.untrusted = False  # latest came from a callback, not from Kling's API
-        #: The create's ledger entry, kept current when the ledger records results.
+        #: The create's ledger entry and its ledger, when the ledger records results.
         self.entry: LedgerEntry | None = None
+        self.ledger: Ledger | None = None
 
     @property
     def terminal(self) -> bool:

@@ -1,0 +1,328 @@
+"""The SQLite journal, client.resume() and batches that resume."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import kling_async
+from kling_async import (
+    CallbackReceiver,
+    ConcurrencyLimiter,
+    EntryState,
+    ImageGenerationRequest,
+    Journal,
+    LedgerEntry,
+)
+from kling_async._models import Endpoint
+from kling_async.testing import FakeKlingServer
+from tests.conftest import API_KEY, make_client
+
+
+def entry(
+    external_task_id: str, state: EntryState = EntryState.INTENDED, **fields: object
+) -> LedgerEntry:
+    return LedgerEntry(
+        external_task_id=external_task_id,
+        endpoint=Endpoint.GENERATIONS,
+        body={
+            "prompt": f"prompt of {external_task_id}",
+            "model_name": "kling-v3",
+            "n": 1,
+            "aspect_ratio": "16:9",
+            "external_task_id": external_task_id,
+        },
+        state=state,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def create_on_server(server: FakeKlingServer, external_task_id: str) -> str:
+    """A create that reached Kling from a process that then died."""
+    body = {
+        "prompt": f"prompt of {external_task_id}",
+        "model_name": "kling-v3",
+        "external_task_id": external_task_id,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{server.url}/v1/images/generations",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as response,
+    ):
+        data = await response.json()
+    return str(data["data"]["task_id"])
+
+
+# --- the journal itself -----------------------------------------------------------------
+
+
+async def test_entries_survive_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a"))
+    journal.record(entry("b", EntryState.CREATED, task_id="t-b", key="batch#0#x"))
+    journal.record(entry("a", EntryState.UNCERTAIN, error="no answer"))
+    journal.record(entry("c", EntryState.TERMINAL, task_id="t-c", status="succeed"))
+    await journal.flush()
+    await journal.close()
+
+    again = Journal(path)
+    try:
+        a = await again.get("a")
+        assert a is not None
+        assert a.state is EntryState.UNCERTAIN  # the later record replaced the earlier
+        assert a.error == "no answer"
+        assert a.body["prompt"] == "prompt of a"
+        by_key = await again.by_key("batch#0#x")
+        assert by_key is not None
+        assert by_key.task_id == "t-b"
+        assert {e.external_task_id for e in await again.unsettled()} == {"a", "b"}
+        assert len(await again.entries()) == 3
+        assert await again.get("missing") is None
+    finally:
+        await again.close()
+
+
+async def test_the_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a"))
+    await journal.flush()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists()
+        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+    finally:
+        await journal.close()
+
+
+async def test_writes_do_not_block_the_loop_and_are_batched(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        started = time.perf_counter()
+        for number in range(2000):
+            journal.record(entry(f"e{number}"))
+        queued = time.perf_counter() - started
+        await journal.flush()
+        assert len(await journal.entries()) == 2000
+        assert queued < 1.0  # queueing 2,000 entries does no I/O on the loop
+    finally:
+        await journal.close()
+
+
+async def test_a_journal_that_cannot_be_opened_refuses_every_create(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with make_client(server, journal=blocker / "journal.db") as client:
+            with pytest.raises(kling_async.KlingError):
+                await client.images.generate(prompt="p")
+        assert server.requests_for("create") == []  # no intent on record, nothing sent
+
+
+# --- a client with a journal ------------------------------------------------------------------
+
+
+async def test_a_create_is_journaled_from_intent_to_result_and_download(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with make_client(server, journal=path) as client:
+            handle = await client.images.generate(prompt="a fox", n=2)
+            task = await handle
+            paths = await client.download(task, tmp_path / "out")
+    journal = Journal(path)
+    try:
+        recorded = await journal.get(str(handle.external_task_id))
+        assert recorded is not None
+        assert recorded.state is EntryState.TERMINAL
+        assert recorded.task_id == task.task_id
+        assert recorded.status == "succeed"
+        assert [image.url for image in recorded.images] == [image.url for image in task.images]
+        assert recorded.downloaded == tuple(str(p) for p in paths)
+        assert await journal.unsettled() == []
+    finally:
+        await journal.close()
+
+
+async def test_the_journal_holds_no_credential(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    receiver = CallbackReceiver("https://hooks.example.com/kling", secret="x" * 32)
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with make_client(server, journal=path, callbacks=receiver) as client:
+            handle = await client.images.generate(prompt="a fox")
+    token = receiver.token_for(str(handle.external_task_id))
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("journal"))
+    assert handle.external_task_id is not None
+    assert handle.external_task_id.encode() in data  # the file was read whole
+    assert API_KEY.encode() not in data
+    assert token.encode() not in data
+    assert b"hooks.example.com" not in data
+
+
+# --- resume ---------------------------------------------------------------------------
+
+
+async def test_resume_settles_every_kind_of_unfinished_entry(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2) as server:
+        running = await create_on_server(server, "created-before-crash")
+        await create_on_server(server, "landed-unanswered")
+        journal = Journal(path)
+        journal.record(entry("created-before-crash", EntryState.CREATED, task_id=running))
+        journal.record(entry("landed-unanswered", EntryState.SENT))
+        journal.record(entry("never-sent", EntryState.INTENDED))
+        journal.record(entry("answer-lost", EntryState.UNCERTAIN))
+        journal.record(entry("refused", EntryState.NOT_CREATED))
+        journal.record(entry("done", EntryState.TERMINAL, task_id="t-done", status="succeed"))
+        await journal.close()
+
+        async with make_client(server, journal=path) as client:
+            handles = await client.resume()
+            tasks = await asyncio.gather(*(handle.wait() for handle in handles))
+        by_external = {handle.external_task_id: handle for handle in handles}
+        assert set(by_external) == {
+            "created-before-crash",
+            "landed-unanswered",
+            "never-sent",
+            "answer-lost",
+        }
+        assert by_external["created-before-crash"].task_id == running
+        assert all(task.status is kling_async.TaskStatus.SUCCEED for task in tasks)
+        # Only what Kling did not have was sent, under its own id; nothing twice.
+        # (the first two creates are the dead process's own)
+        sent = sorted(str(r.external_task_id) for r in server.requests_for("create"))
+        assert sent == ["answer-lost", "created-before-crash", "landed-unanswered", "never-sent"]
+        assert len(server.tasks) == 4
+    journal = Journal(path)
+    try:
+        assert await journal.unsettled() == []
+    finally:
+        await journal.close()
+
+
+async def test_resume_leaves_what_it_cannot_settle_in_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("answer-lost", EntryState.SENT))
+    await journal.close()
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        server.inject("drop", route="get", times=None)  # Kling unreachable for lookups
+        retry = kling_async.RetryPolicy(initial_delay=0.01, max_delay=0.02, max_attempts=2)
+        async with make_client(server, journal=path, retry=retry) as client:
+            assert await client.resume() == []
+        assert server.requests_for("create") == []  # never sent blindly
+    journal = Journal(path)
+    try:
+        (left,) = await journal.unsettled()
+        assert left.external_task_id == "answer-lost"
+        assert left.state is EntryState.UNCERTAIN
+    finally:
+        await journal.close()
+
+
+async def test_resumed_running_tasks_hold_their_units(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.3) as server:
+        running = await create_on_server(server, "big")
+        journal = Journal(path)
+        journal.record(entry("big", EntryState.CREATED, task_id=running, units=4))
+        await journal.close()
+        limiter = ConcurrencyLimiter(4, min_cooldown=0.02)
+        async with make_client(server, journal=path, max_concurrency=limiter) as client:
+            (handle,) = await client.resume()
+            assert limiter.in_use == 4
+            await handle
+            for _ in range(50):
+                if limiter.in_use == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert limiter.in_use == 0
+
+
+# --- batches that resume ----------------------------------------------------------------
+
+
+def prompts(count: int) -> list[ImageGenerationRequest]:
+    return [ImageGenerationRequest(prompt=f"line {i}") for i in range(count)]
+
+
+async def test_a_batch_run_again_skips_what_is_done_and_creates_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2) as server:
+        async with make_client(server, max_concurrency=ConcurrencyLimiter(4)) as client:
+            first = client.batch(prompts(12), journal=path, name="prompts.jsonl")
+            async with contextlib.aclosing(first.__aiter__()) as results:
+                async for _ in results:
+                    if first.finished == 3:
+                        break  # like Ctrl-C: some done, some running, some never sent
+        created_first = len(server.tasks)
+        assert 3 <= created_first < 12
+
+        async with make_client(server, max_concurrency=ConcurrencyLimiter(4)) as client:
+            results = await client.batch(prompts(12), journal=path, name="prompts.jsonl").collect()
+        assert [r.index for r in results] == list(range(12))
+        assert all(r.ok for r in results)
+        assert sum(r.resumed for r in results) >= 3
+        assert len(server.tasks) == 12  # one task per line
+        assert sorted(t.prompt for t in server.tasks.values()) == sorted(
+            f"line {i}" for i in range(12)
+        )
+
+        async with make_client(server) as client:  # a third run sends nothing at all
+            again = await client.batch(prompts(12), journal=path, name="prompts.jsonl").collect()
+        assert all(r.resumed and r.ok for r in again)
+        assert sum(r.code == 0 for r in server.requests_for("create")) == 12
+
+
+async def test_an_edited_line_is_a_new_request(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.05) as server:
+        async with make_client(server) as client:
+            await client.batch(prompts(3), journal=path).collect()
+            changed = [*prompts(2), ImageGenerationRequest(prompt="line 2, edited")]
+            results = await client.batch(changed, journal=path).collect()
+        assert [r.resumed for r in results] == [True, True, False]
+        assert len(server.tasks) == 4
+
+
+async def test_the_same_lines_in_another_batch_name_are_new_requests(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.05) as server:
+        async with make_client(server) as client:
+            await client.batch(prompts(2), journal=path, name="a").collect()
+            results = await client.batch(prompts(2), journal=path, name="b").collect()
+        assert not any(r.resumed for r in results)
+        assert len(server.tasks) == 4
+
+
+def test_journal_rejects_an_unknown_synchronous_mode(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        Journal(tmp_path / "j.db", synchronous="SOMETIMES")  # type: ignore[arg-type]
+
+
+def test_a_journal_path_is_private_even_with_a_permissive_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        asyncio.run(_write_one(tmp_path / "j.db"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "j.db").stat().st_mode) == 0o600
+
+
+async def _write_one(path: Path) -> None:
+    journal = Journal(path)
+    journal.record(entry("a"))
+    await journal.close()
