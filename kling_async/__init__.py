@@ -40,6 +40,7 @@ from ._handle import TaskHandle
 from ._image_input import ImageInput
 from ._limiter import ConcurrencyLimiter
 from ._models import (
+    BalanceDeduction,
     Endpoint,
     ImageGenerationRequest,
     ImageResult,
@@ -56,6 +57,7 @@ __all__ = [
     "OFFICIAL_BASE_URL",
     "APIError",
     "AuthenticationError",
+    "BalanceDeduction",
     "Batch",
     "BatchResult",
     "CallbackReceiver",

@@ -22,6 +22,7 @@ from ._image_input import ImageInput, WireImage, encode_image
 
 __all__ = [
     "ASPECT_RATIOS",
+    "BalanceDeduction",
     "Endpoint",
     "ImageGenerationRequest",
     "ImageResult",
@@ -86,11 +87,27 @@ class ImageResult:
 
 
 @attrs.frozen(kw_only=True)
+class BalanceDeduction:
+    """What a task cost in account balance (Kling's ``final_balance_deduction``),
+    as Kling writes the amounts: decimal strings.
+
+    ``quota`` is the price charged (after discounts), ``list_price`` the list price.
+    A task paid from a resource pack reports units instead
+    (:attr:`Task.final_unit_deduction`).
+    """
+
+    quota: str | None = None
+    list_price: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Task:
     """A task as Kling last reported it.
 
-    ``raw`` keeps the whole ``data`` object, unknown fields included, for anything
-    this class does not model yet.
+    ``raw`` keeps the whole ``data`` object (or callback body), unknown fields
+    included, for anything this class does not model yet. ``final_unit_deduction``
+    is what the task cost in resource-pack units, ``final_balance_deduction`` what
+    it cost in account balance; either is ``None`` when Kling did not say.
     """
 
     task_id: str
@@ -101,6 +118,7 @@ class Task:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     final_unit_deduction: str | None = None
+    final_balance_deduction: BalanceDeduction | None = None
     raw: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
