@@ -9,6 +9,11 @@ is confirmed with one GET before any handle resolves on it (so even a leaked URL
 cannot fake a result); duplicates and stale updates are acknowledged and dropped;
 and polling stays on, slower, as the safety net for callbacks that never come.
 
+Both documented body formats are read: the legacy one (a get's ``data``, with
+or without ``task_info``) and the new-design one (``{id, status, outputs, ...}``,
+also what the console's "test callback" sends). A body without an external id
+is matched by its task_id to the task the URL names.
+
 The receiver is plain: ``await receiver.handle(path, body)`` does all of the
 above, and the aiohttp sub-app, the ASGI app and :meth:`CallbackReceiver.serve`
 are thin adapters around it.
@@ -31,12 +36,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import attrs
 from aiohttp import web
 
-from ._exceptions import APIError, ConfigurationError
+from ._exceptions import ConfigurationError
 from ._models import Task, is_http_url, redacted_url
 from ._tracking import CallbackOutcome, Tracker, is_newer
-from ._wire import Envelope, parse_task
+from ._wire import parse_callback
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
 
@@ -56,6 +62,7 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)
 _REMEMBERED_UNKNOWN = 10_000
 
 _Response = tuple[int, bytes]
+_NOT_THIS_TASK = "the task in the body is not the task of this URL"
 
 
 def _reply(status: int, message: str) -> _Response:
@@ -175,12 +182,15 @@ class CallbackReceiver:
         if len(body) > self.max_body_size:
             return _reply(413, "callback body too large")
         try:
-            payload = json.loads(body)
-            task = parse_task(Envelope(data=payload, request_id=None))
-        except (ValueError, UnicodeDecodeError, RecursionError, APIError):
+            task = parse_callback(json.loads(body))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _reply(400, "body is not a Kling task")
-        if task.external_task_id != external_task_id:
-            return _reply(400, "the task in the body is not the task of this URL")
+        if task.external_task_id is None:
+            # Older copies of the schema have no task_info: the URL names the task
+            # (its token says so), and the tracker matches the task_id to it.
+            task = attrs.evolve(task, external_task_id=external_task_id)
+        elif task.external_task_id != external_task_id:
+            return _reply(400, _NOT_THIS_TASK)
         horizon = datetime.now(timezone.utc) + MAX_CLOCK_SKEW
         if task.updated_at is not None and task.updated_at > horizon:
             return _reply(400, "updated_at lies in the future")
@@ -190,7 +200,7 @@ class CallbackReceiver:
         for tracker in self._trackers:
             outcome = tracker.receive_callback(external_task_id, task, confirm=self.confirm)
             if outcome is CallbackOutcome.MISMATCH:
-                return _reply(400, "the task in the body is not the task of this URL")
+                return _reply(400, _NOT_THIS_TASK)
             if outcome is CallbackOutcome.IGNORED:
                 return _reply(200, "duplicate or stale update ignored")
             if outcome is CallbackOutcome.ACCEPTED:
@@ -205,7 +215,7 @@ class CallbackReceiver:
         while len(self._unknown_seen) > _REMEMBERED_UNKNOWN:
             self._unknown_seen.popitem(last=False)
         if not self._hooks:
-            logger.info("callback for task %s, which no handle holds, dropped", task.task_id)
+            logger.info("callback for task %r, which no handle holds, dropped", task.task_id)
         for hook in self._hooks:
             self._run_hook(hook, task)
         return _reply(200, "accepted")
