@@ -5,9 +5,10 @@ possibly repeated, out of order, or never. So the URL itself is the credential:
 each task gets ``<public_url>/<external_task_id>/<token>``, where the token is
 an HMAC of the external_task_id under the receiver's secret. A request with an
 unknown or wrong token is answered 404 and never dispatched; a terminal update
-is confirmed with one GET before any handle resolves on it (so even a leaked URL
-cannot fake a result); duplicates and stale updates are acknowledged and dropped;
-and polling stays on, slower, as the safety net for callbacks that never come.
+is confirmed with one GET before a handle resolves or a hook hears of it (so
+even a leaked URL cannot fake a result); duplicates and stale updates are
+acknowledged and dropped; and polling stays on, slower, as the safety net for
+callbacks that never come.
 
 Both documented body formats are read: the legacy one (a get's ``data``, with
 or without ``task_info``) and the new-design one (``{id, status, outputs, ...}``,
@@ -39,10 +40,10 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 from aiohttp import web
 
-from ._exceptions import ConfigurationError
-from ._models import Task, is_http_url, redacted_url
+from ._exceptions import ConfigurationError, KlingError, NotFoundError
+from ._models import Endpoint, Task, is_http_url, redacted_url
 from ._tracking import CallbackOutcome, Tracker, is_newer
-from ._wire import parse_callback
+from ._wire import get_request, parse_callback, parse_task
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
 
@@ -80,8 +81,10 @@ class CallbackReceiver:
     balancer must share it: pass it, or set ``KLING_CALLBACK_SECRET``. Without
     either a random one is made, valid for this process only.
 
-    ``confirm`` (default on) makes a terminal callback wait for one poll of the
-    task before handles resolve. ``max_body_size`` caps a callback's bytes.
+    ``confirm`` (default on) makes a terminal callback wait for one GET of the
+    task before handles resolve or hooks hear of it; for a task no handle holds,
+    the GET is sent by an attached client (``Client(callbacks=receiver)``).
+    ``max_body_size`` caps a callback's bytes.
 
     A callback URL is a credential: keep it out of access logs (aiohttp's default
     access log records full paths; :meth:`serve` turns it off).
@@ -110,7 +113,10 @@ class CallbackReceiver:
         self._trackers: list[Tracker] = []
         self._hooks: list[UpdateHook] = []
         self._hook_runs: set[asyncio.Task[None]] = set()
-        self._unknown_seen: OrderedDict[str, Task] = OrderedDict()
+        # What hooks were told of each task nobody holds, and whether Kling's API
+        # (rather than a callback) said it.
+        self._unknown_seen: OrderedDict[str, tuple[Task, bool]] = OrderedDict()
+        self._confirming: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
@@ -146,7 +152,11 @@ class CallbackReceiver:
     def on_update(self, hook: UpdateHook) -> UpdateHook:
         """Register ``hook(task)`` for authentic callbacks about tasks no client of
         this process holds a handle for (submitted by another process, or before a
-        restart). Usable as a decorator. Duplicates are not passed on."""
+        restart). Usable as a decorator. Duplicates are not passed on.
+
+        A terminal update reaches hooks only once Kling's API confirms it (unless
+        ``confirm=False``), and what they get is the task as the API reported it,
+        not the callback's body: a leaked URL cannot feed them a forged result."""
         self._hooks.append(hook)
         return hook
 
@@ -208,9 +218,16 @@ class CallbackReceiver:
         return self._unknown(external_task_id, task)
 
     def _unknown(self, external_task_id: str, task: Task) -> _Response:
-        if not is_newer(task, self._unknown_seen.get(external_task_id), trusted=False):
+        known = self._unknown_seen.get(external_task_id)
+        if not is_newer(task, known[0] if known else None, trusted=False):
             return _reply(200, "duplicate or stale update ignored")
-        self._unknown_seen[external_task_id] = task
+        if task.is_terminal and self.confirm:
+            return self._confirm_unheld(external_task_id, task)
+        self._tell_hooks(external_task_id, task, trusted=False)
+        return _reply(200, "accepted")
+
+    def _tell_hooks(self, external_task_id: str, task: Task, *, trusted: bool) -> None:
+        self._unknown_seen[external_task_id] = (task, trusted)
         self._unknown_seen.move_to_end(external_task_id)
         while len(self._unknown_seen) > _REMEMBERED_UNKNOWN:
             self._unknown_seen.popitem(last=False)
@@ -218,7 +235,67 @@ class CallbackReceiver:
             logger.info("callback for task %r, which no handle holds, dropped", task.task_id)
         for hook in self._hooks:
             self._run_hook(hook, task)
+
+    # --- confirming terminal updates of tasks nobody holds ------------------------
+
+    def _confirm_unheld(self, external_task_id: str, claimed: Task) -> _Response:
+        """Ask Kling's API about a task whose terminal callback no handle takes.
+
+        The callback is acknowledged at once; hooks hear of the task only if the
+        API shows it ended, and then get the API's task, not the body's claims.
+        """
+        if external_task_id in self._confirming:
+            return _reply(200, "accepted")  # the GET under way answers this one too
+        if not self._trackers:
+            logger.warning(
+                "a terminal callback for task %r cannot be confirmed: no client uses this "
+                "receiver (Client(callbacks=receiver)); pass confirm=False to take "
+                "callbacks unconfirmed",
+                claimed.task_id,
+            )
+            # Kling may deliver again, perhaps once a client is attached.
+            return _reply(503, "cannot confirm the update now")
+        trackers = tuple(self._trackers)
+        run = asyncio.get_running_loop().create_task(
+            self._confirm(trackers, external_task_id, claimed)
+        )
+        self._confirming[external_task_id] = run
+        run.add_done_callback(lambda _: self._confirming.pop(external_task_id, None))
         return _reply(200, "accepted")
+
+    async def _confirm(
+        self, trackers: tuple[Tracker, ...], external_task_id: str, claimed: Task
+    ) -> None:
+        try:
+            confirmed = await _look_up(trackers, external_task_id)
+        except KlingError as error:
+            logger.warning(
+                "could not confirm the terminal callback for task %r: %s", claimed.task_id, error
+            )
+            return
+        if confirmed is None or confirmed.task_id != claimed.task_id:
+            logger.warning(
+                "a terminal callback for task %r was not confirmed: Kling knows %s under "
+                "its external id; dropped",
+                claimed.task_id,
+                "no task" if confirmed is None else f"task {confirmed.task_id!r}",
+            )
+            return
+        if not confirmed.is_terminal:
+            logger.warning(
+                "a terminal callback for task %r was not confirmed: Kling reports it %s; dropped",
+                claimed.task_id,
+                confirmed.status.value,
+            )
+            return
+        known = self._unknown_seen.get(external_task_id)
+        if is_newer(
+            confirmed,
+            known[0] if known else None,
+            trusted=True,
+            known_untrusted=known is not None and not known[1],
+        ):
+            self._tell_hooks(external_task_id, confirmed, trusted=True)
 
     def _run_hook(self, hook: UpdateHook, task: Task) -> None:
         try:
@@ -337,10 +414,31 @@ class CallbackReceiver:
             await runner.cleanup()
 
     async def close(self) -> None:
-        """Cancel hook calls still running."""
-        for run in self._hook_runs:
+        """Cancel hook calls and confirmations still running."""
+        runs = [*self._hook_runs, *self._confirming.values()]
+        for run in runs:
             run.cancel()
-        await asyncio.gather(*self._hook_runs, return_exceptions=True)
+        await asyncio.gather(*runs, return_exceptions=True)
+
+
+async def _look_up(trackers: tuple[Tracker, ...], external_task_id: str) -> Task | None:
+    """The task Kling knows by ``external_task_id``, asked through the first
+    client that can: a callback URL does not say which endpoint (or which of
+    several accounts) the task belongs to, so each is tried in turn."""
+    error: KlingError | None = None
+    for tracker in trackers:
+        for endpoint in Endpoint:
+            try:
+                envelope = await tracker.transport.send(get_request(endpoint, external_task_id))
+            except NotFoundError:
+                continue
+            except KlingError as failure:  # e.g. this client was closed: try the next
+                error = failure
+                break
+            return parse_task(envelope)
+    if error is not None:
+        raise error
+    return None
 
 
 async def _logged(result: Awaitable[None], task_id: str) -> None:
