@@ -1,23 +1,25 @@
 """Receiving Kling's task callbacks, safely.
 
-Kling POSTs a task to its ``callback_url`` on every status change, unsigned,
-possibly repeated, out of order, or never. So the URL itself is the credential:
-each task gets ``<public_url>/<external_task_id>/<token>``, where the token is
-an HMAC of the external_task_id under the receiver's secret. A request with an
-unknown or wrong token is answered 404 and never dispatched; a terminal update
-is confirmed with one GET before a handle resolves or a hook hears of it (so
-even a leaked URL cannot fake a result); duplicates and stale updates are
-acknowledged and dropped; and polling stays on, slower, as the safety net for
-callbacks that never come.
+Kling POSTs a task to its ``callback_url`` on every status change, possibly
+repeated, out of order, or never; signed only if the account has a webhook
+secret. So the URL itself is the first credential: each task gets
+``<public_url>/<external_task_id>/<token>``, where the token is an HMAC of the
+external_task_id under the receiver's secret. A request with an unknown or
+wrong token is answered 404 and never dispatched; with a webhook secret, an
+unsigned or wrongly signed delivery is answered 401 and a repeated one dropped;
+a terminal update is confirmed with one GET before a handle resolves or a hook
+hears of it (so even a leaked URL cannot fake a result); duplicates and stale
+updates are acknowledged and dropped; and polling stays on, slower, as the
+safety net for callbacks that never come.
 
 Both documented body formats are read: the legacy one (a get's ``data``, with
 or without ``task_info``) and the new-design one (``{id, status, outputs, ...}``,
 also what the console's "test callback" sends). A body without an external id
 is matched by its task_id to the task the URL names.
 
-The receiver is plain: ``await receiver.handle(path, body)`` does all of the
-above, and the aiohttp sub-app, the ASGI app and :meth:`CallbackReceiver.serve`
-are thin adapters around it.
+The receiver is plain: ``await receiver.handle(path, body, headers)`` does all
+of the above, and the aiohttp sub-app, the ASGI app and
+:meth:`CallbackReceiver.serve` are thin adapters around it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -43,6 +46,7 @@ from aiohttp import web
 from ._exceptions import ConfigurationError, KlingError, NotFoundError
 from ._models import Endpoint, Task, is_http_url, redacted_url
 from ._tracking import CallbackOutcome, Tracker, is_newer
+from ._webhooks import SignatureError, WebhookVerifier
 from ._wire import get_request, parse_callback, parse_task
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
@@ -50,6 +54,7 @@ __all__ = ["CallbackReceiver", "UpdateHook"]
 logger = logging.getLogger("kling_async")
 
 ENV_CALLBACK_SECRET = "KLING_CALLBACK_SECRET"
+ENV_WEBHOOK_SECRET = "KLING_WEBHOOK_SECRET"
 
 UpdateHook = Callable[[Task], Awaitable[None] | None]
 """Called with tasks this process holds no handle for (sync or async)."""
@@ -81,10 +86,18 @@ class CallbackReceiver:
     balancer must share it: pass it, or set ``KLING_CALLBACK_SECRET``. Without
     either a random one is made, valid for this process only.
 
+    ``webhook_secret`` is the account's webhook secret (``whsec_...``, from
+    Kling's console), or set ``KLING_WEBHOOK_SECRET``: every delivery must then
+    carry a valid Standard Webhooks signature no more than 5 minutes old (401
+    otherwise), and a delivery repeating a ``webhook-id`` already processed is
+    acknowledged and dropped. The per-task URL token is checked as well. Needs
+    the ``webhooks`` extra (``pip install 'kling-async[webhooks]'``).
+
     ``confirm`` (default on) makes a terminal callback wait for one GET of the
     task before handles resolve or hooks hear of it; for a task no handle holds,
     the GET is sent by an attached client (``Client(callbacks=receiver)``).
-    ``max_body_size`` caps a callback's bytes.
+    ``max_body_size`` caps a callback's bytes. ``clock`` (Unix seconds) is what
+    signature timestamps and ``updated_at`` are checked against; tests inject one.
 
     A callback URL is a credential: keep it out of access logs (aiohttp's default
     access log records full paths; :meth:`serve` turns it off).
@@ -95,8 +108,10 @@ class CallbackReceiver:
         public_url: str | None = None,
         *,
         secret: str | bytes | None = None,
+        webhook_secret: str | None = None,
         confirm: bool = True,
         max_body_size: int = DEFAULT_MAX_BODY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if public_url and not is_http_url(public_url):
             raise ConfigurationError(
@@ -108,8 +123,12 @@ class CallbackReceiver:
         self._secret = secret.encode() if isinstance(secret, str) else secret
         if len(self._secret) < 16:
             raise ConfigurationError("the callback secret must be at least 16 bytes")
+        if webhook_secret is None:
+            webhook_secret = os.environ.get(ENV_WEBHOOK_SECRET) or None
+        self._webhooks = None if webhook_secret is None else WebhookVerifier(webhook_secret, clock)
         self.confirm = confirm
         self.max_body_size = max_body_size
+        self._clock = clock
         self._trackers: list[Tracker] = []
         self._hooks: list[UpdateHook] = []
         self._hook_runs: set[asyncio.Task[None]] = set()
@@ -120,6 +139,11 @@ class CallbackReceiver:
 
     def __repr__(self) -> str:
         return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
+
+    @property
+    def verifies_signatures(self) -> bool:
+        """Whether deliveries must carry a valid webhook signature."""
+        return self._webhooks is not None
 
     # --- URLs -------------------------------------------------------------------
 
@@ -162,16 +186,20 @@ class CallbackReceiver:
 
     # --- the protocol -----------------------------------------------------------
 
-    async def handle(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def handle(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
         """Process one callback request; return the HTTP status and JSON body to send.
 
         ``path`` is the request path; only its last two segments
         (``<external_task_id>/<token>``) matter, so any mount point works.
+        ``headers`` are the request's (names in any case); they carry the
+        webhook signature, so pass them whenever a webhook secret may be set.
         """
         external_task_id = self.authorize(path)
         if external_task_id is None:
             return _reply(404, "not found")
-        return self._process(external_task_id, body)
+        return self._process(external_task_id, body, headers or {})
 
     def authorize(self, path: str) -> str | None:
         """The external_task_id a callback path is valid for, or ``None`` (answer 404).
@@ -188,9 +216,18 @@ class CallbackReceiver:
             return None
         return external_task_id
 
-    def _process(self, external_task_id: str, body: bytes) -> _Response:
+    def _process(self, external_task_id: str, body: bytes, headers: Mapping[str, str]) -> _Response:
         if len(body) > self.max_body_size:
             return _reply(413, "callback body too large")
+        webhooks, delivery = self._webhooks, None
+        if webhooks is not None:
+            try:
+                delivery = webhooks.verify(body, headers)
+            except SignatureError as error:
+                logger.warning("callback refused: %s", error)
+                return _reply(401, f"signature verification failed: {error}")
+            if webhooks.is_repeat(delivery):
+                return _reply(200, "duplicate delivery ignored")
         try:
             task = parse_callback(json.loads(body))
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -201,10 +238,13 @@ class CallbackReceiver:
             task = attrs.evolve(task, external_task_id=external_task_id)
         elif task.external_task_id != external_task_id:
             return _reply(400, _NOT_THIS_TASK)
-        horizon = datetime.now(timezone.utc) + MAX_CLOCK_SKEW
+        horizon = datetime.fromtimestamp(self._clock(), timezone.utc) + MAX_CLOCK_SKEW
         if task.updated_at is not None and task.updated_at > horizon:
             return _reply(400, "updated_at lies in the future")
-        return self._dispatch(external_task_id, task)
+        status, reply = self._dispatch(external_task_id, task)
+        if webhooks is not None and delivery is not None and status == 200:
+            webhooks.remember(delivery)
+        return status, reply
 
     def _dispatch(self, external_task_id: str, task: Task) -> _Response:
         for tracker in self._trackers:
@@ -326,7 +366,7 @@ class CallbackReceiver:
             if raw is None:
                 status, body = _reply(413, "callback body too large")
             else:
-                status, body = self._process(external_task_id, raw)
+                status, body = self._process(external_task_id, raw, request.headers)
         return web.Response(status=status, body=body, content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> bytes | None:
@@ -379,7 +419,11 @@ class CallbackReceiver:
                 message = await receive()
                 raw += message.get("body", b"")
                 more = message.get("more_body", False)
-            status, body = self._process(external_task_id, bytes(raw))
+            headers = {
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in scope.get("headers") or ()
+            }
+            status, body = self._process(external_task_id, bytes(raw), headers)
         await send(
             {
                 "type": "http.response.start",
