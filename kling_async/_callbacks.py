@@ -313,6 +313,9 @@ class CallbackReceiver:
                 "could not confirm the terminal callback for task %r: %s", claimed.task_id, error
             )
             return
+        except Exception:  # a bug must be logged, not lost in an unawaited task
+            logger.exception("confirming the terminal callback for task %r failed", claimed.task_id)
+            return
         if confirmed is None or confirmed.task_id != claimed.task_id:
             logger.warning(
                 "a terminal callback for task %r was not confirmed: Kling knows %s under "
