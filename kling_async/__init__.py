@@ -42,6 +42,7 @@ from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
 from ._limiter import ConcurrencyLimiter
 from ._models import (
+    BalanceDeduction,
     Endpoint,
     ImageGenerationRequest,
     ImageResult,
@@ -58,6 +59,7 @@ __all__ = [
     "OFFICIAL_BASE_URL",
     "APIError",
     "AuthenticationError",
+    "BalanceDeduction",
     "Batch",
     "BatchResult",
     "CallbackReceiver",

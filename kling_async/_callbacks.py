@@ -1,17 +1,25 @@
 """Receiving Kling's task callbacks, safely.
 
-Kling POSTs a task to its ``callback_url`` on every status change, unsigned,
-possibly repeated, out of order, or never. So the URL itself is the credential:
-each task gets ``<public_url>/<external_task_id>/<token>``, where the token is
-an HMAC of the external_task_id under the receiver's secret. A request with an
-unknown or wrong token is answered 404 and never dispatched; a terminal update
-is confirmed with one GET before any handle resolves on it (so even a leaked URL
-cannot fake a result); duplicates and stale updates are acknowledged and dropped;
-and polling stays on, slower, as the safety net for callbacks that never come.
+Kling POSTs a task to its ``callback_url`` on every status change, possibly
+repeated, out of order, or never; signed only if the account has a webhook
+secret. So the URL itself is the first credential: each task gets
+``<public_url>/<external_task_id>/<token>``, where the token is an HMAC of the
+external_task_id under the receiver's secret. A request with an unknown or
+wrong token is answered 404 and never dispatched; with a webhook secret, an
+unsigned or wrongly signed delivery is answered 401 and a repeated one dropped;
+a terminal update is confirmed with one GET before a handle resolves or a hook
+hears of it (so even a leaked URL cannot fake a result); duplicates and stale
+updates are acknowledged and dropped; and polling stays on, slower, as the
+safety net for callbacks that never come.
 
-The receiver is plain: ``await receiver.handle(path, body)`` does all of the
-above, and the aiohttp sub-app, the ASGI app and :meth:`CallbackReceiver.serve`
-are thin adapters around it.
+Both documented body formats are read: the legacy one (a get's ``data``, with
+or without ``task_info``) and the new-design one (``{id, status, outputs, ...}``,
+also what the console's "test callback" sends). A body without an external id
+is matched by its task_id to the task the URL names.
+
+The receiver is plain: ``await receiver.handle(path, body, headers)`` does all
+of the above, and the aiohttp sub-app, the ASGI app and
+:meth:`CallbackReceiver.serve` are thin adapters around it.
 """
 
 from __future__ import annotations
@@ -24,25 +32,29 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import attrs
 from aiohttp import web
 
-from ._exceptions import APIError, ConfigurationError
-from ._models import Task, is_http_url, redacted_url
+from ._exceptions import ConfigurationError, KlingError, NotFoundError
+from ._models import Endpoint, Task, is_http_url, redacted_url
 from ._tracking import CallbackOutcome, Tracker, is_newer
-from ._wire import Envelope, parse_task
+from ._webhooks import SignatureError, WebhookVerifier
+from ._wire import get_request, parse_callback, parse_task
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
 
 logger = logging.getLogger("kling_async")
 
 ENV_CALLBACK_SECRET = "KLING_CALLBACK_SECRET"
+ENV_WEBHOOK_SECRET = "KLING_WEBHOOK_SECRET"
 
 UpdateHook = Callable[[Task], Awaitable[None] | None]
 """Called with tasks this process holds no handle for (sync or async)."""
@@ -56,6 +68,7 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)
 _REMEMBERED_UNKNOWN = 10_000
 
 _Response = tuple[int, bytes]
+_NOT_THIS_TASK = "the task in the body is not the task of this URL"
 
 
 def _reply(status: int, message: str) -> _Response:
@@ -73,8 +86,18 @@ class CallbackReceiver:
     balancer must share it: pass it, or set ``KLING_CALLBACK_SECRET``. Without
     either a random one is made, valid for this process only.
 
-    ``confirm`` (default on) makes a terminal callback wait for one poll of the
-    task before handles resolve. ``max_body_size`` caps a callback's bytes.
+    ``webhook_secret`` is the account's webhook secret (``whsec_...``, from
+    Kling's console), or set ``KLING_WEBHOOK_SECRET``: every delivery must then
+    carry a valid Standard Webhooks signature no more than 5 minutes old (401
+    otherwise), and a delivery repeating a ``webhook-id`` already processed is
+    acknowledged and dropped. The per-task URL token is checked as well. Needs
+    the ``webhooks`` extra (``pip install 'kling-async[webhooks]'``).
+
+    ``confirm`` (default on) makes a terminal callback wait for one GET of the
+    task before handles resolve or hooks hear of it; for a task no handle holds,
+    the GET is sent by an attached client (``Client(callbacks=receiver)``).
+    ``max_body_size`` caps a callback's bytes. ``clock`` (Unix seconds) is what
+    signature timestamps and ``updated_at`` are checked against; tests inject one.
 
     A callback URL is a credential: keep it out of access logs (aiohttp's default
     access log records full paths; :meth:`serve` turns it off).
@@ -85,8 +108,10 @@ class CallbackReceiver:
         public_url: str | None = None,
         *,
         secret: str | bytes | None = None,
+        webhook_secret: str | None = None,
         confirm: bool = True,
         max_body_size: int = DEFAULT_MAX_BODY,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if public_url and not is_http_url(public_url):
             raise ConfigurationError(
@@ -98,15 +123,27 @@ class CallbackReceiver:
         self._secret = secret.encode() if isinstance(secret, str) else secret
         if len(self._secret) < 16:
             raise ConfigurationError("the callback secret must be at least 16 bytes")
+        if webhook_secret is None:
+            webhook_secret = os.environ.get(ENV_WEBHOOK_SECRET) or None
+        self._webhooks = None if webhook_secret is None else WebhookVerifier(webhook_secret, clock)
         self.confirm = confirm
         self.max_body_size = max_body_size
+        self._clock = clock
         self._trackers: list[Tracker] = []
         self._hooks: list[UpdateHook] = []
         self._hook_runs: set[asyncio.Task[None]] = set()
-        self._unknown_seen: OrderedDict[str, Task] = OrderedDict()
+        # What hooks were told of each task nobody holds, and whether Kling's API
+        # (rather than a callback) said it.
+        self._unknown_seen: OrderedDict[str, tuple[Task, bool]] = OrderedDict()
+        self._confirming: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
         return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
+
+    @property
+    def verifies_signatures(self) -> bool:
+        """Whether deliveries must carry a valid webhook signature."""
+        return self._webhooks is not None
 
     # --- URLs -------------------------------------------------------------------
 
@@ -139,22 +176,30 @@ class CallbackReceiver:
     def on_update(self, hook: UpdateHook) -> UpdateHook:
         """Register ``hook(task)`` for authentic callbacks about tasks no client of
         this process holds a handle for (submitted by another process, or before a
-        restart). Usable as a decorator. Duplicates are not passed on."""
+        restart). Usable as a decorator. Duplicates are not passed on.
+
+        A terminal update reaches hooks only once Kling's API confirms it (unless
+        ``confirm=False``), and what they get is the task as the API reported it,
+        not the callback's body: a leaked URL cannot feed them a forged result."""
         self._hooks.append(hook)
         return hook
 
     # --- the protocol -----------------------------------------------------------
 
-    async def handle(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def handle(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
         """Process one callback request; return the HTTP status and JSON body to send.
 
         ``path`` is the request path; only its last two segments
         (``<external_task_id>/<token>``) matter, so any mount point works.
+        ``headers`` are the request's (names in any case); they carry the
+        webhook signature, so pass them whenever a webhook secret may be set.
         """
         external_task_id = self.authorize(path)
         if external_task_id is None:
             return _reply(404, "not found")
-        return self._process(external_task_id, body)
+        return self._process(external_task_id, body, headers or {})
 
     def authorize(self, path: str) -> str | None:
         """The external_task_id a callback path is valid for, or ``None`` (answer 404).
@@ -171,26 +216,41 @@ class CallbackReceiver:
             return None
         return external_task_id
 
-    def _process(self, external_task_id: str, body: bytes) -> _Response:
+    def _process(self, external_task_id: str, body: bytes, headers: Mapping[str, str]) -> _Response:
         if len(body) > self.max_body_size:
             return _reply(413, "callback body too large")
+        webhooks, delivery = self._webhooks, None
+        if webhooks is not None:
+            try:
+                delivery = webhooks.verify(body, headers)
+            except SignatureError as error:
+                logger.warning("callback refused: %s", error)
+                return _reply(401, f"signature verification failed: {error}")
+            if webhooks.is_repeat(delivery):
+                return _reply(200, "duplicate delivery ignored")
         try:
-            payload = json.loads(body)
-            task = parse_task(Envelope(data=payload, request_id=None))
-        except (ValueError, UnicodeDecodeError, RecursionError, APIError):
+            task = parse_callback(json.loads(body))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _reply(400, "body is not a Kling task")
-        if task.external_task_id != external_task_id:
-            return _reply(400, "the task in the body is not the task of this URL")
-        horizon = datetime.now(timezone.utc) + MAX_CLOCK_SKEW
+        if task.external_task_id is None:
+            # Older copies of the schema have no task_info: the URL names the task
+            # (its token says so), and the tracker matches the task_id to it.
+            task = attrs.evolve(task, external_task_id=external_task_id)
+        elif task.external_task_id != external_task_id:
+            return _reply(400, _NOT_THIS_TASK)
+        horizon = datetime.fromtimestamp(self._clock(), timezone.utc) + MAX_CLOCK_SKEW
         if task.updated_at is not None and task.updated_at > horizon:
             return _reply(400, "updated_at lies in the future")
-        return self._dispatch(external_task_id, task)
+        status, reply = self._dispatch(external_task_id, task)
+        if webhooks is not None and delivery is not None and status == 200:
+            webhooks.remember(delivery)
+        return status, reply
 
     def _dispatch(self, external_task_id: str, task: Task) -> _Response:
         for tracker in self._trackers:
             outcome = tracker.receive_callback(external_task_id, task, confirm=self.confirm)
             if outcome is CallbackOutcome.MISMATCH:
-                return _reply(400, "the task in the body is not the task of this URL")
+                return _reply(400, _NOT_THIS_TASK)
             if outcome is CallbackOutcome.IGNORED:
                 return _reply(200, "duplicate or stale update ignored")
             if outcome is CallbackOutcome.ACCEPTED:
@@ -198,17 +258,87 @@ class CallbackReceiver:
         return self._unknown(external_task_id, task)
 
     def _unknown(self, external_task_id: str, task: Task) -> _Response:
-        if not is_newer(task, self._unknown_seen.get(external_task_id), trusted=False):
+        known = self._unknown_seen.get(external_task_id)
+        if not is_newer(task, known[0] if known else None, trusted=False):
             return _reply(200, "duplicate or stale update ignored")
-        self._unknown_seen[external_task_id] = task
+        if task.is_terminal and self.confirm:
+            return self._confirm_unheld(external_task_id, task)
+        self._tell_hooks(external_task_id, task, trusted=False)
+        return _reply(200, "accepted")
+
+    def _tell_hooks(self, external_task_id: str, task: Task, *, trusted: bool) -> None:
+        self._unknown_seen[external_task_id] = (task, trusted)
         self._unknown_seen.move_to_end(external_task_id)
         while len(self._unknown_seen) > _REMEMBERED_UNKNOWN:
             self._unknown_seen.popitem(last=False)
         if not self._hooks:
-            logger.info("callback for task %s, which no handle holds, dropped", task.task_id)
+            logger.info("callback for task %r, which no handle holds, dropped", task.task_id)
         for hook in self._hooks:
             self._run_hook(hook, task)
+
+    # --- confirming terminal updates of tasks nobody holds ------------------------
+
+    def _confirm_unheld(self, external_task_id: str, claimed: Task) -> _Response:
+        """Ask Kling's API about a task whose terminal callback no handle takes.
+
+        The callback is acknowledged at once; hooks hear of the task only if the
+        API shows it ended, and then get the API's task, not the body's claims.
+        """
+        if external_task_id in self._confirming:
+            return _reply(200, "accepted")  # the GET under way answers this one too
+        if not self._trackers:
+            logger.warning(
+                "a terminal callback for task %r cannot be confirmed: no client uses this "
+                "receiver (Client(callbacks=receiver)); pass confirm=False to take "
+                "callbacks unconfirmed",
+                claimed.task_id,
+            )
+            # Kling may deliver again, perhaps once a client is attached.
+            return _reply(503, "cannot confirm the update now")
+        trackers = tuple(self._trackers)
+        run = asyncio.get_running_loop().create_task(
+            self._confirm(trackers, external_task_id, claimed)
+        )
+        self._confirming[external_task_id] = run
+        run.add_done_callback(lambda _: self._confirming.pop(external_task_id, None))
         return _reply(200, "accepted")
+
+    async def _confirm(
+        self, trackers: tuple[Tracker, ...], external_task_id: str, claimed: Task
+    ) -> None:
+        try:
+            confirmed = await _look_up(trackers, external_task_id)
+        except KlingError as error:
+            logger.warning(
+                "could not confirm the terminal callback for task %r: %s", claimed.task_id, error
+            )
+            return
+        except Exception:  # a bug must be logged, not lost in an unawaited task
+            logger.exception("confirming the terminal callback for task %r failed", claimed.task_id)
+            return
+        if confirmed is None or confirmed.task_id != claimed.task_id:
+            logger.warning(
+                "a terminal callback for task %r was not confirmed: Kling knows %s under "
+                "its external id; dropped",
+                claimed.task_id,
+                "no task" if confirmed is None else f"task {confirmed.task_id!r}",
+            )
+            return
+        if not confirmed.is_terminal:
+            logger.warning(
+                "a terminal callback for task %r was not confirmed: Kling reports it %s; dropped",
+                claimed.task_id,
+                confirmed.status.value,
+            )
+            return
+        known = self._unknown_seen.get(external_task_id)
+        if is_newer(
+            confirmed,
+            known[0] if known else None,
+            trusted=True,
+            known_untrusted=known is not None and not known[1],
+        ):
+            self._tell_hooks(external_task_id, confirmed, trusted=True)
 
     def _run_hook(self, hook: UpdateHook, task: Task) -> None:
         try:
@@ -239,7 +369,7 @@ class CallbackReceiver:
             if raw is None:
                 status, body = _reply(413, "callback body too large")
             else:
-                status, body = self._process(external_task_id, raw)
+                status, body = self._process(external_task_id, raw, request.headers)
         return web.Response(status=status, body=body, content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> bytes | None:
@@ -292,7 +422,11 @@ class CallbackReceiver:
                 message = await receive()
                 raw += message.get("body", b"")
                 more = message.get("more_body", False)
-            status, body = self._process(external_task_id, bytes(raw))
+            headers = {
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in scope.get("headers") or ()
+            }
+            status, body = self._process(external_task_id, bytes(raw), headers)
         await send(
             {
                 "type": "http.response.start",
@@ -327,10 +461,31 @@ class CallbackReceiver:
             await runner.cleanup()
 
     async def close(self) -> None:
-        """Cancel hook calls still running."""
-        for run in self._hook_runs:
+        """Cancel hook calls and confirmations still running."""
+        runs = [*self._hook_runs, *self._confirming.values()]
+        for run in runs:
             run.cancel()
-        await asyncio.gather(*self._hook_runs, return_exceptions=True)
+        await asyncio.gather(*runs, return_exceptions=True)
+
+
+async def _look_up(trackers: tuple[Tracker, ...], external_task_id: str) -> Task | None:
+    """The task Kling knows by ``external_task_id``, asked through the first
+    client that can: a callback URL does not say which endpoint (or which of
+    several accounts) the task belongs to, so each is tried in turn."""
+    error: KlingError | None = None
+    for tracker in trackers:
+        for endpoint in Endpoint:
+            try:
+                envelope = await tracker.transport.send(get_request(endpoint, external_task_id))
+            except NotFoundError:
+                continue
+            except KlingError as failure:  # e.g. this client was closed: try the next
+                error = failure
+                break
+            return parse_task(envelope)
+    if error is not None:
+        raise error
+    return None
 
 
 async def _logged(result: Awaitable[None], task_id: str) -> None:

@@ -22,6 +22,7 @@ from ._image_input import ImageInput, WireImage, encode_image
 
 __all__ = [
     "ASPECT_RATIOS",
+    "BalanceDeduction",
     "Endpoint",
     "ImageGenerationRequest",
     "ImageResult",
@@ -86,11 +87,27 @@ class ImageResult:
 
 
 @attrs.frozen(kw_only=True)
+class BalanceDeduction:
+    """What a task cost in account balance (Kling's ``final_balance_deduction``),
+    as Kling writes the amounts: decimal strings.
+
+    ``quota`` is the price charged (after discounts), ``list_price`` the list price.
+    A task paid from a resource pack reports units instead
+    (:attr:`Task.final_unit_deduction`).
+    """
+
+    quota: str | None = None
+    list_price: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Task:
     """A task as Kling last reported it.
 
-    ``raw`` keeps the whole ``data`` object, unknown fields included, for anything
-    this class does not model yet.
+    ``raw`` keeps the whole ``data`` object (or callback body), unknown fields
+    included, for anything this class does not model yet. ``final_unit_deduction``
+    is what the task cost in resource-pack units, ``final_balance_deduction`` what
+    it cost in account balance; either is ``None`` when Kling did not say.
     """
 
     task_id: str
@@ -101,6 +118,7 @@ class Task:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     final_unit_deduction: str | None = None
+    final_balance_deduction: BalanceDeduction | None = None
     raw: Mapping[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
@@ -166,6 +184,14 @@ def _nonempty_string(_instance: object, attribute: attrs.Attribute[Any], value: 
         raise ValidationError(attribute.name, "must be a non-empty string")
 
 
+def _model_name(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # Never None: Kling refuses "model_name": null (the converters below turn an
+    # explicit None into the default before this runs).
+    if value is None:
+        raise ValidationError(attribute.name, "is required")
+    _nonempty_string(_instance, attribute, value)
+
+
 def redacted_url(value: object) -> str:
     """A URL as reprs and messages show it: scheme and host only. A callback
     URL's path carries the token that authorises its callbacks."""
@@ -201,6 +227,16 @@ def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object)
 def _optional_bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, bool):
         raise ValidationError(attribute.name, f"must be true or false; got {value!r}")
+
+
+# model_name is optional on Kling's side, so None means "the default" here as
+# everywhere else in the SDK; the default is sent, never a null.
+def _generation_model(value: str | None) -> str:
+    return "kling-v3" if value is None else value
+
+
+def _multi_image_model(value: str | None) -> str:
+    return "kling-v2" if value is None else value
 
 
 # attrs converters cannot be told which field they convert, hence one per field.
@@ -249,7 +285,7 @@ class TaskRequest:
 
     endpoint: ClassVar[Endpoint]
 
-    model_name: str = attrs.field(validator=_nonempty_string)
+    model_name: str = attrs.field(validator=_model_name)
     n: int = attrs.field(default=1, validator=_image_count)
     aspect_ratio: str = attrs.field(default="16:9", validator=_one_of(ASPECT_RATIOS))
     watermark: bool | None = attrs.field(default=None, validator=_optional_bool)
@@ -269,7 +305,9 @@ class ImageGenerationRequest(TaskRequest):
     endpoint: ClassVar[Endpoint] = Endpoint.GENERATIONS
 
     prompt: str = attrs.field(validator=_text(required=True))
-    model_name: str = attrs.field(default="kling-v3", validator=_nonempty_string)
+    model_name: str = attrs.field(
+        default="kling-v3", converter=_generation_model, validator=_model_name
+    )
     negative_prompt: str | None = attrs.field(default=None, validator=_text(required=False))
     image: WireImage | None = attrs.field(default=None, converter=_image)
     image_reference: str | None = attrs.field(default=None, validator=_one_of(IMAGE_REFERENCES))
@@ -306,7 +344,9 @@ class MultiImageRequest(TaskRequest):
 
     subject_images: tuple[WireImage, ...] = attrs.field(converter=_subject_images)
     prompt: str | None = attrs.field(default=None, validator=_text(required=False))
-    model_name: str = attrs.field(default="kling-v2", validator=_nonempty_string)
+    model_name: str = attrs.field(
+        default="kling-v2", converter=_multi_image_model, validator=_model_name
+    )
     scene_image: WireImage | None = attrs.field(default=None, converter=_scene_image)
     style_image: WireImage | None = attrs.field(default=None, converter=_style_image)
 

@@ -7,6 +7,7 @@ fuzzed without a server. The transport layer above only moves bytes.
 
 from __future__ import annotations
 
+import decimal
 import email.utils
 import json
 import math
@@ -21,6 +22,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 
 from ._exceptions import APIError, error_class_for
 from ._models import (
+    BalanceDeduction,
     Endpoint,
     ImageGenerationRequest,
     ImageResult,
@@ -37,6 +39,7 @@ __all__ = [
     "create_request",
     "get_request",
     "list_request",
+    "parse_callback",
     "parse_created",
     "parse_envelope",
     "parse_retry_after",
@@ -113,10 +116,25 @@ def _optional_text(value: Any) -> str | None:
     raise ValueError(f"expected text, got {type(value).__name__}")
 
 
-def _structure_image(value: Any, _type: Any) -> ImageResult:
+def _lenient_text(value: Any) -> str | None:
+    """Text, or ``None`` for anything else: for fields a task must never be lost over."""
+    try:
+        return _optional_text(value)
+    except ValueError:
+        return None
+
+
+def _image_at(value: Any, position: int) -> ImageResult:
+    """One image of a task's result list; ``position`` is its place in the list.
+
+    Some answers carry no ``index`` (or ``"id": ""`` in its place): then the
+    position is the index, so two images never share one.
+    """
     if not isinstance(value, Mapping):
         raise ValueError(f"an image must be an object, got {type(value).__name__}")
-    index = value.get("index", 0)
+    index = value.get("index")
+    if index is None or index == "":
+        index = position
     if isinstance(index, bool) or not isinstance(index, (int, str)):
         raise ValueError(f"image index must be an integer, got {index!r}")
     url = value.get("url")
@@ -125,6 +143,25 @@ def _structure_image(value: Any, _type: Any) -> ImageResult:
     return ImageResult(
         index=int(index), url=url, watermark_url=_optional_text(value.get("watermark_url"))
     )
+
+
+def _structure_image(value: Any, _type: Any) -> ImageResult:
+    # Alone, an image has no position: an index it lacks is 0.
+    return _image_at(value, 0)
+
+
+def _balance_deduction(value: Any) -> BalanceDeduction | None:
+    """``final_balance_deduction``: the official ``{"quota", "list_price"}`` object, or
+    a bare amount as some gateways send it (taken as the price charged). Anything
+    else is dropped: a billing detail must never make a finished task unreadable."""
+    if isinstance(value, Mapping):
+        quota = _lenient_text(value.get("quota"))
+        list_price = _lenient_text(value.get("list_price"))
+        if quota is None and list_price is None:
+            return None
+        return BalanceDeduction(quota=quota, list_price=list_price)
+    quota = _lenient_text(value)
+    return None if quota is None else BalanceDeduction(quota=quota)
 
 
 def _structure_task(value: Any, _type: Any) -> Task:
@@ -148,12 +185,81 @@ def _structure_task(value: Any, _type: Any) -> Task:
         status=TaskStatus(status),
         status_message=_optional_text(value.get("task_status_msg")) or None,
         # The hooks are called directly: this runs for every task of every poll.
-        images=tuple(_structure_image(image, ImageResult) for image in images),
+        images=tuple(_image_at(image, position) for position, image in enumerate(images)),
         external_task_id=_optional_text(info.get("external_task_id")) or None,
         created_at=_structure_millis(value.get("created_at"), datetime),
         updated_at=_structure_millis(value.get("updated_at"), datetime),
-        final_unit_deduction=_optional_text(value.get("final_unit_deduction")),
+        final_unit_deduction=_lenient_text(value.get("final_unit_deduction")),
+        final_balance_deduction=_balance_deduction(value.get("final_balance_deduction")),
         # A dict fresh from json.loads is ours to keep; anything else is copied.
+        raw=value if type(value) is dict else dict(value),
+    )
+
+
+#: Statuses of the new-design callback format that the task model spells otherwise.
+_NEW_DESIGN_STATUSES = {"succeeded": TaskStatus.SUCCEED.value}
+
+
+def _decimal_sum(amounts: list[Any]) -> str | None:
+    try:
+        total = sum((decimal.Decimal(str(amount)) for amount in amounts), decimal.Decimal(0))
+    except (decimal.InvalidOperation, ValueError):
+        return None
+    return str(total) if total.is_finite() else None
+
+
+def _billing(value: Any) -> tuple[str | None, BalanceDeduction | None]:
+    """The new design's ``billing`` list as (units, balance): entries with
+    ``charge_type`` ``unit`` count resource-pack units, ``cash`` ones balance."""
+    if not isinstance(value, (list, tuple)):
+        return None, None
+    entries = [entry for entry in value if isinstance(entry, Mapping)]
+    units = [e.get("amount") for e in entries if e.get("charge_type") == "unit"]
+    cash = [e for e in entries if e.get("charge_type") == "cash"]
+    balance = None
+    if cash:
+        list_prices = [e.get("list_price") for e in cash if e.get("list_price") is not None]
+        balance = BalanceDeduction(
+            quota=_decimal_sum([e.get("amount") for e in cash]),
+            list_price=_decimal_sum(list_prices) if list_prices else None,
+        )
+    return (_decimal_sum(units) if units else None), balance
+
+
+def _structure_new_design(value: Mapping[str, Any]) -> Task:
+    """A task in the callback format of Kling's newer APIs (and of the console's
+    "test callback"): ``{id, status, message, outputs, create_time, update_time,
+    external_id, billing}``.
+
+    The outputs of type ``image`` become the task's images, in their order and
+    indexed by it (they carry no index); other outputs (video, audio, ...) stay
+    in ``raw`` only.
+    """
+    task_id = _optional_text(value.get("id"))
+    if not task_id:
+        raise ValueError("task has no id")
+    status = value.get("status")
+    if not isinstance(status, str) or not status:
+        raise ValueError(f"status must be a string, got {status!r}")
+    outputs = value.get("outputs") or ()
+    if not isinstance(outputs, (list, tuple)):
+        raise ValueError("outputs must be a list")
+    images = [
+        output
+        for output in outputs
+        if not isinstance(output, Mapping) or output.get("type", "image") == "image"
+    ]
+    units, balance = _billing(value.get("billing"))
+    return Task(
+        task_id=task_id,
+        status=TaskStatus(_NEW_DESIGN_STATUSES.get(status, status)),
+        status_message=_optional_text(value.get("message")) or None,
+        images=tuple(_image_at(image, position) for position, image in enumerate(images)),
+        external_task_id=_optional_text(value.get("external_id")) or None,
+        created_at=_structure_millis(value.get("create_time"), datetime),
+        updated_at=_structure_millis(value.get("update_time"), datetime),
+        final_unit_deduction=units,
+        final_balance_deduction=balance,
         raw=value if type(value) is dict else dict(value),
     )
 
@@ -302,11 +408,15 @@ def parse_envelope(status: int, body: bytes, headers: Mapping[str, str] | None =
     )
 
 
+#: What reading a task can raise: datetime's range errors included.
+_PARSE_ERRORS = (cattrs.BaseValidationError, ValueError, TypeError, OverflowError, OSError)
+
+
 def parse_task(envelope: Envelope) -> Task:
     """The task in a create or get response."""
     try:
         return converter.structure(envelope.data, Task)
-    except (cattrs.BaseValidationError, ValueError, TypeError, OverflowError, OSError) as error:
+    except _PARSE_ERRORS as error:
         raise APIError(
             f"response data is not a task: {error}",
             request_id=envelope.request_id,
@@ -316,22 +426,72 @@ def parse_task(envelope: Envelope) -> Task:
 
 
 def parse_created(envelope: Envelope) -> Task:
-    """The task in a create's (or a lookup's) answer, read leniently.
+    """The task a create answered ``code == 0`` made, read leniently.
 
-    ``code == 0`` with a task_id means Kling created the task, whatever else the
-    answer lacks or garbles, so only a missing task_id raises :class:`APIError`;
-    any other unreadable part is dropped and the task taken as ``submitted``.
+    Kling created a task whenever such an answer names its ``task_id``, however
+    little else it says (no ``task_status``, no ``task_info``, a malformed time):
+    the task must then be tracked, not lost to a parse error. So only the
+    ``task_id`` is required; a missing or unreadable status is ``submitted`` and
+    other unreadable fields are left out. Raises :class:`APIError` only when
+    ``data`` holds no usable ``task_id``, a create whose task cannot be known
+    from the answer (look it up by its external_task_id).
     """
+    data = envelope.data
+    task_id = _lenient_text(data.get("task_id")) if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping) or task_id is None or not task_id.strip():
+        raise APIError(
+            "the create was answered with success but no task_id; look the task up "
+            "by its external_task_id",
+            request_id=envelope.request_id,
+            http_status=envelope.http_status,
+            body=data,
+        )
     try:
-        return parse_task(envelope)
-    except APIError:
-        data = envelope.data
-        task_id = data.get("task_id") if isinstance(data, Mapping) else None
-        if isinstance(task_id, int) and not isinstance(task_id, bool):
-            task_id = str(task_id)
-        if not isinstance(task_id, str) or not task_id:
-            raise
-        return Task(task_id=task_id, status=TaskStatus.SUBMITTED, raw=dict(data))
+        return converter.structure(data, Task)
+    except _PARSE_ERRORS:
+        pass  # the lenient reading below
+    status = data.get("task_status")
+    info = data.get("task_info")
+    info = info if isinstance(info, Mapping) else {}
+    return Task(
+        task_id=task_id,
+        status=TaskStatus(status) if isinstance(status, str) and status else TaskStatus.SUBMITTED,
+        status_message=_lenient_text(data.get("task_status_msg")) or None,
+        external_task_id=_lenient_text(info.get("external_task_id")) or None,
+        created_at=_lenient_millis(data.get("created_at")),
+        updated_at=_lenient_millis(data.get("updated_at")),
+        final_unit_deduction=_lenient_text(data.get("final_unit_deduction")),
+        final_balance_deduction=_balance_deduction(data.get("final_balance_deduction")),
+        raw=data if type(data) is dict else dict(data),
+    )
+
+
+def _lenient_millis(value: Any) -> datetime | None:
+    try:
+        return _structure_millis(value, datetime)
+    except _PARSE_ERRORS:
+        return None
+
+
+def parse_callback(payload: Any) -> Task:
+    """The task in a callback body, in either format Kling documents.
+
+    The legacy format (the endpoints' own, models up to 3.0) is a get's ``data``;
+    older copies of it lack ``task_info``, so the external_task_id may be
+    missing. The new-design format (newer APIs, the console's "test callback")
+    is read by :func:`_structure_new_design`. Raises :class:`ValueError` for a
+    body in neither.
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"not a Kling task: the body is a {type(payload).__name__}")
+    try:
+        if "task_id" in payload or "task_status" in payload:
+            return _structure_task(payload, Task)
+        if "id" in payload and "status" in payload:
+            return _structure_new_design(payload)
+    except _PARSE_ERRORS as error:
+        raise ValueError(f"not a Kling task: {error}") from None
+    raise ValueError("not a Kling task: neither task_id/task_status nor id/status")
 
 
 def parse_task_list(envelope: Envelope) -> list[Task]:

@@ -31,6 +31,7 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         "KLING_SECRET_KEY",
         "KLING_BASE_URL",
         "KLING_CALLBACK_SECRET",
+        "KLING_WEBHOOK_SECRET",
     ):
         monkeypatch.delenv(name, raising=False)
 

@@ -489,6 +489,81 @@ async def test_one_receiver_serves_several_clients(
     assert [task.status for task in tasks] == [TaskStatus.SUCCEED] * 2
 
 
+async def hook_tasks(receiver: CallbackReceiver) -> list[Task]:
+    seen: list[Task] = []
+    receiver.on_update(seen.append)
+    return seen
+
+
+async def test_a_forged_terminal_callback_for_a_task_nobody_holds_never_reaches_hooks(
+    receiver: CallbackReceiver,
+) -> None:
+    """Review r13: the leaked URL of a task no handle holds fed hooks a forged result."""
+    seen = await hook_tasks(receiver)
+    evil = {"images": [{"index": 0, "url": "https://evil.example/x.png"}]}
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with (
+            make_client(server, callbacks=receiver, polling=CALLBACK_POLLING),
+            make_client(server) as other_process,
+        ):
+            # A task Kling never heard of: both endpoints answer 404.
+            forged = callback_body("job-123", status="succeed")
+            assert (await post(receiver.url_for("job-123"), forged))[0] == 200
+            await eventually(lambda: len(server.requests_for("get")) == 2)
+            # A task another process runs: Kling says it is still processing.
+            handle = await other_process.images.generate(
+                prompt="p", external_task_id="job-7", callback_url=receiver.url_for("job-7")
+            )
+            await eventually(lambda: [s.status for s in seen] == ["processing"])
+            assert handle.task is not None
+            forged = task_payload(
+                handle.task, task_status="succeed", updated_at=now_ms(), task_result=evil
+            )
+            assert (await post(receiver.url_for("job-7"), forged))[0] == 200
+            await eventually(lambda: len(server.requests_for("get")) == 3)
+            await asyncio.sleep(0.05)
+            assert [task.status for task in seen] == [TaskStatus.PROCESSING]
+            # The genuine end is confirmed, and hooks get the task as Kling's API has it.
+            server.finish(handle.task_id)
+            await eventually(lambda: len(seen) == 2)
+    assert seen[1].status is TaskStatus.SUCCEED
+    assert seen[1].images
+    assert all(image.url.startswith(server.origin) for image in seen[1].images)
+
+
+async def test_hooks_get_the_confirmed_task_not_the_callbacks_claims(
+    receiver: CallbackReceiver,
+) -> None:
+    seen = await hook_tasks(receiver)
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.05) as server:
+        async with make_client(server, callbacks=receiver), make_client(server) as other_process:
+            task = await (await other_process.images.generate(prompt="p", external_task_id="j"))
+            claims = task_payload(
+                task,
+                task_status="succeed",
+                updated_at=now_ms(),
+                task_result={"images": [{"index": 0, "url": "https://evil.example/x.png"}]},
+            )
+            assert (await post(receiver.url_for("j"), claims))[0] == 200
+            await eventually(lambda: seen)
+            await asyncio.sleep(0.05)
+    assert len(seen) == 1  # Kling's own succeed callback went nowhere: no URL
+    assert seen[0].images == task.images
+    assert seen[0].raw == task.raw
+
+
+async def test_a_terminal_callback_nobody_can_confirm_is_503_and_reaches_no_hook() -> None:
+    receiver = CallbackReceiver("http://h/cb", secret=SECRET)
+    seen = recording_hook(receiver)
+    body = callback_body("x", status="succeed")
+    assert (await receiver.handle(path_of(receiver, "x"), body))[0] == 503
+    assert seen == []
+    unconfirmed = CallbackReceiver("http://h/cb", secret=SECRET, confirm=False)
+    seen = recording_hook(unconfirmed)
+    assert (await unconfirmed.handle(path_of(unconfirmed, "x"), body))[0] == 200
+    assert seen == [("t-1", "succeed")]
+
+
 # --- rule 12: callbacks that beat the create response ----------------------------------------
 
 

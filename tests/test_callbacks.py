@@ -372,8 +372,9 @@ async def test_callbacks_for_unknown_tasks_go_to_the_hook_once(
         async_seen.append(task.status.value)
 
     # Another process (here: a client without the receiver) created the task with
-    # a URL from the shared secret; this process holds no handle for it.
-    async with make_client(server) as other_process:
+    # a URL from the shared secret; this process (a client with the receiver, which
+    # confirms terminal updates) holds no handle for it.
+    async with make_client(server, callbacks=receiver), make_client(server) as other_process:
         handle = await other_process.images.generate(
             prompt="p",
             external_task_id="elsewhere",
@@ -382,9 +383,9 @@ async def test_callbacks_for_unknown_tasks_go_to_the_hook_once(
         await handle
         await server.flush_callbacks()
         task = await other_process.images.get(handle.task_id)
-    url = receiver.url_for("elsewhere")
-    assert (await post(url, json.dumps(dict(task.raw)).encode()))[0] == 200  # a duplicate
-    await asyncio.sleep(0.05)
+        url = receiver.url_for("elsewhere")
+        assert (await post(url, json.dumps(dict(task.raw)).encode()))[0] == 200  # a duplicate
+        await asyncio.sleep(0.1)
     assert sync_seen == [(handle.task_id, "processing"), (handle.task_id, "succeed")]
     assert async_seen == ["processing", "succeed"]
 

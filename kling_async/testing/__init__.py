@@ -25,13 +25,17 @@ from __future__ import annotations
 
 from ._options import (
     CallbackFaults,
+    CallbackFormat,
     CallbackRecord,
+    CreateAnswer,
     Fault,
     FaultKind,
     FaultRoute,
+    ImageIndexing,
     RateLimit,
     RecordedRequest,
     Route,
+    WireShapes,
 )
 from ._png import encode_png
 from ._server import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeKlingServer
@@ -41,14 +45,18 @@ __all__ = [
     "DEFAULT_FAILURE_MESSAGE",
     "FAIL_MARKER",
     "CallbackFaults",
+    "CallbackFormat",
     "CallbackRecord",
+    "CreateAnswer",
     "FakeKlingServer",
     "FakeTask",
     "Fault",
     "FaultKind",
     "FaultRoute",
+    "ImageIndexing",
     "RateLimit",
     "RecordedRequest",
     "Route",
+    "WireShapes",
     "encode_png",
 ]

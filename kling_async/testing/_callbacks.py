@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import secrets
 import time
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -45,6 +47,12 @@ class _Update:
     url: str
     payload: bytes
     updated_at: int
+    # One id per update, kept by its repeats (a duplicate is the same message).
+    message_id: str = attrs.field(factory=lambda: "msg_" + secrets.token_hex(12))
+
+
+#: Headers to add to a delivery: called with the message id and the body.
+Signer = Callable[[str, bytes], Mapping[str, str]]
 
 
 class CallbackDispatcher:
@@ -52,9 +60,17 @@ class CallbackDispatcher:
     task's updates in order, failures recorded and never raised."""
 
     def __init__(
-        self, faults: CallbackFaults, rng: random.Random, records: list[CallbackRecord]
+        self,
+        faults: CallbackFaults,
+        rng: random.Random,
+        records: list[CallbackRecord],
+        *,
+        encode: Callable[[FakeTask], bytes] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self._faults = faults
+        self._encode = encode or (lambda task: task.to_json().encode())
+        self._signer = signer
         self._rng = rng
         self._records = records
         self._session: aiohttp.ClientSession | None = None
@@ -76,7 +92,7 @@ class CallbackDispatcher:
             task.task_id,
             task.status,
             task.callback_url,
-            task.to_json().encode(),
+            self._encode(task),
             task.updated_at_ms,
         )
         held = self._held.pop(task.task_id, None)
@@ -133,9 +149,12 @@ class CallbackDispatcher:
             # off this machine.
             self._session = aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=False)
         attempted_at = time.monotonic()
+        headers = _HEADERS
+        if self._signer is not None:
+            headers = {**_HEADERS, **self._signer(update.message_id, update.payload)}
         try:
             async with self._session.post(
-                update.url, data=update.payload, headers=_HEADERS
+                update.url, data=update.payload, headers=headers
             ) as response:
                 await response.read()
                 status = response.status

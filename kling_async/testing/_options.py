@@ -8,13 +8,17 @@ import attrs
 
 __all__ = [
     "CallbackFaults",
+    "CallbackFormat",
     "CallbackRecord",
+    "CreateAnswer",
     "Fault",
     "FaultKind",
     "FaultRoute",
+    "ImageIndexing",
     "RateLimit",
     "RecordedRequest",
     "Route",
+    "WireShapes",
 ]
 
 Route = Literal["create", "get", "list", "download", "callback", "other"]
@@ -25,6 +29,15 @@ FaultRoute = Literal["create", "get", "list", "download", "any"]
 
 FaultKind = Literal["error", "error_after", "drop", "drop_after", "delay", "garbage"]
 """How a :class:`Fault` misbehaves; see :meth:`FakeKlingServer.inject`."""
+
+CallbackFormat = Literal["legacy", "legacy_without_task_info", "new_design"]
+"""The body of callbacks: see :class:`WireShapes`."""
+
+ImageIndexing = Literal["index", "id", "none"]
+"""How result images say their place: see :class:`WireShapes`."""
+
+CreateAnswer = Literal["full", "task_id_only"]
+"""What a successful create answers: see :class:`WireShapes`."""
 
 FAULT_KINDS: frozenset[str] = frozenset(
     ("error", "error_after", "drop", "drop_after", "delay", "garbage")
@@ -57,6 +70,62 @@ class RateLimit:
     requests: int = attrs.field(validator=_positive)
     per: float = attrs.field(validator=_positive)
     retry_after: float | None = 1.0
+
+
+def _one_of(*options: str) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in options:
+            raise ValueError(f"{attribute.name} must be one of {options}, got {value!r}")
+
+    return check
+
+
+def _error_http_status(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not (isinstance(value, int) and 100 <= value <= 599):
+        raise ValueError(f"{attribute.name} must be None or an HTTP status, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class WireShapes:
+    """How the fake's answers and callbacks bend the documented shapes, as real
+    Kling answers do; the defaults follow the documentation.
+
+    ``callback_format``: ``"legacy"`` posts a get's ``data``;
+    ``"legacy_without_task_info"`` the same without ``task_info`` (older copies
+    of the schema), so a receiver must match by task_id; ``"new_design"`` the
+    format of newer APIs and the console's test callback, ``{"id", "status",
+    "message", "outputs", "create_time", "update_time", "external_id",
+    "billing"}`` with ``succeed`` spelled ``succeeded``.
+
+    ``image_index``: result images carry ``"index"``, or ``"id": ""`` in its
+    place (``"id"``, as recorded from the live API), or neither (``"none"``).
+
+    ``create_answer``: ``"task_id_only"`` answers a successful create with
+    ``data = {"task_id": ...}`` and nothing else.
+
+    ``request_id``: ``False`` leaves ``request_id`` out of every answer.
+    ``error_data``: ``False`` leaves ``data`` out of error answers.
+    ``error_http_status``: answer every error (code != 0) with this HTTP status
+    instead of Kling's table, e.g. ``200``: the body's code alone tells.
+    """
+
+    callback_format: CallbackFormat = attrs.field(
+        default="legacy", validator=_one_of("legacy", "legacy_without_task_info", "new_design")
+    )
+    image_index: ImageIndexing = attrs.field(
+        default="index", validator=_one_of("index", "id", "none")
+    )
+    create_answer: CreateAnswer = attrs.field(
+        default="full", validator=_one_of("full", "task_id_only")
+    )
+    request_id: bool = True
+    error_data: bool = True
+    error_http_status: int | None = attrs.field(default=None, validator=_error_http_status)
+
+    @property
+    def bends_envelopes(self) -> bool:
+        """Whether answers differ from the documented envelope at all."""
+        return not (self.request_id and self.error_data and self.error_http_status is None)
 
 
 @attrs.frozen(kw_only=True)

@@ -7,6 +7,9 @@ mirrored here and go unnoticed.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import uuid
 from typing import Final
@@ -60,3 +63,18 @@ def envelope(code: int, message: str, data_json: str = "null") -> bytes:
         f'{{"code":{code},"message":{json.dumps(message)},'
         f'"request_id":"{uuid.uuid4()}","data":{data_json}}}'
     ).encode()
+
+
+def webhook_signature(
+    secrets: tuple[str, ...], message_id: str, timestamp: int, body: bytes
+) -> str:
+    """The ``webhook-signature`` header Kling sends under each webhook secret
+    (``whsec_`` + base64 key): ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``,
+    space-separated when there are several (a rotation)."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signatures = []
+    for secret in secrets:
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        digest = hmac.new(key, signed, hashlib.sha256).digest()
+        signatures.append("v1," + base64.b64encode(digest).decode())
+    return " ".join(signatures)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import json
 import random
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -26,9 +28,16 @@ from ._options import (
     RateLimit,
     RecordedRequest,
     Route,
+    WireShapes,
 )
 from ._png import encode_png, size_for_aspect_ratio
-from ._protocol import ENDPOINTS, SUCCESS_MESSAGE, envelope, http_status_for
+from ._protocol import (
+    ENDPOINTS,
+    SUCCESS_MESSAGE,
+    envelope,
+    http_status_for,
+    webhook_signature,
+)
 from ._tasks import FakeTask
 from ._validation import Rejection, invalid, validate_create
 
@@ -60,6 +69,19 @@ _OP_ROUTES: Final[Mapping[str, Route]] = {
     "stats": "other",
     "other": "other",
 }
+
+
+def _webhook_secrets(given: str | Sequence[str] | None) -> tuple[str, ...]:
+    secrets_ = (given,) if isinstance(given, str) else tuple(given or ())
+    for secret in secrets_:
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not key:
+            # Never the secret itself in the message.
+            raise ValueError("a webhook_secret must be 'whsec_' followed by non-empty base64")
+    return secrets_
 
 
 def _default_outcome(task: FakeTask) -> str | None:
@@ -180,6 +202,18 @@ class FakeKlingServer:
     ``record_requests``
         keep :attr:`requests`; turn off for long benchmarks (counts in
         :meth:`stats` are kept either way).
+    ``shapes``
+        a :class:`WireShapes`: answers and callbacks in the shapes real Kling
+        answers take beside the documented ones (new-design callback bodies,
+        callbacks without ``task_info``, images without ``index``, creates
+        answered with only a ``task_id``, answers without ``request_id`` or
+        ``data``, errors with HTTP 200), so a test can check code against them.
+    ``webhook_secret``
+        sign every callback the Standard Webhooks way, as Kling does for an
+        account with a webhook secret: ``webhook-id`` (one per update, repeated
+        by a duplicated delivery), ``webhook-timestamp`` (``clock()`` seconds)
+        and ``webhook-signature``. Several secrets give several signatures, as
+        during a rotation. Each is ``whsec_`` followed by base64.
     """
 
     def __init__(
@@ -201,6 +235,8 @@ class FakeKlingServer:
         port: int = 0,
         path_prefix: str = "",
         record_requests: bool = True,
+        shapes: WireShapes | None = None,
+        webhook_secret: str | Sequence[str] | None = None,
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ValueError("access_key and secret_key must be given together")
@@ -225,6 +261,8 @@ class FakeKlingServer:
         self._requested_port = port
         self._prefix = path_prefix
         self._record = record_requests
+        self._shapes = shapes or WireShapes()
+        self._webhook_secrets = _webhook_secrets(webhook_secret)
 
         self._tasks: dict[str, FakeTask] = {}
         self._by_external: dict[str, FakeTask] = {}
@@ -236,7 +274,11 @@ class FakeKlingServer:
         self._fault_rng = random.Random(seed)
         callback_rng = random.Random(None if seed is None else f"callbacks:{seed}")
         self._callbacks = CallbackDispatcher(
-            callback_faults or CallbackFaults(), callback_rng, self._callback_records
+            callback_faults or CallbackFaults(),
+            callback_rng,
+            self._callback_records,
+            encode=self._callback_body,
+            signer=self._sign if self._webhook_secrets else None,
         )
 
         self._units = 0
@@ -567,8 +609,13 @@ class FakeKlingServer:
             base = f"{self.origin}/results/{task.task_id}/"
             watermark = task.watermark
             images: list[dict[str, Any]] = []
+            indexing = self._shapes.image_index
             for index in range(task.n):
-                image: dict[str, Any] = {"index": index, "url": f"{base}{index}.png"}
+                image: dict[str, Any] = {"url": f"{base}{index}.png"}
+                if indexing == "index":
+                    image = {"index": index, **image}
+                elif indexing == "id":
+                    image = {"id": "", **image}
                 if watermark:
                     image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
                 images.append(image)
@@ -729,8 +776,8 @@ class FakeKlingServer:
         # client that went away, and drops the response without logging.
         return web.Response(status=500)
 
-    @staticmethod
-    def _respond(reply: _Reply, record: RecordedRequest | None) -> web.Response:
+    def _respond(self, reply: _Reply, record: RecordedRequest | None) -> web.Response:
+        reply = self._shape(reply)
         if record is not None:
             record.http_status = reply.status
             record.code = reply.code
@@ -740,6 +787,44 @@ class FakeKlingServer:
             content_type=reply.content_type,
             headers=reply.headers,
         )
+
+    def _shape(self, reply: _Reply) -> _Reply:
+        """``reply`` as :class:`WireShapes` bends Kling envelopes (not files or pages)."""
+        shapes = self._shapes
+        if reply.code is None or not shapes.bends_envelopes:
+            return reply
+        payload = json.loads(reply.body)
+        status = reply.status
+        if not shapes.request_id:
+            payload.pop("request_id", None)
+        if reply.code != 0:
+            if not shapes.error_data:
+                payload.pop("data", None)
+            if shapes.error_http_status is not None:
+                status = shapes.error_http_status
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return attrs.evolve(reply, status=status, body=body)
+
+    def _callback_body(self, task: FakeTask) -> bytes:
+        style = self._shapes.callback_format
+        if style == "legacy":
+            return task.to_json().encode()
+        if style == "new_design":
+            data = task.to_new_design()
+        else:
+            data = task.to_data()
+            del data["task_info"]
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    def _sign(self, message_id: str, body: bytes) -> dict[str, str]:
+        timestamp = int(self._clock())
+        return {
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": webhook_signature(
+                self._webhook_secrets, message_id, timestamp, body
+            ),
+        }
 
     def _serve(
         self,
@@ -837,13 +922,14 @@ class FakeKlingServer:
                 f"units in use, this task needs {n}",
             )
         task = self._create_task(endpoint, body, external)
-        data = {
-            "task_id": task.task_id,
-            "task_status": task.status,
-            "task_info": {"external_task_id": external or ""},
-            "created_at": task.created_at_ms,
-            "updated_at": task.updated_at_ms,
-        }
+        data: dict[str, Any] = {"task_id": task.task_id}
+        if self._shapes.create_answer == "full":
+            data.update(
+                task_status=task.status,
+                task_info={"external_task_id": external or ""},
+                created_at=task.created_at_ms,
+                updated_at=task.updated_at_ms,
+            )
         return _ok(json.dumps(data, separators=(",", ":")))
 
     def _get(self, endpoint: str, ident: str) -> _Reply:

@@ -76,6 +76,34 @@ class FakeTask:
             "task_result": {"images": self.images},
         }
 
+    def to_new_design(self) -> dict[str, Any]:
+        """The task in the new-design callback format (``{id, status, outputs, ...}``)."""
+        outputs = []
+        for image in self.images:
+            output = {"type": "image", "url": image["url"]}
+            if "watermark_url" in image:
+                output["watermark_url"] = image["watermark_url"]
+            outputs.append(output)
+        body: dict[str, Any] = {
+            "id": self.task_id,
+            "status": "succeeded" if self.status == "succeed" else self.status,
+            "message": self.status_message,
+            "outputs": outputs,
+            "create_time": self.created_at_ms,
+            "update_time": self.updated_at_ms,
+        }
+        if self.external_task_id:
+            body["external_id"] = self.external_task_id
+        if self.is_terminal:
+            body["billing"] = [
+                {
+                    "charge_type": "unit",
+                    "amount": self.final_unit_deduction,
+                    "package_type": "image",
+                }
+            ]
+        return body
+
     def to_json(self) -> str:
         """:meth:`to_data` encoded, cached until the task next changes."""
         if self._json is None:
