@@ -27,7 +27,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async._ledger import EntryState, LedgerEntry, MemoryLedger
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import FakeKlingServer, WireShapes
 from tests.conftest import API_KEY, make_client
 
 
@@ -422,3 +422,33 @@ async def test_awaiting_a_handle_on_a_closed_client_leaves_no_timer() -> None:
             await handle
         assert len(list(scheduled_timers(loop))) == before
     gc.collect()
+
+
+# --- answers that bend the envelope ------------------------------------------------------
+
+
+async def test_a_create_answered_with_only_a_task_id_is_tracked() -> None:
+    # Kling created the task: a parse error must not lose it (it raised APIError).
+    shapes = WireShapes(create_answer="task_id_only", request_id=False)
+    async with FakeKlingServer(api_key=API_KEY, shapes=shapes) as server:
+        async with make_client(server) as client:
+            handle = await client.images.generate(prompt="a fox", external_task_id="bent-1")
+            assert handle.task_id in server.tasks
+            assert handle.external_task_id == "bent-1"
+            task = await handle
+        assert task.status is kling_async.TaskStatus.SUCCEED
+        assert len(server.requests_for("create")) == 1
+
+
+async def test_a_create_answered_success_without_a_task_id_is_looked_up() -> None:
+    # code 0 with no task_id: Kling acted, its answer does not say on what.
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        body = b'{"code":0,"message":"SUCCEED","data":{}}'
+        server.inject("garbage", route="create", http_status=200, body=body)
+        async with make_client(server) as client:
+            handle = await client.images.generate(prompt="a fox")
+        # The bent answer acted on nothing here, so the lookup finds nothing and
+        # the create is sent again under the same id.
+        sent = {r.external_task_id for r in server.requests_for("create")}
+        assert sent == {handle.external_task_id}
+        assert len(server.tasks) == 1
