@@ -63,7 +63,7 @@ _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS entries (
     external_task_id TEXT PRIMARY KEY,
     endpoint TEXT NOT NULL,
-    body TEXT NOT NULL,
+    body TEXT,
     units INTEGER NOT NULL,
     state TEXT NOT NULL,
     task_id TEXT,
@@ -81,9 +81,19 @@ CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key);
 CREATE INDEX IF NOT EXISTS entries_by_state ON entries (state);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+# A later record of an entry leaves its body out (NULL here): a body holds
+# megabytes of base64 images, and it never changes after the intent.
 _UPSERT: Final = (
-    f"INSERT OR REPLACE INTO entries ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+    "ON CONFLICT (external_task_id) DO UPDATE SET "
+    + ", ".join(
+        "body = coalesce(excluded.body, body)"
+        if column == "body"
+        else f"{column} = excluded.{column}"
+        for column in _COLUMNS
+        if column not in ("external_task_id", "intended_at")
+    )
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
 _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settled)
@@ -95,18 +105,36 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
-def _row(entry: LedgerEntry) -> tuple[Any, ...]:
-    data = converter.unstructure(entry)
-    return tuple(
-        json.dumps(data[column], separators=(",", ":")) if column in _JSON_COLUMNS else data[column]
-        for column in _COLUMNS
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
+    """The entry as a row; written by hand, field by field, since the writer
+    thread shares the interpreter with the event loop and this runs per record."""
+    return (
+        entry.external_task_id,
+        entry.endpoint.value,
+        _json(entry.body) if with_body else None,
+        entry.units,
+        entry.state.value,
+        entry.task_id,
+        entry.status,
+        _json([converter.unstructure(image) for image in entry.images]) if entry.images else "[]",
+        entry.error,
+        int(entry.receiver_callback),
+        entry.key,
+        entry.owner,
+        _json(entry.downloaded) if entry.downloaded else "[]",
+        entry.intended_at,
+        entry.updated_at,
     )
 
 
 def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     data = dict(zip(_COLUMNS, row, strict=True))
     for column in _JSON_COLUMNS:
-        data[column] = json.loads(data[column])
+        data[column] = json.loads(data[column] or "{}")
     data["receiver_callback"] = bool(data["receiver_callback"])
     return converter.structure(data, LedgerEntry)
 
@@ -133,6 +161,8 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # Entries whose body this journal has written (the writer thread's own).
+        self._bodies_written: set[str] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._thread else "not opened"
@@ -251,7 +281,12 @@ class Journal:
                 operations.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        rows = [_row(argument) for op, argument, _ in operations if op == "write"]
+        rows = []
+        for op, argument, _ in operations:
+            if op == "write":
+                known = argument.external_task_id in self._bodies_written
+                rows.append(_row(argument, with_body=not known))
+                self._bodies_written.add(argument.external_task_id)
         failure: BaseException | None = None
         if rows:
             try:
@@ -262,45 +297,61 @@ class Journal:
                 failure = error
                 logger.error("journal %s: %d entries not written: %s", self.path, len(rows), error)
         keep_going = True
+        answers = _Answers()
         for op, argument, reply in operations:
             if reply is None:
                 continue
             if op == "select":
                 sql, parameters = argument
                 try:
-                    answer: Any = connection.execute(sql, parameters).fetchall()
+                    answers.add(reply, connection.execute(sql, parameters).fetchall())
                 except sqlite3.Error as error:
-                    _answer(reply, error=error)
-                    continue
-                _answer(reply, answer)
-            elif failure is not None:
-                _answer(reply, error=failure)
+                    answers.add(reply, error=error)
             else:
-                _answer(reply, None)
+                answers.add(reply, error=failure)
             keep_going = keep_going and op != "close"
+        answers.send()
         return keep_going
 
     def _refuse_forever(self, error: BaseException) -> None:
         while True:
             op, _argument, reply = self._queue.get()
             if reply is not None:
-                _answer(reply, error=error if op != "close" else None)
+                answers = _Answers()
+                answers.add(reply, error=error if op != "close" else None)
+                answers.send()
             if op == "close":
                 return
 
 
-def _answer(reply: _Reply, value: Any = None, *, error: BaseException | None = None) -> None:
-    loop, future = reply
+_Settle = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
 
-    def settle() -> None:
+
+class _Answers:
+    """Replies to the callers' futures, sent to each event loop in one call:
+    waking a loop from another thread is a system call, not to be paid per
+    create when a hundred flushes were served by one commit."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[_Settle]] = {}
+
+    def add(self, reply: _Reply, value: Any = None, *, error: BaseException | None = None) -> None:
+        loop, future = reply
+        if isinstance(error, sqlite3.Error):
+            error = OSError(f"journal: {error}")
+        self._by_loop.setdefault(loop, []).append((future, value, error))
+
+    def send(self) -> None:
+        for loop, replies in self._by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                loop.call_soon_threadsafe(_settle_all, replies)
+
+
+def _settle_all(replies: list[_Settle]) -> None:
+    for future, value, error in replies:
         if future.done():
-            return
+            continue
         if error is not None:
-            future.set_exception(
-                OSError(f"journal: {error}") if isinstance(error, sqlite3.Error) else error
-            )
+            future.set_exception(error)
         else:
             future.set_result(value)
-
-    with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody waits
-        loop.call_soon_threadsafe(settle)

@@ -40,7 +40,9 @@ class EntryState(str, enum.Enum):
     INTENDED = "intended"
     """Recorded, not sent yet."""
     SENT = "sent"
-    """On the wire (or was, when a process died): look it up before sending again."""
+    """Sent, and the answer did not tell whether Kling created it (lost, a
+    timeout, a 5xx): being looked up. Like an intent, it is looked up before
+    anything is sent again."""
     CREATED = "created"
     """Kling created the task; ``task_id`` is known."""
     NOT_CREATED = "not_created"
@@ -60,10 +62,6 @@ class EntryState(str, enum.Enum):
         return self.value
 
 
-def _frozen_body(body: Mapping[str, Any]) -> Mapping[str, Any]:
-    return dict(body)
-
-
 @attrs.frozen(kw_only=True)
 class LedgerEntry:
     """One create, as the ledger holds it.
@@ -80,7 +78,7 @@ class LedgerEntry:
 
     external_task_id: str
     endpoint: Endpoint
-    body: Mapping[str, Any] = attrs.field(converter=_frozen_body, repr=False)
+    body: Mapping[str, Any] = attrs.field(repr=False)
     units: int = 1
     state: EntryState = EntryState.INTENDED
     task_id: str | None = None

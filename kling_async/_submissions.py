@@ -380,15 +380,15 @@ class Submissions:
                 await asyncio.sleep(decision.delay)
             progress, elapsed = decision.progress, loop.time() - started
             if decision.step is Step.SEND:
-                if submission.phase is Phase.QUEUED:
-                    submission.phase = Phase.ON_THE_WIRE
-                    submission.ledger.record(entry.moved(EntryState.SENT))
+                submission.phase = Phase.ON_THE_WIRE
                 task, error = await self._ask(create)
                 if error is not None and limiter is not None:
                     limiter.observe(error)
                 decision = after_sent(
                     progress, error, policy=policy, elapsed=elapsed, can_requeue=can_requeue
                 )
+                if decision.progress.possibly_landed and not progress.possibly_landed:
+                    submission.ledger.record(entry.moved(EntryState.SENT))
                 if error is not None and not decision.step.final:
                     _log_retry(submission, error, decision)
             elif decision.step is Step.LOOKUP:

@@ -375,7 +375,7 @@ async def test_the_ledger_follows_a_create_from_intent_to_created() -> None:
         async with make_client(server, ledger=ledger) as client:
             handle = await client.images.generate(prompt="a fox")
         states = [entry.state for entry, _ in ledger.history]
-        assert states == [EntryState.INTENDED, EntryState.SENT, EntryState.CREATED]
+        assert states == [EntryState.INTENDED, EntryState.CREATED]
         intent, creates_then = ledger.history[0]
         assert creates_then == 0  # recorded before anything was sent
         assert ledger.flushed

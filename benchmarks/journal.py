@@ -1,0 +1,143 @@
+"""Benchmark: what the SQLite journal costs a pipeline (issue #14).
+
+Two figures, the fake Kling server in a process of its own:
+
+``throughput``
+    Creates per second with ``Client(journal=...)`` against the same client with
+    its default in-memory ledger, ``--creates`` creates with ``--concurrency`` in
+    flight, in alternating rounds in one run. Every journaled create waits for
+    its intent to be committed before it is sent. Goal: journal / memory >= 0.9.
+``size``
+    The journal's bytes on disk per 10,000 tasks: ``--size-tasks`` tasks created,
+    run to their end (each entry holds the request body, the task_id, the status
+    changes and two result URLs), then the WAL checkpointed into the file.
+
+Prints one JSON object on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import FakeServerProcess, cancel_on_termination, machine_info, ratio
+
+import kling_async
+
+API_KEY = "bench-key"
+PROMPT = "a lighthouse at dusk, oil on canvas"
+
+
+def progress(message: str) -> None:
+    print(f"journal: {message}", file=sys.stderr, flush=True)
+
+
+async def creates_per_second(url: str, count: int, width: int, journal: Path | None) -> float:
+    async with kling_async.Client(API_KEY, base_url=url, journal=journal) as client:
+        slots = asyncio.Semaphore(width)
+
+        async def create() -> None:
+            async with slots:
+                await client.images.generate(prompt=PROMPT)
+
+        await asyncio.gather(*(create() for _ in range(width)))  # warm the pool
+        started = time.perf_counter()
+        await asyncio.gather(*(create() for _ in range(count)))
+        return count / (time.perf_counter() - started)
+
+
+async def throughput(count: int, width: int, rounds: int, folder: Path) -> dict[str, Any]:
+    memory: list[float] = []
+    journaled: list[float] = []
+    async with FakeServerProcess("--task-duration", "3600") as fake:
+        for number in range(rounds):
+            sides = ("memory", "journal") if number % 2 == 0 else ("journal", "memory")
+            for side in sides:
+                progress(f"throughput round {number + 1}/{rounds}: {side}")
+                path = folder / f"throughput-{number}.db" if side == "journal" else None
+                rate = await creates_per_second(fake.url, count, width, path)
+                (journaled if path else memory).append(round(rate, 1))
+    return {
+        "creates": count,
+        "concurrency": width,
+        "memory_creates_per_s": memory,
+        "journal_creates_per_s": journaled,
+        "memory_median": statistics.median(memory),
+        "journal_median": statistics.median(journaled),
+        "ratio_of_medians": ratio(statistics.median(journaled), statistics.median(memory)),
+        "goal": "ratio >= 0.9",
+    }
+
+
+async def size(tasks: int, width: int, folder: Path) -> dict[str, Any]:
+    path = folder / "size.db"
+    progress(f"size: {tasks} tasks to their end")
+    async with (
+        FakeServerProcess("--task-duration", "0.2") as fake,
+        kling_async.Client(API_KEY, base_url=fake.url, journal=path) as client,
+    ):
+        slots = asyncio.Semaphore(width)
+
+        async def run_one(number: int) -> None:
+            async with slots:
+                handle = await client.images.generate(prompt=f"{PROMPT} #{number}", n=2)
+                await handle
+
+        await asyncio.gather(*(run_one(number) for number in range(tasks)))
+    rows, files = measure_file(path)
+    return {
+        "tasks": tasks,
+        "entries": rows[0],
+        "bytes": files,
+        "bytes_per_10000_tasks": round(files * 10_000 / tasks),
+        "mb_per_10000_tasks": round(files * 10_000 / tasks / 1e6, 2),
+        "body_bytes_per_entry": round(rows[1] / rows[0]),
+    }
+
+
+def measure_file(path: Path) -> tuple[tuple[int, int], int]:
+    """Entries and body bytes in the journal, and its size on disk with the WAL
+    folded into the file."""
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = connection.execute("SELECT count(*), sum(length(body)) FROM entries").fetchone()
+    files = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+    return rows, files
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--creates", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size-tasks", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.creates, arguments.rounds, arguments.size_tasks = 300, 2, 500
+    cancel_on_termination()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kling-journal-bench-") as temporary:
+        folder = Path(temporary)
+        result = {
+            "benchmark": "journal",
+            "machine": machine_info(),
+            "throughput": await throughput(
+                arguments.creates, arguments.concurrency, arguments.rounds, folder
+            ),
+            "size": await size(arguments.size_tasks, arguments.concurrency, folder),
+        }
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
