@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -159,15 +160,20 @@ def test_precedence_arguments_then_token_then_key_pair() -> None:
     assert resolve_credentials(None, None, None, {}) is None
 
 
-async def test_secrets_never_appear_in_reprs_errors_or_logs(
-    caplog: pytest.LogCaptureFixture,
+async def test_secrets_never_appear_in_reprs_errors_logs_or_the_journal(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    journal = tmp_path / "journal.db"
     async with FakeKlingServer(access_key=ACCESS, secret_key=SECRET) as server:
         credentials = JWTCredentials(ACCESS, SECRET)
         token = credentials.authorization().removeprefix("Bearer ")
         async with kling_async.Client(
-            access_key=ACCESS, secret_key=SECRET, base_url=server.url, retry=FAST_RETRY
+            access_key=ACCESS,
+            secret_key=SECRET,
+            base_url=server.url,
+            retry=FAST_RETRY,
+            journal=journal,
         ) as client:
             server.inject("error", route="create", code=5000, times=1)
             handle = await client.images.generate(prompt="p")
@@ -180,6 +186,9 @@ async def test_secrets_never_appear_in_reprs_errors_or_logs(
             used_tokens = {r.authorization.removeprefix("Bearer ") for r in server.requests}
     texts += [record.getMessage() for record in caplog.records]
     texts.append(repr(StaticToken(API_KEY)))
+    journal_bytes = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert handle.task_id.encode() in journal_bytes  # the journal was written and is read whole
+    texts.append(journal_bytes.decode("latin-1"))
     secrets = [SECRET, ACCESS, API_KEY, token, *used_tokens]
     for text in texts:
         for secret in secrets:

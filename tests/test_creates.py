@@ -386,6 +386,16 @@ async def test_the_ledger_follows_a_create_from_intent_to_created() -> None:
         assert await ledger.unsettled() == []
 
 
+async def test_a_create_whose_answer_was_lost_is_marked_sent_while_it_is_looked_up() -> None:
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        server.inject("drop_after", route="create")
+        ledger = RecordingLedger(server)
+        async with make_client(server, ledger=ledger) as client:
+            await client.images.generate(prompt="a fox")
+        states = [entry.state for entry, _ in ledger.history]
+        assert states == [EntryState.INTENDED, EntryState.SENT, EntryState.CREATED]
+
+
 async def test_the_ledger_keeps_no_credentials() -> None:
     receiver = kling_async.CallbackReceiver("https://hooks.example.com/kling", secret="s" * 32)
     async with FakeKlingServer(api_key=API_KEY) as server:
