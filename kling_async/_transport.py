@@ -14,7 +14,7 @@ import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import backoff
@@ -250,9 +250,8 @@ class Transport:
             reason = type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}"
             failure = TransportError(f"{request.method} {request.path} got no answer ({reason})")
         if failure is not None:
-            # Raised outside the except block so it has no __context__ either:
             # aiohttp's exception holds the request headers, token included.
-            raise failure
+            _raise_without_context(failure)
         try:
             envelope = parse_envelope(status, body, headers)
         finally:
@@ -285,7 +284,22 @@ class Transport:
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             failure = TransportError(f"GET {url} failed ({type(error).__name__}: {error})")
         if failure is not None:
-            raise failure  # outside the except block: no __context__ to carry headers
+            _raise_without_context(failure)  # aiohttp's exception may carry headers
+
+
+def _raise_without_context(failure: TransportError) -> NoReturn:
+    """Raise ``failure`` chained to nothing, so no aiohttp exception (holding the
+    request, its Authorization header included) travels with it.
+
+    Raising outside the ``except`` block is not enough on Python 3.10: a
+    coroutine that the event loop resumed from inside its own ``except`` (the
+    task wakeup re-raising a failed future) still sees that exception as being
+    handled, and ``raise`` chains it as ``__context__``.
+    """
+    try:
+        raise failure
+    finally:
+        failure.__context__ = None
 
 
 async def _call(attempt: Callable[[], Awaitable[T]]) -> T:
