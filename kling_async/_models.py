@@ -19,6 +19,7 @@ import attrs
 
 from ._exceptions import ValidationError
 from ._image_input import ImageInput, WireImage, encode_image
+from ._urls import is_http_url
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -30,6 +31,7 @@ __all__ = [
     "TaskRequest",
     "TaskStatus",
     "build_request",
+    "is_http_url",
     "request_from_mapping",
 ]
 
@@ -40,6 +42,8 @@ N_RANGE = range(1, 10)
 ASPECT_RATIOS = ("1:1", "16:9", "4:3", "3:2", "2:3", "3:4", "9:16", "21:9")
 RESOLUTIONS = ("1k", "2k")
 IMAGE_REFERENCES = ("subject", "face")
+#: Kling types element ids as a Java ``long``: a larger id cannot name an element.
+MAX_ELEMENT_ID = 2**63 - 1
 
 
 class Endpoint(str, enum.Enum):
@@ -182,17 +186,6 @@ def redacted_url(value: object) -> str:
     return repr(f"{parts.scheme}://{host}{hidden}")
 
 
-def is_http_url(value: object) -> bool:
-    """Whether ``value`` is an http(s) URL with a host."""
-    if not isinstance(value, str):
-        return False
-    try:
-        parts = urlsplit(value)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. a malformed port or IPv6 address
-        return False
-
-
 def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not is_http_url(value):
         raise ValidationError(attribute.name, f"must be an http(s) URL; got {redacted_url(value)}")
@@ -224,6 +217,11 @@ def _element_ids(value: Iterable[int]) -> tuple[int, ...]:
         if isinstance(element_id, bool) or not isinstance(element_id, int) or element_id < 0:
             raise ValidationError(
                 f"element_ids[{position}]", f"must be a non-negative integer; got {element_id!r}"
+            )
+        if element_id > MAX_ELEMENT_ID:
+            raise ValidationError(
+                f"element_ids[{position}]",
+                f"must be at most {MAX_ELEMENT_ID} (Kling's 64-bit element ids); got {element_id}",
             )
     return ids
 
