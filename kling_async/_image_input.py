@@ -37,6 +37,8 @@ _MAX_PATH_LENGTH = 4096
 # Shorter than this, a string that is not base64 of an image was more likely
 # meant as a file name (the longest one most file systems allow).
 _MAX_NAME_LENGTH = 255
+# Base64 beyond this many characters is abbreviated in reprs.
+_REPR_LENGTH = 32
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers carry the dimensions; C4, C8 and CC are not frames.
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -59,6 +61,12 @@ class WireImage(str):
     """
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        # A request's repr would otherwise print megabytes of base64.
+        if len(self) <= _REPR_LENGTH or self.startswith(("http://", "https://")):
+            return str.__repr__(self)
+        return f"{str.__repr__(self[:_REPR_LENGTH])[:-1]}...' ({len(self):,} chars of base64)"
 
 
 def sniff_image(data: bytes) -> ImageInfo | None:

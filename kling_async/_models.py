@@ -10,6 +10,7 @@ flat; nested wire shapes get a flat Python spelling (``element_ids`` for
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -70,6 +71,14 @@ class TaskStatus(str, enum.Enum):
         """True for ``succeed`` and ``failed``: the task will not change again."""
         return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
 
+    # Kling's word, as in messages and tables: "succeed", not "TaskStatus.SUCCEED"
+    # (the str mixin alone gives the latter from str() and, on 3.12+, format()).
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
     @classmethod
     def _missing_(cls, value: object) -> TaskStatus | None:
         if not isinstance(value, str):
@@ -111,6 +120,23 @@ class Task:
     def is_terminal(self) -> bool:
         """True once the task has succeeded or failed."""
         return self.status.is_terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as plain, JSON-ready data, e.g. to store it.
+
+        Field names are this class's; ``status`` is Kling's word (``"succeed"``),
+        ``created_at``/``updated_at`` ISO 8601 strings in UTC, ``images`` a list
+        of ``{"index", "url", "watermark_url"}``. ``raw`` is left out: it is
+        already plain data (Kling's own dict).
+        """
+        from ._wire import converter  # the one converter; _wire builds on this module
+
+        data: dict[str, Any] = converter.unstructure(self)
+        return data
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
 
 # --- validators -------------------------------------------------------------------
