@@ -12,9 +12,10 @@ from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
 from ._batch import Batch, BatchRequests
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
-from ._download import DownloadSource, download
+from ._download import DownloadSource, download, read_image
 from ._exceptions import ConfigurationError
 from ._limiter import ConcurrencyLimiter
+from ._models import ImageResult
 from ._resources import Images
 from ._tracking import Tracker
 from ._transport import Transport
@@ -131,11 +132,18 @@ class Client:
         ``directory`` and return the paths, in image order.
 
         Files are named ``<task_id>_<index>.<ext>`` (``<index>.<ext>`` for bare
-        images), streamed in chunks, and written to a temporary file that is
-        renamed into place when complete, so an existing file is always whole and
-        is skipped unless ``overwrite``. Transient failures are retried; at most
-        ``concurrency`` files download at once. ``watermarked`` fetches the
-        watermarked copies. No credentials are sent to the result URLs.
+        images; by position instead of index if Kling's indexes repeat),
+        streamed in chunks, and written to a temporary file that is renamed into
+        place when complete, so an existing file is always whole and is skipped
+        unless ``overwrite``. Transient failures are retried; at most
+        ``concurrency`` files download at once. If one image fails, the others
+        are stopped (their partial files removed) before the error is raised.
+        ``watermarked`` fetches the watermarked copies, named
+        ``<task_id>_<index>_watermarked.<ext>``. No credentials are sent to the
+        result URLs.
+
+        A failed task raises :class:`TaskFailedError`, and a task that has not
+        finished ``ValueError``: neither has images to save.
         """
         return await download(
             self._transport,
@@ -145,6 +153,15 @@ class Client:
             overwrite=overwrite,
             watermarked=watermarked,
         )
+
+    async def read(self, image: ImageResult | str, *, watermarked: bool = False) -> bytes:
+        """The bytes of one result image (an :class:`ImageResult`, or its URL),
+        without touching the disk: e.g. to upload them elsewhere or open them
+        with an imaging library. Transient failures are retried; no credentials
+        are sent to the result URL. ``watermarked`` reads an image's
+        watermarked copy.
+        """
+        return await read_image(self._transport, image, watermarked=watermarked)
 
     def batch(self, requests: BatchRequests, *, max_in_flight: int | None = None) -> Batch:
         """Run many requests through the account's concurrency quota.
