@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -76,15 +80,13 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         callbacks: CallbackReceiver | None = None,
     ) -> None:
+        self._created_at = _caller()
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
             raise ConfigurationError("give credentials or keys, not both")
         self.base_url = resolve_base_url(base_url)
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        elif not isinstance(timeout, aiohttp.ClientTimeout):
-            timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+        timeout = _checked_settings(timeout, max_connections, max_concurrency)
         self._auth_kind = (
             "bearer token"
             if isinstance(credentials, StaticToken)
@@ -210,3 +212,56 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Client {self.base_url} auth={self._auth_kind} {state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # Named after this package, with where the client was made: aiohttp's own
+        # "Unclosed client session" says neither. (_warn is bound early because
+        # module globals may be gone when this runs at interpreter exit.)
+        transport = getattr(self, "_transport", None)  # None if __init__ raised
+        if transport is not None and transport.holds_session:
+            _warn(
+                f"unclosed kling_async.Client {self!r} created at {self._created_at}: "
+                "use 'async with kling_async.Client(...)' or 'await client.close()'",
+                ResourceWarning,
+                source=self,
+            )
+
+
+def _caller() -> str:
+    """``file:line`` of the code that constructs a Client, for the unclosed warning."""
+    frame = sys._getframe(2)  # _caller <- Client.__init__ <- the caller
+    while frame.f_back is not None and frame.f_code.co_name == "__init__":
+        frame = frame.f_back  # a subclass's __init__: name its caller instead
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _checked_settings(
+    timeout: object, max_connections: object, max_concurrency: object
+) -> aiohttp.ClientTimeout:
+    """Refuse settings that would fail later, or silently mean something else
+    (aiohttp reads a pool limit of 0 as "no limit"), and return the timeout."""
+    if isinstance(timeout, aiohttp.ClientTimeout):
+        checked = timeout
+    elif timeout is None:
+        checked = DEFAULT_TIMEOUT
+    elif (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < math.inf
+    ):
+        raise ConfigurationError(
+            "timeout must be a positive number of seconds or an aiohttp.ClientTimeout; "
+            f"got {timeout!r}"
+        )
+    else:
+        checked = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ConfigurationError(f"max_connections must be an integer; got {max_connections!r}")
+    if max_connections < 1:
+        raise ConfigurationError(f"max_connections must be at least 1; got {max_connections}")
+    if isinstance(max_concurrency, int) and max_concurrency < 1:
+        raise ConfigurationError(
+            f"max_concurrency must be at least 1 (the account's quota in units); "
+            f"got {max_concurrency}"
+        )
+    return checked

@@ -4,7 +4,7 @@
 
     KlingError
     ├── ValidationError (also a ValueError)   a request is invalid; nothing was sent
-    ├── ConfigurationError                    credentials or settings are missing or wrong
+    ├── ConfigurationError (also a ValueError) credentials or settings are missing or wrong
     ├── ClientClosedError                     the client was closed while work was pending
     ├── TransportError                        the API could not be reached (connection, timeout)
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
@@ -70,8 +70,10 @@ class ValidationError(KlingError, ValueError):
         super().__init__(f"{field}: {rule}")
 
 
-class ConfigurationError(KlingError):
-    """The client is missing credentials or was configured inconsistently."""
+class ConfigurationError(KlingError, ValueError):
+    """The client is missing credentials or was given a setting it cannot use
+    (an empty key, a ``base_url`` that is not an http(s) URL, a timeout that is
+    not positive, ...). Also a ``ValueError``, as a bad argument value is."""
 
 
 class ClientClosedError(KlingError):

@@ -14,13 +14,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
 
 import attrs
 
 from ._exceptions import ValidationError
 from ._image_input import ImageInput, WireImage, encode_image
-from ._urls import is_http_url
+from ._urls import is_http_url, redacted_url
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -33,6 +32,7 @@ __all__ = [
     "TaskStatus",
     "build_request",
     "is_http_url",
+    "redacted_url",
     "request_from_mapping",
 ]
 
@@ -194,22 +194,6 @@ def _nonempty_string(_instance: object, attribute: attrs.Attribute[Any], value: 
         return
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(attribute.name, "must be a non-empty string")
-
-
-def redacted_url(value: object) -> str:
-    """A URL as reprs and messages show it: scheme and host only. A callback
-    URL's path carries the token that authorises its callbacks."""
-    if not isinstance(value, str):
-        return repr(value)
-    try:
-        parts = urlsplit(value)
-        host = parts.netloc.rpartition("@")[2]  # never the user:password part
-    except ValueError:
-        return "a string that is not a URL"
-    if not parts.scheme and not host:
-        return "a string that is not a URL"
-    hidden = "/..." if parts.path.strip("/") or parts.query or parts.fragment else ""
-    return repr(f"{parts.scheme}://{host}{hidden}")
 
 
 def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -85,6 +85,11 @@ class Transport:
         """True once :meth:`close` was called."""
         return self._closed
 
+    @property
+    def holds_session(self) -> bool:
+        """True while a session this transport made is open: :meth:`close` is owed."""
+        return self._owns_session and self._session is not None and not self._session.closed
+
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use on the running event loop."""
         if self._closed:
@@ -96,6 +101,8 @@ class Transport:
                 ),
                 timeout=self._timeout,
                 headers={"User-Agent": USER_AGENT},
+                # HTTP(S)_PROXY, NO_PROXY and .netrc, as requests and httpx honour them.
+                trust_env=True,
             )
         return self._session
 
