@@ -39,6 +39,7 @@ from ._exceptions import (
 from ._handle import TaskHandle
 from ._image_input import ImageInput
 from ._limiter import ConcurrencyLimiter
+from ._logging import configure_from_environment as _configure_logging
 from ._models import (
     Endpoint,
     ImageGenerationRequest,
@@ -50,6 +51,8 @@ from ._models import (
     request_from_mapping,
 )
 from ._version import __version__
+
+_configure_logging()
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -24,6 +24,7 @@ from ._auth import MISSING_CREDENTIALS, Credentials
 from ._config import RetryPolicy
 from ._exceptions import (
     RESIGN_CODES,
+    APIError,
     AuthenticationError,
     ClientClosedError,
     ConfigurationError,
@@ -256,19 +257,34 @@ class Transport:
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             reason = type(error).__name__ if not str(error) else f"{type(error).__name__}: {error}"
             failure = TransportError(f"{request.method} {request.path} got no answer ({reason})")
+        elapsed = time.perf_counter() - started
         if failure is not None:
+            logger.debug(
+                "%s %s -> no answer in %.3fs: %s", request.method, request.path, elapsed, failure
+            )
             # aiohttp's exception holds the request headers, token included.
             _raise_without_context(failure)
         try:
             envelope = parse_envelope(status, body, headers)
-        finally:
+        except APIError as error:
             logger.debug(
-                "%s %s -> HTTP %s in %.3fs",
+                "%s %s -> HTTP %s, code %s, request_id %s in %.3fs",
                 request.method,
                 request.path,
                 status,
-                time.perf_counter() - started,
+                error.code,
+                error.request_id,
+                elapsed,
             )
+            raise
+        logger.debug(
+            "%s %s -> HTTP %s, request_id %s in %.3fs",
+            request.method,
+            request.path,
+            status,
+            envelope.request_id,
+            elapsed,
+        )
         return envelope
 
     @asynccontextmanager
