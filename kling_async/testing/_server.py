@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import random
 import secrets
 import time
@@ -29,6 +30,7 @@ from ._options import (
 )
 from ._png import encode_png, size_for_aspect_ratio
 from ._protocol import ENDPOINTS, SUCCESS_MESSAGE, envelope, http_status_for
+from ._state import load_tasks, save_tasks
 from ._tasks import FakeTask
 from ._validation import Rejection, invalid, validate_create
 
@@ -180,6 +182,13 @@ class FakeKlingServer:
     ``record_requests``
         keep :attr:`requests`; turn off for long benchmarks (counts in
         :meth:`stats` are kept either way).
+    ``state_file``
+        a JSON file the tasks are loaded from on start and saved to on close
+        (merged with what it holds then), so that a server started later
+        knows them: the CLI's offline simulation keeps its tasks between
+        commands this way. Tasks still running resume their timers from their
+        creation time; images and callback URLs are not kept. A missing or
+        unreadable file starts empty.
     """
 
     def __init__(
@@ -201,6 +210,7 @@ class FakeKlingServer:
         port: int = 0,
         path_prefix: str = "",
         record_requests: bool = True,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ValueError("access_key and secret_key must be given together")
@@ -225,6 +235,7 @@ class FakeKlingServer:
         self._requested_port = port
         self._prefix = path_prefix
         self._record = record_requests
+        self._state_file = state_file
 
         self._tasks: dict[str, FakeTask] = {}
         self._by_external: dict[str, FakeTask] = {}
@@ -288,6 +299,8 @@ class FakeKlingServer:
             raise
         self._port = int(runner.addresses[0][1])
         self._runner = runner
+        if self._state_file is not None:
+            self._restore(load_tasks(self._state_file))
 
     async def close(self) -> None:
         """Stop the server, cancel task timers and pending callbacks; idempotent."""
@@ -301,6 +314,8 @@ class FakeKlingServer:
         for task in self._live.values():
             task._cancel_timers()
         await self._callbacks.close()
+        if self._state_file is not None and self._runner is not None:
+            save_tasks(self._state_file, self._tasks.values())
 
     async def __aenter__(self) -> FakeKlingServer:
         await self.start()
@@ -535,17 +550,22 @@ class FakeKlingServer:
         self._schedule(task)
         return task
 
-    def _schedule(self, task: FakeTask) -> None:
+    def _schedule(self, task: FakeTask, elapsed: float = 0.0) -> None:
+        """Start the task's timers; ``elapsed`` seconds of its life have passed."""
         assert self._loop is not None
         duration = (
             self._task_duration(task) if callable(self._task_duration) else self._task_duration
         )
         if duration is None or self._processing_delay < duration:
             task._timers.append(
-                self._loop.call_later(self._processing_delay, self._start_processing, task)
+                self._loop.call_later(
+                    max(self._processing_delay - elapsed, 0.0), self._start_processing, task
+                )
             )
         if duration is not None:
-            task._timers.append(self._loop.call_later(max(duration, 0.0), self._time_up, task))
+            task._timers.append(
+                self._loop.call_later(max(duration - elapsed, 0.0), self._time_up, task)
+            )
 
     def _start_processing(self, task: FakeTask) -> None:
         if task.status != "submitted":
@@ -564,15 +584,7 @@ class FakeKlingServer:
             task.status = "succeed"
             task.status_message = ""
             task.final_unit_deduction = str(task.n)
-            base = f"{self.origin}/results/{task.task_id}/"
-            watermark = task.watermark
-            images: list[dict[str, Any]] = []
-            for index in range(task.n):
-                image: dict[str, Any] = {"index": index, "url": f"{base}{index}.png"}
-                if watermark:
-                    image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
-                images.append(image)
-            task.images = images
+            task.images = self._result_images(task)
         else:
             task.status = "failed"
             task.status_message = failure
@@ -582,6 +594,34 @@ class FakeKlingServer:
         del self._live[task.task_id]
         self._change_units(-task.n)
         self._callbacks.notify(task)
+
+    def _result_images(self, task: FakeTask) -> list[dict[str, Any]]:
+        base = f"{self.origin}/results/{task.task_id}/"
+        images: list[dict[str, Any]] = []
+        for index in range(task.n):
+            image: dict[str, Any] = {"index": index, "url": f"{base}{index}.png"}
+            if task.watermark:
+                image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
+            images.append(image)
+        return images
+
+    def _restore(self, tasks: list[FakeTask]) -> None:
+        """Take in tasks saved by an earlier server (oldest first): finished ones
+        get result URLs of this server, running ones their remaining time."""
+        now = self._now_ms()
+        for task in tasks:
+            if task.task_id in self._tasks or task.endpoint not in self._order:
+                continue
+            self._tasks[task.task_id] = task
+            if task.external_task_id is not None:
+                self._by_external[task.external_task_id] = task
+            self._order[task.endpoint].append(task)
+            if task.status == "succeed":
+                task.images = self._result_images(task)
+            elif not task.is_terminal:
+                self._live[task.task_id] = task
+                self._change_units(task.n)
+                self._schedule(task, elapsed=max(now - task.created_at_ms, 0) / 1000)
 
     def _change_units(self, delta: int) -> None:
         now = time.monotonic()
