@@ -92,7 +92,7 @@ class StaticToken:
 @attrs.define
 class JWTCredentials:
     """Signs Kling JWTs from an access key and a secret key (needs ``PyJWT``:
-    ``pip install 'kling-async[jwt]'``), caching each token until shortly before
+    the ``jwt`` extra), caching each token until shortly before
     it expires."""
 
     access_key: str = attrs.field(repr=False, validator=_secret)
@@ -120,8 +120,8 @@ class JWTCredentials:
             import jwt
         except ImportError:  # pragma: no cover - depends on the installed extras
             raise ConfigurationError(
-                "signing Kling tokens from an access key needs PyJWT: "
-                "pip install 'kling-async[jwt]'"
+                "signing Kling tokens from an access key needs PyJWT, the jwt extra: "
+                "pip install '.[jwt]' in the kling-async checkout, or pip install PyJWT"
             ) from None
         expires_at = now + self.lifetime
         payload = {"iss": self.access_key, "exp": int(expires_at), "nbf": int(now) - 5}

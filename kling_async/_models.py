@@ -336,6 +336,11 @@ def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
     return cls(**given)
 
 
+def _whole(value: object) -> object:
+    """``value`` as an int if it is a float with no fraction (``2.0``), else as is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     """Build a request from a dict, e.g. a line of a JSONL file.
 
@@ -343,7 +348,8 @@ def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     :class:`MultiImageRequest`, anything else an :class:`ImageGenerationRequest`.
     Kling's wire names are accepted beside the SDK's (``element_list``,
     ``watermark_info``, ``subject_image_list``), so a file of raw request bodies
-    works. Raises :class:`ValidationError` naming any unknown or invalid field.
+    works. Whole numbers written as floats (``"n": 2.0``) are taken as integers.
+    Raises :class:`ValidationError` naming any unknown or invalid field.
     """
     if not isinstance(data, Mapping):
         raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
@@ -361,6 +367,11 @@ def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     if "watermark_info" in fields:
         info = fields.pop("watermark_info")
         fields["watermark"] = info.get("enabled") if isinstance(info, Mapping) else info
+    # JSON has one number type: a tool that writes 2.0 for 2 still means 2.
+    if "n" in fields:
+        fields["n"] = _whole(fields["n"])
+    if isinstance(fields.get("element_ids"), list):
+        fields["element_ids"] = [_whole(element_id) for element_id in fields["element_ids"]]
     cls: type[TaskRequest] = (
         MultiImageRequest if fields.get("subject_images") is not None else ImageGenerationRequest
     )

@@ -304,6 +304,9 @@ def test_request_from_mapping_picks_the_endpoint_and_accepts_wire_names() -> Non
     assert isinstance(generation, ImageGenerationRequest)
     assert generation.element_ids == (4,)
     assert generation.watermark is True
+    floats = request_from_mapping({"prompt": "p", "n": 2.0, "element_list": [{"element_id": 7.0}]})
+    assert isinstance(floats, ImageGenerationRequest)
+    assert (floats.n, floats.element_ids) == (2, (7,))
     multi = request_from_mapping({"subject_image_list": [{"subject_image": "https://a/b.png"}]})
     assert isinstance(multi, Multi)
     assert multi.subject_images == ("https://a/b.png",)
@@ -318,6 +321,8 @@ def test_request_from_mapping_picks_the_endpoint_and_accepts_wire_names() -> Non
         ({"prompt": "p", "element_list": "7"}, "element_list"),
         (["not", "an", "object"], "request"),
         ({"prompt": "p", "n": 0}, "n"),
+        ({"prompt": "p", "n": 2.5}, "n"),
+        ({"prompt": "p", "element_ids": [1.5]}, "element_ids[0]"),
     ],
 )
 def test_request_from_mapping_names_bad_fields(data: Any, field: str) -> None:

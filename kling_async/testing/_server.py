@@ -281,7 +281,8 @@ class FakeKlingServer:
                 import jwt  # noqa: F401
             except ImportError:  # pragma: no cover - depends on the installed extras
                 raise RuntimeError(
-                    "JWT auth in FakeKlingServer needs PyJWT: pip install 'kling-async[jwt]'"
+                    "JWT auth in FakeKlingServer needs PyJWT, the jwt extra: "
+                    "pip install '.[jwt]' in the kling-async checkout, or pip install PyJWT"
                 ) from None
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
