@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -19,10 +20,12 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner, Result
+from rich.console import Console
 
-from kling_async.cli import main
+from kling_async import ImageGenerationRequest
+from kling_async.cli import Settings, _BatchProgress, main
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, make_client
 from tests.imagedata import png
 from tests.test_download import assert_valid_png
 
@@ -553,27 +556,33 @@ def test_batch_no_download_with_results_refuses_an_unused_out(tmp_path: Path) ->
     assert "--out has no effect with --no-download" in generate.stderr
 
 
-def test_batch_progress_counts_running_tasks_not_queued_requests(tmp_path: Path) -> None:
-    # 6 requests of n=2 through a quota of 4 units: 2 tasks run, 4 wait.
-    requests = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "n": 2} for i in range(6)])
-    with threaded_server(concurrency_limit=4) as server:
-        result = invoke(
-            "--api-key",
-            API_KEY,
-            "--base-url",
-            server.url,
-            "batch",
-            str(requests),
-            "--no-download",
-            "--results",
-            str(tmp_path / "r.jsonl"),
-            "--concurrency",
-            "4",
-        )
-    assert result.exit_code == 0, result.output
-    assert server.peak_units <= 4
-    # The display's last frame: all done, none running.
-    assert "6/6 0 failed · 0 running" in result.stderr
+async def test_the_batch_display_counts_tasks_running_on_kling_not_queued_requests() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None, concurrency_limit=4) as server:
+        async with make_client(server, max_concurrency=4) as client:
+            # 6 requests of n=2 through a quota of 4 units: 2 tasks run, the rest wait here.
+            batch = client.batch(ImageGenerationRequest(prompt=f"p{i}", n=2) for i in range(6))
+            results = batch.__aiter__()
+            first = asyncio.ensure_future(results.__anext__())
+            await asyncio.sleep(0.3)
+            assert len(server.tasks) == 2
+            assert batch.in_flight == 6
+            console = Console(file=io.StringIO(), force_terminal=True, width=200)
+            settings = Settings(
+                api_key=None,
+                base_url=None,
+                mock=False,
+                as_json=False,
+                verbose=False,
+                mock_task_seconds=0.1,
+                stderr=console,
+            )
+            display = _BatchProgress(settings, total=6)
+            display.update(batch, done=0, failed=0)
+            console.print(display.progress.get_renderable())
+            assert "0 failed · 2 running" in console.file.getvalue()  # type: ignore[attr-defined]
+            first.cancel()  # stops the batch; the two tasks stay attached until close
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
 
 
 def test_batch_reads_a_bom_floats_and_image_paths_relative_to_the_file(tmp_path: Path) -> None:
