@@ -80,7 +80,7 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         callbacks: CallbackReceiver | None = None,
     ) -> None:
-        self._created_at = _caller()
+        self._created_at = _caller(self)
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
@@ -227,11 +227,11 @@ class Client:
             )
 
 
-def _caller() -> str:
-    """``file:line`` of the code that constructs a Client, for the unclosed warning."""
-    frame = sys._getframe(2)  # _caller <- Client.__init__ <- the caller
-    while frame.f_back is not None and frame.f_code.co_name == "__init__":
-        frame = frame.f_back  # a subclass's __init__: name its caller instead
+def _caller(client: Client) -> str:
+    """``file:line`` of the code that constructs ``client``, for the unclosed warning."""
+    frame = sys._getframe(1)  # Client.__init__
+    while frame.f_back is not None and frame.f_locals.get("self") is client:
+        frame = frame.f_back  # past Client.__init__ and any subclass's __init__
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 

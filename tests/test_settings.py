@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -140,6 +141,22 @@ async def test_an_unclosed_client_warns_naming_kling_async_and_where_it_was_made
     assert message.startswith("unclosed kling_async.Client <Client http://127.0.0.1:")
     assert "test_settings.py" in message
     assert "await client.close()" in message
+
+
+def test_the_warning_names_the_line_that_made_the_client_even_in_a_subclass() -> None:
+    class Mine(kling_async.Client):
+        def __init__(self) -> None:
+            super().__init__("k")
+
+    class Service:
+        def __init__(self) -> None:
+            self.client = Mine()  # the line to name
+
+    line = Service.__init__.__code__.co_firstlineno + 1
+    assert Service().client._created_at.endswith(f"test_settings.py:{line}")
+    assert kling_async.Client("k")._created_at.endswith(
+        f"test_settings.py:{sys._getframe().f_lineno - 1}"
+    )
 
 
 async def test_a_closed_or_unused_client_does_not_warn(server: FakeKlingServer) -> None:
