@@ -211,13 +211,12 @@ class Settings:
         if self.batch is not None:
             self.submitted = [handle.task_id for handle in self.batch.pending]
         where = "in the offline simulation" if self.offline else "on Kling"
+        mock = " --mock" if self.mock else ""
         if self.submitted:
             ids = " ".join(self.submitted)
-            multi = " --multi-image" if self.multi else ""
             self.stderr.print(
                 f"interrupted; these tasks were submitted and keep running {where}: {ids}\n"
-                f"check them with: kling-async{' --mock' if self.mock else ''} status{multi} "
-                "TASK_ID",
+                f"check them with: kling-async{mock} status{self.multi_flag} TASK_ID",
                 soft_wrap=True,
             )
         else:
@@ -246,7 +245,7 @@ class Settings:
             task_id = error.handle.task_id
             return (
                 f"task {task_id} did not finish within {error.timeout:g}s; it keeps running: "
-                f"check it later with: kling-async status{self._multi_flag} {task_id}"
+                f"check it later with: kling-async status{self.multi_flag} {task_id}"
             )
         if isinstance(error, APIError):
             return self._describe_api_error(error)
@@ -268,7 +267,8 @@ class Settings:
         return record
 
     @property
-    def _multi_flag(self) -> str:
+    def multi_flag(self) -> str:
+        """``" --multi-image"`` when the command is about multi-image tasks, for advice."""
         return " --multi-image" if self.multi else ""
 
     def _flag(self, field: str) -> str:
@@ -389,7 +389,7 @@ async def _save_images(
         raise CommandError(
             f"task {task.task_id} succeeded, but saving its images failed: "
             f"{settings.describe(error)}; fetch them later with: "
-            f"kling-async download{settings._multi_flag} {task.task_id} --out {out}"
+            f"kling-async download{settings.multi_flag} {task.task_id} --out {out}"
         ) from error
     return paths
 
@@ -850,7 +850,7 @@ def download(task_id: str, multi: bool, out: Path, watermarked: bool) -> None:
             if task.status is not TaskStatus.SUCCEED:
                 raise CommandError(
                     f"task {task.task_id} is {task.status} and has no images yet; try again "
-                    f"when kling-async status{settings._multi_flag} {task.task_id} says succeed"
+                    f"when kling-async status{settings.multi_flag} {task.task_id} says succeed"
                 )
             return task, await client.download(task, out, watermarked=watermarked)
 
