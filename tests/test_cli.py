@@ -563,7 +563,10 @@ async def test_the_batch_display_counts_tasks_running_on_kling_not_queued_reques
             batch = client.batch(ImageGenerationRequest(prompt=f"p{i}", n=2) for i in range(6))
             results = batch.__aiter__()
             first = asyncio.ensure_future(results.__anext__())
-            await asyncio.sleep(0.3)
+            for _ in range(300):  # until the quota is full
+                if len(server.tasks) == 2 and len(batch.pending) == 2:
+                    break
+                await asyncio.sleep(0.01)
             assert len(server.tasks) == 2
             assert batch.in_flight == 6
             console = Console(file=io.StringIO(), force_terminal=True, width=200)

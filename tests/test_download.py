@@ -173,14 +173,19 @@ async def test_a_cancelled_download_leaves_nothing_running_or_half_written(
     client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
 ) -> None:
     task = await (await client.images.generate(prompt="p", n=2))
-    server.inject("delay", route="download", delay=0.2, times=2)
+    server.inject("delay", route="download", delay=0.5, times=2)
     job = asyncio.ensure_future(client.download(task, tmp_path))
-    await asyncio.sleep(0.1)  # both requests are in, their answers are slow
+    for _ in range(200):  # until both requests are in; their answers are slow
+        if len(server.requests_for("download")) == 2:
+            break
+        await asyncio.sleep(0.01)
     assert len(server.requests_for("download")) == 2
+    assert list(tmp_path.iterdir())  # the partial files being written
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    await asyncio.sleep(0.3)
+    assert list(tmp_path.iterdir()) == []  # stopped and cleaned up before the raise
+    await asyncio.sleep(0.6)  # past the slow answers: nothing writes on
     assert list(tmp_path.iterdir()) == []
 
 
