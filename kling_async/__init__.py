@@ -41,6 +41,7 @@ from ._image_input import ImageInput
 from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
 from ._limiter import ConcurrencyLimiter
+from ._logging import configure_from_environment as _configure_logging
 from ._models import (
     BalanceDeduction,
     Endpoint,
@@ -53,6 +54,8 @@ from ._models import (
     request_from_mapping,
 )
 from ._version import __version__
+
+_configure_logging()
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -33,6 +33,36 @@ MISSING_CREDENTIALS = (
 )
 
 
+def _unusable(value: str) -> str | None:
+    """Why ``value`` cannot be a key or token, or ``None`` if it can be one."""
+    if not value:
+        return "is empty"
+    if any(character.isspace() or not character.isprintable() for character in value):
+        # Never sent: aiohttp would refuse the header with a bare ValueError.
+        return "contains whitespace or control characters"
+    return None
+
+
+def _secret(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{attribute.name} must be a string")
+    reason = _unusable(value)
+    if reason is not None:
+        raise ConfigurationError(f"{attribute.name} {reason}")
+
+
+def _cleaned(value: str, name: str) -> str:
+    """A key as given, without surrounding whitespace: a key pasted or read from
+    a file often ends in a newline. Never echoes the key itself."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, got {type(value).__name__}")
+    cleaned = value.strip()
+    reason = _unusable(cleaned)
+    if reason is not None:
+        raise ConfigurationError(f"{name} {reason}; leave it out to read it from the environment")
+    return cleaned
+
+
 class Credentials(Protocol):
     """Something that yields the ``Authorization`` header value."""
 
@@ -50,7 +80,7 @@ class Credentials(Protocol):
 class StaticToken:
     """A fixed bearer token, as a gateway issues."""
 
-    token: str = attrs.field(repr=False)
+    token: str = attrs.field(repr=False, validator=_secret)
 
     def authorization(self) -> str:
         return f"Bearer {self.token}"
@@ -62,11 +92,11 @@ class StaticToken:
 @attrs.define
 class JWTCredentials:
     """Signs Kling JWTs from an access key and a secret key (needs ``PyJWT``:
-    ``pip install 'kling-async[jwt]'``), caching each token until shortly before
+    the ``jwt`` extra), caching each token until shortly before
     it expires."""
 
-    access_key: str = attrs.field(repr=False)
-    secret_key: str = attrs.field(repr=False)
+    access_key: str = attrs.field(repr=False, validator=_secret)
+    secret_key: str = attrs.field(repr=False, validator=_secret)
     lifetime: float = 1800.0
     #: Sign a new token this long before the old one expires, so a request
     #: that is slow to reach Kling does not arrive with an expired token.
@@ -90,8 +120,8 @@ class JWTCredentials:
             import jwt
         except ImportError:  # pragma: no cover - depends on the installed extras
             raise ConfigurationError(
-                "signing Kling tokens from an access key needs PyJWT: "
-                "pip install 'kling-async[jwt]'"
+                "signing Kling tokens from an access key needs PyJWT, the jwt extra: "
+                "pip install '.[jwt]' in the kling-async checkout, or pip install PyJWT"
             ) from None
         expires_at = now + self.lifetime
         payload = {"iss": self.access_key, "exp": int(expires_at), "nbf": int(now) - 5}
@@ -109,6 +139,11 @@ def resolve_credentials(
 ) -> Credentials | None:
     """Pick credentials from explicit arguments first, then the environment.
 
+    Surrounding whitespace is removed from every key (a trailing newline from a
+    file is the usual case); an explicit key that is then empty, or has
+    whitespace inside, raises :class:`ConfigurationError`. A blank environment
+    variable counts as unset.
+
     Returns ``None`` when there are none at all: that is reported at the first
     request (with :data:`MISSING_CREDENTIALS`), so building a client never fails
     for lack of a key, e.g. in tests that point it at a fake server later.
@@ -116,16 +151,22 @@ def resolve_credentials(
     if api_key is not None and (access_key is not None or secret_key is not None):
         raise ConfigurationError("give either api_key or access_key and secret_key, not both")
     if api_key is not None:
-        return StaticToken(api_key)
+        return StaticToken(_cleaned(api_key, "api_key"))
     if access_key is not None or secret_key is not None:
-        if not (access_key and secret_key):
+        if access_key is None or secret_key is None:
             raise ConfigurationError("access_key and secret_key must be given together")
-        return JWTCredentials(access_key, secret_key)
-    if environ.get(ENV_API_KEY):
-        return StaticToken(environ[ENV_API_KEY])
-    env_access, env_secret = environ.get(ENV_ACCESS_KEY), environ.get(ENV_SECRET_KEY)
+        return JWTCredentials(
+            _cleaned(access_key, "access_key"), _cleaned(secret_key, "secret_key")
+        )
+    env_token = environ.get(ENV_API_KEY, "").strip()
+    if env_token:
+        return StaticToken(_cleaned(env_token, ENV_API_KEY))
+    env_access = environ.get(ENV_ACCESS_KEY, "").strip()
+    env_secret = environ.get(ENV_SECRET_KEY, "").strip()
     if env_access or env_secret:
         if not (env_access and env_secret):
             raise ConfigurationError(f"set both {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}, or neither")
-        return JWTCredentials(env_access, env_secret)
+        return JWTCredentials(
+            _cleaned(env_access, ENV_ACCESS_KEY), _cleaned(env_secret, ENV_SECRET_KEY)
+        )
     return None

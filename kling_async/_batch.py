@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -33,7 +33,7 @@ from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import ConcurrencyLimiter
 from ._models import Task, TaskRequest, TaskStatus
-from ._wire import request_body
+from ._wire import converter, request_body
 
 if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
@@ -72,6 +72,27 @@ class BatchResult:
     def ok(self) -> bool:
         """True when the task succeeded."""
         return self.task is not None and self.task.status is TaskStatus.SUCCEED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain, JSON-ready data: ``index``, ``ok``, ``task_id``,
+        ``external_task_id``, ``task`` (:meth:`Task.to_dict`, or ``None``) and
+        ``error`` (its ``type`` and ``message``, plus ``code`` and ``request_id``
+        for an :class:`APIError`; or ``None``). The request is left out (it may
+        hold megabytes of base64 images): ``index`` ties a result to its input.
+        """
+        task_id = self.handle.task_id if self.handle is not None else None
+        return {
+            "index": self.index,
+            "ok": self.ok,
+            "task_id": task_id or (self.task.task_id if self.task is not None else None),
+            "external_task_id": self.request.external_task_id,
+            "task": converter.unstructure(self.task, Task | None),
+            "error": converter.unstructure(self.error, KlingError | None),
+        }
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
 
 def batch_key(name: str, index: int, request: TaskRequest) -> str:

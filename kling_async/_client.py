@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -12,13 +16,13 @@ from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
 from ._batch import Batch, BatchRequests
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
-from ._download import DownloadSource, download
+from ._download import DownloadSource, download, read_image
 from ._exceptions import ConfigurationError
 from ._handle import TaskHandle
 from ._journal import Journal
 from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter
-from ._models import Task
+from ._models import ImageResult, Task
 from ._resources import Images
 from ._submissions import Submissions
 from ._tracking import Tracker
@@ -85,15 +89,13 @@ class Client:
         ledger: Ledger | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
     ) -> None:
+        self._created_at = _caller(self)
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
             raise ConfigurationError("give credentials or keys, not both")
         self.base_url = resolve_base_url(base_url)
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        elif not isinstance(timeout, aiohttp.ClientTimeout):
-            timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+        timeout = _checked_settings(timeout, max_connections, max_concurrency)
         self._auth_kind = (
             "bearer token"
             if isinstance(credentials, StaticToken)
@@ -182,11 +184,18 @@ class Client:
         ``directory`` and return the paths, in image order.
 
         Files are named ``<task_id>_<index>.<ext>`` (``<index>.<ext>`` for bare
-        images), streamed in chunks, and written to a temporary file that is
-        renamed into place when complete, so an existing file is always whole and
-        is skipped unless ``overwrite``. Transient failures are retried; at most
-        ``concurrency`` files download at once. ``watermarked`` fetches the
-        watermarked copies. No credentials are sent to the result URLs.
+        images; by position instead of index if Kling's indexes repeat),
+        streamed in chunks, and written to a temporary file that is renamed into
+        place when complete, so an existing file is always whole and is skipped
+        unless ``overwrite``. Transient failures are retried; at most
+        ``concurrency`` files download at once. If one image fails, the others
+        are stopped (their partial files removed) before the error is raised.
+        ``watermarked`` fetches the watermarked copies, named
+        ``<task_id>_<index>_watermarked.<ext>``. No credentials are sent to the
+        result URLs.
+
+        A failed task raises :class:`TaskFailedError`, and a task that has not
+        finished ``ValueError``: neither has images to save.
         """
         paths = await download(
             self._transport,
@@ -199,6 +208,15 @@ class Client:
         if isinstance(source, (Task, TaskHandle)):
             self._submissions.note_downloaded(source.task_id, [str(path) for path in paths])
         return paths
+
+    async def read(self, image: ImageResult | str, *, watermarked: bool = False) -> bytes:
+        """The bytes of one result image (an :class:`ImageResult`, or its URL),
+        without touching the disk: e.g. to upload them elsewhere or open them
+        with an imaging library. Transient failures are retried; no credentials
+        are sent to the result URL. ``watermarked`` reads an image's
+        watermarked copy.
+        """
+        return await read_image(self._transport, image, watermarked=watermarked)
 
     def batch(
         self,
@@ -281,3 +299,56 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Client {self.base_url} auth={self._auth_kind} {state}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # Named after this package, with where the client was made: aiohttp's own
+        # "Unclosed client session" says neither. (_warn is bound early because
+        # module globals may be gone when this runs at interpreter exit.)
+        transport = getattr(self, "_transport", None)  # None if __init__ raised
+        if transport is not None and transport.holds_session:
+            _warn(
+                f"unclosed kling_async.Client {self!r} created at {self._created_at}: "
+                "use 'async with kling_async.Client(...)' or 'await client.close()'",
+                ResourceWarning,
+                source=self,
+            )
+
+
+def _caller(client: Client) -> str:
+    """``file:line`` of the code that constructs ``client``, for the unclosed warning."""
+    frame = sys._getframe(1)  # Client.__init__
+    while frame.f_back is not None and frame.f_locals.get("self") is client:
+        frame = frame.f_back  # past Client.__init__ and any subclass's __init__
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _checked_settings(
+    timeout: object, max_connections: object, max_concurrency: object
+) -> aiohttp.ClientTimeout:
+    """Refuse settings that would fail later, or silently mean something else
+    (aiohttp reads a pool limit of 0 as "no limit"), and return the timeout."""
+    if isinstance(timeout, aiohttp.ClientTimeout):
+        checked = timeout
+    elif timeout is None:
+        checked = DEFAULT_TIMEOUT
+    elif (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < math.inf
+    ):
+        raise ConfigurationError(
+            "timeout must be a positive number of seconds or an aiohttp.ClientTimeout; "
+            f"got {timeout!r}"
+        )
+    else:
+        checked = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ConfigurationError(f"max_connections must be an integer; got {max_connections!r}")
+    if max_connections < 1:
+        raise ConfigurationError(f"max_connections must be at least 1; got {max_connections}")
+    if isinstance(max_concurrency, int) and max_concurrency < 1:
+        raise ConfigurationError(
+            f"max_concurrency must be at least 1 (the account's quota in units); "
+            f"got {max_concurrency}"
+        )
+    return checked

@@ -15,6 +15,9 @@ from typing import Any
 import aiohttp
 import attrs
 
+from ._exceptions import ConfigurationError
+from ._urls import is_http_url, redacted_url
+
 __all__ = ["DEFAULT_BASE_URL", "PollPolicy", "RetryPolicy", "resolve_base_url"]
 
 DEFAULT_BASE_URL = "https://api.powertokens.ai/kling"
@@ -28,9 +31,21 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 
 
 def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
-    """The API root before ``/v1``: the argument, else ``KLING_BASE_URL``, else the default."""
-    chosen = base_url or environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
-    chosen = chosen.rstrip("/")
+    """The API root before ``/v1``: the argument, else ``KLING_BASE_URL``, else the default.
+
+    Raises :class:`ConfigurationError` for one that is not an http(s) URL with a
+    host, naming where it came from: such a root would otherwise fail only at
+    the first request, as a lookup of a host made from the path.
+    """
+    source, chosen = "base_url", base_url
+    if chosen is None:
+        source, chosen = ENV_BASE_URL, environ.get(ENV_BASE_URL, "").strip() or DEFAULT_BASE_URL
+    if not isinstance(chosen, str) or not is_http_url(chosen.strip()):
+        raise ConfigurationError(
+            f"{source} must be an http(s) URL with a host, such as {DEFAULT_BASE_URL}; "
+            f"got {redacted_url(chosen)}"
+        )
+    chosen = chosen.strip().rstrip("/")
     # Accept a root given with the version on it; paths add /v1 themselves.
     return chosen.removesuffix("/v1")
 

@@ -4,7 +4,7 @@
 
     KlingError
     ├── ValidationError (also a ValueError)   a request is invalid; nothing was sent
-    ├── ConfigurationError                    credentials or settings are missing or wrong
+    ├── ConfigurationError (also a ValueError) credentials or settings are missing or wrong
     ├── ClientClosedError                     the client was closed while work was pending
     ├── TransportError                        the API could not be reached (connection, timeout)
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
@@ -63,6 +63,9 @@ class KlingError(Exception):
 
     #: The external_task_id of the create this error ended, else ``None``.
     external_task_id: str | None = None
+    #: What became of that create's task ("nothing was created", "it may exist..."),
+    #: else ``None``.
+    create_outcome: str | None = None
 
 
 class ValidationError(KlingError, ValueError):
@@ -78,8 +81,10 @@ class ValidationError(KlingError, ValueError):
         super().__init__(f"{field}: {rule}")
 
 
-class ConfigurationError(KlingError):
-    """The client is missing credentials or was configured inconsistently."""
+class ConfigurationError(KlingError, ValueError):
+    """The client is missing credentials or was given a setting it cannot use
+    (an empty key, a ``base_url`` that is not an http(s) URL, a timeout that is
+    not positive, ...). Also a ``ValueError``, as a bad argument value is."""
 
 
 class ClientClosedError(KlingError):
@@ -169,6 +174,8 @@ class APIError(KlingError):
             if part
         )
         text = f"{head} ({context})" if context else head
+        if self.create_outcome is not None:
+            text = f"{text} [external_task_id={self.external_task_id}: {self.create_outcome}]"
         return f"{text}. {self.hint}" if self.hint else text
 
 
@@ -259,8 +266,13 @@ RESIGN_CODES = frozenset({1003, 1004})
 def for_create(error: KlingError, external_task_id: str, outcome: str) -> KlingError:
     """Mark ``error`` as the end of the create ``external_task_id`` and say in its
     message what became of the task (``outcome``). Returns the same error."""
-    if error.external_task_id is None:
-        error.external_task_id = external_task_id
+    if error.external_task_id is not None:
+        return error
+    error.external_task_id = external_task_id
+    error.create_outcome = outcome
+    if isinstance(error, APIError):
+        error.args = (error._render(),)  # before the hint: the hint stays last
+    else:
         error.args = (f"{error} [external_task_id={external_task_id}: {outcome}]",)
     return error
 

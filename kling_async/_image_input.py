@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import stat
 import struct
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import attrs
 
 from ._exceptions import ValidationError
+from ._urls import is_http_url, url_scheme
 
 ImageInput = str | bytes | bytearray | memoryview | os.PathLike[str]
 """An image as a filesystem path, raw bytes, an http(s) URL, or base64 (a
@@ -33,6 +34,11 @@ IMAGE_FORMATS = ("png", "jpeg")
 # A str this long cannot be a path on any platform we support, so it is only
 # ever tried as base64; this also keeps os.stat() away from megabytes of text.
 _MAX_PATH_LENGTH = 4096
+# Shorter than this, a string that is not base64 of an image was more likely
+# meant as a file name (the longest one most file systems allow).
+_MAX_NAME_LENGTH = 255
+# Base64 beyond this many characters is abbreviated in reprs.
+_REPR_LENGTH = 32
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers carry the dimensions; C4, C8 and CC are not frames.
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -55,6 +61,12 @@ class WireImage(str):
     """
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        # A request's repr would otherwise print megabytes of base64.
+        if len(self) <= _REPR_LENGTH or self.startswith(("http://", "https://")):
+            return str.__repr__(self)
+        return f"{str.__repr__(self[:_REPR_LENGTH])[:-1]}...' ({len(self):,} chars of base64)"
 
 
 def sniff_image(data: bytes) -> ImageInfo | None:
@@ -120,8 +132,10 @@ def check_image(data: bytes, field: str) -> ImageInfo:
 def encode_image(value: object, field: str) -> WireImage:
     """Normalise one image input to its wire form, validating it on the way.
 
-    Strings are read as, in order: an http(s) URL, a ``data:`` URL, the path of an
-    existing file, base64. Bytes are the file's contents.
+    Strings are read as, in order: an http(s) URL (any case of the scheme), a
+    ``data:`` URL, the path of a file, base64. Bytes are the file's contents.
+    A rejection says what is wrong with the thing given: a URL of another
+    scheme, a directory, a missing file, or data that is not a JPEG or PNG.
     """
     if isinstance(value, WireImage):
         return value
@@ -138,31 +152,40 @@ def encode_image(value: object, field: str) -> WireImage:
     text = value.strip()
     if not text:
         raise ValidationError(field, "must not be empty")
-    if text.startswith(("http://", "https://")):
-        parts = urlsplit(text)
-        if not parts.netloc:
+    scheme = url_scheme(text)
+    if scheme in ("http", "https"):
+        if not is_http_url(text):
             raise ValidationError(field, f"{text[:80]!r} is not a valid http(s) URL")
-        return WireImage(text)
-    if text.startswith("data:"):
+        # Kling is sent the scheme in lower case, as most servers expect it.
+        return WireImage(scheme + text[len(scheme) :])
+    if scheme is not None:
+        local = "; for a local file give its path" if scheme == "file" else ""
+        raise ValidationError(field, f"must be an http(s) URL; {scheme}:// is not supported{local}")
+    if text[:5].lower() == "data:":
         header, comma, payload = text.partition(",")
-        if not comma or not header.endswith(";base64"):
+        if not comma or not header.lower().endswith(";base64"):
             raise ValidationError(
                 field, "a data: URL must be of the form data:image/...;base64,..."
             )
         return _encode_base64(payload, field)
     # Base64 has no "." and no backslash, so a string with either can only be a path.
-    if len(text) <= _MAX_PATH_LENGTH and (os.path.isfile(text) or any(c in text for c in ".\\")):
+    if len(text) <= _MAX_PATH_LENGTH and (os.path.exists(text) or any(c in text for c in ".\\")):
         return _encode_file(Path(text), field)
-    return _encode_base64(text, field)
+    return _encode_base64(text, field, maybe_path=True)
 
 
 def _encode_file(path: Path, field: str) -> WireImage:
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:  # refuse before reading a huge file into memory
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise ValidationError(field, f"{path} is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):  # a device or a pipe could be read for ever
+            raise ValidationError(field, f"{path} is not a regular file")
+        if info.st_size > MAX_IMAGE_BYTES:  # refuse before reading a huge file into memory
             raise ValidationError(
                 field,
-                f"{path} is {size:,} bytes; Kling accepts at most {MAX_IMAGE_BYTES:,} (10 MB)",
+                f"{path} is {info.st_size:,} bytes; Kling accepts at most {MAX_IMAGE_BYTES:,} "
+                "(10 MB)",
             )
         data = path.read_bytes()
     except FileNotFoundError:
@@ -176,14 +199,26 @@ def _encode_file(path: Path, field: str) -> WireImage:
     return WireImage(base64.b64encode(data).decode("ascii"))
 
 
-def _encode_base64(text: str, field: str) -> WireImage:
+def _encode_base64(text: str, field: str, *, maybe_path: bool = False) -> WireImage:
+    """Decode and check base64 image data. With ``maybe_path``, ``text`` may as
+    well have been meant as a file name: a short string that is not base64 of an
+    image is then reported as what it more likely is, a file that is not there."""
     compact = "".join(text.split())
     try:
-        data = base64.b64decode(compact, validate=True)
+        data: bytes | None = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
+        data = None
+    looks_like_data = data is not None and (
+        sniff_image(data) is not None or len(text) > _MAX_NAME_LENGTH
+    )
+    if data is not None and (looks_like_data or not maybe_path):
+        check_image(data, field)
+        return WireImage(compact)
+    if maybe_path and len(text) <= _MAX_NAME_LENGTH:
+        if "/" in text or os.sep in text:
+            raise ValidationError(field, f"image file {text} does not exist")
         raise ValidationError(
             field,
-            "not an http(s) URL, an existing file, or valid base64 image data",
-        ) from None
-    check_image(data, field)
-    return WireImage(compact)
+            f"{text!r} is not an http(s) URL, an existing file, or base64 JPEG or PNG data",
+        )
+    raise ValidationError(field, "not an http(s) URL, an existing file, or valid base64 image data")

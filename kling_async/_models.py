@@ -10,15 +10,16 @@ flat; nested wire shapes get a flat Python spelling (``element_ids`` for
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
 
 import attrs
 
 from ._exceptions import ValidationError
 from ._image_input import ImageInput, WireImage, encode_image
+from ._urls import is_http_url, redacted_url
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -31,6 +32,8 @@ __all__ = [
     "TaskRequest",
     "TaskStatus",
     "build_request",
+    "is_http_url",
+    "redacted_url",
     "request_from_mapping",
 ]
 
@@ -41,6 +44,8 @@ N_RANGE = range(1, 10)
 ASPECT_RATIOS = ("1:1", "16:9", "4:3", "3:2", "2:3", "3:4", "9:16", "21:9")
 RESOLUTIONS = ("1k", "2k")
 IMAGE_REFERENCES = ("subject", "face")
+#: Kling types element ids as a Java ``long``: a larger id cannot name an element.
+MAX_ELEMENT_ID = 2**63 - 1
 
 
 class Endpoint(str, enum.Enum):
@@ -66,6 +71,14 @@ class TaskStatus(str, enum.Enum):
     def is_terminal(self) -> bool:
         """True for ``succeed`` and ``failed``: the task will not change again."""
         return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+    # Kling's word, as in messages and tables: "succeed", not "TaskStatus.SUCCEED"
+    # (the str mixin alone gives the latter from str() and, on 3.12+, format()).
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     @classmethod
     def _missing_(cls, value: object) -> TaskStatus | None:
@@ -125,6 +138,23 @@ class Task:
     def is_terminal(self) -> bool:
         """True once the task has succeeded or failed."""
         return self.status.is_terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as plain, JSON-ready data, e.g. to store it.
+
+        Field names are this class's; ``status`` is Kling's word (``"succeed"``),
+        ``created_at``/``updated_at`` ISO 8601 strings in UTC, ``images`` a list
+        of ``{"index", "url", "watermark_url"}``. ``raw`` is left out: it is
+        already plain data (Kling's own dict).
+        """
+        from ._wire import converter  # the one converter; _wire builds on this module
+
+        data: dict[str, Any] = converter.unstructure(self)
+        return data
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
 
 # --- validators -------------------------------------------------------------------
@@ -192,33 +222,6 @@ def _model_name(_instance: object, attribute: attrs.Attribute[Any], value: objec
     _nonempty_string(_instance, attribute, value)
 
 
-def redacted_url(value: object) -> str:
-    """A URL as reprs and messages show it: scheme and host only. A callback
-    URL's path carries the token that authorises its callbacks."""
-    if not isinstance(value, str):
-        return repr(value)
-    try:
-        parts = urlsplit(value)
-        host = parts.netloc.rpartition("@")[2]  # never the user:password part
-    except ValueError:
-        return "a string that is not a URL"
-    if not parts.scheme and not host:
-        return "a string that is not a URL"
-    hidden = "/..." if parts.path.strip("/") or parts.query or parts.fragment else ""
-    return repr(f"{parts.scheme}://{host}{hidden}")
-
-
-def is_http_url(value: object) -> bool:
-    """Whether ``value`` is an http(s) URL with a host."""
-    if not isinstance(value, str):
-        return False
-    try:
-        parts = urlsplit(value)
-        return parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. a malformed port or IPv6 address
-        return False
-
-
 def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not is_http_url(value):
         raise ValidationError(attribute.name, f"must be an http(s) URL; got {redacted_url(value)}")
@@ -260,6 +263,11 @@ def _element_ids(value: Iterable[int]) -> tuple[int, ...]:
         if isinstance(element_id, bool) or not isinstance(element_id, int) or element_id < 0:
             raise ValidationError(
                 f"element_ids[{position}]", f"must be a non-negative integer; got {element_id!r}"
+            )
+        if element_id > MAX_ELEMENT_ID:
+            raise ValidationError(
+                f"element_ids[{position}]",
+                f"must be at most {MAX_ELEMENT_ID} (Kling's 64-bit element ids); got {element_id}",
             )
     return ids
 
@@ -368,6 +376,11 @@ def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
     return cls(**given)
 
 
+def _whole(value: object) -> object:
+    """``value`` as an int if it is a float with no fraction (``2.0``), else as is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     """Build a request from a dict, e.g. a line of a JSONL file.
 
@@ -375,7 +388,8 @@ def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     :class:`MultiImageRequest`, anything else an :class:`ImageGenerationRequest`.
     Kling's wire names are accepted beside the SDK's (``element_list``,
     ``watermark_info``, ``subject_image_list``), so a file of raw request bodies
-    works. Raises :class:`ValidationError` naming any unknown or invalid field.
+    works. Whole numbers written as floats (``"n": 2.0``) are taken as integers.
+    Raises :class:`ValidationError` naming any unknown or invalid field.
     """
     if not isinstance(data, Mapping):
         raise ValidationError("request", f"must be a JSON object, got {type(data).__name__}")
@@ -393,6 +407,11 @@ def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
     if "watermark_info" in fields:
         info = fields.pop("watermark_info")
         fields["watermark"] = info.get("enabled") if isinstance(info, Mapping) else info
+    # JSON has one number type: a tool that writes 2.0 for 2 still means 2.
+    if "n" in fields:
+        fields["n"] = _whole(fields["n"])
+    if isinstance(fields.get("element_ids"), list):
+        fields["element_ids"] = [_whole(element_id) for element_id in fields["element_ids"]]
     cls: type[TaskRequest] = (
         MultiImageRequest if fields.get("subject_images") is not None else ImageGenerationRequest
     )

@@ -22,7 +22,7 @@ import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import backoff
@@ -32,6 +32,7 @@ from ._auth import MISSING_CREDENTIALS, Credentials
 from ._config import RetryPolicy
 from ._exceptions import (
     RESIGN_CODES,
+    APIError,
     AuthenticationError,
     ClientClosedError,
     ConfigurationError,
@@ -95,6 +96,11 @@ class Transport:
         """The longest one exchange may take (the session timeout's total)."""
         return self._timeout.total
 
+    @property
+    def holds_session(self) -> bool:
+        """True while a session this transport made is open: :meth:`close` is owed."""
+        return self._owns_session and self._session is not None and not self._session.closed
+
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use on the running event loop."""
         if self._closed:
@@ -106,6 +112,8 @@ class Transport:
                 ),
                 timeout=self._timeout,
                 headers={"User-Agent": USER_AGENT},
+                # HTTP(S)_PROXY, NO_PROXY and .netrc, as requests and httpx honour them.
+                trust_env=True,
             )
         return self._session
 
@@ -251,21 +259,35 @@ class Transport:
             failure = TransportError(
                 f"{request.method} {request.path} failed: {type(error).__name__}: {error}"
             )
+        elapsed = time.perf_counter() - started
         if failure is not None:
-            # Raised outside the except block so it has no __context__ either:
+            logger.debug(
+                "%s %s -> no answer in %.3fs: %s", request.method, request.path, elapsed, failure
+            )
             # aiohttp's exception holds the request headers, token included.
             # Anything else is chained, for its traceback.
-            raise failure from unexpected
+            _raise_without_context(failure, cause=unexpected)
         try:
             envelope = parse_envelope(status, body, headers)
-        finally:
+        except APIError as error:
             logger.debug(
-                "%s %s -> HTTP %s in %.3fs",
+                "%s %s -> HTTP %s, code %s, request_id %s in %.3fs",
                 request.method,
                 request.path,
                 status,
-                time.perf_counter() - started,
+                error.code,
+                error.request_id,
+                elapsed,
             )
+            raise
+        logger.debug(
+            "%s %s -> HTTP %s, request_id %s in %.3fs",
+            request.method,
+            request.path,
+            status,
+            envelope.request_id,
+            elapsed,
+        )
         return envelope
 
     @asynccontextmanager
@@ -288,7 +310,25 @@ class Transport:
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             failure = TransportError(f"GET {url} failed ({type(error).__name__}: {error})")
         if failure is not None:
-            raise failure  # outside the except block: no __context__ to carry headers
+            _raise_without_context(failure)  # aiohttp's exception may carry headers
+
+
+def _raise_without_context(failure: KlingError, cause: BaseException | None = None) -> NoReturn:
+    """Raise ``failure`` chained to nothing but ``cause`` (an exception that is not
+    aiohttp's), so no aiohttp exception (holding the request, its Authorization
+    header included) travels with it.
+
+    Raising outside the ``except`` block is not enough on Python 3.10: a
+    coroutine that the event loop resumed from inside its own ``except`` (the
+    task wakeup re-raising a failed future) still sees that exception as being
+    handled, and ``raise`` chains it as ``__context__``.
+    """
+    failure.__cause__ = cause
+    failure.__suppress_context__ = True
+    try:
+        raise failure
+    finally:
+        failure.__context__ = None
 
 
 async def _call(attempt: Callable[[], Awaitable[T]]) -> T:

@@ -36,6 +36,15 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The CLI's offline simulation keeps its tasks in the user's cache directory:
+    each test gets its own (subprocesses inherit it), never the real one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[FakeKlingServer]:
     async with FakeKlingServer(api_key=API_KEY, task_duration=0.15, processing_delay=0.03) as fake:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -135,6 +136,37 @@ async def test_failures_are_results_and_do_not_stop_the_others(
     assert failed.task.status is TaskStatus.FAILED
     assert not failed.ok
     assert sum(r.ok for r in results) == 4
+
+
+async def test_results_become_plain_json_ready_dicts(server: FakeKlingServer) -> None:
+    server.inject("error", route="create", code=1301, message="unsafe prompt", times=1)
+    async with make_client(server) as client:
+        batch_requests = requests(3)
+        batch_requests[2] = ImageGenerationRequest(prompt="[fail] please")
+        # One at a time, so the injected 1301 meets the first request, not the failing one.
+        results = await client.batch(batch_requests, max_in_flight=1).collect()
+    records = [json.loads(json.dumps(result.to_dict())) for result in results]
+    assert records == [json.loads(result.to_json()) for result in results]
+    refused = records[0]
+    assert refused["task_id"] is None
+    assert refused["ok"] is False
+    assert refused["task"] is None
+    assert refused["error"]["type"] == "ContentPolicyError"
+    assert refused["error"]["code"] == 1301
+    assert "request_id" in refused["error"]
+    assert refused["external_task_id"]
+    failed = records[2]
+    assert failed["error"] == {
+        "type": "TaskFailedError",
+        "message": f"task {failed['task_id']} failed: Content review failed (simulated)",
+        "task_id": failed["task_id"],
+    }
+    assert failed["task"]["status"] == "failed"
+    [good] = [r for r in records if r["ok"]]
+    assert good["index"] == 1
+    assert good["error"] is None
+    assert good["task"]["status"] == "succeed"
+    assert good["task"]["images"][0]["url"].startswith(server.origin)
 
 
 @pytest.mark.parametrize(

@@ -274,10 +274,21 @@ async def test_a_closed_caller_session_ends_a_batch_instead_of_hanging() -> None
         assert server.tasks == {}
 
 
+class NewlineToken:
+    """A custom provider handing out a header value aiohttp refuses."""
+
+    def authorization(self) -> str:
+        return "Bearer bad\ntoken"
+
+    def resign(self) -> bool:
+        return False
+
+
 async def test_a_header_aiohttp_refuses_ends_a_batch_instead_of_hanging() -> None:
-    # r05 (a): a key read from a file with its newline made aiohttp raise ValueError.
+    # r05 (a): a key read from a file with its newline made aiohttp raise ValueError,
+    # which killed the create silently (keys given as api_key are stripped now).
     async with FakeKlingServer() as server:
-        credentials = kling_async.StaticToken("bad\ntoken")
+        credentials = NewlineToken()
         async with make_client(server, api_key=None, credentials=credentials) as client:
             with pytest.raises(ConfigurationError) as caught:
                 await asyncio.wait_for(client.batch(requests(3)).collect(), 5)

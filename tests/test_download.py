@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import zlib
 from pathlib import Path
 
+import attrs
 import pytest
 
 import kling_async
@@ -107,8 +109,15 @@ async def test_watermarked_copies_and_bare_image_lists(
     client: kling_async.Client, tmp_path: Path
 ) -> None:
     task = await (await client.images.generate(prompt="p", n=2, watermark=True))
-    marked = await client.download(task, tmp_path / "wm", watermarked=True)
-    assert [p.name for p in marked] == [f"{task.task_id}_0.png", f"{task.task_id}_1.png"]
+    plain = await client.download(task, tmp_path / "both")
+    # Beside the plain copies, not skipped as if they were them.
+    marked = await client.download(task, tmp_path / "both", watermarked=True)
+    assert [p.name for p in marked] == [
+        f"{task.task_id}_0_watermarked.png",
+        f"{task.task_id}_1_watermarked.png",
+    ]
+    assert len(list((tmp_path / "both").iterdir())) == 4
+    assert marked[0].read_bytes() != plain[0].read_bytes()
     bare = await client.download(task.images, tmp_path / "bare", concurrency=1)
     assert [p.name for p in bare] == ["0.png", "1.png"]
     assert marked[0].read_bytes() != bare[0].read_bytes()
@@ -127,3 +136,112 @@ async def test_a_handle_without_a_result_cannot_be_downloaded(
         await client.download(handle, tmp_path)
     task = await (await client.images.generate(prompt="p"))
     assert task.status is TaskStatus.SUCCEED
+
+
+async def test_an_unfinished_or_failed_task_is_an_error_not_an_empty_list(
+    client: kling_async.Client, tmp_path: Path
+) -> None:
+    running = await client.images.generate(prompt="p")
+    for source in (running, running.task, await client.images.get(running.task_id)):
+        assert source is not None
+        with pytest.raises(ValueError, match=r"is (submitted|process\w+), not finished.*await"):
+            await client.download(source, tmp_path)
+    failing = await client.images.generate(prompt="[fail] p")
+    with pytest.raises(kling_async.TaskFailedError):
+        await failing
+    for source in (failing, failing.task):
+        assert source is not None
+        with pytest.raises(kling_async.TaskFailedError, match="Content review failed"):
+            await client.download(source, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    await running
+
+
+async def test_one_failed_image_stops_the_others_before_the_error_is_raised(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task = await (await client.images.generate(prompt="p", n=3))
+    server.inject("error", route="download", code=1203)  # one image: 404
+    server.inject("delay", route="download", delay=0.2, times=2)  # the others: slow
+    with pytest.raises(NotFoundError):
+        await client.download(task, tmp_path)
+    await asyncio.sleep(0.3)  # past the slow answers: nothing may still be writing
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_cancelled_download_leaves_nothing_running_or_half_written(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task = await (await client.images.generate(prompt="p", n=2))
+    server.inject("delay", route="download", delay=0.5, times=2)
+    job = asyncio.ensure_future(client.download(task, tmp_path))
+    for _ in range(200):  # until both requests are in; their answers are slow
+        if len(server.requests_for("download")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(server.requests_for("download")) == 2
+    assert list(tmp_path.iterdir())  # the partial files being written
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert list(tmp_path.iterdir()) == []  # stopped and cleaned up before the raise
+    await asyncio.sleep(0.6)  # past the slow answers: nothing writes on
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("task_id", ["../escaped", "a/b", "..", "/abs/path", "c:\\x", ".hidden"])
+async def test_a_task_id_never_writes_outside_the_directory(
+    client: kling_async.Client, tmp_path: Path, task_id: str
+) -> None:
+    task = await (await client.images.generate(prompt="p", n=2))
+    out = tmp_path / "deep" / "out"
+    paths = await client.download(attrs.evolve(task, task_id=task_id), out)
+    assert len(paths) == 2
+    assert all(path.parent == out and not path.name.startswith(".") for path in paths)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        p.name for p in paths
+    )
+    for path in paths:
+        assert_valid_png(path)
+
+
+async def test_two_images_never_share_a_file_name(
+    client: kling_async.Client, tmp_path: Path
+) -> None:
+    task = await (await client.images.generate(prompt="p", n=3, aspect_ratio="1:1"))
+    first, second, third = task.images
+    # As a gateway might answer: indexes repeated, or missing (parsed as 0).
+    repeated = attrs.evolve(
+        task,
+        images=(
+            first,
+            attrs.evolve(second, index=0),
+            attrs.evolve(third, index=0),
+        ),
+    )
+    paths = await client.download(repeated, tmp_path)
+    assert [p.name for p in paths] == [f"{task.task_id}_{i}.png" for i in range(3)]
+    assert len({p.read_bytes() for p in paths}) == 1  # same size PNGs, but three files
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+async def test_read_gives_an_image_s_bytes_without_touching_the_disk(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task = await (await client.images.generate(prompt="p", watermark=True))
+    [image] = task.images
+    data = await client.read(image)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert await client.read(image.url) == data
+    marked = await client.read(image, watermarked=True)
+    assert marked.startswith(b"\x89PNG")
+    assert marked != data
+    [path] = await client.download(task, tmp_path)
+    assert path.read_bytes() == data
+    assert all(not request.authorization for request in server.requests_for("download"))
+    server.inject("garbage", route="download", http_status=503)
+    assert await client.read(image) == data  # retried
+    with pytest.raises(NotFoundError, match="expire"):
+        await client.read(f"{server.origin}/results/gone/0.png")
+    with pytest.raises(ValueError, match="ImageResult"):
+        await client.read(image.url, watermarked=True)

@@ -114,6 +114,7 @@ def test_multi_image_request_wire_shape() -> None:
         ({"prompt": "p", "element_ids": list(range(10)), "image": GOOD_PNG}, "element_ids"),
         ({"prompt": "p", "element_ids": "12"}, "element_ids"),
         ({"prompt": "p", "element_ids": [1, "two"]}, "element_ids[1]"),
+        ({"prompt": "p", "element_ids": [1, 2**63]}, "element_ids[1]"),  # beyond Kling's long
         ({"prompt": "p", "resolution": "4k"}, "resolution"),
         ({"prompt": "p", "n": 0}, "n"),
         ({"prompt": "p", "n": 10}, "n"),
@@ -133,6 +134,7 @@ def test_generation_rules(fields: dict[str, Any], field: str) -> None:
 
 def test_limits_are_inclusive() -> None:
     ImageGenerationRequest(prompt="x" * 2500, negative_prompt="y" * 2500)
+    ImageGenerationRequest(prompt="p", element_ids=[2**63 - 1])
     ImageGenerationRequest(prompt="p", image_fidelity=0, human_fidelity=1, n=9)
     ImageGenerationRequest(prompt="p", element_ids=list(range(9)), image=GOOD_PNG)
     ImageGenerationRequest(prompt="p", element_ids=list(range(10)))
@@ -245,6 +247,45 @@ def test_urls_pass_through_unchecked() -> None:
     assert request.image == "https://cdn.example.com/x.webp"
 
 
+def test_url_schemes_are_case_insensitive() -> None:
+    request = ImageGenerationRequest(prompt="p", image="HTTPS://cdn.example.com/A.png")
+    assert request.image == "https://cdn.example.com/A.png"  # the scheme only is lowered
+    multi = MultiImageRequest(subject_images=["Http://cdn.example.com/b.png"])
+    assert multi.subject_images == ("http://cdn.example.com/b.png",)
+    encoded = base64.b64encode(GOOD_PNG).decode()
+    assert ImageGenerationRequest(prompt="p", image=f"DATA:image/png;BASE64,{encoded}").image == (
+        encoded
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "words"),
+    [
+        ("ftp://example.com/a.png", "must be an http(s) URL; ftp:// is not supported"),
+        ("FILE:///tmp/a.png", "for a local file give its path"),
+        ("missing", "'missing' is not an http(s) URL, an existing file"),
+        ("folder/missing", "image file folder/missing does not exist"),
+    ],
+)
+def test_what_is_wrong_with_a_string_image_is_said(image: str, words: str) -> None:
+    error = rejects(ImageGenerationRequest, "image", prompt="p", image=image)
+    assert words in error.rule
+    assert "must be a JPEG or PNG image" not in error.rule
+
+
+def test_a_directory_or_a_device_is_not_taken_for_base64(tmp_path: Path) -> None:
+    for given in (tmp_path, str(tmp_path)):
+        error = rejects(ImageGenerationRequest, "image", prompt="p", image=given)
+        assert error.rule == f"{tmp_path} is a directory, not an image file"
+    bare = tmp_path / "abcd"  # a name that is valid base64 too
+    bare.mkdir()
+    error = rejects(MultiImageRequest, "subject_images[0]", subject_images=[str(bare)])
+    assert "is a directory" in error.rule
+    if Path("/dev/null").exists():
+        error = rejects(ImageGenerationRequest, "image", prompt="p", image="/dev/null")
+        assert "not a regular file" in error.rule
+
+
 # --- building requests from dicts (JSONL files) -------------------------------------------
 
 
@@ -263,6 +304,9 @@ def test_request_from_mapping_picks_the_endpoint_and_accepts_wire_names() -> Non
     assert isinstance(generation, ImageGenerationRequest)
     assert generation.element_ids == (4,)
     assert generation.watermark is True
+    floats = request_from_mapping({"prompt": "p", "n": 2.0, "element_list": [{"element_id": 7.0}]})
+    assert isinstance(floats, ImageGenerationRequest)
+    assert (floats.n, floats.element_ids) == (2, (7,))
     multi = request_from_mapping({"subject_image_list": [{"subject_image": "https://a/b.png"}]})
     assert isinstance(multi, Multi)
     assert multi.subject_images == ("https://a/b.png",)
@@ -277,6 +321,8 @@ def test_request_from_mapping_picks_the_endpoint_and_accepts_wire_names() -> Non
         ({"prompt": "p", "element_list": "7"}, "element_list"),
         (["not", "an", "object"], "request"),
         ({"prompt": "p", "n": 0}, "n"),
+        ({"prompt": "p", "n": 2.5}, "n"),
+        ({"prompt": "p", "element_ids": [1.5]}, "element_ids[0]"),
     ],
 )
 def test_request_from_mapping_names_bad_fields(data: Any, field: str) -> None:

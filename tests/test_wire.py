@@ -230,6 +230,52 @@ def test_task_fields() -> None:
     assert "raw" not in repr(task)
 
 
+def test_a_task_becomes_plain_json_ready_data() -> None:
+    task = parse_task(envelope(TASK))
+    data = task.to_dict()
+    assert data == {
+        "task_id": "t-1",
+        "status": "succeed",
+        "status_message": None,
+        "images": [
+            {"index": 0, "url": "https://cdn/0.png", "watermark_url": "https://cdn/0w.png"},
+            {"index": 1, "url": "https://cdn/1.png", "watermark_url": None},
+        ],
+        "external_task_id": "ext-1",
+        "created_at": "2023-11-14T22:13:20+00:00",
+        "updated_at": "2023-11-14T22:13:24.500000+00:00",
+        "final_unit_deduction": "2",
+        "final_balance_deduction": None,
+    }
+    assert type(data["status"]) is str
+    assert json.loads(task.to_json()) == data
+    assert datetime.fromisoformat(data["created_at"]) == task.created_at
+    unknown = parse_task(envelope({**TASK, "task_status": "queued_for_review"}))
+    assert unknown.to_dict()["status"] == "queued_for_review"
+
+
+def test_a_status_prints_as_kling_s_word() -> None:
+    assert str(TaskStatus.SUCCEED) == "succeed"
+    assert f"{TaskStatus.PROCESSING}|{TaskStatus.FAILED:>7}" == "processing| failed"
+    assert str(TaskStatus("queued_for_review")) == "queued_for_review"
+    assert TaskStatus.SUCCEED == "succeed"
+
+
+def test_a_request_repr_abbreviates_base64_images() -> None:
+    from tests.imagedata import png
+
+    image = png(1200, 1200)
+    request = kling_async.MultiImageRequest(
+        subject_images=[image, "https://cdn.example.com/a.png"], style_image=image
+    )
+    text = repr(request)
+    assert len(text) < 500
+    assert "chars of base64" in text
+    assert "'https://cdn.example.com/a.png'" in text
+    assert len(request.subject_images[0]) > 1000  # the value itself is whole
+    assert len(repr(kling_async.ImageGenerationRequest(prompt="p", image=image))) < 400
+
+
 def test_unknown_fields_and_statuses_are_kept_and_not_terminal() -> None:
     data = {**TASK, "task_status": "queued_for_review", "brand_new": {"nested": [1]}}
     data["task_result"] = {"images": [{"index": 0, "url": "u", "extra": True}], "videos": []}

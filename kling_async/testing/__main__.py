@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also stop when standard input closes (e.g. the parent process died)",
     )
     parser.add_argument(
+        "--state-file",
+        default=None,
+        help="load tasks from this JSON file on start and save them to it on exit",
+    )
+    parser.add_argument(
         "--record-requests",
         action="store_true",
         help="keep every request in memory (off by default: nobody can read them)",
@@ -114,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             path_prefix=arguments.path_prefix,
             seed=arguments.seed,
             record_requests=arguments.record_requests,
+            state_file=arguments.state_file,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import os
 import random
 import secrets
 import time
@@ -38,6 +39,7 @@ from ._protocol import (
     http_status_for,
     webhook_signature,
 )
+from ._state import load_tasks, save_tasks
 from ._tasks import FakeTask
 from ._validation import Rejection, invalid, validate_create
 
@@ -214,6 +216,13 @@ class FakeKlingServer:
         by a duplicated delivery), ``webhook-timestamp`` (``clock()`` seconds)
         and ``webhook-signature``. Several secrets give several signatures, as
         during a rotation. Each is ``whsec_`` followed by base64.
+    ``state_file``
+        a JSON file the tasks are loaded from on start and saved to on close
+        (merged with what it holds then), so that a server started later
+        knows them: the CLI's offline simulation keeps its tasks between
+        commands this way. Tasks still running resume their timers from their
+        creation time; images and callback URLs are not kept. A missing or
+        unreadable file starts empty.
     """
 
     def __init__(
@@ -237,6 +246,7 @@ class FakeKlingServer:
         record_requests: bool = True,
         shapes: WireShapes | None = None,
         webhook_secret: str | Sequence[str] | None = None,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ValueError("access_key and secret_key must be given together")
@@ -263,6 +273,7 @@ class FakeKlingServer:
         self._record = record_requests
         self._shapes = shapes or WireShapes()
         self._webhook_secrets = _webhook_secrets(webhook_secret)
+        self._state_file = state_file
 
         self._tasks: dict[str, FakeTask] = {}
         self._by_external: dict[str, FakeTask] = {}
@@ -312,7 +323,8 @@ class FakeKlingServer:
                 import jwt  # noqa: F401
             except ImportError:  # pragma: no cover - depends on the installed extras
                 raise RuntimeError(
-                    "JWT auth in FakeKlingServer needs PyJWT: pip install 'kling-async[jwt]'"
+                    "JWT auth in FakeKlingServer needs PyJWT, the jwt extra: "
+                    "pip install '.[jwt]' in the kling-async checkout, or pip install PyJWT"
                 ) from None
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
@@ -330,6 +342,8 @@ class FakeKlingServer:
             raise
         self._port = int(runner.addresses[0][1])
         self._runner = runner
+        if self._state_file is not None:
+            self._restore(load_tasks(self._state_file))
 
     async def close(self) -> None:
         """Stop the server, cancel task timers and pending callbacks; idempotent."""
@@ -343,6 +357,8 @@ class FakeKlingServer:
         for task in self._live.values():
             task._cancel_timers()
         await self._callbacks.close()
+        if self._state_file is not None and self._runner is not None:
+            save_tasks(self._state_file, self._tasks.values())
 
     async def __aenter__(self) -> FakeKlingServer:
         await self.start()
@@ -577,17 +593,22 @@ class FakeKlingServer:
         self._schedule(task)
         return task
 
-    def _schedule(self, task: FakeTask) -> None:
+    def _schedule(self, task: FakeTask, elapsed: float = 0.0) -> None:
+        """Start the task's timers; ``elapsed`` seconds of its life have passed."""
         assert self._loop is not None
         duration = (
             self._task_duration(task) if callable(self._task_duration) else self._task_duration
         )
         if duration is None or self._processing_delay < duration:
             task._timers.append(
-                self._loop.call_later(self._processing_delay, self._start_processing, task)
+                self._loop.call_later(
+                    max(self._processing_delay - elapsed, 0.0), self._start_processing, task
+                )
             )
         if duration is not None:
-            task._timers.append(self._loop.call_later(max(duration, 0.0), self._time_up, task))
+            task._timers.append(
+                self._loop.call_later(max(duration - elapsed, 0.0), self._time_up, task)
+            )
 
     def _start_processing(self, task: FakeTask) -> None:
         if task.status != "submitted":
@@ -606,20 +627,7 @@ class FakeKlingServer:
             task.status = "succeed"
             task.status_message = ""
             task.final_unit_deduction = str(task.n)
-            base = f"{self.origin}/results/{task.task_id}/"
-            watermark = task.watermark
-            images: list[dict[str, Any]] = []
-            indexing = self._shapes.image_index
-            for index in range(task.n):
-                image: dict[str, Any] = {"url": f"{base}{index}.png"}
-                if indexing == "index":
-                    image = {"index": index, **image}
-                elif indexing == "id":
-                    image = {"id": "", **image}
-                if watermark:
-                    image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
-                images.append(image)
-            task.images = images
+            task.images = self._result_images(task)
         else:
             task.status = "failed"
             task.status_message = failure
@@ -629,6 +637,39 @@ class FakeKlingServer:
         del self._live[task.task_id]
         self._change_units(-task.n)
         self._callbacks.notify(task)
+
+    def _result_images(self, task: FakeTask) -> list[dict[str, Any]]:
+        base = f"{self.origin}/results/{task.task_id}/"
+        images: list[dict[str, Any]] = []
+        indexing = self._shapes.image_index
+        for index in range(task.n):
+            image: dict[str, Any] = {"url": f"{base}{index}.png"}
+            if indexing == "index":
+                image = {"index": index, **image}
+            elif indexing == "id":
+                image = {"id": "", **image}
+            if task.watermark:
+                image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
+            images.append(image)
+        return images
+
+    def _restore(self, tasks: list[FakeTask]) -> None:
+        """Take in tasks saved by an earlier server (oldest first): finished ones
+        get result URLs of this server, running ones their remaining time."""
+        now = self._now_ms()
+        for task in tasks:
+            if task.task_id in self._tasks or task.endpoint not in self._order:
+                continue
+            self._tasks[task.task_id] = task
+            if task.external_task_id is not None:
+                self._by_external[task.external_task_id] = task
+            self._order[task.endpoint].append(task)
+            if task.status == "succeed":
+                task.images = self._result_images(task)
+            elif not task.is_terminal:
+                self._live[task.task_id] = task
+                self._change_units(task.n)
+                self._schedule(task, elapsed=max(now - task.created_at_ms, 0) / 1000)
 
     def _change_units(self, delta: int) -> None:
         now = time.monotonic()
