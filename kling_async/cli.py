@@ -17,12 +17,14 @@ import logging
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import attrs
 
@@ -56,6 +58,7 @@ from ._exceptions import (
     ConcurrencyLimitError,
     KlingError,
     NotFoundError,
+    TaskFailedError,
     TaskTimeoutError,
     ValidationError,
 )
@@ -84,6 +87,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it terminated
 
 OFFLINE_NOTICE = (
     "kling-async: OFFLINE SIMULATION - no API key is set (or --mock was given), so requests go "
@@ -156,6 +160,8 @@ class Settings:
     batch: Batch | None = None
     #: Whether the command looks at multi-image tasks (for the not-found hint).
     multi: bool = False
+    #: The command that continues an interrupted run, if it can be continued.
+    rerun: str | None = None
     #: How this command's options spell request fields, if it takes them.
     flags: Mapping[str, str] | None = None
 
@@ -166,11 +172,16 @@ class Settings:
         return self.mock or not (self.api_key or has_keys)
 
     @contextlib.asynccontextmanager
-    async def client(self, max_concurrency: int | None = None) -> AsyncIterator[Client]:
+    async def client(
+        self, max_concurrency: int | None = None, journal: Path | None = None
+    ) -> AsyncIterator[Client]:
         """A client for the real API, or for an embedded fake server when offline."""
         if not self.offline:
             async with Client(
-                self.api_key, base_url=self.base_url, max_concurrency=max_concurrency
+                self.api_key,
+                base_url=self.base_url,
+                max_concurrency=max_concurrency,
+                journal=journal,
             ) as client:
                 yield client
             return
@@ -186,7 +197,10 @@ class Settings:
         await server.start()
         try:
             async with Client(
-                "offline-simulation", base_url=server.url, max_concurrency=max_concurrency
+                "offline-simulation",
+                base_url=server.url,
+                max_concurrency=max_concurrency,
+                journal=journal,
             ) as client:
                 yield client
         finally:
@@ -201,13 +215,19 @@ class Settings:
                 )
 
     def run(self, work: Callable[[], Awaitable[T]]) -> T:
-        """Run ``work`` on a fresh loop and turn failures into one clear line."""
-        try:
-            return asyncio.run(_awaited(work))
-        except KeyboardInterrupt:
-            self._interrupted()
+        """Run ``work`` on a fresh loop and turn failures into one clear line.
 
-    def _interrupted(self) -> NoReturn:
+        Ctrl-C and SIGTERM both stop it the same way: the work is cancelled, so
+        creates on the wire settle, records are written and the client closes,
+        then the submitted tasks are named (exit 130, or 143 for SIGTERM).
+        """
+        terminated: list[bool] = []
+        try:
+            return asyncio.run(_awaited(work, terminated))
+        except KeyboardInterrupt:
+            self._interrupted(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+    def _interrupted(self, status: int) -> NoReturn:
         if self.batch is not None:
             self.submitted = [handle.task_id for handle in self.batch.pending]
         where = "in the offline simulation" if self.offline else "on Kling"
@@ -221,7 +241,9 @@ class Settings:
             )
         else:
             self.stderr.print("interrupted; nothing was submitted")
-        sys.exit(EXIT_INTERRUPTED)
+        if self.rerun:
+            self.stderr.print(f"run it again to continue where it stopped: {self.rerun}")
+        sys.exit(status)
 
     def fail(self, error: BaseException) -> NoReturn:
         """Report ``error`` on one line (JSON with ``--json``) and exit: 2 for
@@ -310,8 +332,29 @@ class Settings:
         return str(error)
 
 
-async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
-    return await work()
+async def _awaited(work: Callable[[], Awaitable[T]], terminated: list[bool]) -> T:
+    """``work()``, with SIGTERM taken like Ctrl-C: the work is cancelled and
+    cleans up, then :class:`KeyboardInterrupt` reaches ``Settings.run``."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+
+    def terminate() -> None:
+        terminated.append(True)
+        me.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError):  # not on this platform or thread
+        return await work()
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _settings() -> Settings:
@@ -964,80 +1007,166 @@ class _BatchProgress:
         )
 
 
+JOURNAL_NAME = "kling-journal.db"
+
+
+class _Results:
+    """``results.jsonl``: one record per input line, whatever the number of runs.
+
+    Records of earlier runs are read back (the newest of a line wins; a line
+    torn by a kill is skipped) for the lines the input still has. This run's
+    records are appended as they come, so a kill loses none already written,
+    and the file is rewritten in line order, one record a line, when the run
+    ends, however it ends.
+    """
+
+    def __init__(self, path: Path, lines: set[int]) -> None:
+        self.path = path
+        self.records: dict[int, dict[str, Any]] = {}
+        self._file: IO[str] | None = None
+        with contextlib.suppress(FileNotFoundError):
+            for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(text)
+                    if isinstance(record, dict) and record.get("line") in lines:
+                        self.records[record["line"]] = record
+
+    def __enter__(self) -> _Results:
+        self._rewrite()
+        self._file = self.path.open("a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._rewrite()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records[record["line"]] = record
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def _rewrite(self) -> None:
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        with partial.open("w", encoding="utf-8") as file:
+            for line in sorted(self.records):
+                file.write(json.dumps(self.records[line]) + "\n")
+        os.replace(partial, self.path)
+
+
+@attrs.define(eq=False)
+class _BatchRun:
+    """One run of ``kling-async batch``: results in, records and images out."""
+
+    settings: Settings
+    lines: list[int]
+    results: _Results
+    out: Path | None
+    display: _BatchProgress
+    succeeded: int = 0
+    failed: int = 0
+    resumed: int = 0
+    _saving: asyncio.Semaphore = attrs.field(factory=lambda: asyncio.Semaphore(8))
+    _jobs: set[asyncio.Task[None]] = attrs.field(factory=set)
+
+    async def run(self, client: Client, batch: Batch) -> None:
+        ticker = asyncio.create_task(self._refresh(batch))
+        try:
+            async for result in batch:
+                self.succeeded += result.ok
+                self.failed += not result.ok
+                self.resumed += result.resumed
+                job = asyncio.create_task(self._finish(client, result))
+                self._jobs.add(job)
+                job.add_done_callback(self._jobs.discard)
+                self.display.update(batch, self.succeeded + self.failed, self.failed)
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            # Records and images of results already out, even when interrupted.
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+            self.display.update(batch, self.succeeded + self.failed, self.failed)
+
+    async def _refresh(self, batch: Batch) -> None:
+        # Between results too: tasks go in flight long before the first ends.
+        while True:
+            self.display.update(batch, self.succeeded + self.failed, self.failed)
+            await asyncio.sleep(0.5)
+
+    async def _finish(self, client: Client, result: BatchResult) -> None:
+        record: dict[str, Any] = {
+            "line": self.lines[result.index],
+            "task_id": result.handle.task_id if result.handle else None,
+            "external_task_id": (
+                result.handle.external_task_id if result.handle else result.request.external_task_id
+            ),
+            "status": str(result.task.status) if result.task else "error",
+            "error": self.settings.error_record(result.error) if result.error else None,
+        }
+        if result.resumed:
+            record["resumed"] = True
+        task = result.task
+        if result.ok and task is not None and self.out is not None:
+            try:
+                record["paths"] = [str(path) for path in await self._save(client, task, result)]
+            except (KlingError, OSError) as error:
+                # The task succeeded but its images are not here: a failure to
+                # report on its line, not a reason to stop the others.
+                self.failed += 1
+                self.succeeded -= 1
+                record["error"] = self.settings.error_record(error)
+                record["images"] = [image.url for image in task.images]
+        elif task is not None:
+            record["images"] = [image.url for image in task.images]
+        self.results.add(record)
+        if self.settings.as_json:
+            click.echo(json.dumps(record))
+
+    async def _save(self, client: Client, task: Task, result: BatchResult) -> list[Path]:
+        assert self.out is not None
+        async with self._saving:
+            try:
+                return await client.download(task, self.out)
+            except (KlingError, OSError):
+                if not result.resumed:
+                    raise
+            # Read back from the journal, its URLs may be stale: ask Kling again.
+            fresh = await client.images.get(task.task_id, endpoint=result.request.endpoint)
+            return await client.download(fresh, self.out)
+
+
 async def _run_batch(
     settings: Settings,
     numbered: list[tuple[int, TaskRequest]],
     invalid: list[dict[str, Any]],
     out: Path | None,
     results_path: Path,
+    journal: Path,
+    name: str,
     concurrency: int | None,
     max_in_flight: int | None,
-) -> tuple[int, int]:
+) -> _BatchRun:
     lines = [number for number, _ in numbered]
     display = _BatchProgress(settings, len(numbered))
-    succeeded = failed = 0
-    downloads: set[asyncio.Task[None]] = set()
-    slots = asyncio.Semaphore(8)
-    with results_path.open("a", encoding="utf-8") as results, display.progress:
-
-        def record(line: dict[str, Any]) -> None:
-            results.write(json.dumps(line) + "\n")
+    results = _Results(results_path, {*lines, *(line["line"] for line in invalid)})
+    run = _BatchRun(settings, lines, results, out, display)
+    with results, display.progress:
+        for line in invalid:
+            results.add(line)
             if settings.as_json:
                 click.echo(json.dumps(line))
-
-        for line in invalid:
-            record(line)
         async with settings.client(max_concurrency=concurrency) as client:
-            batch = client.batch((request for _, request in numbered), max_in_flight=max_in_flight)
+            batch = client.batch(
+                (request for _, request in numbered),
+                max_in_flight=max_in_flight,
+                journal=journal,
+                name=name,
+            )
             settings.batch = batch
-
-            async def finish(result: BatchResult) -> None:
-                nonlocal failed
-                line: dict[str, Any] = {
-                    "line": lines[result.index],
-                    "task_id": result.handle.task_id if result.handle else None,
-                    "external_task_id": result.request.external_task_id,
-                    "status": str(result.task.status) if result.task else "error",
-                    "error": settings.error_record(result.error) if result.error else None,
-                }
-                if result.ok and result.task is not None and out is not None:
-                    try:
-                        async with slots:
-                            paths = await client.download(result.task, out)
-                        line["paths"] = [str(path) for path in paths]
-                    except (KlingError, OSError) as error:
-                        # The task succeeded but its images are not here: a failure
-                        # to report on its line, not a reason to stop the others.
-                        failed += 1
-                        line["error"] = settings.error_record(error)
-                        line["images"] = [image.url for image in result.task.images]
-                elif result.task is not None:
-                    line["images"] = [image.url for image in result.task.images]
-                record(line)
-
-            async def refresh() -> None:
-                # Between results too: tasks go in flight long before the first ends.
-                while True:
-                    display.update(batch, succeeded + failed, failed)
-                    await asyncio.sleep(0.5)
-
-            ticker = asyncio.create_task(refresh())
-            try:
-                async for result in batch:
-                    if result.ok:
-                        succeeded += 1
-                    else:
-                        failed += 1
-                    job = asyncio.create_task(finish(result))
-                    downloads.add(job)
-                    job.add_done_callback(downloads.discard)
-                    display.update(batch, succeeded + failed, failed)
-            finally:
-                ticker.cancel()
-                await asyncio.gather(ticker, return_exceptions=True)
-            await asyncio.gather(*downloads)
-            display.update(batch, succeeded + failed, failed)
-    return succeeded, failed
+            await run.run(client, batch)
+    return run
 
 
 @_command(main)
@@ -1068,6 +1197,12 @@ async def _run_batch(
     help="Do not save images: each result line (in the results file, and on stdout with "
     "--json) lists the image URLs instead.",
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help=f"Start over: forget what earlier runs did (delete OUT/{JOURNAL_NAME} and the "
+    "results file) instead of continuing where they stopped.",
+)
 def batch(
     requests_file: Path,
     out: Path,
@@ -1075,9 +1210,15 @@ def batch(
     max_in_flight: int | None,
     results_path: Path | None,
     no_download: bool,
+    fresh: bool,
 ) -> None:
     """Run every request of a JSONL file (one request object, or a prompt string,
     per line), download the images, and write one result line per request.
+
+    Run it again after a crash, Ctrl-C or a kill and it continues where it
+    stopped: a journal in the output directory remembers every create, so no
+    line is created twice, what ended is not sent again, and the results file
+    ends with exactly one record per line. --fresh starts over.
 
     Image paths in the file are relative to the file's folder. Invalid lines are
     reported and never sent. Exits 0 when every request succeeded, 1 otherwise.
@@ -1101,26 +1242,93 @@ def batch(
         results_path.parent.mkdir(parents=True, exist_ok=True)
     else:
         _writable_directory(out)
+    journal = (results_path.parent if no_download else out) / JOURNAL_NAME
+    if fresh:
+        for path in (journal, *_journal_companions(journal), results_path):
+            path.unlink(missing_ok=True)
+    settings.rerun = shlex.join(
+        ["kling-async", *(argument for argument in sys.argv[1:] if argument != "--fresh")]
+    )
     started = time.monotonic()
-    succeeded, failed = settings.run(
+    run = settings.run(
         lambda: _run_batch(
             settings,
             numbered,
             invalid,
             None if no_download else out,
             results_path,
+            journal,
+            requests_file.name,
             concurrency,
             max_in_flight,
         )
     )
     invalid_note = f", {len(invalid)} invalid (not sent)" if invalid else ""
+    earlier = f" ({run.resumed} finished in an earlier run)" if run.resumed else ""
     settings.stderr.print(
-        f"{succeeded} succeeded, {failed} failed{invalid_note} in "
+        f"{run.succeeded} succeeded{earlier}, {run.failed} failed{invalid_note} in "
         f"{time.monotonic() - started:.1f}s; results in {results_path}",
         soft_wrap=True,
     )
-    if failed or invalid:
+    if run.failed or invalid:
         sys.exit(EXIT_ERROR)
+
+
+def _journal_companions(journal: Path) -> tuple[Path, Path]:
+    """SQLite's write-ahead log and shared-memory files beside a journal."""
+    return journal.with_name(journal.name + "-wal"), journal.with_name(journal.name + "-shm")
+
+
+@_command(main)
+@click.argument(
+    "journal",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=JOURNAL_NAME,
+    required=False,
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory to save the images of the tasks that succeed in [default: not saved].",
+)
+@_timeout_option
+def resume(journal: Path, out: Path | None, timeout: float) -> None:
+    """Settle every create a journal holds that did not end (a batch's
+    OUT/kling-journal.db, or any Client(journal=...) file), wait for the tasks,
+    and print them.
+
+    Tasks Kling created are re-attached; creates that may or may not have landed
+    are looked up and sent again, under the same id, only if Kling has none.
+    """
+    settings = _settings()
+    if out is not None:
+        _writable_directory(out)
+
+    async def work() -> list[tuple[Task, list[Path]]]:
+        async with settings.client(journal=journal) as client:
+            handles = await client.resume()
+            settings.submitted = [handle.task_id for handle in handles]
+            if not handles:
+                settings.stderr.print(f"nothing to resume in {journal}")
+            done: list[tuple[Task, list[Path]]] = []
+            for handle in handles:
+                try:
+                    task = await handle.wait(timeout=timeout)
+                except TaskFailedError as error:
+                    task = error.task
+                paths = []
+                if out is not None and task.status is TaskStatus.SUCCEED:
+                    paths = await _save_images(settings, client, task, out, False)
+                done.append((task, paths))
+            return done
+
+    finished = settings.run(work)
+    if settings.as_json:
+        for task, paths in finished:
+            click.echo(json.dumps(_task_record(task, paths)))
+    elif finished:
+        _print_tasks(settings, [task for task, _ in finished])
 
 
 @_command(main, "list")

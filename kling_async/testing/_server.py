@@ -69,6 +69,7 @@ _OP_ROUTES: Final[Mapping[str, Route]] = {
     "download": "download",
     "callback": "callback",
     "stats": "other",
+    "task_list": "other",
     "other": "other",
 }
 
@@ -152,8 +153,10 @@ class FakeKlingServer:
     ``succeed`` or ``failed``. Only loopback hosts are contacted; any other is
     recorded as refused in :attr:`callbacks`.
 
-    Besides the API, the server answers ``GET /_fake/stats`` (:meth:`stats` as
-    JSON, for other processes) and accepts any ``POST /_fake/callbacks/...``
+    Besides the API, the server answers ``GET /_fake/tasks`` (every task it
+    holds, as a get shows it, with its prompt) and ``GET /_fake/stats``
+    (:meth:`stats` as JSON), for other processes, and accepts any
+    ``POST /_fake/callbacks/...``
     (recorded with route ``"callback"``), a ready-made callback receiver:
     ``callback_url=server.origin + "/_fake/callbacks/<token>"``.
 
@@ -710,6 +713,8 @@ class FakeKlingServer:
             return "download", None, unquote(path[len("/results/") :])
         if path == "/_fake/stats" and method == "GET":
             return "stats", None, ""
+        if path == "/_fake/tasks" and method == "GET":
+            return "task_list", None, ""
         if path.startswith("/_fake/callbacks") and method == "POST":
             return "callback", None, ""
         return "other", None, ""
@@ -739,6 +744,9 @@ class FakeKlingServer:
             )
             self._requests.append(record)
 
+        if operation == "task_list":
+            tasks = [task.to_data() | {"prompt": task.prompt} for task in self._tasks.values()]
+            return self._respond(_Reply(200, json.dumps(tasks).encode(), None), record)
         if operation == "stats":
             return self._respond(_Reply(200, json.dumps(self.stats()).encode(), None), record)
         if operation == "callback":

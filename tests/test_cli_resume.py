@@ -1,0 +1,184 @@
+"""``kling-async batch`` run again continues where it stopped; ``kling-async resume``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+API_KEY = "sk-cli-resume"
+
+
+class Server:
+    """A FakeKlingServer in its own process, like a remote API, and its record."""
+
+    def __init__(self, process: subprocess.Popen[str], url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def tasks(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.url + "/_fake/tasks", timeout=10) as response:
+            data: list[dict[str, Any]] = json.load(response)
+            return data
+
+    def per_prompt(self) -> Counter[str]:
+        return Counter(task["prompt"] for task in self.tasks())
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async.testing",
+            "--port",
+            "0",
+            "--api-key",
+            API_KEY,
+            "--task-duration",
+            "0.5",
+            "--exit-with-stdin",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with process:
+        assert process.stdout is not None
+        try:
+            yield Server(process, json.loads(process.stdout.readline())["url"])
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def command(server: Server, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kling_async",
+        "--api-key",
+        API_KEY,
+        "--base-url",
+        server.url,
+        *args,
+    ]
+
+
+def write_lines(path: Path, count: int, *, invalid: bool = True) -> Path:
+    lines = [json.dumps(f"resume line {number}") for number in range(count)]
+    if invalid:
+        lines.insert(2, '{"prompt": "x", "aspect_ratio": "5:4"}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def stop_once_running(process: subprocess.Popen[str], out: Path, sig: int) -> str:
+    """Send ``sig`` once a few results are in; return the process's stderr."""
+    deadline = time.monotonic() + 30
+    results = out / "results.jsonl"
+    while time.monotonic() < deadline:
+        if results.exists() and len(results.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    return stderr
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_batch_run_again_creates_no_line_twice(
+    server: Server, tmp_path: Path, sig: int, status: int
+) -> None:
+    requests = write_lines(tmp_path / "prompts.jsonl", 16)
+    out = tmp_path / "out"
+    args = command(server, "batch", str(requests), "--out", str(out), "--concurrency", "3")
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stderr = stop_once_running(process, out, sig)
+    assert process.returncode == status
+    assert "Traceback" not in stderr
+    assert "run it again to continue where it stopped" in stderr
+    before = records(out)
+    assert before  # flushed, not left empty (SIGTERM used to leave it so)
+    assert len({record["line"] for record in before}) == len(before)
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 1, again.stderr  # the invalid line
+    assert "finished in an earlier run" in again.stderr
+    per_prompt = server.per_prompt()
+    assert set(per_prompt) == {f"resume line {number}" for number in range(16)}
+    assert max(per_prompt.values()) == 1  # no line paid twice
+    after = records(out)
+    assert sorted(record["line"] for record in after) == list(range(1, 18))
+    assert sum(record["status"] == "invalid" for record in after) == 1
+
+
+def test_results_hold_one_record_per_line_whatever_the_number_of_runs(
+    server: Server, tmp_path: Path
+) -> None:
+    requests = write_lines(tmp_path / "prompts.jsonl", 5)
+    out = tmp_path / "out"
+    args = command(server, "batch", str(requests), "--out", str(out))
+    for _ in range(3):
+        subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    lines = [record["line"] for record in records(out)]
+    assert lines == list(range(1, 7))
+    assert len(server.tasks()) == 5
+    assert len(list(out.glob("*.png"))) == 5
+
+
+def test_fresh_starts_over(server: Server, tmp_path: Path) -> None:
+    requests = write_lines(tmp_path / "prompts.jsonl", 3, invalid=False)
+    out = tmp_path / "out"
+    args = command(server, "batch", str(requests), "--out", str(out))
+    assert subprocess.run(args, capture_output=True, timeout=120, check=False).returncode == 0
+    fresh = subprocess.run([*args, "--fresh"], capture_output=True, timeout=120, check=False)
+    assert fresh.returncode == 0
+    assert len(server.tasks()) == 6  # asked for: every line again
+    assert len(records(out)) == 3
+
+
+def test_resume_settles_a_journal_left_by_a_killed_batch(server: Server, tmp_path: Path) -> None:
+    requests = write_lines(tmp_path / "prompts.jsonl", 12, invalid=False)
+    out = tmp_path / "out"
+    args = command(server, "batch", str(requests), "--out", str(out), "--concurrency", "4")
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stop_once_running(process, out, signal.SIGKILL)
+    created = len(server.tasks())
+
+    settled = subprocess.run(
+        command(server, "--json", "resume", str(out / "kling-journal.db")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert settled.returncode == 0, settled.stderr
+    shown = [json.loads(line) for line in settled.stdout.splitlines()]
+    assert all(task["status"] == "succeed" for task in shown)
+    # Intents the batch had recorded but not sent yet are sent now; nothing twice.
+    assert created <= len(server.tasks()) <= 12
+    assert shown  # the kill left creates unsettled, and resume saw them through
+    assert max(server.per_prompt().values()) == 1
+    nothing = subprocess.run(
+        command(server, "resume", str(out / "kling-journal.db")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "nothing to resume" in nothing.stderr
