@@ -40,7 +40,7 @@ from ._handle import TaskHandle
 from ._image_input import ImageInput
 from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
-from ._limiter import ConcurrencyLimiter
+from ._limiter import ConcurrencyLimiter, Limiter
 from ._models import (
     BalanceDeduction,
     Endpoint,
@@ -81,6 +81,7 @@ __all__ = [
     "KlingError",
     "Ledger",
     "LedgerEntry",
+    "Limiter",
     "MemoryLedger",
     "MultiImageRequest",
     "NotFoundError",
