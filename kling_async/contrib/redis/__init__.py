@@ -28,7 +28,7 @@ server (6.2 or later)::
   processes and reruns.
 """
 
-from ._account import RedisAccount
+from ._account import DEFAULT_LEASE, DEFAULT_ORPHAN_TTL, RedisAccount
 from ._adopter import Adopter, submit_once
 from ._fanin import CallbackFanIn
 from ._ledger import RedisLedger
@@ -36,6 +36,8 @@ from ._limiter import RedisLimiter
 from ._steps import Step, adoption_step, keyed_step
 
 __all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_ORPHAN_TTL",
     "Adopter",
     "CallbackFanIn",
     "RedisAccount",

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from kling_async._callbacks import CallbackReceiver
     from kling_async._client import Client
+    from kling_async._ledger import LedgerEntry
 
     from ._adopter import Adopter
     from ._fanin import CallbackFanIn
@@ -155,13 +157,21 @@ class RedisAccount:
         ledger: RedisLedger | None = None,
         limiter: RedisLimiter | None = None,
         interval: float | None = None,
+        on_adopted: Callable[[list[LedgerEntry]], Awaitable[None]] | None = None,
     ) -> Adopter:
         """Have ``client`` finish the tasks of dead members (see :class:`Adopter`).
         ``ledger`` and ``limiter`` default to the client's own."""
         from ._adopter import Adopter
 
         adopter = self._own(
-            Adopter(self, client, ledger=ledger, limiter=limiter, interval=interval)
+            Adopter(
+                self,
+                client,
+                ledger=ledger,
+                limiter=limiter,
+                interval=interval,
+                on_adopted=on_adopted,
+            )
         )
         adopter.start()
         return adopter

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import RedisError
@@ -59,6 +60,7 @@ class Adopter:
         ledger: RedisLedger | None = None,
         limiter: RedisLimiter | None = None,
         interval: float | None = None,
+        on_adopted: Callable[[list[LedgerEntry]], Awaitable[None]] | None = None,
     ) -> None:
         chosen = ledger if ledger is not None else client.ledger
         if not isinstance(chosen, RedisLedger):
@@ -72,6 +74,9 @@ class Adopter:
             limiter = client.limiter
         self.limiter = limiter
         self.interval = interval if interval is not None else account.lease / 2
+        #: Awaited with the entries of each pass that took something over (a
+        #: job queue lets their jobs run again at once: ``contrib.arq``).
+        self.on_adopted = on_adopted
         self._loop: asyncio.Task[None] | None = None
         self._follows: set[asyncio.Task[None]] = set()
         self._pass = asyncio.Lock()
@@ -114,6 +119,8 @@ class Adopter:
             handles: list[TaskHandle] = []
             for owner, entries in by_owner.items():
                 handles.extend(self._take_over(owner, entries))
+            if self.on_adopted is not None:
+                await self.on_adopted([entry for _owner, entry in claimed])
             return handles
 
     def _take_over(self, owner: str, entries: list[LedgerEntry]) -> list[TaskHandle]:

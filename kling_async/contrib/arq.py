@@ -1,0 +1,186 @@
+"""arq job functions for Kling generation requests, on one shared account.
+
+Needs the ``arq`` extra (``pip install 'kling-async[arq]'``). arq runs the jobs
+(queueing, retries, several workers on several hosts); this module makes them
+safe to run there: every worker shares the account's concurrency quota
+(:class:`~kling_async.contrib.redis.RedisLimiter`) and one ledger
+(:class:`~kling_async.contrib.redis.RedisLedger`), and each job creates its
+task at most once, however often arq runs it::
+
+    # worker.py: run with `arq worker.WorkerSettings`
+    from kling_async.contrib.arq import worker_settings
+    WorkerSettings = worker_settings(redis_url="redis://127.0.0.1:6379/0", capacity=50)
+
+    # anywhere: enqueue one job per request
+    await arq_redis.enqueue_job("generate", {"prompt": "a red fox", "n": 2}, _job_id="batch-1:0")
+
+When a worker dies (SIGKILL, OOM, a lost host), a surviving worker adopts its
+tasks within the account's lease: polls them to their end and records their
+results. arq then runs the dead worker's jobs again; each finds its task in
+the ledger (by the job's id) and returns its result without creating anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from redis.exceptions import RedisError
+
+from kling_async._client import Client
+from kling_async._exceptions import TaskFailedError
+from kling_async._handle import TaskHandle
+from kling_async._ledger import LedgerEntry
+from kling_async._models import Task, request_from_mapping
+from kling_async.contrib.redis import (
+    DEFAULT_LEASE,
+    DEFAULT_ORPHAN_TTL,
+    RedisAccount,
+    RedisLedger,
+    RedisLimiter,
+    submit_once,
+)
+
+__all__ = ["JOB_KEY_PREFIX", "generate", "job_key", "task_summary", "worker_settings"]
+
+logger = logging.getLogger("kling_async")
+
+#: Ledger keys of arq jobs: ``arq:<job id>``.
+JOB_KEY_PREFIX: Final = "arq:"
+#: A Kling task may take minutes; a job is given this long unless told otherwise.
+DEFAULT_JOB_TIMEOUT: Final = 1800
+
+ClientFactory = Callable[[RedisLimiter, RedisLedger], Client]
+"""Builds a worker's client around the shared limiter and ledger."""
+
+
+def job_key(job_id: str) -> str:
+    """The ledger key of an arq job."""
+    return JOB_KEY_PREFIX + job_id
+
+
+def task_summary(task: Task, handle: TaskHandle) -> dict[str, Any]:
+    """What a job returns: plain data, so any arq serializer can store it."""
+    return {
+        "task_id": task.task_id,
+        "external_task_id": handle.external_task_id,
+        "status": task.status.value,
+        "status_message": task.status_message,
+        "images": [image.url for image in task.images],
+    }
+
+
+async def generate(ctx: dict[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
+    """arq job: create ``request`` (a JSONL-style dict: an image generation, or
+    a multi-image request when it has ``subject_images``), wait for the task to
+    end and return :func:`task_summary`. A failed task is a result with
+    ``status == "failed"``, not an exception (so arq does not run it again).
+
+    The task is created at most once per job id, across workers and runs.
+    """
+    client: Client = ctx["kling_client"]
+    handle = await submit_once(
+        client,
+        request_from_mapping(request),
+        key=job_key(str(ctx["job_id"])),
+        adopter=ctx.get("kling_adopter"),
+    )
+    try:
+        task = await handle
+    except TaskFailedError as error:
+        task = error.task
+    return task_summary(task, handle)
+
+
+def worker_settings(
+    *,
+    capacity: int | None,
+    redis_url: str | None = None,
+    redis_settings: RedisSettings | None = None,
+    account: str = "default",
+    member: str | None = None,
+    lease: float = DEFAULT_LEASE,
+    orphan_ttl: float = DEFAULT_ORPHAN_TTL,
+    client_options: Mapping[str, Any] | None = None,
+    client_factory: ClientFactory | None = None,
+    functions: list[Any] | None = None,
+    **worker_options: Any,
+) -> dict[str, Any]:
+    """arq ``WorkerSettings`` (a dict arq accepts as such) for workers sharing
+    one Kling account.
+
+    ``capacity`` is the account's concurrency quota in units (``None``: learn
+    it from 1303), the same in every worker. Redis is ``redis_url`` or
+    ``redis_settings`` (default: arq's, localhost). ``account`` names the
+    account's keys in Redis; ``member`` this worker (default: host, pid and a
+    random part); ``lease`` and ``orphan_ttl`` as in
+    :class:`~kling_async.contrib.redis.RedisAccount`.
+
+    Each worker builds one :class:`~kling_async.Client` at startup, with
+    ``client_options`` (credentials from the environment unless given there:
+    ``KLING_API_KEY``, ``KLING_BASE_URL``...; nothing of them goes to Redis) or
+    by ``client_factory(limiter, ledger)``, and adopts dead workers' tasks.
+    ``functions`` adds job functions to :func:`generate`; other keywords
+    (``max_jobs``, ``job_timeout``, ...) go to arq's worker as they are.
+    """
+    if redis_settings is None:
+        redis_settings = RedisSettings.from_dsn(redis_url) if redis_url else RedisSettings()
+    options = dict(client_options or {})
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        shared = RedisAccount(
+            ctx["redis"], name=account, member=member, lease=lease, orphan_ttl=orphan_ttl
+        )
+        await shared.start()
+        limiter = shared.limiter(capacity)
+        ledger = shared.ledger()
+        if client_factory is not None:
+            client = client_factory(limiter, ledger)
+        else:
+            client = Client(max_concurrency=limiter, ledger=ledger, **options)
+        ctx["kling_account"] = shared
+        ctx["kling_client"] = client
+        ctx["kling_adopter"] = shared.adopt(client, on_adopted=_rerun_jobs(ctx))
+        logger.info("kling worker %s joined account %r", shared.member, account)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        client: Client | None = ctx.get("kling_client")
+        shared: RedisAccount | None = ctx.get("kling_account")
+        if client is not None:
+            await client.close()
+        if shared is not None:
+            await shared.close()
+
+    settings: dict[str, Any] = {
+        "functions": [generate, *(functions or [])],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": redis_settings,
+        "job_timeout": DEFAULT_JOB_TIMEOUT,
+    }
+    settings.update(worker_options)
+    return settings
+
+
+def _rerun_jobs(ctx: dict[str, Any]) -> Callable[[list[LedgerEntry]], Awaitable[None]]:
+    """After taking over a dead worker's tasks, let arq run their jobs again now
+    rather than when their in-progress mark expires (the job timeout plus 10 s):
+    each finds its task in the ledger and waits for it. Without this nothing is
+    lost, only later."""
+
+    async def rerun(entries: list[LedgerEntry]) -> None:
+        keys = [
+            in_progress_key_prefix + entry.key[len(JOB_KEY_PREFIX) :]
+            for entry in entries
+            if entry.key is not None and entry.key.startswith(JOB_KEY_PREFIX)
+        ]
+        if keys:
+            try:
+                await ctx["redis"].delete(*keys)
+            except RedisError as error:  # they run again when the marks expire
+                logger.warning("cannot release the jobs of a dead worker: %s", error)
+
+    return rerun
