@@ -23,12 +23,11 @@ from arq.connections import RedisSettings
 from arq.jobs import Job
 
 
-async def enqueue(path: Path, name: str, wait: bool, timeout: float) -> dict[str, Any]:
+async def enqueue(lines: list[str], name: str, wait: bool, timeout: float) -> dict[str, Any]:
     redis = await create_pool(
         RedisSettings.from_dsn(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     )
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
         jobs: list[Job] = []
         for number, line in enumerate(lines):
             job_id = f"{name}:{number}"
@@ -61,7 +60,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per job")
     arguments = parser.parse_args()
     name = arguments.name or arguments.file.stem
-    summary = asyncio.run(enqueue(arguments.file, name, arguments.wait, arguments.timeout))
+    lines = [line for line in arguments.file.read_text().splitlines() if line.strip()]
+    summary = asyncio.run(enqueue(lines, name, arguments.wait, arguments.timeout))
     print(json.dumps(summary))
     sys.exit(1 if summary.get("errors") else 0)
 
