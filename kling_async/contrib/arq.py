@@ -16,14 +16,17 @@ task at most once, however often arq runs it::
 
 When a worker dies (SIGKILL, OOM, a lost host), a surviving worker adopts its
 tasks within the account's lease: polls them to their end and records their
-results. arq then runs the dead worker's jobs again; each finds its task in
-the ledger (by the job's id) and returns its result without creating anything.
+results. It also lets arq run the dead worker's jobs again at once (each
+worker keeps the ids of the jobs it runs in Redis); each finds its task in the
+ledger (by the job's id) and returns its result without creating anything.
+``worker_settings`` sets arq's ``on_job_start`` and ``after_job_end`` for this.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from arq.connections import RedisSettings
@@ -33,7 +36,6 @@ from redis.exceptions import RedisError
 from kling_async._client import Client
 from kling_async._exceptions import TaskFailedError
 from kling_async._handle import TaskHandle
-from kling_async._ledger import LedgerEntry
 from kling_async._models import Task, request_from_mapping
 from kling_async.contrib.redis import (
     DEFAULT_LEASE,
@@ -143,12 +145,26 @@ def worker_settings(
             client = Client(max_concurrency=limiter, ledger=ledger, **options)
         ctx["kling_account"] = shared
         ctx["kling_client"] = client
-        ctx["kling_adopter"] = shared.adopt(client, on_adopted=_rerun_jobs(ctx))
+        ctx["kling_adopter"] = shared.adopt(client)
+        ctx["kling_rerun"] = asyncio.get_running_loop().create_task(_rerun_forever(shared))
         logger.info("kling worker %s joined account %r", shared.member, account)
+
+    async def job_started(ctx: dict[str, Any]) -> None:
+        shared: RedisAccount = ctx["kling_account"]
+        await shared.redis.sadd(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
+        await shared.redis.sadd(shared.key("arq-workers"), shared.member)  # type: ignore[misc]
+
+    async def job_recorded(ctx: dict[str, Any]) -> None:
+        shared: RedisAccount = ctx["kling_account"]
+        await shared.redis.srem(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         client: Client | None = ctx.get("kling_client")
         shared: RedisAccount | None = ctx.get("kling_account")
+        rerun: asyncio.Task[None] | None = ctx.get("kling_rerun")
+        if rerun is not None:
+            rerun.cancel()
+            await asyncio.gather(rerun, return_exceptions=True)
         if client is not None:
             await client.close()
         if shared is not None:
@@ -158,6 +174,8 @@ def worker_settings(
         "functions": [generate, *(functions or [])],
         "on_startup": startup,
         "on_shutdown": shutdown,
+        "on_job_start": job_started,
+        "after_job_end": job_recorded,
         "redis_settings": redis_settings,
         "job_timeout": DEFAULT_JOB_TIMEOUT,
     }
@@ -165,22 +183,37 @@ def worker_settings(
     return settings
 
 
-def _rerun_jobs(ctx: dict[str, Any]) -> Callable[[list[LedgerEntry]], Awaitable[None]]:
-    """After taking over a dead worker's tasks, let arq run their jobs again now
-    rather than when their in-progress mark expires (the job timeout plus 10 s):
-    each finds its task in the ledger and waits for it. Without this nothing is
-    lost, only later."""
+def _jobs_key(account: RedisAccount, member: str) -> str:
+    return account.key(f"arq-jobs:{member}")
 
-    async def rerun(entries: list[LedgerEntry]) -> None:
-        keys = [
-            in_progress_key_prefix + entry.key[len(JOB_KEY_PREFIX) :]
-            for entry in entries
-            if entry.key is not None and entry.key.startswith(JOB_KEY_PREFIX)
+
+async def _rerun_forever(account: RedisAccount) -> None:
+    """Let arq run a dead worker's jobs again now, rather than when their
+    in-progress marks expire (the job timeout plus 10 s): each finds its task
+    in the ledger (taken over by a survivor, or ended) and waits for it or
+    returns its result. Without this nothing is lost, only later."""
+    while True:
+        await asyncio.sleep(account.lease / 2)
+        try:
+            await _rerun_dead_jobs(account)
+        except RedisError as error:  # they run again when the marks expire
+            logger.warning("cannot release the jobs of dead workers: %s", error)
+
+
+async def _rerun_dead_jobs(account: RedisAccount) -> None:
+    redis = account.redis
+    workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
+    for raw in workers:
+        worker = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if worker == account.member or await account.alive(worker):
+            continue
+        jobs = await redis.smembers(_jobs_key(account, worker))  # type: ignore[misc]
+        marks = [
+            in_progress_key_prefix + (job.decode() if isinstance(job, bytes) else str(job))
+            for job in jobs
         ]
-        if keys:
-            try:
-                await ctx["redis"].delete(*keys)
-            except RedisError as error:  # they run again when the marks expire
-                logger.warning("cannot release the jobs of a dead worker: %s", error)
-
-    return rerun
+        if marks:
+            await redis.delete(*marks)
+            logger.warning("worker %s is gone: its %d jobs run again", worker, len(marks))
+        await redis.delete(_jobs_key(account, worker))
+        await redis.srem(account.key("arq-workers"), worker)  # type: ignore[misc]
