@@ -40,7 +40,7 @@ from ._handle import TaskHandle
 from ._image_input import ImageInput
 from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
-from ._limiter import ConcurrencyLimiter
+from ._limiter import ConcurrencyLimiter, Limiter
 from ._logging import configure_from_environment as _configure_logging
 from ._models import (
     BalanceDeduction,
@@ -84,6 +84,7 @@ __all__ = [
     "KlingError",
     "Ledger",
     "LedgerEntry",
+    "Limiter",
     "MemoryLedger",
     "MultiImageRequest",
     "NotFoundError",

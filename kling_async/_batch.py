@@ -31,7 +31,7 @@ from ._exceptions import (
 )
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
-from ._limiter import ConcurrencyLimiter
+from ._limiter import Limiter
 from ._models import Task, TaskRequest, TaskStatus
 from ._wire import converter, request_body
 
@@ -133,7 +133,7 @@ class Batch:
         tracker: Tracker,
         requests: BatchRequests,
         *,
-        limiter: ConcurrencyLimiter,
+        limiter: Limiter,
         max_in_flight: int | None = None,
         journal: Ledger | None = None,
         name: str = "batch",

@@ -136,6 +136,10 @@ class CallbackReceiver:
         # (rather than a callback) said it.
         self._unknown_seen: OrderedDict[str, tuple[Task, bool]] = OrderedDict()
         self._confirming: dict[str, asyncio.Task[None]] = {}
+        #: Told ``(external_task_id, body)`` of each authentic callback for a task
+        #: no client here holds, so another replica's can take it (set by a
+        #: fan-in such as ``kling_async.contrib.redis.CallbackFanIn``).
+        self.forwarder: Callable[[str, bytes], None] | None = None
 
     def __repr__(self) -> str:
         return f"<CallbackReceiver {self.public_url or '(not served yet)'}>"
@@ -241,21 +245,54 @@ class CallbackReceiver:
         horizon = datetime.fromtimestamp(self._clock(), timezone.utc) + MAX_CLOCK_SKEW
         if task.updated_at is not None and task.updated_at > horizon:
             return _reply(400, "updated_at lies in the future")
-        status, reply = self._dispatch(external_task_id, task)
+        status, reply = self._dispatch(external_task_id, task, body)
         if webhooks is not None and delivery is not None and status == 200:
             webhooks.remember(delivery)
         return status, reply
 
-    def _dispatch(self, external_task_id: str, task: Task) -> _Response:
-        for tracker in self._trackers:
-            outcome = tracker.receive_callback(external_task_id, task, confirm=self.confirm)
-            if outcome is CallbackOutcome.MISMATCH:
-                return _reply(400, _NOT_THIS_TASK)
-            if outcome is CallbackOutcome.IGNORED:
-                return _reply(200, "duplicate or stale update ignored")
-            if outcome is CallbackOutcome.ACCEPTED:
+    def _dispatch(self, external_task_id: str, task: Task, body: bytes | None = None) -> _Response:
+        outcome = self._offer(external_task_id, task)
+        if outcome is CallbackOutcome.MISMATCH:
+            return _reply(400, _NOT_THIS_TASK)
+        if outcome is CallbackOutcome.IGNORED:
+            return _reply(200, "duplicate or stale update ignored")
+        if outcome is CallbackOutcome.ACCEPTED:
+            return _reply(200, "accepted")
+        if self.forwarder is not None and body is not None:
+            # Another replica may hold the task: it gets the body (the URL
+            # token and the headers stay here, checked). Hooks here still hear
+            # of it when there are any; without them the confirming GET of the
+            # unknown path would be wasted.
+            self.forwarder(external_task_id, body)
+            if not self._hooks:
                 return _reply(200, "accepted")
         return self._unknown(external_task_id, task)
+
+    def _offer(self, external_task_id: str, task: Task) -> CallbackOutcome:
+        """Hand a callback to the first client here that knows the task."""
+        for tracker in self._trackers:
+            outcome = tracker.receive_callback(external_task_id, task, confirm=self.confirm)
+            if outcome is not CallbackOutcome.UNKNOWN:
+                return outcome
+        return CallbackOutcome.UNKNOWN
+
+    def deliver(self, external_task_id: str, body: bytes) -> bool:
+        """Take a callback that another replica received, authenticated and
+        forwarded (its URL token and signature were checked there). Returns
+        whether a client here knows the task. A terminal update is still
+        confirmed by a GET before a handle resolves (unless ``confirm=False``),
+        so a forged message cannot fake a result."""
+        if len(body) > self.max_body_size:
+            return False
+        try:
+            task = parse_callback(json.loads(body))
+        except (ValueError, RecursionError):
+            return False
+        if task.external_task_id is None:
+            task = attrs.evolve(task, external_task_id=external_task_id)
+        elif task.external_task_id != external_task_id:
+            return False
+        return self._offer(external_task_id, task) is not CallbackOutcome.UNKNOWN
 
     def _unknown(self, external_task_id: str, task: Task) -> _Response:
         known = self._unknown_seen.get(external_task_id)

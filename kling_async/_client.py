@@ -21,7 +21,7 @@ from ._exceptions import ConfigurationError
 from ._handle import TaskHandle
 from ._journal import Journal
 from ._ledger import Ledger, MemoryLedger
-from ._limiter import ConcurrencyLimiter
+from ._limiter import ConcurrencyLimiter, Limiter
 from ._models import ImageResult, Task
 from ._resources import Images
 from ._submissions import Submissions
@@ -54,7 +54,8 @@ class Client:
     free units, adapt when Kling answers 1303, and never fail with it. Without
     it each create is sent at once and a 1303 raises :class:`ConcurrencyLimitError`.
     A :class:`ConcurrencyLimiter` instance may be passed instead of a number,
-    e.g. one shared by several clients of the same account.
+    e.g. one shared by several clients of the same account, or any
+    :class:`Limiter` (``kling_async.contrib.redis`` has one shared by processes).
 
     ``timeout`` bounds each HTTP exchange (seconds, or an ``aiohttp.ClientTimeout``;
     default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
@@ -79,7 +80,7 @@ class Client:
         secret_key: str | None = None,
         base_url: str | None = None,
         credentials: Credentials | None = None,
-        max_concurrency: int | ConcurrencyLimiter | None = None,
+        max_concurrency: int | Limiter | None = None,
         timeout: float | aiohttp.ClientTimeout | None = None,
         max_connections: int = 100,
         retry: RetryPolicy | None = None,

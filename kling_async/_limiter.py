@@ -29,10 +29,11 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from ._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
 
-__all__ = ["ConcurrencyLimiter"]
+__all__ = ["ConcurrencyLimiter", "Limiter"]
 
 logger = logging.getLogger("kling_async")
 
@@ -42,6 +43,37 @@ MIN_COOLDOWN = 1.0
 MAX_COOLDOWN = 30.0
 MAX_CREATE_SPACING = 2.0
 FIRST_CREATE_SPACING = 0.05
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """What the create owner needs of a limiter of the account's quota.
+
+    :class:`ConcurrencyLimiter` keeps it in one process;
+    ``kling_async.contrib.redis.RedisLimiter`` shares it between processes and
+    hosts. Either can be passed as ``Client(max_concurrency=...)``. ``acquire``
+    is the only wait; the rest never block (a shared limiter queues them and
+    applies them in order), so they can be called from callbacks.
+    """
+
+    #: The most units to hold at once, or ``None`` when unknown (learned from 1303).
+    capacity: int | None
+
+    async def acquire(self, units: int, *, first: bool = False) -> None:
+        """Wait until ``units`` may be held, then hold them (``first``: at the
+        head of the queue, for a create Kling refused with 1303)."""
+
+    def release(self, units: int, *, created: bool = True) -> None:
+        """Give back units: the task ended, or (``created=False``) its create failed."""
+
+    def created(self, units: int) -> None:
+        """A create of ``units`` succeeded."""
+
+    def observe(self, error: KlingError) -> None:
+        """Learn from a failed create (1303, 1302)."""
+
+    def adopt(self, units: int) -> None:
+        """Count the units of a task already running on Kling that is taken over."""
 
 
 class _Waiter:

@@ -42,7 +42,7 @@ from ._exceptions import (
 )
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
-from ._limiter import ConcurrencyLimiter
+from ._limiter import Limiter
 from ._models import Endpoint, Task, TaskRequest, TaskStatus, request_from_mapping
 from ._wire import Envelope, WireRequest, create_request, get_request, parse_created
 
@@ -158,7 +158,7 @@ class _HeldUnits:
     """Units a created task holds until it ends (or the client closes): given
     back exactly once, whichever comes first."""
 
-    limiter: ConcurrencyLimiter
+    limiter: Limiter
     units: int
     given_back: bool = False
 
@@ -178,7 +178,7 @@ class Submissions:
         ledger: Ledger,
         *,
         receiver: CallbackReceiver | None = None,
-        limiter: ConcurrencyLimiter | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._transport = transport
         self._tracker = tracker
@@ -209,7 +209,7 @@ class Submissions:
         self,
         request: TaskRequest,
         *,
-        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
         ledger: Ledger | None = None,
         key: str | None = None,
         look_up_first: bool = False,
@@ -258,7 +258,7 @@ class Submissions:
         self,
         request: TaskRequest,
         *,
-        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
     ) -> TaskHandle:
         """Create the task and return its handle once Kling accepted it.
 
@@ -305,7 +305,7 @@ class Submissions:
             key=submission.key,
         )
 
-    async def _run(self, submission: Submission, limiter: ConcurrencyLimiter | None) -> None:
+    async def _run(self, submission: Submission, limiter: Limiter | None) -> None:
         create = create_request(submission.request)
         entry = self._entry(submission, create)
         external_task_id = submission.external_task_id
@@ -361,7 +361,7 @@ class Submissions:
         submission: Submission,
         create: WireRequest,
         entry: LedgerEntry,
-        limiter: ConcurrencyLimiter | None,
+        limiter: Limiter | None,
     ) -> tuple[Decision, Task | None]:
         """Send and look up as the rules say until the create is settled."""
         loop = asyncio.get_running_loop()
@@ -441,7 +441,7 @@ class Submissions:
         submission: Submission,
         entry: LedgerEntry,
         task: Task,
-        limiter: ConcurrencyLimiter | None,
+        limiter: Limiter | None,
     ) -> None:
         request = submission.request
         state = self._tracker.state(
@@ -480,7 +480,7 @@ class Submissions:
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
 
-    def _hold(self, state: TaskState, limiter: ConcurrencyLimiter, units: int) -> None:
+    def _hold(self, state: TaskState, limiter: Limiter, units: int) -> None:
         """The running task holds ``units`` until it ends (or the client closes);
         it is polled until then, so they come back."""
         held = _HeldUnits(limiter, units)
@@ -522,7 +522,7 @@ class Submissions:
         else:
             future.cancel()
 
-    def _give_back(self, submission: Submission, limiter: ConcurrencyLimiter | None) -> None:
+    def _give_back(self, submission: Submission, limiter: Limiter | None) -> None:
         if submission.holding and limiter is not None:
             submission.holding = False
             limiter.release(submission.units, created=False)
@@ -565,7 +565,7 @@ class Submissions:
         entry: LedgerEntry,
         *,
         ledger: Ledger | None = None,
-        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
         request: TaskRequest | None = None,
     ) -> TaskHandle:
         """A handle on the task of an entry that Kling created (task_id known),
@@ -591,7 +591,7 @@ class Submissions:
         entry: LedgerEntry,
         *,
         ledger: Ledger | None = None,
-        limiter: ConcurrencyLimiter | _UseLimiter | None = CLIENT_LIMITER,
+        limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
         request: TaskRequest | None = None,
         on_admitted: Callable[[], None] | None = None,
     ) -> Submission:

@@ -38,10 +38,13 @@ from ._options import (
     WireShapes,
 )
 from ._png import encode_png
+from ._redis import RedisServer, find_redis_server
 from ._server import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeKlingServer
 from ._tasks import FakeTask
 
 __all__ = [
+    "RedisServer",
+    "find_redis_server",
     "DEFAULT_FAILURE_MESSAGE",
     "FAIL_MARKER",
     "CallbackFaults",

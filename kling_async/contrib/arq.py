@@ -1,0 +1,219 @@
+"""arq job functions for Kling generation requests, on one shared account.
+
+Needs the ``arq`` extra (``pip install 'kling-async[arq]'``). arq runs the jobs
+(queueing, retries, several workers on several hosts); this module makes them
+safe to run there: every worker shares the account's concurrency quota
+(:class:`~kling_async.contrib.redis.RedisLimiter`) and one ledger
+(:class:`~kling_async.contrib.redis.RedisLedger`), and each job creates its
+task at most once, however often arq runs it::
+
+    # worker.py: run with `arq worker.WorkerSettings`
+    from kling_async.contrib.arq import worker_settings
+    WorkerSettings = worker_settings(redis_url="redis://127.0.0.1:6379/0", capacity=50)
+
+    # anywhere: enqueue one job per request
+    await arq_redis.enqueue_job("generate", {"prompt": "a red fox", "n": 2}, _job_id="batch-1:0")
+
+When a worker dies (SIGKILL, OOM, a lost host), a surviving worker adopts its
+tasks within the account's lease: polls them to their end and records their
+results. It also lets arq run the dead worker's jobs again at once (each
+worker keeps the ids of the jobs it runs in Redis); each finds its task in the
+ledger (by the job's id) and returns its result without creating anything.
+``worker_settings`` sets arq's ``on_job_start`` and ``after_job_end`` for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from redis.exceptions import RedisError
+
+from kling_async._client import Client
+from kling_async._exceptions import TaskFailedError
+from kling_async._handle import TaskHandle
+from kling_async._models import Task, request_from_mapping
+from kling_async.contrib.redis import (
+    DEFAULT_LEASE,
+    DEFAULT_ORPHAN_TTL,
+    RedisAccount,
+    RedisLedger,
+    RedisLimiter,
+    submit_once,
+)
+
+__all__ = ["JOB_KEY_PREFIX", "generate", "job_key", "task_summary", "worker_settings"]
+
+logger = logging.getLogger("kling_async")
+
+#: Ledger keys of arq jobs: ``arq:<job id>``.
+JOB_KEY_PREFIX: Final = "arq:"
+#: A Kling task may take minutes; a job is given this long unless told otherwise.
+DEFAULT_JOB_TIMEOUT: Final = 1800
+
+ClientFactory = Callable[[RedisLimiter, RedisLedger], Client]
+"""Builds a worker's client around the shared limiter and ledger."""
+
+
+def job_key(job_id: str) -> str:
+    """The ledger key of an arq job."""
+    return JOB_KEY_PREFIX + job_id
+
+
+def task_summary(task: Task, handle: TaskHandle) -> dict[str, Any]:
+    """What a job returns: plain data, so any arq serializer can store it."""
+    return {
+        "task_id": task.task_id,
+        "external_task_id": handle.external_task_id,
+        "status": task.status.value,
+        "status_message": task.status_message,
+        "images": [image.url for image in task.images],
+    }
+
+
+async def generate(ctx: dict[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
+    """arq job: create ``request`` (a JSONL-style dict: an image generation, or
+    a multi-image request when it has ``subject_images``), wait for the task to
+    end and return :func:`task_summary`. A failed task is a result with
+    ``status == "failed"``, not an exception (so arq does not run it again).
+
+    The task is created at most once per job id, across workers and runs.
+    """
+    client: Client = ctx["kling_client"]
+    handle = await submit_once(
+        client,
+        request_from_mapping(request),
+        key=job_key(str(ctx["job_id"])),
+        adopter=ctx.get("kling_adopter"),
+    )
+    try:
+        task = await handle
+    except TaskFailedError as error:
+        task = error.task
+    return task_summary(task, handle)
+
+
+def worker_settings(
+    *,
+    capacity: int | None,
+    redis_url: str | None = None,
+    redis_settings: RedisSettings | None = None,
+    account: str = "default",
+    member: str | None = None,
+    lease: float = DEFAULT_LEASE,
+    orphan_ttl: float = DEFAULT_ORPHAN_TTL,
+    client_options: Mapping[str, Any] | None = None,
+    client_factory: ClientFactory | None = None,
+    functions: list[Any] | None = None,
+    **worker_options: Any,
+) -> dict[str, Any]:
+    """arq ``WorkerSettings`` (a dict arq accepts as such) for workers sharing
+    one Kling account.
+
+    ``capacity`` is the account's concurrency quota in units (``None``: learn
+    it from 1303), the same in every worker. Redis is ``redis_url`` or
+    ``redis_settings`` (default: arq's, localhost). ``account`` names the
+    account's keys in Redis; ``member`` this worker (default: host, pid and a
+    random part); ``lease`` and ``orphan_ttl`` as in
+    :class:`~kling_async.contrib.redis.RedisAccount`.
+
+    Each worker builds one :class:`~kling_async.Client` at startup, with
+    ``client_options`` (credentials from the environment unless given there:
+    ``KLING_API_KEY``, ``KLING_BASE_URL``...; nothing of them goes to Redis) or
+    by ``client_factory(limiter, ledger)``, and adopts dead workers' tasks.
+    ``functions`` adds job functions to :func:`generate`; other keywords
+    (``max_jobs``, ``job_timeout``, ...) go to arq's worker as they are.
+    """
+    if redis_settings is None:
+        redis_settings = RedisSettings.from_dsn(redis_url) if redis_url else RedisSettings()
+    options = dict(client_options or {})
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        shared = RedisAccount(
+            ctx["redis"], name=account, member=member, lease=lease, orphan_ttl=orphan_ttl
+        )
+        await shared.start()
+        limiter = shared.limiter(capacity)
+        ledger = shared.ledger()
+        if client_factory is not None:
+            client = client_factory(limiter, ledger)
+        else:
+            client = Client(max_concurrency=limiter, ledger=ledger, **options)
+        ctx["kling_account"] = shared
+        ctx["kling_client"] = client
+        ctx["kling_adopter"] = shared.adopt(client)
+        ctx["kling_rerun"] = asyncio.get_running_loop().create_task(_rerun_forever(shared))
+        logger.info("kling worker %s joined account %r", shared.member, account)
+
+    async def job_started(ctx: dict[str, Any]) -> None:
+        shared: RedisAccount = ctx["kling_account"]
+        await shared.redis.sadd(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
+        await shared.redis.sadd(shared.key("arq-workers"), shared.member)  # type: ignore[misc]
+
+    async def job_recorded(ctx: dict[str, Any]) -> None:
+        shared: RedisAccount = ctx["kling_account"]
+        await shared.redis.srem(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        client: Client | None = ctx.get("kling_client")
+        shared: RedisAccount | None = ctx.get("kling_account")
+        rerun: asyncio.Task[None] | None = ctx.get("kling_rerun")
+        if rerun is not None:
+            rerun.cancel()
+            await asyncio.gather(rerun, return_exceptions=True)
+        if client is not None:
+            await client.close()
+        if shared is not None:
+            await shared.close()
+
+    settings: dict[str, Any] = {
+        "functions": [generate, *(functions or [])],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "on_job_start": job_started,
+        "after_job_end": job_recorded,
+        "redis_settings": redis_settings,
+        "job_timeout": DEFAULT_JOB_TIMEOUT,
+    }
+    settings.update(worker_options)
+    return settings
+
+
+def _jobs_key(account: RedisAccount, member: str) -> str:
+    return account.key(f"arq-jobs:{member}")
+
+
+async def _rerun_forever(account: RedisAccount) -> None:
+    """Let arq run a dead worker's jobs again now, rather than when their
+    in-progress marks expire (the job timeout plus 10 s): each finds its task
+    in the ledger (taken over by a survivor, or ended) and waits for it or
+    returns its result. Without this nothing is lost, only later."""
+    while True:
+        await asyncio.sleep(account.lease / 2)
+        try:
+            await _rerun_dead_jobs(account)
+        except RedisError as error:  # they run again when the marks expire
+            logger.warning("cannot release the jobs of dead workers: %s", error)
+
+
+async def _rerun_dead_jobs(account: RedisAccount) -> None:
+    redis = account.redis
+    workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
+    for raw in workers:
+        worker = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if worker == account.member or await account.alive(worker):
+            continue
+        jobs = await redis.smembers(_jobs_key(account, worker))  # type: ignore[misc]
+        marks = [
+            in_progress_key_prefix + (job.decode() if isinstance(job, bytes) else str(job))
+            for job in jobs
+        ]
+        if marks:
+            await redis.delete(*marks)
+            logger.warning("worker %s is gone: its %d jobs run again", worker, len(marks))
+        await redis.delete(_jobs_key(account, worker))
+        await redis.srem(account.key("arq-workers"), worker)  # type: ignore[misc]

@@ -1,0 +1,50 @@
+"""Scale-out through Redis: one account quota, one ledger and one callback
+endpoint shared by processes and hosts.
+
+Needs the ``redis`` extra (``pip install 'kling-async[redis]'``) and a Redis
+server (6.2 or later)::
+
+    import redis.asyncio
+    import kling_async
+    from kling_async.contrib.redis import RedisAccount
+
+    redis_client = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    async with RedisAccount(redis_client, name="main") as account:
+        limiter = account.limiter(capacity=50)
+        async with kling_async.Client(max_concurrency=limiter, ledger=account.ledger()) as client:
+            account.adopt(client)
+            handle = await client.images.generate(prompt="a red fox")
+
+- :class:`RedisAccount`: the processes sharing one account, each under a
+  lease it renews;
+- :class:`RedisLimiter`: the n-weighted, adaptive concurrency limiter, for
+  the whole account (Lua scripts, atomic);
+- :class:`RedisLedger`: the ledger every process shares; ``client.resume()``
+  in any process settles what dead ones left;
+- :class:`Adopter`: a survivor finishes the tasks of dead processes;
+- :class:`CallbackFanIn`: a callback any replica receives reaches the one
+  whose handle awaits it;
+- :func:`submit_once`: a request created at most once for a key, across
+  processes and reruns.
+"""
+
+from ._account import DEFAULT_LEASE, DEFAULT_ORPHAN_TTL, RedisAccount
+from ._adopter import Adopter, submit_once
+from ._fanin import CallbackFanIn
+from ._ledger import RedisLedger
+from ._limiter import RedisLimiter
+from ._steps import Step, adoption_step, keyed_step
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_ORPHAN_TTL",
+    "Adopter",
+    "CallbackFanIn",
+    "RedisAccount",
+    "RedisLedger",
+    "RedisLimiter",
+    "Step",
+    "adoption_step",
+    "keyed_step",
+    "submit_once",
+]

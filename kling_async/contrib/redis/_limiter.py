@@ -1,0 +1,426 @@
+"""The account's concurrency quota, shared by every process through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from redis.exceptions import RedisError
+
+from kling_async._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
+from kling_async._limiter import (
+    FIRST_CREATE_SPACING,
+    MAX_COOLDOWN,
+    MAX_CREATE_SPACING,
+    MIN_COOLDOWN,
+    UNKNOWN_CAPACITY_START,
+)
+
+from . import _scripts
+from ._account import text
+
+if TYPE_CHECKING:
+    from ._account import RedisAccount
+
+__all__ = ["RedisLimiter"]
+
+logger = logging.getLogger("kling_async")
+
+#: How often waiting creates ask again when no release was announced: the
+#: safety net for a lost announcement (pub/sub is at most once).
+DEFAULT_POLL_INTERVAL: Final = 0.5
+#: Bounds of the pause between tries while Redis cannot be reached.
+_RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
+
+_Op = list[Any]
+
+
+class _Waiter:
+    __slots__ = ("future", "id", "since", "units")
+
+    def __init__(self, id: str, units: int, future: asyncio.Future[None], since: float) -> None:
+        self.id = id
+        self.units = units
+        self.future = future
+        self.since = since
+
+
+class RedisLimiter:
+    """The account's n-weighted concurrency quota, shared by processes and hosts.
+
+    It behaves as :class:`~kling_async.ConcurrencyLimiter` does, for the whole
+    account rather than one process: a task holds ``n`` units from its create
+    until it ends; on 1303 the limit drops to the units running tasks hold and
+    new creates pause (at least ``min_cooldown``, jittered, doubling while
+    1303s go on); successes grow the limit back (doubling while no ceiling is
+    known, then one unit per turnover); 1302 spaces creates apart. Admission is
+    first-fit in arrival order, and a create that waited ``fairness_window``
+    is passed by nobody, in any process, so an ``n=9`` task is not starved by
+    a stream of ``n=1`` tasks.
+
+    Every decision is one Lua script (see ``_scripts.LIMITER``), so it is
+    atomic. Units are held under this process's lease (:class:`RedisAccount`):
+    a dead process's units stay counted until a survivor adopts its tasks or
+    the account's ``orphan_ttl`` passes. Pass it as ``Client(max_concurrency=...)``.
+
+    Only :meth:`acquire` waits. ``release``, ``created``, ``observe`` and
+    ``adopt`` queue their change and return; one background task applies the
+    queue in order, with the next admission, in one round trip. A release is
+    announced on a channel, so waiting creates in every process ask at once;
+    they also ask every ``poll_interval`` seconds in case an announcement was
+    lost. Should Redis be unreachable, creates wait (they are never let through
+    unchecked) and queued changes are applied once it is back; a call whose
+    answer was lost is retried under the same sequence number, and Redis
+    answers it without applying it twice.
+    """
+
+    def __init__(
+        self,
+        account: RedisAccount,
+        capacity: int | None,
+        *,
+        fairness_window: float = 2.0,
+        min_cooldown: float = MIN_COOLDOWN,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        rng: random.Random | None = None,
+    ) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.account = account
+        self.capacity = capacity
+        #: The account-wide limit in force, as last read from Redis.
+        self.limit = capacity if capacity is not None else UNKNOWN_CAPACITY_START
+        #: Units this process holds: by its running tasks and its creates in flight.
+        self.in_use = 0
+        #: Units this process holds for tasks Kling confirmed it created.
+        self.running = 0
+        #: Units held by every process of the account (orphans included), as last read.
+        self.account_in_use = 0
+        self.fairness_window = fairness_window
+        self.min_cooldown = min_cooldown
+        self.poll_interval = poll_interval
+        self._rng = rng or random.Random()
+        self._script = account.script(_scripts.LIMITER)
+        self._keys = [
+            *account.member_keys,
+            account.key("limiter"),
+            account.key("starving"),
+            account.key("last"),
+        ]
+        self._channel = account.key("freed")
+        self._ids = itertools.count()
+        self._queue: deque[_Waiter] = deque()
+        self._ops: list[_Op] = []
+        self._queued = 0  # operations ever queued
+        self._applied = 0  # operations applied in Redis
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+        #: This process's successful creates, and the account's 1303s as last read.
+        self.creates = 0
+        self.rejected_creates = 0
+        #: Round trips to Redis, and the time they took (for benchmarks).
+        self.calls = 0
+        self.call_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisLimiter {self.account.name!r} {self.in_use} units here, "
+            f"{self.account_in_use}/{self.limit} in the account (max {self.capacity}), "
+            f"{len(self._queue)} waiting>"
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Creates of this process queued for units."""
+        return len(self._queue)
+
+    # --- the Limiter protocol ---------------------------------------------------------
+
+    async def acquire(self, units: int, *, first: bool = False) -> None:
+        """Wait until ``units`` may be held, then hold them (see the class docstring)."""
+        if self._closed:
+            raise RuntimeError("the limiter is closed")
+        if self.capacity is not None and units > self.capacity:
+            raise ValueError(
+                f"a task of {units} units can never fit a quota of {self.capacity} units"
+            )
+        self._start()
+        waiter = _Waiter(
+            str(next(self._ids)),
+            units,
+            asyncio.get_running_loop().create_future(),
+            time.monotonic(),
+        )
+        if first:
+            self._queue.appendleft(waiter)
+        else:
+            self._queue.append(waiter)
+        self._kick()
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Admitted just as the caller gave up: nothing was created.
+                self.release(units, created=False)
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(waiter)
+                self._queue_op(["forget", 0, waiter.id])
+            raise
+
+    def release(self, units: int, *, created: bool = True) -> None:
+        """Give back units: the task ended, or (``created=False``) its create failed."""
+        self.in_use -= units
+        if created:
+            self.running -= units
+        self._queue_op(["release", units, int(created)])
+
+    def created(self, units: int) -> None:
+        """A create of ``units`` succeeded: the limit may grow, the spacing relax."""
+        self.creates += 1
+        self.running += units
+        self._queue_op(["created", units])
+
+    def observe(self, error: KlingError) -> None:
+        """Learn from a failed create: 1303 shrinks the limit, 1302 slows creates."""
+        if isinstance(error, ConcurrencyLimitError):
+            logger.info("concurrency quota full (1303): the account's limit shrinks")
+            self._queue_op(["1303", round(self._rng.uniform(1.0, 1.5) * 1000)])
+        elif isinstance(error, RateLimitError):
+            self._queue_op(["1302", 0])
+
+    def adopt(self, units: int) -> None:
+        """Count the units of a task already running on Kling that this process
+        takes over (resumed after a restart)."""
+        self.in_use += units
+        self.running += units
+        self._queue_op(["adopt", units])
+
+    # --- adoption of a dead member's tasks -----------------------------------------------
+
+    def adopting(self, owner: str) -> _AdoptingLimiter:
+        """This limiter, for tasks taken over from the dead member ``owner``:
+        their units move from its orphans to this process instead of being
+        counted twice."""
+        return _AdoptingLimiter(self, owner)
+
+    def adopt_from(self, owner: str, units: int) -> None:
+        """Take over ``units`` of a running task of the dead member ``owner``."""
+        self.in_use += units
+        self.running += units
+        self._queue_op(["adopt_from", units, owner])
+
+    def release_orphans(self, owner: str) -> None:
+        """Every task of ``owner`` that still runs was taken over: what is left
+        of its units held tasks that ended or creates that never landed."""
+        self._queue_op(["release_orphans", 0, owner])
+
+    # --- the background task ---------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Return once every change queued so far is applied in Redis."""
+        target = self._queued
+        if self._applied >= target or self._runner is None:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._flushes.append((target, future))
+        self._kick()
+        await future
+
+    def _queue_op(self, op: _Op) -> None:
+        if self._closed:
+            logger.debug("limiter closed; %s not applied", op[0])
+            return
+        self._ops.append(op)
+        self._queued += 1
+        self._start()
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _start(self) -> None:
+        """Start the background tasks on first use, on the running loop."""
+        if self._runner is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a sync call outside any loop: started by the next async one
+            return
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self._runner = loop.create_task(self._run(), name=f"kling-limiter-{self.account.member}")
+        self._listener = loop.create_task(
+            self._listen(), name=f"kling-limiter-listen-{self.account.member}"
+        )
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake_in: float | None = None
+        retry = _RETRY_FIRST
+        pending: tuple[int, list[_Op], list[_Waiter]] | None = None
+        while True:
+            if pending is None:
+                timeout = self.poll_interval if self._queue else None
+                if wake_in is not None:
+                    timeout = wake_in if timeout is None else min(timeout, wake_in)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                self._wake.clear()
+                waiters = [waiter for waiter in self._queue if not waiter.future.done()]
+                if not self._ops and not waiters:
+                    self._settle_flushes()
+                    if self._closed:
+                        return
+                    wake_in = None
+                    continue
+                self._seq += 1
+                pending = (self._seq, list(self._ops), waiters)
+            seq, ops, waiters = pending
+            try:
+                reply = await self._call(seq, ops, waiters)
+            except RedisError as error:
+                # Nothing was let through; the same call (same sequence number)
+                # is tried again, and Redis applies it at most once.
+                logger.warning("shared limiter: Redis unreachable (%s); retrying", error)
+                await asyncio.sleep(retry)
+                retry = min(_RETRY_MAX, retry * 2)
+                continue
+            retry = _RETRY_FIRST
+            pending = None
+            del self._ops[: len(ops)]
+            self._applied += len(ops)
+            wake_in = self._take(reply, waiters)
+            self._settle_flushes()
+
+    async def _call(self, seq: int, ops: list[_Op], waiters: list[_Waiter]) -> list[Any]:
+        now = time.monotonic()
+        lease, orphan_ttl = self.account.ms
+        args: list[str | int | float] = [
+            self.account.member,
+            lease,
+            orphan_ttl,
+            round(self.fairness_window * 1000),
+            "" if self.capacity is None else self.capacity,
+            str(seq),
+            json.dumps(ops, separators=(",", ":")),
+            json.dumps(
+                [[w.id, w.units, round((now - w.since) * 1000)] for w in waiters],
+                separators=(",", ":"),
+            ),
+            round(self.min_cooldown * 1000),
+            self._channel,
+            round(MAX_COOLDOWN * 1000),
+            round(MAX_CREATE_SPACING * 1000),
+            round(FIRST_CREATE_SPACING * 1000),
+            UNKNOWN_CAPACITY_START,
+        ]
+        started = time.perf_counter()
+        reply = await self._script(keys=self._keys, args=args)
+        self.calls += 1
+        self.call_seconds += time.perf_counter() - started
+        return list(reply)
+
+    def _take(self, reply: list[Any], waiters: list[_Waiter]) -> float | None:
+        """Admit what Redis admitted; return when to ask again by time alone."""
+        limit, in_use, wake, _creates, rejected, _running, *admitted = reply
+        self.limit = int(limit)
+        self.account_in_use = int(in_use)
+        self.rejected_creates = int(rejected)
+        by_id = {waiter.id: waiter for waiter in waiters}
+        for raw in admitted:
+            waiter = by_id[text(raw)]
+            self.in_use += waiter.units
+            with contextlib.suppress(ValueError):
+                self._queue.remove(waiter)
+            if waiter.future.done():  # its caller gave up meanwhile: nothing was sent
+                self.release(waiter.units, created=False)
+            else:
+                waiter.future.set_result(None)
+        wake_ms = int(wake)
+        return None if wake_ms < 0 else wake_ms / 1000 + 0.001
+
+    def _settle_flushes(self) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for target, future in self._flushes:
+            if self._applied >= target or self._closed:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((target, future))
+        self._flushes = still
+
+    async def _listen(self) -> None:
+        """Ask again as soon as any process announces a release."""
+        retry = _RETRY_FIRST
+        while True:
+            pubsub = self.account.redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                retry = _RETRY_FIRST
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and self._queue:
+                        self._kick()
+            except RedisError as error:
+                logger.debug("shared limiter: release announcements lost (%s)", error)
+                await asyncio.sleep(retry)
+                retry = min(_RETRY_MAX, retry * 2)
+            finally:
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Apply what is queued (for at most ``timeout`` seconds), then stop.
+        Creates still waiting fail with :class:`RuntimeError`. Idempotent."""
+        if self._closed:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout)
+        self._closed = True
+        for waiter in self._queue:
+            if not waiter.future.done():
+                waiter.future.set_exception(RuntimeError("the shared limiter was closed"))
+        self._queue.clear()
+        tasks = [task for task in (self._runner, self._listener) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._settle_flushes()
+
+
+class _AdoptingLimiter:
+    """A :class:`RedisLimiter` seen by the tasks of one dead member being taken
+    over: :meth:`adopt` moves units from the dead member's orphans."""
+
+    def __init__(self, limiter: RedisLimiter, owner: str) -> None:
+        self._limiter = limiter
+        self._owner = owner
+        self.capacity = limiter.capacity
+
+    async def acquire(self, units: int, *, first: bool = False) -> None:
+        await self._limiter.acquire(units, first=first)
+
+    def release(self, units: int, *, created: bool = True) -> None:
+        self._limiter.release(units, created=created)
+
+    def created(self, units: int) -> None:
+        self._limiter.created(units)
+
+    def observe(self, error: KlingError) -> None:
+        self._limiter.observe(error)
+
+    def adopt(self, units: int) -> None:
+        self._limiter.adopt_from(self._owner, units)

@@ -1,0 +1,77 @@
+"""The arq integration in one process: a burst worker built by worker_settings
+runs generate jobs against FakeKlingServer on loopback, on a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("arq", reason="the arq tests need the arq extra")
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from kling_async.contrib.arq import _rerun_dead_jobs, job_key, worker_settings
+from kling_async.contrib.redis import RedisAccount
+from kling_async.testing import FakeKlingServer, RedisServer
+from tests.conftest import API_KEY, FAST_POLL
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own
+async def test_generate_jobs_run_once_per_job_id(
+    redis_server: RedisServer, account_name: str
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, concurrency_limit=4, task_duration=0.1) as server:
+        settings = worker_settings(
+            capacity=4,
+            redis_url=redis_server.url,
+            account=account_name,
+            member="in-process",
+            client_options={"api_key": API_KEY, "base_url": server.url, "polling": FAST_POLL},
+            queue_name=f"arq:{account_name}",
+            burst=True,
+            handle_signals=False,
+            poll_delay=0.05,
+        )
+        pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+        try:
+            for number in range(6):
+                await pool.enqueue_job(
+                    "generate",
+                    {"prompt": "[fail] nope" if number == 5 else f"p{number}", "n": 2},
+                    _job_id=f"{account_name}:{number}",
+                    _queue_name=f"arq:{account_name}",
+                )
+            worker = Worker(**settings)
+            await worker.main()
+            await worker.close()
+            assert worker.jobs_complete == 6
+            assert worker.jobs_failed == 0
+            results = [
+                await pool._get_job_result(f"arq:result:{account_name}:{number}".encode())
+                for number in range(6)
+            ]
+        finally:
+            await pool.aclose()
+        statuses = sorted(result.result["status"] for result in results)
+        assert statuses == ["failed", *["succeed"] * 5]  # a failed task is a result
+        assert all(len(r.result["images"]) == 2 for r in results if r.result["status"] == "succeed")
+        assert len(server.tasks) == 6
+        assert server.peak_units <= 4
+        assert job_key("x") == "arq:x"
+
+
+async def test_a_dead_workers_jobs_are_released_to_run_again(
+    redis: Redis, account_name: str
+) -> None:
+    async with RedisAccount(redis, name=account_name, lease=0.2) as survivor:
+        await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)
+        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")
+        await redis.set(in_progress_key_prefix + "job-1", b"1")
+        await redis.set(in_progress_key_prefix + "job-2", b"1")
+        await _rerun_dead_jobs(survivor)
+        assert await redis.exists(in_progress_key_prefix + "job-1") == 0
+        assert await redis.exists(in_progress_key_prefix + "job-2") == 0
+        assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}
