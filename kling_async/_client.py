@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -128,6 +129,8 @@ class Client:
         )
         # Without max_concurrency, batches share a limiter that learns the quota.
         self._learned_limiter: ConcurrencyLimiter | None = None
+        #: The client a with_options() copy was made from (it closes everything).
+        self._view_of: Client | None = None
         # Journals this client opened from a path: it closes them.
         self._journals: dict[Path, Journal] = {}
         if journal is not None:
@@ -143,6 +146,28 @@ class Client:
         )
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker, self._submissions)
+
+    def with_options(
+        self,
+        *,
+        timeout: float | aiohttp.ClientTimeout | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Client:
+        """This client with another request ``timeout`` or ``retry`` policy, for the
+        calls made through it: ``await client.with_options(timeout=5).images.get(id)``.
+
+        The copy shares everything else with this client (its connection pool,
+        credentials, concurrency limiter, ledger, callbacks and the tasks it
+        tracks), so it costs nothing to make and needs no closing: closing this
+        client ends its copies too.
+        """
+        view = copy.copy(self)
+        checked = _checked_settings(timeout, 1, None) if timeout is not None else None
+        view._transport = self._transport.derived(timeout=checked, retry=retry)
+        view._submissions = self._submissions.with_transport(view._transport)
+        view.images = Images(view._transport, self._tracker, view._submissions)
+        view._view_of = self
+        return view
 
     @property
     def ledger(self) -> Ledger:
@@ -275,6 +300,8 @@ class Client:
         :class:`ClientClosedError`, every concurrency unit this client's tasks
         held is given back, and the session is closed.
         """
+        if self._view_of is not None:
+            return  # a with_options() copy owns nothing: its client closes it all
         if self._transport.closed:
             return
         await self._submissions.close()

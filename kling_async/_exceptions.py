@@ -6,6 +6,7 @@
     ├── ValidationError (also a ValueError)   a request is invalid; nothing was sent
     ├── ConfigurationError (also a ValueError) credentials or settings are missing or wrong
     ├── ClientClosedError                     the client was closed while work was pending
+    ├── EventLoopError (also a RuntimeError)  a client used on two running event loops
     ├── TransportError                        the API could not be reached (connection, timeout)
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
     ├── TaskTimeoutError (also a TimeoutError) a wait ran out; the handle stays usable
@@ -39,6 +40,7 @@ __all__ = [
     "ConcurrencyLimitError",
     "ConfigurationError",
     "ContentPolicyError",
+    "EventLoopError",
     "InvalidRequestError",
     "KlingError",
     "NotFoundError",
@@ -85,6 +87,12 @@ class ConfigurationError(KlingError, ValueError):
     """The client is missing credentials or was given a setting it cannot use
     (an empty key, a ``base_url`` that is not an http(s) URL, a timeout that is
     not positive, ...). Also a ``ValueError``, as a bad argument value is."""
+
+
+class EventLoopError(KlingError, RuntimeError):
+    """A :class:`~kling_async.Client` was used on an event loop while still in use on
+    another. A client serves one event loop at a time (used again after its loop
+    ended, as by a second ``asyncio.run()``, it simply starts afresh)."""
 
 
 class ClientClosedError(KlingError):

@@ -23,6 +23,7 @@ held.
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import logging
 import secrets
@@ -188,7 +189,22 @@ class Submissions:
         self._live: set[Submission] = set()
         self._held: dict[TaskState, _HeldUnits] = {}
         self._closing = False
+        self._origin: Submissions | None = None  # the owner a with_transport view shares
         tracker.on_news = self._note
+
+    def with_transport(self, transport: Transport) -> Submissions:
+        """This owner, sending its creates through ``transport`` (a
+        ``with_options`` view): it shares everything else, creates in flight and
+        units held included, so the client's ``close()`` covers both."""
+        view = copy.copy(self)
+        view._transport = transport
+        view._origin = self._origin or self
+        return view
+
+    @property
+    def closing(self) -> bool:
+        """True once the client's ``close()`` began: no create starts any more."""
+        return (self._origin or self)._closing
 
     # --- starting ---------------------------------------------------------------
 
@@ -224,7 +240,7 @@ class Submissions:
         external_task_id before sending anything: a create resumed after a crash
         may have landed already.
         """
-        if self._closing or self._transport.closed:
+        if self.closing or self._transport.closed:
             raise ClientClosedError("the client is closed; create a new Client")
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
@@ -514,7 +530,7 @@ class Submissions:
             return
         if error is not None:
             future.set_exception(error)
-        elif self._closing:
+        elif self.closing:
             closed = ClientClosedError("the client was closed before the create was sent")
             future.set_exception(
                 for_create(closed, submission.external_task_id, "nothing was created")

@@ -169,6 +169,7 @@ class Tracker:
         self._creating: set[str] = set()
         self._early: dict[str, tuple[Task, bool]] = {}  # the task, and whether to confirm
         self._pollers: dict[Endpoint, Poller] = {}
+        self._pollers_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         #: Running typical lifetime of this client's tasks, in seconds.
         self.typical_duration: float | None = None
@@ -314,8 +315,16 @@ class Tracker:
         if state.wanted and not self._closed:
             self._poller(state.endpoint).add(state)
 
+    def _current_pollers(self) -> dict[Endpoint, Poller]:
+        """The pollers of the running loop: those of a loop that ended (a client
+        used again by a second ``asyncio.run()``) are dead, and are dropped."""
+        loop = asyncio.get_running_loop()
+        if self._pollers_loop is not loop:
+            self._pollers, self._pollers_loop = {}, loop
+        return self._pollers
+
     def _poller(self, endpoint: Endpoint) -> Poller:
-        poller = self._pollers.get(endpoint)
+        poller = self._current_pollers().get(endpoint)
         if poller is None:
             from ._polling import Poller
 
@@ -328,7 +337,8 @@ class Tracker:
             return
         self._closed = True
         await asyncio.gather(
-            *(poller.close() for poller in self._pollers.values()), return_exceptions=True
+            *(poller.close() for poller in self._current_pollers().values()),
+            return_exceptions=True,
         )
         closed = ClientClosedError(
             "the client was closed while waiting; the task keeps running on Kling's side, "

@@ -16,6 +16,7 @@ them the token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import platform
@@ -36,6 +37,7 @@ from ._exceptions import (
     AuthenticationError,
     ClientClosedError,
     ConfigurationError,
+    EventLoopError,
     KlingError,
     TransportError,
     is_retryable,
@@ -84,12 +86,32 @@ class Transport:
         self._max_connections = max_connections
         self._session = session
         self._owns_session = session is None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # A view made by derived(): it borrows this transport's session.
+        self._parent: Transport | None = None
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
+        """True once :meth:`close` was called (on this transport or, for a view,
+        on the one it borrows its session from)."""
+        return self._closed or (self._parent is not None and self._parent.closed)
+
+    def derived(
+        self, *, timeout: aiohttp.ClientTimeout | None = None, retry: RetryPolicy | None = None
+    ) -> Transport:
+        """A view with its own timeout and retry policy on this transport's session
+        and credentials (``client.with_options``); closing it closes nothing."""
+        view = Transport(
+            base_url=self.base_url,
+            credentials=self._credentials,
+            timeout=timeout or self._timeout,
+            max_connections=self._max_connections,
+            retry=retry or self.retry,
+        )
+        view._owns_session = False
+        view._parent = self._parent or self
+        return view
 
     @property
     def request_timeout(self) -> float | None:
@@ -102,10 +124,28 @@ class Transport:
         return self._owns_session and self._session is not None and not self._session.closed
 
     def session(self) -> aiohttp.ClientSession:
-        """The session, created on first use on the running event loop."""
+        """The session, created on first use on the running event loop.
+
+        A session is bound to its event loop. Used again after that loop ended
+        (a second ``asyncio.run()``), the client starts a new one: the old one's
+        connections are closed on the spot, as its loop can no longer do it.
+        """
+        if self._parent is not None:
+            return self._parent.session()
         if self._closed:
             raise ClientClosedError("the client is closed; create a new Client")
+        loop = asyncio.get_running_loop()
+        if self._owns_session and self._session is not None and self._session_loop is not loop:
+            assert self._session_loop is not None
+            if not self._session_loop.is_closed():
+                raise EventLoopError(
+                    "this Client is in use on another event loop that is still running; "
+                    "a Client serves one event loop at a time: make one per loop (thread)"
+                )
+            _discard_stranded(self._session)
+            self._session = None
         if self._session is None:
+            self._session_loop = loop
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self._max_connections, limit_per_host=self._max_connections
@@ -123,7 +163,11 @@ class Transport:
             return
         self._closed = True
         session, self._session = self._session, None
-        if session is not None and self._owns_session:
+        if session is None or not self._owns_session:
+            return
+        if self._session_loop is not None and self._session_loop.is_closed():
+            _discard_stranded(session)  # its loop ended: aiohttp could not close it
+        else:
             await session.close()
 
     # --- requests ---------------------------------------------------------------
@@ -229,6 +273,7 @@ class Transport:
                 params=request.params,
                 json=request.body,
                 headers={"Authorization": authorization},
+                timeout=self._timeout,  # a with_options() view's own, on a shared session
                 # A caller's session may raise for every 4xx: Kling's error
                 # bodies are what tells a 1303 from a 1201, so read them.
                 raise_for_status=False,
@@ -311,6 +356,34 @@ class Transport:
             failure = TransportError(f"GET {url} failed ({type(error).__name__}: {error})")
         if failure is not None:
             _raise_without_context(failure)  # aiohttp's exception may carry headers
+
+
+def _discard_stranded(session: aiohttp.ClientSession) -> None:
+    """Close the connections of a session whose event loop has ended.
+
+    aiohttp closes connections through their loop, which is gone, so they would
+    stay open until garbage collection (with a ResourceWarning each). Each
+    transport is aborted and its socket closed directly; aiohttp's own
+    bookkeeping is then marked closed so that it does not warn either. Any step
+    that fails falls back to the garbage collector.
+    """
+    connector = session.connector
+    if connector is not None:
+        idle = getattr(connector, "_conns", {})
+        protocols = [proto for connections in idle.values() for proto, _ in connections]
+        protocols += list(getattr(connector, "_acquired", ()))
+        for protocol in protocols:
+            transport = getattr(protocol, "transport", None)
+            if transport is None:
+                continue
+            with contextlib.suppress(Exception):
+                transport.abort()  # unregisters it, then fails to schedule the rest
+            with contextlib.suppress(Exception):
+                transport._call_connection_lost(None)  # ... which closes the socket now
+        with contextlib.suppress(Exception):
+            connector._close()
+    with contextlib.suppress(Exception):
+        session.detach()
 
 
 def _raise_without_context(failure: KlingError, cause: BaseException | None = None) -> NoReturn:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +26,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.conftest import API_KEY, FAST_POLL, FAST_RETRY, make_client
 from tests.imagedata import png
 
 
@@ -303,3 +308,102 @@ async def test_updates_can_be_closed_early(
     state = client._tracker.find(Endpoint.GENERATIONS, handle.task_id)
     assert state is not None
     assert state.interest == 0
+
+
+# --- one client, several event loops; per-call options ---------------------------------------
+
+
+@pytest.fixture
+def fake_process_url() -> Iterator[str]:
+    """A fake Kling server in its own process: it outlives the test's event loops."""
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async.testing",
+            "--port",
+            "0",
+            "--api-key",
+            API_KEY,
+            "--task-duration",
+            "0.1",
+            "--exit-with-stdin",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        try:
+            yield json.loads(process.stdout.readline())["url"]
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_a_client_used_by_two_asyncio_runs_works_in_both_and_leaks_nothing(
+    fake_process_url: str,
+) -> None:
+    # Defect: the second asyncio.run() failed with aiohttp's raw "Event loop is
+    # closed", and the first session's socket leaked (a ResourceWarning, an error
+    # under this suite's settings).
+    client = make_client_for(fake_process_url)
+
+    async def generate() -> str:
+        task = await (await client.images.generate(prompt="a fox"))
+        return task.task_id
+
+    first = asyncio.run(generate())
+    second = asyncio.run(generate())
+    assert first != second
+    asyncio.run(client.close())
+    assert client.closed
+    gc.collect()
+
+
+def test_a_client_in_use_on_a_running_loop_refuses_a_second_one(fake_process_url: str) -> None:
+    client = make_client_for(fake_process_url)
+    started = threading.Event()
+    release = threading.Event()
+
+    async def hold() -> None:
+        await client.images.generate(prompt="a fox")
+        started.set()
+        await asyncio.to_thread(release.wait)
+        await client.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(kling_async.EventLoopError, match="one event loop at a time"):
+            asyncio.run(client.images.generate(prompt="elsewhere"))
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def make_client_for(url: str) -> kling_async.Client:
+    return kling_async.Client(API_KEY, base_url=url, polling=FAST_POLL, retry=FAST_RETRY)
+
+
+async def test_with_options_overrides_timeout_and_retry_per_call(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    handle = await client.images.generate(prompt="a fox")
+    server.inject("delay", route="get", delay=0.5, times=None)
+    hasty = client.with_options(timeout=0.1, retry=kling_async.RetryPolicy(max_attempts=1))
+    with pytest.raises(kling_async.TransportError):
+        await hasty.images.get(handle.task_id)
+    assert len(server.requests_for("get")) == 1  # one try: the copy's retry policy
+    task = await client.images.get(handle.task_id)  # the client itself is unchanged
+    assert task.task_id == handle.task_id
+    server.clear_faults()
+    made = await hasty.images.generate(prompt="through the copy")
+    assert made.task_id in server.tasks
+    await hasty.close()  # a copy owns nothing
+    assert not client.closed
+    await client.close()
+    assert hasty.closed
+    with pytest.raises(kling_async.ClientClosedError):
+        await hasty.images.generate(prompt="after close")
