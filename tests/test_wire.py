@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -15,6 +16,7 @@ from kling_async import (
     AuthenticationError,
     ConcurrencyLimitError,
     ContentPolicyError,
+    ImageGenerationRequest,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -28,6 +30,7 @@ from kling_async._exceptions import is_ambiguous, is_retryable
 from kling_async._models import Endpoint
 from kling_async._wire import (
     Envelope,
+    create_request,
     get_request,
     list_request,
     parse_envelope,
@@ -35,6 +38,7 @@ from kling_async._wire import (
     parse_task,
     parse_task_list,
 )
+from tests.imagedata import png
 
 
 def body(code: int, message: str = "m", **extra: Any) -> bytes:
@@ -358,3 +362,17 @@ def test_request_paths_work_under_any_root() -> None:
     for page, size in ((0, 10), (1001, 10), (1, 0), (1, 501)):
         with pytest.raises(ValueError, match="must be between"):
             list_request(Endpoint.GENERATIONS, page, size)
+
+
+def test_a_wire_request_s_repr_holds_neither_the_callback_token_nor_the_images() -> None:
+    # r14: the repr printed the callback URL's token and whole base64 images.
+    image = base64.b64encode(png(400, 400)).decode()
+    token = "tok" + "0" * 40
+    request = ImageGenerationRequest(
+        prompt="p", image=image, callback_url=f"https://hooks.example.com/kling/ext/{token}"
+    )
+    text = repr(create_request(request))
+    assert token not in text
+    assert image[:100] not in text
+    assert "callback_url" in text  # the fields are named
+    assert len(text) < 300
