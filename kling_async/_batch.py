@@ -33,6 +33,7 @@ from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import Limiter
 from ._models import Task, TaskRequest, TaskStatus
+from ._resources import ready
 from ._wire import converter, request_body
 
 if TYPE_CHECKING:
@@ -234,10 +235,16 @@ class Batch:
                 # a large one that does not fit yet.
                 await self._lookahead.acquire()
                 self._outstanding += 1
-                if self._journal is None:
-                    self._start(index, request)
+                try:
+                    request = await ready(request)  # its image files read, off the loop
+                except KlingError as error:  # a file that cannot be used: nothing sent
+                    self._lookahead.release()
+                    self._ended_create(index, request, error)
                 else:
-                    await self._resume_or_start(index, request, self._journal)
+                    if self._journal is None:
+                        self._start(index, request)
+                    else:
+                        await self._resume_or_start(index, request, self._journal)
                 index += 1
         except Exception as error:  # the caller's own request iterator failed
             self._results.put_nowait(error)

@@ -129,22 +129,37 @@ def check_image(data: bytes, field: str) -> ImageInfo:
     return info
 
 
-def encode_image(value: object, field: str) -> WireImage:
-    """Normalise one image input to its wire form, validating it on the way.
+@attrs.frozen
+class ImageFile:
+    """An image given as a file, not read yet: :func:`read_image_file` reads and
+    checks it. Building a request does no I/O; the client reads every such file
+    (off the event loop) before it sends the request."""
+
+    path: Path
+    #: The text the caller gave, for messages about a file that is not there.
+    given: str = attrs.field(eq=False)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def encode_image(value: object, field: str) -> WireImage | ImageFile:
+    """Normalise one image input to its wire form, validating it on the way;
+    a file comes back as an :class:`ImageFile` to read (this does no I/O).
 
     Strings are read as, in order: an http(s) URL (any case of the scheme), a
-    ``data:`` URL, the path of a file, base64. Bytes are the file's contents.
-    A rejection says what is wrong with the thing given: a URL of another
-    scheme, a directory, a missing file, or data that is not a JPEG or PNG.
+    ``data:`` URL, base64 of a JPEG or PNG, a file path. Bytes are the file's
+    contents. A rejection says what is wrong with the thing given: a URL of
+    another scheme, a suffix Kling refuses, or data that is not a JPEG or PNG.
     """
-    if isinstance(value, WireImage):
+    if isinstance(value, (WireImage, ImageFile)):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         check_image(data, field)
         return WireImage(base64.b64encode(data).decode("ascii"))
     if isinstance(value, os.PathLike):
-        return _encode_file(Path(value), field)
+        return _image_file(Path(value), str(value), field)
     if not isinstance(value, str):
         raise ValidationError(
             field, f"expected a path, bytes, URL or base64 string, got {type(value).__name__}"
@@ -168,13 +183,30 @@ def encode_image(value: object, field: str) -> WireImage:
                 field, "a data: URL must be of the form data:image/...;base64,..."
             )
         return _encode_base64(payload, field)
-    # Base64 has no "." and no backslash, so a string with either can only be a path.
-    if len(text) <= _MAX_PATH_LENGTH and (os.path.exists(text) or any(c in text for c in ".\\")):
-        return _encode_file(Path(text), field)
-    return _encode_base64(text, field, maybe_path=True)
+    # Base64 has no "." and no backslash: a string with either can only be a path.
+    if len(text) <= _MAX_PATH_LENGTH and not any(c in text for c in ".\\"):
+        decoded = _decode_base64(text)
+        if decoded is not None and (sniff_image(decoded) or len(text) > _MAX_NAME_LENGTH):
+            return _checked_base64(decoded, text, field)
+    if len(text) <= _MAX_PATH_LENGTH and (
+        any(c in text for c in ".\\") or len(text) <= _MAX_NAME_LENGTH
+    ):
+        return _image_file(Path(text), text, field)
+    return _encode_base64(text, field)
 
 
-def _encode_file(path: Path, field: str) -> WireImage:
+def _image_file(path: Path, given: str, field: str) -> ImageFile:
+    suffix = path.suffix.lower()
+    if suffix and suffix not in (".png", ".jpg", ".jpeg"):
+        raise ValidationError(field, f"{path.name}: Kling accepts .jpg, .jpeg and .png files")
+    return ImageFile(path, given)
+
+
+def read_image_file(image: ImageFile, field: str) -> WireImage:
+    """Read an image file and check it as Kling would (the one image function
+    that does I/O): a directory, a device, a missing or oversized file is a
+    :class:`ValidationError` naming ``field``, raised before reading megabytes."""
+    path = image.path
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
@@ -189,36 +221,36 @@ def _encode_file(path: Path, field: str) -> WireImage:
             )
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ValidationError(field, f"image file {path} does not exist") from None
+        given = image.given.strip()
+        if "/" in given or os.sep in given or "." in given or "\\" in given:
+            raise ValidationError(field, f"image file {path} does not exist") from None
+        raise ValidationError(
+            field,
+            f"{given!r} is not an http(s) URL, an existing file, or base64 JPEG or PNG data",
+        ) from None
     except OSError as error:
         raise ValidationError(field, f"cannot read image file {path}: {error.strerror}") from None
-    suffix = path.suffix.lower()
-    if suffix and suffix not in (".png", ".jpg", ".jpeg"):
-        raise ValidationError(field, f"{path.name}: Kling accepts .jpg, .jpeg and .png files")
     check_image(data, field)
     return WireImage(base64.b64encode(data).decode("ascii"))
 
 
-def _encode_base64(text: str, field: str, *, maybe_path: bool = False) -> WireImage:
-    """Decode and check base64 image data. With ``maybe_path``, ``text`` may as
-    well have been meant as a file name: a short string that is not base64 of an
-    image is then reported as what it more likely is, a file that is not there."""
-    compact = "".join(text.split())
+def _decode_base64(text: str) -> bytes | None:
     try:
-        data: bytes | None = base64.b64decode(compact, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        data = None
-    looks_like_data = data is not None and (
-        sniff_image(data) is not None or len(text) > _MAX_NAME_LENGTH
-    )
-    if data is not None and (looks_like_data or not maybe_path):
-        check_image(data, field)
-        return WireImage(compact)
-    if maybe_path and len(text) <= _MAX_NAME_LENGTH:
-        if "/" in text or os.sep in text:
-            raise ValidationError(field, f"image file {text} does not exist")
+        return None
+
+
+def _checked_base64(data: bytes, text: str, field: str) -> WireImage:
+    check_image(data, field)
+    return WireImage("".join(text.split()))
+
+
+def _encode_base64(text: str, field: str) -> WireImage:
+    """Decode and check base64 image data."""
+    data = _decode_base64(text)
+    if data is None:
         raise ValidationError(
-            field,
-            f"{text!r} is not an http(s) URL, an existing file, or base64 JPEG or PNG data",
+            field, "not an http(s) URL, an existing file, or valid base64 image data"
         )
-    raise ValidationError(field, "not an http(s) URL, an existing file, or valid base64 image data")
+    return _checked_base64(data, text, field)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from ._exceptions import ValidationError
-from ._image_input import ImageInput, WireImage, encode_image
+from ._image_input import ImageFile, ImageInput, WireImage, encode_image
 from ._urls import is_http_url, redacted_url
 
 __all__ = [
@@ -36,6 +36,12 @@ __all__ = [
     "redacted_url",
     "request_from_mapping",
 ]
+
+#: An image field's value once built: in wire form, or a file still to read.
+Image = WireImage | ImageFile
+#: attrs metadata marking the fields that hold images (the client reads the
+#: files among them before sending).
+IMAGE_FIELD = {"image": True}
 
 MAX_PROMPT_LENGTH = 2500
 MAX_REFERENCES = 10
@@ -243,15 +249,15 @@ def _multi_image_model(value: str | None) -> str:
 
 
 # attrs converters cannot be told which field they convert, hence one per field.
-def _image(value: ImageInput | None) -> WireImage | None:
+def _image(value: ImageInput | None) -> Image | None:
     return None if value is None else encode_image(value, "image")
 
 
-def _scene_image(value: ImageInput | None) -> WireImage | None:
+def _scene_image(value: ImageInput | None) -> Image | None:
     return None if value is None else encode_image(value, "scene_image")
 
 
-def _style_image(value: ImageInput | None) -> WireImage | None:
+def _style_image(value: ImageInput | None) -> Image | None:
     return None if value is None else encode_image(value, "style_image")
 
 
@@ -272,7 +278,7 @@ def _element_ids(value: Iterable[int]) -> tuple[int, ...]:
     return ids
 
 
-def _subject_images(value: Sequence[ImageInput]) -> tuple[WireImage, ...]:
+def _subject_images(value: Sequence[ImageInput]) -> tuple[Image, ...]:
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
         raise ValidationError("subject_images", "must be a list of 1 to 4 images")
     if not 1 <= len(value) <= MAX_SUBJECT_IMAGES:
@@ -317,7 +323,7 @@ class ImageGenerationRequest(TaskRequest):
         default="kling-v3", converter=_generation_model, validator=_model_name
     )
     negative_prompt: str | None = attrs.field(default=None, validator=_text(required=False))
-    image: WireImage | None = attrs.field(default=None, converter=_image)
+    image: Image | None = attrs.field(default=None, converter=_image, metadata=IMAGE_FIELD)
     image_reference: str | None = attrs.field(default=None, validator=_one_of(IMAGE_REFERENCES))
     image_fidelity: float | None = attrs.field(default=None, validator=_fraction)
     human_fidelity: float | None = attrs.field(default=None, validator=_fraction)
@@ -350,13 +356,17 @@ class MultiImageRequest(TaskRequest):
 
     endpoint: ClassVar[Endpoint] = Endpoint.MULTI_IMAGE
 
-    subject_images: tuple[WireImage, ...] = attrs.field(converter=_subject_images)
+    subject_images: tuple[Image, ...] = attrs.field(converter=_subject_images, metadata=IMAGE_FIELD)
     prompt: str | None = attrs.field(default=None, validator=_text(required=False))
     model_name: str = attrs.field(
         default="kling-v2", converter=_multi_image_model, validator=_model_name
     )
-    scene_image: WireImage | None = attrs.field(default=None, converter=_scene_image)
-    style_image: WireImage | None = attrs.field(default=None, converter=_style_image)
+    scene_image: Image | None = attrs.field(
+        default=None, converter=_scene_image, metadata=IMAGE_FIELD
+    )
+    style_image: Image | None = attrs.field(
+        default=None, converter=_style_image, metadata=IMAGE_FIELD
+    )
 
 
 RequestT = TypeVar("RequestT", bound=TaskRequest)
@@ -416,3 +426,25 @@ def request_from_mapping(data: Mapping[str, Any]) -> TaskRequest:
         MultiImageRequest if fields.get("subject_images") is not None else ImageGenerationRequest
     )
     return build_request(cls, fields)
+
+
+_image_field_names: dict[type[TaskRequest], tuple[str, ...]] = {}
+
+
+def image_fields(cls: type[TaskRequest]) -> tuple[str, ...]:
+    """The names of ``cls``'s fields that hold images."""
+    names = _image_field_names.get(cls)
+    if names is None:
+        names = tuple(field.name for field in attrs.fields(cls) if field.metadata.get("image"))
+        _image_field_names[cls] = names
+    return names
+
+
+def unread_files(request: TaskRequest) -> bool:
+    """Whether ``request`` has an image given as a file not read yet."""
+    for name in image_fields(type(request)):
+        value = getattr(request, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(item, ImageFile) for item in values):
+            return True
+    return False

@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, TypeVar
 
+import attrs
+
 from ._handle import TaskHandle
-from ._image_input import ImageInput
+from ._image_input import ImageFile, ImageInput, read_image_file
 from ._models import (
     Endpoint,
     ImageGenerationRequest,
@@ -15,6 +17,8 @@ from ._models import (
     Task,
     TaskRequest,
     build_request,
+    image_fields,
+    unread_files,
 )
 from ._submissions import Submissions, new_external_task_id
 from ._tracking import Tracker
@@ -32,14 +36,38 @@ __all__ = ["Images"]
 
 RequestT = TypeVar("RequestT", bound=TaskRequest)
 
-_IMAGE_FIELDS = ("image", "subject_images", "scene_image", "style_image")
+
+def read_image_files(request: RequestT) -> RequestT:
+    """``request`` with every image it was given as a file read and checked:
+    the one step between building a request and sending it that does I/O.
+    A file that cannot be used is a :class:`ValidationError` naming its field."""
+    changes: dict[str, Any] = {}
+    for name in image_fields(type(request)):
+        value = getattr(request, name)
+        if isinstance(value, ImageFile):
+            changes[name] = read_image_file(value, name)
+        elif isinstance(value, tuple) and any(isinstance(item, ImageFile) for item in value):
+            changes[name] = tuple(
+                read_image_file(item, f"{name}[{position}]")
+                if isinstance(item, ImageFile)
+                else item
+                for position, item in enumerate(value)
+            )
+    return attrs.evolve(request, **changes) if changes else request
+
+
+async def ready(request: RequestT) -> RequestT:
+    """:func:`read_image_files`, off the event loop when there is a file to read."""
+    if unread_files(request):
+        return await asyncio.to_thread(read_image_files, request)
+    return request
 
 
 async def _build(cls: type[RequestT], fields: dict[str, Any]) -> RequestT:
-    """Build and validate a request, keeping file reads and base64 encoding of
-    megabyte images off the event loop."""
-    if any(fields.get(name) is not None for name in _IMAGE_FIELDS):
-        return await asyncio.to_thread(build_request, cls, fields)
+    """Build and validate a request, then read its image files: off the event
+    loop when images are given, as base64 of megabyte images costs CPU too."""
+    if any(fields.get(name) is not None for name in image_fields(cls)):
+        return await asyncio.to_thread(lambda: read_image_files(build_request(cls, fields)))
     return build_request(cls, fields)
 
 
@@ -158,7 +186,7 @@ class Images:
         the call while the create is on the wire does not lose the task: it
         settles in the background, stays attached to the client, and is logged.
         """
-        return await self._submissions.submit(request)
+        return await self._submissions.submit(await ready(request))
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
         """Fetch one task by its task_id or external_task_id."""

@@ -23,6 +23,7 @@ import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
 
 import aiohttp
@@ -313,7 +314,9 @@ class Transport:
             # Anything else is chained, for its traceback.
             _raise_without_context(failure, cause=unexpected)
         try:
-            envelope = parse_envelope(status, body, headers)
+            # The wire layer reads no clock: a Retry-After date needs the time.
+            now = datetime.now(timezone.utc) if "Retry-After" in headers else None
+            envelope = parse_envelope(status, body, headers, now=now)
         except APIError as error:
             logger.debug(
                 "%s %s -> HTTP %s, code %s, request_id %s in %.3fs",

@@ -30,6 +30,7 @@ from ._models import (
     Task,
     TaskRequest,
     TaskStatus,
+    unread_files,
 )
 
 __all__ = [
@@ -325,7 +326,13 @@ class WireRequest:
 
 
 def request_body(request: TaskRequest) -> dict[str, Any]:
-    """The JSON body Kling expects for ``request``, unset fields left out."""
+    """The JSON body Kling expects for ``request``, unset fields left out.
+
+    Images given as files must have been read (the client does it before
+    sending): a body never carries a file's path in place of its contents.
+    """
+    if unread_files(request):
+        raise ValueError("the request's image files must be read before it is sent")
     body: dict[str, Any] = converter.unstructure(request)
     return body
 
@@ -368,9 +375,10 @@ class Envelope:
     http_status: int = 200
 
 
-def parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds, fractional accepted, or an
-    HTTP date); ``None`` when absent or unreadable."""
+    HTTP date, counted from ``now``); ``None`` when absent or unreadable, or for a
+    date when ``now`` is not given (this function reads no clock)."""
     if not value:
         return None
     text = value.strip()
@@ -381,9 +389,11 @@ def parse_retry_after(value: str | None) -> float | None:
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError):
             return None
+        if now is None:
+            return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+        seconds = (when - now).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
@@ -407,14 +417,20 @@ def _malformed(
     )
 
 
-def parse_envelope(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Envelope:
+def parse_envelope(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    *,
+    now: datetime | None = None,
+) -> Envelope:
     """Read Kling's ``{code, message, request_id, data}`` envelope.
 
     Returns the envelope when ``code`` is 0 and the HTTP status is a success;
     otherwise raises the :class:`APIError` subclass for the code (or for the HTTP
     status when the body is not an envelope), never a bare JSON or key error.
     """
-    retry_after = parse_retry_after((headers or {}).get("Retry-After"))
+    retry_after = parse_retry_after((headers or {}).get("Retry-After"), now)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -76,12 +76,14 @@ from ._models import (
     TaskStatus,
     request_from_mapping,
 )
+from ._resources import read_image_files
 from ._urls import url_scheme
 from ._wire import converter
 
 __all__ = ["main"]
 
 T = TypeVar("T")
+RequestT = TypeVar("RequestT", bound=TaskRequest)
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_ERROR = 1
@@ -663,10 +665,11 @@ def main(
     )
 
 
-def _validated(settings: Settings, build: Callable[[], T]) -> T:
-    """Build a request, reporting a ValidationError by the flag that set the field."""
+def _validated(settings: Settings, build: Callable[[], RequestT]) -> RequestT:
+    """Build a request and read its image files, reporting a ValidationError by
+    the flag that set the field, before anything is sent."""
     settings.flags = FLAGS
-    return build()
+    return read_image_files(build())
 
 
 @_command(main)
@@ -965,7 +968,7 @@ def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict
                 data = {"prompt": data}
             elif isinstance(data, dict):
                 data = _resolved_images(data, path.parent)
-            requests.append((number, request_from_mapping(data)))
+            requests.append((number, read_image_files(request_from_mapping(data))))
         except ValueError as error:
             if not isinstance(error, ValidationError):
                 error = ValidationError("line", f"is not JSON ({error})")

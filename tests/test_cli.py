@@ -684,9 +684,7 @@ def test_a_timeout_says_how_to_check_on_the_task_from_the_cli(tmp_path: Path) ->
 def test_errors_speak_of_flags_not_sdk_fields(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     good.write_bytes(png(400, 400))
-    result = invoke(
-        "multi-image", "--subject", str(good), "--subject", str(tmp_path), "--style", "ftp://x/y"
-    )
+    result = invoke("multi-image", "--subject", str(good), "--subject", str(tmp_path))
     assert result.exit_code == 2
     assert f"invalid --subject #2: {tmp_path} is a directory, not an image file" in result.stderr
     assert "subject_images" not in result.stderr

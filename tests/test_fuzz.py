@@ -33,6 +33,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async._models import ASPECT_RATIOS, IMAGE_REFERENCES, RESOLUTIONS
+from kling_async._resources import read_image_files
 from kling_async._wire import (
     Envelope,
     parse_created,
@@ -252,7 +253,7 @@ def test_a_broken_constraint_raises_validation_error_naming_the_field(
         fields.pop("negative_prompt", None)
     assume(not (name == "image_reference" and "image" not in fields))
     with pytest.raises(ValidationError) as caught:
-        ImageGenerationRequest(**fields)
+        read_image_files(ImageGenerationRequest(**fields))  # built, then its files read
     assert caught.value.field.split("[")[0] == name
 
 

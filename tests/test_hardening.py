@@ -33,6 +33,7 @@ from kling_async import (
 from kling_async._exceptions import error_class_for, is_retryable
 from kling_async._image_input import sniff_image
 from kling_async._models import Endpoint
+from kling_async._resources import read_image_files
 from kling_async._tracking import TaskState
 from kling_async._wire import parse_envelope
 from kling_async.testing import FakeKlingServer
@@ -286,7 +287,7 @@ def test_images_given_as_paths_are_checked(tmp_path: Path) -> None:
     small = tmp_path / "small.png"
     small.write_bytes(png(100, 100))
     with pytest.raises(ValidationError) as caught:
-        ImageGenerationRequest(prompt="p", image=small)
+        read_image_files(ImageGenerationRequest(prompt="p", image=small))
     assert caught.value.field == "image"
     assert "300" in caught.value.rule
 
@@ -324,7 +325,7 @@ def test_exactly_ten_megabytes_is_accepted() -> None:
 )
 def test_more_field_rules(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        ImageGenerationRequest(prompt="p", **fields)
+        read_image_files(ImageGenerationRequest(prompt="p", **fields))
     assert caught.value.field == field
 
 
@@ -365,7 +366,6 @@ async def test_file_extension_follows_the_url(
 def test_retry_after_date_without_timezone_is_read_as_utc() -> None:
     from kling_async._wire import parse_retry_after
 
-    soon = datetime.now(timezone.utc) + timedelta(seconds=20)
-    seconds = parse_retry_after(soon.strftime("%a, %d %b %Y %H:%M:%S"))
-    assert seconds is not None
-    assert 15 <= seconds <= 20
+    now = datetime(2026, 12, 1, 12, 0, 0, tzinfo=timezone.utc)
+    soon = now + timedelta(seconds=20)
+    assert parse_retry_after(soon.strftime("%a, %d %b %Y %H:%M:%S"), now) == 20.0

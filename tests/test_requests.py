@@ -1,5 +1,6 @@
-"""Every request rule from the seeds is checked when a request is built, and
-names the field, before anything can be sent."""
+"""Every request rule from the seeds is checked when a request is built (an
+image given as a file: when the file is read, the one step before sending that
+does I/O), and names the field, before anything can be sent."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from typing import Any
 import pytest
 
 from kling_async import ImageGenerationRequest, MultiImageRequest, ValidationError
+from kling_async._resources import read_image_files
 from kling_async._wire import request_body
 from tests.imagedata import jpeg, png
 
 GOOD_PNG = png(400, 300)
 
 
+def built(cls: type[Any], **fields: Any) -> Any:
+    """The request as the client sends it: built, then its image files read."""
+    return read_image_files(cls(**fields))
+
+
 def rejects(cls: type[Any], field: str, **fields: Any) -> ValidationError:
     with pytest.raises(ValidationError) as caught:
-        cls(**fields)
+        built(cls, **fields)
     assert caught.value.field == field, str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert str(caught.value).startswith(f"{field}: ")
@@ -185,14 +192,14 @@ def test_image_from_path_bytes_base64_and_data_url_all_encode_the_same(tmp_path:
     forms.append(f"data:image/png;base64,{encoded}")
     forms.append(encoded[:40] + "\n" + encoded[40:])  # wrapped base64
     for form in forms:
-        assert ImageGenerationRequest(prompt="p", image=form).image == encoded
+        assert built(ImageGenerationRequest, prompt="p", image=form).image == encoded
 
 
 def test_jpeg_sizes_come_from_the_frame_header(tmp_path: Path) -> None:
     ImageGenerationRequest(prompt="p", image=jpeg(1200, 800, exif_padding=20_000))
     path = tmp_path / "photo.jpeg"
     path.write_bytes(jpeg(600, 600))
-    ImageGenerationRequest(prompt="p", image=path)
+    built(ImageGenerationRequest, prompt="p", image=path)
     error = rejects(ImageGenerationRequest, "image", prompt="p", image=jpeg(299, 600))
     assert "299x600" in error.rule
 
