@@ -87,9 +87,11 @@ class RetryPolicy:
         return _equal_jitter(min(self.max_delay, self.initial_delay * 2**exponent), self.rng)
 
     def waits(self) -> Generator[float, Any, None]:
-        """A ``backoff`` wait generator: it is sent each failure and yields the
-        seconds to wait before the next try."""
-        error = yield 0.0  # backoff primes the generator with send(None) and drops this
+        """A ``backoff`` wait generator: primed with ``send(None)``, then sent each
+        failure, it yields the seconds to wait before the next try (the way
+        ``backoff.runtime`` reads a wait from the exception, falling back on
+        jittered exponential backoff)."""
+        error = yield  # type: ignore[misc]  # the priming step, as backoff's own generators do
         failures = 0
         while True:
             failures += 1

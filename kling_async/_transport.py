@@ -21,7 +21,7 @@ import functools
 import logging
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TypeVar
@@ -91,6 +91,7 @@ class Transport:
         self._closed = False
         # A view made by derived(): it borrows this transport's session.
         self._parent: Transport | None = None
+        self._retries = self._retry_loop()
 
     @property
     def closed(self) -> bool:
@@ -113,6 +114,20 @@ class Transport:
         view._owns_session = False
         view._parent = self._parent or self
         return view
+
+    def _retry_loop(self) -> Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]:
+        """``backoff``'s retry loop for this transport's policy, made once."""
+        retried: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] = backoff.on_exception(
+            self.retry.waits,
+            KlingError,
+            max_tries=self.retry.max_attempts,
+            max_time=self.retry.max_elapsed,
+            giveup=_not_retryable,
+            jitter=None,  # the policy jitters its own waits; a Retry-After must not be
+            logger=None,
+            on_backoff=_log_backoff,
+        )(_call)
+        return retried
 
     @property
     def request_timeout(self) -> float | None:
@@ -204,39 +219,12 @@ class Transport:
         return False
 
     async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt()`` under the retry policy.
-
-        The first try runs directly, so a request that succeeds (nearly all of
-        them) pays nothing for retries; after a retryable failure the rest runs
-        in ``backoff``'s loop, continuing the same wait sequence and time budget.
-        """
-        started = time.monotonic()
-        try:
-            return await attempt()
-        except KlingError as error:
-            if not is_retryable(error) or self.retry.max_attempts <= 1:
-                raise
-            first = error
-        waits = self.retry.waits()
-        next(waits)
-        delay = waits.send(first)
-        remaining = self.retry.max_elapsed - (time.monotonic() - started)
-        if remaining <= 0:
-            raise first
-        delay = min(delay, remaining)
-        logger.info("retrying in %.2fs after try 1: %s", delay, first)
-        await asyncio.sleep(delay)
-        loop = backoff.on_exception(
-            functools.partial(_resumed, waits),
-            KlingError,
-            max_tries=self.retry.max_attempts - 1,
-            max_time=remaining - delay,
-            giveup=lambda error: not is_retryable(error),
-            jitter=None,  # the policy jitters its own waits; Retry-After must not be
-            logger=None,
-            on_backoff=_log_backoff,
-        )(_call)
-        return await loop(attempt)
+        """Run ``attempt()`` under the retry policy, in ``backoff``'s loop: a
+        retryable failure waits what the policy's wait generator says (a
+        ``Retry-After`` the error carries, else jittered exponential backoff) and
+        tries again, within ``max_attempts`` tries and ``max_elapsed`` seconds."""
+        result: T = await self._retries(attempt)
+        return result
 
     def _require_credentials(self) -> Credentials:
         if self._credentials is None:
@@ -411,18 +399,15 @@ async def _call(attempt: Callable[[], Awaitable[T]]) -> T:
     return await attempt()
 
 
-def _resumed(waits: Generator[float, Any, None]) -> Generator[float, Any, None]:
-    """A wait generator for ``backoff`` that continues one already under way."""
-    error = yield 0.0  # backoff primes it with send(None): not a failure
-    while True:
-        error = yield waits.send(error)
+def _not_retryable(error: Exception) -> bool:
+    return not is_retryable(error)
 
 
 def _log_backoff(details: Details) -> None:
     logger.info(
         "retrying in %.2fs after try %d: %s",
         details["wait"],
-        details["tries"] + 1,  # the first try ran before backoff's loop
+        details["tries"],
         details.get("exception"),
     )
 
