@@ -13,10 +13,11 @@ Everything public is importable from this package; the submodules are private.
 """
 
 from ._auth import Credentials, JWTCredentials, StaticToken
-from ._batch import Batch, BatchResult
-from ._callbacks import CallbackReceiver
+from ._batch import Batch, BatchRequests, BatchResult
+from ._callbacks import CallbackReceiver, UpdateHook
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
+from ._download import DownloadSource
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -37,8 +38,8 @@ from ._exceptions import (
     TransportError,
     ValidationError,
 )
-from ._handle import TaskHandle
-from ._image_input import ImageInput
+from ._handle import USE_CLIENT_DEFAULT, TaskHandle
+from ._image_input import ImageFile, ImageInput, WireImage
 from ._journal import Journal
 from ._ledger import EntryState, Ledger, LedgerEntry, MemoryLedger
 from ._limiter import ConcurrencyLimiter, Limiter
@@ -61,10 +62,12 @@ _configure_logging()
 __all__ = [
     "DEFAULT_BASE_URL",
     "OFFICIAL_BASE_URL",
+    "USE_CLIENT_DEFAULT",
     "APIError",
     "AuthenticationError",
     "BalanceDeduction",
     "Batch",
+    "BatchRequests",
     "BatchResult",
     "CallbackReceiver",
     "Client",
@@ -74,9 +77,11 @@ __all__ = [
     "ConfigurationError",
     "ContentPolicyError",
     "Credentials",
+    "DownloadSource",
     "Endpoint",
     "EntryState",
     "EventLoopError",
+    "ImageFile",
     "ImageGenerationRequest",
     "ImageInput",
     "ImageResult",
@@ -104,7 +109,34 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "TransportError",
+    "UpdateHook",
     "ValidationError",
+    "WireImage",
     "__version__",
     "request_from_mapping",
 ]
+
+
+def _present_as_public() -> None:
+    """Give every exported class and function the module users import it from,
+    so reprs, tracebacks and docs say ``kling_async.Task``, not a private path
+    (as httpx and openai-python do). attrs classes have their annotations
+    resolved first: they are strings here, looked up in the module named."""
+    import contextlib
+
+    import attrs
+
+    namespace = globals()
+    for name in __all__:
+        thing = namespace[name]
+        if not isinstance(thing, type) and not callable(thing):
+            continue
+        if not getattr(thing, "__module__", "").startswith("kling_async._"):
+            continue
+        if isinstance(thing, type) and attrs.has(thing):
+            attrs.resolve_types(thing)
+        with contextlib.suppress(AttributeError, TypeError):  # a typing alias, say
+            thing.__module__ = "kling_async"
+
+
+_present_as_public()

@@ -20,7 +20,7 @@ import attrs
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Credentials", "JWTCredentials", "StaticToken", "resolve_credentials"]
+__all__ = ["Credentials", "JWTCredentials", "StaticToken"]
 
 ENV_API_KEY = "KLING_API_KEY"
 ENV_ACCESS_KEY = "KLING_ACCESS_KEY"

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
     from ._tracking import Tracker
 
-__all__ = ["Batch", "BatchResult"]
+__all__ = ["Batch", "BatchRequests", "BatchResult"]
 
 logger = logging.getLogger("kling_async")
 

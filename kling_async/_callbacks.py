@@ -44,8 +44,9 @@ import attrs
 from aiohttp import web
 
 from ._exceptions import ConfigurationError, KlingError, NotFoundError
-from ._models import Endpoint, Task, is_http_url, redacted_url
+from ._models import Endpoint, Task
 from ._tracking import CallbackOutcome, Tracker, is_newer
+from ._urls import is_http_url, redacted_url
 from ._webhooks import SignatureError, WebhookVerifier
 from ._wire import get_request, parse_callback, parse_task
 

@@ -41,33 +41,48 @@ class Client:
             handle = await client.images.generate(prompt="a red fox")
             task = await handle
 
-    Credentials come from ``api_key`` (a gateway's bearer token) or
-    ``access_key`` + ``secret_key`` (the official API's key pair, signed into
-    JWTs; needs the ``jwt`` extra), else from ``KLING_API_KEY`` or
-    ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY``. Missing credentials are reported
-    at the first request. ``base_url`` is the API root before ``/v1`` (else
-    ``KLING_BASE_URL``, else the powertokens gateway); the official API is
-    ``https://api-singapore.klingai.com``. ``credentials`` takes any object with
-    the :class:`Credentials` protocol instead, e.g. a custom token provider.
+    Parameters (all but ``api_key`` keyword-only):
 
-    ``max_concurrency`` is the account's concurrency quota in units (a task
-    holds ``n`` from creation until it ends): creates then queue locally for
-    free units, adapt when Kling answers 1303, and never fail with it. Without
-    it each create is sent at once and a 1303 raises :class:`ConcurrencyLimitError`.
-    A :class:`ConcurrencyLimiter` instance may be passed instead of a number,
-    e.g. one shared by several clients of the same account, or any
-    :class:`Limiter` (``kling_async.contrib.redis`` has one shared by processes).
-
-    ``timeout`` bounds each HTTP exchange (seconds, or an ``aiohttp.ClientTimeout``;
-    default 60 s total, 10 s to connect); ``max_connections`` bounds the pool;
-    ``retry`` and ``polling`` tune retries and polling. Pass ``session`` to share
-    an ``aiohttp.ClientSession`` you own (it is then not closed by the client).
-    ``callbacks`` takes a :class:`CallbackReceiver`: tasks are then created with a
-    per-task callback URL and resolve as soon as Kling reports them, with polling
-    slowed to a safety net. ``ledger`` takes a :class:`Ledger`, where every
-    create is recorded before it is sent (default: a :class:`MemoryLedger`);
-    ``journal`` a path (or a :class:`Journal`) for a durable SQLite ledger that
-    :meth:`resume` reads after a crash.
+    ``api_key``
+        A bearer token: the official API's key (works for every model) or a
+        gateway's token. Else ``KLING_API_KEY``.
+    ``access_key``, ``secret_key``
+        The official API's key pair, signed into JWTs (needs the ``jwt``
+        extra). Else ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY``. Missing
+        credentials are reported at the first request.
+    ``credentials``
+        Any object with the :class:`Credentials` protocol instead of keys, e.g.
+        a custom token provider.
+    ``base_url``
+        The API root before ``/v1``; else ``KLING_BASE_URL``, else the
+        powertokens gateway. The official API is :data:`OFFICIAL_BASE_URL`.
+    ``max_concurrency``
+        The account's concurrency quota in units (a task holds ``n`` from
+        creation until it ends): creates then queue locally for free units,
+        adapt when Kling answers 1303, and never fail with it. Without it each
+        create is sent at once and a 1303 raises :class:`ConcurrencyLimitError`.
+        A :class:`ConcurrencyLimiter` may be passed instead of a number (one
+        shared by several clients of the account), or any :class:`Limiter`
+        (``kling_async.contrib.redis`` has one shared by processes).
+    ``timeout``
+        Bounds each HTTP exchange: seconds, or an ``aiohttp.ClientTimeout``
+        (default 60 s total, 10 s to connect).
+    ``max_connections``
+        The size of the connection pool (default 100).
+    ``retry``, ``polling``
+        A :class:`RetryPolicy` and a :class:`PollPolicy`.
+    ``session``
+        An ``aiohttp.ClientSession`` you own, to share; the client leaves it open.
+    ``callbacks``
+        A :class:`CallbackReceiver`: tasks are created with a per-task callback
+        URL and resolve as soon as Kling reports them, polling slowed to a
+        safety net.
+    ``ledger``
+        Where every create is recorded before it is sent (a :class:`Ledger`;
+        default a :class:`MemoryLedger`).
+    ``journal``
+        A path, or a :class:`Journal`: a durable SQLite ledger that
+        :meth:`resume` reads after a crash (instead of ``ledger``).
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.

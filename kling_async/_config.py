@@ -18,7 +18,7 @@ import attrs
 from ._exceptions import ConfigurationError
 from ._urls import is_http_url, redacted_url
 
-__all__ = ["DEFAULT_BASE_URL", "PollPolicy", "RetryPolicy", "resolve_base_url"]
+__all__ = ["DEFAULT_BASE_URL", "OFFICIAL_BASE_URL", "PollPolicy", "RetryPolicy"]
 
 DEFAULT_BASE_URL = "https://api.powertokens.ai/kling"
 OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"

@@ -46,8 +46,6 @@ from ._exceptions import (
     is_retryable,
 )
 
-__all__ = ["CreateProgress", "Decision", "Step", "after_lookup", "after_sent", "lookup_budget"]
-
 #: Lookups that settle a create which may have landed, whatever the retry
 #: policy says: a create is money, and a lost answer is usually one blip.
 MIN_LOOKUPS = 3

@@ -28,7 +28,7 @@ from ._handle import TaskHandle
 from ._models import ImageResult, Task, TaskStatus
 from ._transport import Transport
 
-__all__ = ["DownloadSource", "download", "read_image"]
+__all__ = ["DownloadSource"]
 
 logger = logging.getLogger("kling_async")
 

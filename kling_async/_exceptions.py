@@ -52,7 +52,6 @@ __all__ = [
     "TaskTimeoutError",
     "TransportError",
     "ValidationError",
-    "for_create",
 ]
 
 

@@ -14,15 +14,20 @@ from ._wire import get_request, parse_task
 if TYPE_CHECKING:
     from ._tracking import TaskState, Tracker
 
-__all__ = ["TaskHandle"]
+__all__ = ["USE_CLIENT_DEFAULT", "TaskHandle"]
 
 
-class _Default(enum.Enum):
-    TIMEOUT = enum.auto()
+class _UseClientDefault(enum.Enum):
+    USE_CLIENT_DEFAULT = enum.auto()
+
+    def __repr__(self) -> str:
+        return "kling_async.USE_CLIENT_DEFAULT"
 
 
-DEFAULT_TIMEOUT: Final = _Default.TIMEOUT
-"""``wait()``'s default: the client's ``PollPolicy.timeout``."""
+USE_CLIENT_DEFAULT: Final = _UseClientDefault.USE_CLIENT_DEFAULT
+"""A default that means "what the client says": ``handle.wait()``'s timeout is
+the client's ``PollPolicy.timeout`` unless given (``None`` waits for ever), as
+httpx spells it."""
 
 
 class TaskHandle:
@@ -78,7 +83,7 @@ class TaskHandle:
     def __await__(self) -> Generator[Any, None, Task]:
         return self._outcome(self._tracker.policy.timeout).__await__()
 
-    async def wait(self, timeout: float | _Default | None = DEFAULT_TIMEOUT) -> Task:
+    async def wait(self, timeout: float | _UseClientDefault | None = USE_CLIENT_DEFAULT) -> Task:
         """Wait for the task to end and return it.
 
         ``timeout`` in seconds defaults to the client's ``PollPolicy.timeout``;
@@ -86,7 +91,7 @@ class TaskHandle:
         and the handle stays usable: waiting again continues where this stopped.
         Raises :class:`TaskFailedError` if the task failed.
         """
-        limit = self._tracker.policy.timeout if timeout is DEFAULT_TIMEOUT else timeout
+        limit = self._tracker.policy.timeout if timeout is USE_CLIENT_DEFAULT else timeout
         return await self._outcome(limit)
 
     def _outcome(self, limit: float | None) -> asyncio.Future[Task]:

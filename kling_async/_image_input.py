@@ -22,6 +22,8 @@ import attrs
 from ._exceptions import ValidationError
 from ._urls import is_http_url, url_scheme
 
+__all__ = ["ImageFile", "ImageInput", "WireImage"]
+
 ImageInput = str | bytes | bytearray | memoryview | os.PathLike[str]
 """An image as a filesystem path, raw bytes, an http(s) URL, or base64 (a
 ``data:image/...;base64,`` prefix is accepted and stripped)."""

@@ -31,6 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import attrs
+
 from ._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
 
 __all__ = ["ConcurrencyLimiter", "Limiter"]
@@ -76,13 +78,13 @@ class Limiter(Protocol):
         """Count the units of a task already running on Kling that is taken over."""
 
 
-class _Waiter:
-    __slots__ = ("future", "since", "units")
+@attrs.define(eq=False)
+class _QueuedAcquire:
+    """A create waiting in the queue for its units: resolved when admitted."""
 
-    def __init__(self, units: int, future: asyncio.Future[None], since: float) -> None:
-        self.units = units
-        self.future = future
-        self.since = since
+    units: int
+    future: asyncio.Future[None]
+    since: float
 
 
 class ConcurrencyLimiter:
@@ -118,7 +120,7 @@ class ConcurrencyLimiter:
         self._ceiling_known = capacity is not None
         self._rng = rng or random.Random()
         self._clock = clock
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_QueuedAcquire] = deque()
         self._resume_at = 0.0  # no admissions before this (after 1303 / 1302)
         self._rejections = 0  # consecutive 1303s
         self._successes = 0  # successes since the limit last changed
@@ -152,7 +154,7 @@ class ConcurrencyLimiter:
                 f"a task of {units} units can never fit a quota of {self.capacity} units"
             )
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(units, loop.create_future(), self._clock())
+        waiter = _QueuedAcquire(units, loop.create_future(), self._clock())
         if first:
             self._queue.appendleft(waiter)
         else:

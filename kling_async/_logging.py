@@ -15,8 +15,6 @@ import os
 import warnings
 from collections.abc import Mapping
 
-__all__ = ["ENV_LOG", "configure_from_environment", "logger"]
-
 ENV_LOG = "KLING_LOG"
 logger = logging.getLogger("kling_async")
 

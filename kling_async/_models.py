@@ -22,7 +22,6 @@ from ._image_input import ImageFile, ImageInput, WireImage, encode_image
 from ._urls import is_http_url, redacted_url
 
 __all__ = [
-    "ASPECT_RATIOS",
     "BalanceDeduction",
     "Endpoint",
     "ImageGenerationRequest",
@@ -31,9 +30,6 @@ __all__ = [
     "Task",
     "TaskRequest",
     "TaskStatus",
-    "build_request",
-    "is_http_url",
-    "redacted_url",
     "request_from_mapping",
 ]
 

@@ -28,7 +28,6 @@ from ._wire import MAX_PAGE_SIZE, Envelope, get_request, list_request, parse_tas
 if TYPE_CHECKING:
     from ._tracking import TaskState, Tracker
 
-__all__ = ["Poller"]
 
 logger = logging.getLogger("kling_async")
 

@@ -32,8 +32,6 @@ from ._wire import (
     parse_task_list,
 )
 
-__all__ = ["Images"]
-
 RequestT = TypeVar("RequestT", bound=TaskRequest)
 
 

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from ._tracking import TaskState, Tracker
     from ._transport import Transport
 
-__all__ = ["Submission", "Submissions", "new_external_task_id"]
 
 logger = logging.getLogger("kling_async")
 

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from ._polling import Poller
     from ._transport import Transport
 
-__all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker", "is_newer"]
 
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""

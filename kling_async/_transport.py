@@ -46,8 +46,6 @@ from ._exceptions import (
 from ._version import __version__
 from ._wire import Envelope, WireRequest, parse_envelope
 
-__all__ = ["Transport"]
-
 logger = logging.getLogger("kling_async")
 
 T = TypeVar("T")

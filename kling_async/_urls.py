@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-__all__ = ["is_http_url", "redacted_url", "url_scheme"]
-
 # "<scheme>://" with a scheme of two or more characters, so that a Windows path
 # such as C:/images/a.png is not taken for a URL of scheme "c".
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")

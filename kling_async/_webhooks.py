@@ -33,7 +33,6 @@ from ._exceptions import ConfigurationError
 if TYPE_CHECKING:
     from standardwebhooks import Webhook
 
-__all__ = ["Delivery", "SignatureError", "WebhookVerifier"]
 
 #: How far a delivery's timestamp may be from now, either way (Kling's docs: ±5 min).
 TOLERANCE_SECONDS = 300

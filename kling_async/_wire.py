@@ -33,22 +33,6 @@ from ._models import (
     unread_files,
 )
 
-__all__ = [
-    "Envelope",
-    "WireRequest",
-    "converter",
-    "create_request",
-    "get_request",
-    "list_request",
-    "parse_callback",
-    "parse_created",
-    "parse_envelope",
-    "parse_retry_after",
-    "parse_task",
-    "parse_task_list",
-    "request_body",
-]
-
 MAX_PAGE_SIZE = 500
 MAX_PAGE_NUMBER = 1000
 _SNIPPET_LENGTH = 200
