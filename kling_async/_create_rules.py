@@ -32,6 +32,8 @@ The rules in words:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -131,6 +133,22 @@ def _resignable(error: KlingError, progress: CreateProgress) -> bool:
     )
 
 
+def _resigning(
+    decide: Callable[..., Decision],
+    progress: CreateProgress,
+    outcome: KlingError,
+    counted: CreateProgress,
+    then: Step,
+    context: dict[str, Any],
+) -> Decision:
+    """Re-sign an expired or not-yet-valid JWT once, then repeat ``then``; should
+    the credentials not renew (a static token), ``decide`` again as if the
+    token could not be re-signed."""
+    otherwise = decide(attrs.evolve(progress, resigned=True), outcome, **context)
+    resigned = attrs.evolve(counted, resigned=True)
+    return Decision(Step.RESIGN, resigned, then=then, otherwise=otherwise)
+
+
 def after_sent(
     progress: CreateProgress,
     error: KlingError | None,
@@ -144,15 +162,8 @@ def after_sent(
     if error is None:
         return Decision(Step.CREATED, sent)
     if _resignable(error, sent):
-        as_final = after_sent(
-            attrs.evolve(progress, resigned=True),
-            error,
-            policy=policy,
-            elapsed=elapsed,
-            can_requeue=can_requeue,
-        )
-        resigned = attrs.evolve(sent, resigned=True)
-        return Decision(Step.RESIGN, resigned, then=Step.SEND, otherwise=as_final)
+        context = {"policy": policy, "elapsed": elapsed, "can_requeue": can_requeue}
+        return _resigning(after_sent, progress, error, sent, Step.SEND, context)
     failures = sent.failures + 1
     if is_ambiguous(error):
         landed = attrs.evolve(sent, possibly_landed=True, failures=failures, error=error)
@@ -193,15 +204,8 @@ def after_lookup(
     failures = looked.failures + 1
     if isinstance(found, KlingError):
         if _resignable(found, looked):
-            as_final = after_lookup(
-                attrs.evolve(progress, resigned=True),
-                found,
-                policy=policy,
-                elapsed=elapsed,
-                can_requeue=can_requeue,
-            )
-            resigned = attrs.evolve(looked, resigned=True)
-            return Decision(Step.RESIGN, resigned, then=Step.LOOKUP, otherwise=as_final)
+            context = {"policy": policy, "elapsed": elapsed, "can_requeue": can_requeue}
+            return _resigning(after_lookup, progress, found, looked, Step.LOOKUP, context)
         if is_retryable(found) and looked.lookups < lookup_budget(policy):
             delay = policy.delay(failures, _retry_after(found))
             return Decision(Step.LOOKUP, attrs.evolve(looked, failures=failures), delay)
