@@ -11,6 +11,10 @@ of the list endpoint (500 tasks a page, newest first) refreshes every tracked
 task it sees, whether due or not, and stops as soon as every due task was seen;
 the few not found on those pages fall back to single GETs. At 1,000 tasks in
 flight that is two or three requests where per-task polling sends a thousand.
+
+No unexpected error strands a task: a sweep that fails in any way hands its
+tasks to single GETs, and a GET that fails unexpectedly ends the waits on its
+task with a :class:`KlingError`.
 """
 
 from __future__ import annotations
@@ -242,7 +246,7 @@ class Poller:
             self._failed(state, error)
         except Exception as error:  # a bug must end the waits, not hang them
             logger.exception("unexpected error polling task %s", state.task_id)
-            self._tracker.fail(state, KlingError(f"polling task {state.task_id} failed: {error!r}"))
+            self._tracker.fail(state, _unexpected(f"polling task {state.task_id}", error))
         finally:
             self._reschedule((state,))
 
@@ -279,9 +283,14 @@ class Poller:
                     break
         except KlingError as error:
             logger.warning("list sweep failed, polling tasks one by one: %s", error)
+        except Exception:
+            # Whatever it was, the tasks not seen yet still need polling: hand
+            # them to single GETs, which end their waits if it happens again.
+            logger.exception("unexpected error in a list sweep, polling tasks one by one")
         finally:
             self._sweeping = False
             self._reschedule(seen)
+            self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each
             self._spawn(self._poll(state))
 
@@ -305,6 +314,20 @@ class Poller:
                 logger.warning("unreadable task %s on a list page: %s", task_id, error)
                 continue
             self._tracker.publish(state, task)
+
+
+def _unexpected(doing: str, error: Exception) -> KlingError:
+    """A KlingError that ends waits after an unexpected ``error``, chained to it.
+
+    The message names only its type: its text may hold what it was handed
+    (a header, a token), and the waits' errors travel into users' logs.
+    """
+    wrapped = KlingError(
+        f"{doing} failed with an unexpected {type(error).__name__} (the cause is chained); "
+        "this is a bug or a broken dependency, please report it"
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _unchanged(state: TaskState, data: Any) -> bool:
