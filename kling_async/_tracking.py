@@ -18,24 +18,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._config import PollPolicy
+from ._durations import DurationLearner, Kind
 from ._exceptions import ClientClosedError, KlingError
-from ._models import Endpoint, Task, TaskStatus
+from ._models import Endpoint, Task, TaskRequest, TaskStatus
+from ._schedule import Durations
 
 if TYPE_CHECKING:
     from ._polling import Poller
     from ._transport import Transport
 
 __all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker", "is_newer"]
-
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
 
 # Within one updated_at, a later lifecycle stage wins: a duplicate "processing"
 # must not overwrite a "succeed" stamped in the same millisecond.
 _STAGE = {TaskStatus.SUBMITTED: 0, TaskStatus.PROCESSING: 1}
-
-#: Weight of the newest finished task in the running typical duration.
-_DURATION_SMOOTHING = 0.2
 
 
 def _stage(status: TaskStatus) -> int:
@@ -54,6 +52,7 @@ class TaskState:
         "hurry",
         "interest",
         "interval",
+        "kind",
         "latest",
         "listeners",
         "next_poll",
@@ -82,6 +81,9 @@ class TaskState:
         # Made on first use: most tasks never get one, and thousands are held.
         self.on_terminal: list[Callable[[Task], None]] | None = None
         self.callbacks = False  # Kling will POST this task's updates to us
+        #: What changes its duration (see _durations.Kind); None when unknown,
+        #: e.g. a task attached by id: then its endpoint's durations apply.
+        self.kind: Kind | None = None
         self.hurry = False  # poll again as soon as possible (a terminal callback came)
         self.polling = False  # a poll of this task is in flight
         self.first_seen = time.monotonic()
@@ -164,8 +166,25 @@ class Tracker:
         self._early: dict[str, tuple[Task, bool]] = {}  # the task, and whether to confirm
         self._pollers: dict[Endpoint, Poller] = {}
         self._closed = False
-        #: Running typical lifetime of this client's tasks, in seconds.
-        self.typical_duration: float | None = None
+        #: How long this client's tasks took, for scheduling polls.
+        self.durations = DurationLearner()
+
+    @property
+    def typical_duration(self) -> float | None:
+        """The median duration of this client's recent tasks, in seconds."""
+        return self.durations.typical
+
+    def durations_for(self, state: TaskState) -> Durations | None:
+        """What is known about how long tasks like ``state``'s take."""
+        return self.durations.durations(state.endpoint, state.kind)
+
+    def classify(self, state: TaskState, request: TaskRequest) -> None:
+        """Note what ``state``'s task asked for, which its duration depends on."""
+        if state.kind is None:
+            state.kind = self.durations.kind(request)
+            poller = self._pollers.get(state.endpoint)
+            if poller is not None:
+                poller.replan(state)
 
     def state(
         self,
@@ -223,10 +242,7 @@ class Tracker:
             duration = (task.updated_at - task.created_at).total_seconds()
         else:
             duration = time.monotonic() - state.first_seen
-        typical = self.typical_duration
-        self.typical_duration = (
-            duration if typical is None else typical + _DURATION_SMOOTHING * (duration - typical)
-        )
+        self.durations.observe(state.endpoint, state.kind, duration)
         duties, state.on_terminal = state.on_terminal or (), None
         for duty in duties:
             duty(task)

@@ -1,4 +1,5 @@
-"""The shared poller over loopback: no unexpected error ever strands a task."""
+"""The shared poller over loopback: the learned schedule in use, list pages sized to
+what is in flight, and no unexpected error ever stranding a task."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import time
 import pytest
 
 import kling_async
-from kling_async import TaskStatus
+from kling_async import ImageGenerationRequest, PollPolicy, TaskStatus
+from kling_async._durations import kind_of
 from kling_async.testing import FakeKlingServer
 from tests.conftest import API_KEY, make_client
+
+#: Fast enough for tests, cold schedule included; learning on, as by default.
+POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)
 
 
 class FlakyCredentials:
@@ -81,3 +86,72 @@ async def test_an_unexpected_error_that_persists_ends_the_waits_chained_and_with
         assert isinstance(result.__cause__, OSError)
         assert "sk-do-not-log-me" not in str(result)
         assert "OSError" in str(result)
+
+
+# --- the learned schedule in use ------------------------------------------------------------
+
+
+async def test_once_tasks_of_a_kind_finished_the_next_is_not_polled_while_it_surely_runs() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.4, processing_delay=0.01) as server:
+        async with make_client(server, polling=POLICY) as client:
+            cold = await client.images.generate(prompt="first")
+            await cold
+            cold_gets = len(server.requests_for("get"))
+            for index in range(3):  # a handful of the same kind
+                await (await client.images.generate(prompt=f"learn {index}"))
+            durations = client._tracker.durations_for(cold._state)
+            assert durations is not None
+            assert durations.median == pytest.approx(0.4, abs=0.05)
+            before = len(server.requests_for("get"))
+            handle = await client.images.generate(prompt="learned")
+            created = time.monotonic()
+            task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    gets = server.requests_for("get")[before:]
+    # Nothing while it surely runs (the window opens ~0.35 s), then few polls:
+    # the cold schedule polled it every 0.05 s from the start.
+    assert gets[0].arrived_at - created >= 0.3
+    assert len(gets) <= 4 < cold_gets
+
+
+async def test_a_handle_knows_the_kind_of_its_task(server: FakeKlingServer) -> None:
+    request = ImageGenerationRequest(prompt="p", n=2, resolution="2k")
+    async with make_client(server, max_concurrency=4) as limited, make_client(server) as plain:
+        for client in (limited, plain):
+            handle = await client.images.submit(request)
+            assert handle._state.kind == kind_of(request)
+            await handle
+        assert plain.images.attach(handle.task_id)._state.kind is not None  # the same state
+        other = await plain.images.get(handle.task_id)
+    assert other.status is TaskStatus.SUCCEED
+
+
+async def test_an_attached_tasks_age_counts_from_its_creation_on_kling() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as creator:
+            created = await creator.images.generate(prompt="p")
+            await asyncio.sleep(0.5)
+            async with make_client(server) as restarted:
+                handle = restarted.images.attach(created.task_id)
+                with pytest.raises(kling_async.TaskTimeoutError):
+                    await handle.wait(timeout=0.2)  # polled at once, then on schedule
+                age = time.monotonic() - handle._state.first_seen
+    assert age >= 0.6  # not the 0.2 s since the attach
+
+
+async def test_list_pages_are_sized_to_what_is_in_flight() -> None:
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server) as client:
+            for index in range(300):  # an account with history: 300 older tasks
+                server.finish((await client.images.generate(prompt=f"old {index}")).task_id)
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(10)]
+            waits = [asyncio.ensure_future(h.wait(timeout=5)) for h in handles]
+            await eventually(lambda: len(server.requests_for("list")) >= 3)
+            for handle in handles:
+                server.finish(handle.task_id)
+            await asyncio.gather(*waits)
+    sizes = {int(r.query["pageSize"]) for r in server.requests_for("list")}
+    assert max(sizes) < 50  # ten in flight: not a page of 500 of mostly old tasks
+    assert len(server.requests_for("get")) == 0  # every sweep found all ten
