@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import APIError, KlingError, is_retryable
 from ._models import Endpoint, Task
-from ._schedule import poll_delay
+from ._schedule import overdue_age, poll_delay
 from ._wire import MAX_PAGE_SIZE, Envelope, get_request, list_request, parse_task
 
 if TYPE_CHECKING:
@@ -204,6 +204,15 @@ class Poller:
             logger.exception("unexpected error planning the next poll of task %s", state.task_id)
             return policy.max_delay
 
+    def _check_callbacks(self, state: TaskState, now: float) -> None:
+        """A task whose callbacks are expected is polled after all: if it is
+        overdue without a single callback, the receiver may be unreachable."""
+        durations = self._tracker.durations_for(state) if self._policy.learn else None
+        # The safety-net poll is planned for the overdue age itself: allow for
+        # the timer firing a hair early on a coarse clock.
+        if now - state.first_seen >= overdue_age(durations, self._policy) - 1e-3:
+            self._tracker.callbacks_silent(state)
+
     def _start_due_polls(self, now: float) -> float:
         """Start the polls that are due; return when the next one will be.
 
@@ -219,6 +228,8 @@ class Poller:
             when = state.next_poll
             if when <= now:
                 due.append(state)
+                if state.callbacks and not state.heard and not state.hurry:
+                    self._check_callbacks(state, now)
             elif when < next_due:
                 next_due = when
         if not due:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from ._transport import Transport
 
 __all__ = ["CallbackOutcome", "Listener", "TaskState", "Tracker", "is_newer"]
+
+logger = logging.getLogger("kling_async")
+
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
 
@@ -49,6 +53,7 @@ class TaskState:
         "endpoint",
         "external_task_id",
         "first_seen",
+        "heard",
         "hurry",
         "interest",
         "interval",
@@ -81,6 +86,7 @@ class TaskState:
         # Made on first use: most tasks never get one, and thousands are held.
         self.on_terminal: list[Callable[[Task], None]] | None = None
         self.callbacks = False  # Kling will POST this task's updates to us
+        self.heard = False  # a callback for this task has arrived
         #: What changes its duration (see _durations.Kind); None when unknown,
         #: e.g. a task attached by id: then its endpoint's durations apply.
         self.kind: Kind | None = None
@@ -168,6 +174,7 @@ class Tracker:
         self._closed = False
         #: How long this client's tasks took, for scheduling polls.
         self.durations = DurationLearner()
+        self._warned_silent_callbacks = False
 
     @property
     def typical_duration(self) -> float | None:
@@ -185,6 +192,21 @@ class Tracker:
             poller = self._pollers.get(state.endpoint)
             if poller is not None:
                 poller.replan(state)
+
+    def callbacks_silent(self, state: TaskState) -> None:
+        """``state`` is overdue and not one callback came for it: say so, once
+        per client, since every handle now waits for the safety-net polls."""
+        if self._warned_silent_callbacks:
+            return
+        self._warned_silent_callbacks = True
+        logger.warning(
+            "task %s is overdue and no callback has arrived for it: check that Kling can "
+            "reach the CallbackReceiver's public_url. Its tasks are polled instead, at most "
+            "%.0f s apart until they are overdue (PollPolicy.callback_delay). "
+            "This is logged once per client.",
+            state.task_id,
+            self.policy.callback_delay,
+        )
 
     def state(
         self,
@@ -288,6 +310,7 @@ class Tracker:
         return CallbackOutcome.ACCEPTED
 
     def _take_callback(self, state: TaskState, task: Task, confirm: bool) -> None:
+        state.heard = True
         if task.is_terminal and confirm:
             # The confirmation is a poll, due now: with many tasks in flight one
             # list page confirms many callbacks at once. If it disagrees, the

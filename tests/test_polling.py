@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 import kling_async
-from kling_async import ImageGenerationRequest, PollPolicy, TaskStatus
+from kling_async import CallbackReceiver, ImageGenerationRequest, PollPolicy, TaskStatus
 from kling_async._durations import kind_of
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import CallbackFaults, FakeKlingServer
 from tests.conftest import API_KEY, make_client
 
 #: Fast enough for tests, cold schedule included; learning on, as by default.
@@ -155,3 +156,59 @@ async def test_list_pages_are_sized_to_what_is_in_flight() -> None:
     sizes = {int(r.query["pageSize"]) for r in server.requests_for("list")}
     assert max(sizes) < 50  # ten in flight: not a page of 500 of mostly old tasks
     assert len(server.requests_for("get")) == 0  # every sweep found all ten
+
+
+# --- issue 17: callbacks that never arrive are reported ----------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[CallbackReceiver]:
+    receiver = CallbackReceiver(secret="callback-secret-0123456789abcdef")
+    async with receiver.serve():
+        yield receiver
+    await receiver.close()
+
+
+SAFETY_NET = PollPolicy(initial_delay=0.02, max_delay=0.1, callback_delay=0.3, timeout=10)
+
+
+def silence_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "no callback has arrived" in r.getMessage()
+    ]
+
+
+async def test_overdue_tasks_without_any_callback_log_one_warning(
+    receiver: CallbackReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Kling never reaches the receiver (an unreachable public_url looks the same).
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=0.05, callback_faults=CallbackFaults(drop=1.0)
+    ) as server:
+        async with make_client(server, callbacks=receiver, polling=SAFETY_NET) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handles = [await client.images.generate(prompt=f"p{i}") for i in range(3)]
+                tasks = await asyncio.gather(*handles)  # the safety net found them
+                await (await client.images.generate(prompt="later"))
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    warnings = silence_warnings(caplog)
+    assert len(warnings) == 1  # once per client, however many tasks
+    assert "public_url" in warnings[0].getMessage()
+
+
+async def test_no_warning_while_callbacks_arrive(
+    receiver: CallbackReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the terminal callbacks are lost: Kling reaches the receiver, and the
+    # overdue poll finds each task as the safety net should.
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2, processing_delay=0.01) as server:
+        async with make_client(server, callbacks=receiver, polling=SAFETY_NET) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handle = await client.images.generate(prompt="p")
+                await eventually(lambda: handle.status is TaskStatus.PROCESSING)
+                server.task(handle.task_id).callback_url = None  # the rest go nowhere
+                task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    assert silence_warnings(caplog) == []
