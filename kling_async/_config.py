@@ -92,8 +92,11 @@ class PollPolicy:
     and less often once it is overdue. Each poll is placed where the task will
     have ended with probability ``poll_chance`` (given that it still runs),
     down to ``sweep_chance`` when one list page polls many tasks at once; gaps
-    never go below ``min_gap`` times the typical duration (nor 0.05 s) nor
-    above ``max_delay``. ``learn=False`` turns this off.
+    never go below ``min_gap`` times the typical duration (or a quarter of the
+    window where such tasks end, if that is narrower; never below 0.05 s) nor
+    above ``max_delay``. ``learn=False`` turns this off. With the defaults, tasks
+    of 5 to 20 s are polled about every 0.6 s in their window, and a list page
+    serving many tasks goes out at most that often.
 
     **Cold schedule** (before any task of that endpoint has finished, or with
     ``learn=False``): the gap between polls grows with the task's age,
@@ -127,7 +130,7 @@ class PollPolicy:
     learn: bool = True
     poll_chance: float = attrs.field(default=0.15, validator=[_positive, attrs.validators.le(1.0)])
     sweep_chance: float = attrs.field(default=0.05, validator=[_positive, attrs.validators.le(1.0)])
-    min_gap: float = attrs.field(default=0.04, validator=attrs.validators.ge(0.0))
+    min_gap: float = attrs.field(default=0.06, validator=attrs.validators.ge(0.0))
     list_sweeps: bool = True
     rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
 

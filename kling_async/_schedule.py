@@ -53,6 +53,10 @@ MIN_PAD = 0.03
 FEW_SAMPLES_PAD = 0.5
 #: Durations below this are treated as this (Kling stamps milliseconds).
 SHORTEST = 0.001
+#: However wide the floor between polls, a window where tasks end is crossed
+#: in at least this many polls: a narrow one (tasks that all take about as
+#: long) is then polled closely, and the end is caught soon after it comes.
+WINDOW_POLLS = 4
 
 
 def _pad(value: float, samples: int, spread: float) -> float:
@@ -163,7 +167,10 @@ def next_delay(
     jitter = 1.0 + policy.jitter * max(-1.0, min(1.0, noise))
     if durations is None:
         return policy.base_delay(age) * jitter
-    floor = max(MIN_LEARNED_GAP, policy.min_gap * durations.median)
+    floor = max(
+        MIN_LEARNED_GAP,
+        min(policy.min_gap * durations.median, (durations.end - durations.start) / WINDOW_POLLS),
+    )
     if age < durations.end:
         chance = max(policy.sweep_chance, policy.poll_chance / max(1.0, sharing))
         done = durations.fraction_done(age)

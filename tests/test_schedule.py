@@ -19,7 +19,7 @@ from tests.imagedata import png
 IMAGE = png(400, 400)
 
 DEFAULT = PollPolicy(rng=random.Random(0))
-#: Tasks end uniformly between 8 and 12 s: median 10, floor 0.04 * 10 = 0.4 s.
+#: Tasks end uniformly between 8 and 12 s: median 10, floor 0.06 * 10 = 0.6 s.
 UNIFORM = Durations(ages=(8.0, 10.0, 12.0), done=(0.0, 0.5, 1.0), samples=20)
 GEN = Endpoint.GENERATIONS
 
@@ -106,16 +106,19 @@ SCHEDULE = [
     # A list page serving 10 tasks: polls are cheap, come sooner (Q(0.05) = 8.2 s).
     (0.0, UNIFORM, {}, 10, 0.0, 8.2),
     (0.0, UNIFORM, {}, 2, 0.0, 8.3),  # 0.15 / 2 = 0.075
-    # In the window: 15 % of what remains (F(9) = 0.25 -> 0.3625 -> 9.45 s).
-    (9.0, UNIFORM, {}, 1, 0.0, 0.45),
-    # ...never closer than 4 % of the typical duration.
-    (11.0, UNIFORM, {}, 1, 0.0, 0.4),
-    (9.0, UNIFORM, {}, 10, 0.0, 0.4),
-    (9.0, UNIFORM, {"min_gap": 0.0}, 10, 0.0, 0.15),
+    # In the window: 15 % of what remains (F(9) = 0.25 -> 0.3625 -> 9.45 s)...
+    (9.0, UNIFORM, {"min_gap": 0.0}, 1, 0.0, 0.45),
+    (9.0, UNIFORM, {"min_gap": 0.0}, 10, 0.0, 0.15),  # 5 % on a shared page
+    # ...never closer than 6 % of the typical duration (0.6 s)...
+    (9.0, UNIFORM, {}, 1, 0.0, 0.6),
+    (11.0, UNIFORM, {}, 1, 0.0, 0.6),
+    # ...nor than a quarter of the window (4 s wide here), nor 50 ms.
+    (9.0, UNIFORM, {"min_gap": 1.0}, 1, 0.0, 1.0),
+    (11.99, UNIFORM, {"min_gap": 0.0}, 1, 0.0, 0.05),
     # Overdue: from the floor, growing by half of how overdue it is.
-    (12.0, UNIFORM, {}, 1, 0.0, 0.4),
-    (16.0, UNIFORM, {}, 1, 0.0, 2.4),
-    (16.0, UNIFORM, {}, 1, 1.0, 2.64),
+    (12.0, UNIFORM, {}, 1, 0.0, 0.6),
+    (16.0, UNIFORM, {}, 1, 0.0, 2.6),
+    (16.0, UNIFORM, {}, 1, 1.0, 2.86),
     (100.0, UNIFORM, {}, 1, 0.0, 10.0),  # never beyond max_delay
     # The user's bounds win: max_delay caps every gap, also the wait for the window.
     (0.0, UNIFORM, {"max_delay": 2.0}, 1, 0.0, 2.0),
@@ -138,6 +141,16 @@ def test_next_delay(
     )
 
 
+def test_tasks_that_all_take_as_long_are_polled_closely_around_their_end() -> None:
+    exact = Durations.from_samples([(10.0, 1.0)] * 64)  # the window: 9.7 to 10.3 s
+    assert exact is not None
+    age, polls = 0.0, []
+    while age < 10.4:
+        age += next_delay(age, exact, DEFAULT)
+        polls.append(round(age, 3))
+    assert polls == [9.79, 9.94, 10.09, 10.24, 10.39, 10.585]  # 0.15 s apart, not 0.6 s
+
+
 def test_tiny_tasks_are_not_polled_more_often_than_every_50_ms() -> None:
     tiny = Durations.from_samples([(0.1, 1.0)] * 10)
     assert tiny is not None
@@ -156,8 +169,8 @@ def test_polls_are_densest_where_tasks_end() -> None:
     assert polls[0] > 5.0  # nothing while it surely runs
     window = [p for p in polls if 5 <= p <= 20]
     gaps = [b - a for a, b in itertools.pairwise(window)]
-    assert all(0.4 - 1e-9 <= gap <= 1.5 for gap in gaps)  # dense, above the floor
-    assert gaps[0] > 2 * gaps[-1]  # densest near the end, where the hazard is highest
+    assert all(0.6 - 1e-9 <= gap <= 1.5 for gap in gaps)  # dense, above the floor
+    assert gaps[0] > 1.5 * gaps[-1]  # densest near the end, where the hazard is highest
     # A task sees the polls made while it still runs: about 1 / poll_chance of them.
     expected_polls = sum(1 - durations.fraction_done(p) for p in polls)
     assert expected_polls <= 1 / DEFAULT.poll_chance
@@ -170,8 +183,8 @@ def test_polls_are_densest_where_tasks_end() -> None:
         (29.0, None, 10.0),  # the normal gap is longer than what is left: no shorter
         (30.0, None, 10.0),  # overdue: the cold schedule, 0.5 * 30 -> capped at 10
         (0.0, UNIFORM, 20.0),  # overdue at 2 x the median (and past the longest, 12 s)
-        (19.0, UNIFORM, 3.9),  # likewise: 0.4 + 0.5 * 7
-        (20.0, UNIFORM, 4.4),  # overdue by 8 s past the window: 0.4 + 0.5 * 8
+        (19.0, UNIFORM, 4.1),  # likewise: 0.6 + 0.5 * 7
+        (20.0, UNIFORM, 4.6),  # overdue by 8 s past the window: 0.6 + 0.5 * 8
     ],
 )
 def test_callbacks_expected_make_polling_a_safety_net(
