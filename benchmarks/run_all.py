@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "callbacks": (["--tasks", "1000"], ["--tasks", "50"]),
     "scale": ([], ["--quick"]),
+    "latency": ([], ["--quick"]),
 }
 
 
