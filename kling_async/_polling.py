@@ -34,8 +34,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import APIError, KlingError, is_retryable
-from ._models import Endpoint, Task
-from ._schedule import overdue_age, poll_delay
+from ._models import Endpoint, Task, TaskStatus
+from ._schedule import poll_delay
 from ._wire import MAX_PAGE_SIZE, Envelope, get_request, list_request, parse_task
 
 if TYPE_CHECKING:
@@ -204,13 +204,14 @@ class Poller:
             logger.exception("unexpected error planning the next poll of task %s", state.task_id)
             return policy.max_delay
 
-    def _check_callbacks(self, state: TaskState, now: float) -> None:
-        """A task whose callbacks are expected is polled after all: if it is
-        overdue without a single callback, the receiver may be unreachable."""
-        durations = self._tracker.durations_for(state) if self._policy.learn else None
-        # The safety-net poll is planned for the overdue age itself: allow for
-        # the timer firing a hair early on a coarse clock.
-        if now - state.first_seen >= overdue_age(durations, self._policy) - 1e-3:
+    def _check_callbacks(self, state: TaskState) -> None:
+        """``state`` expects callbacks and has heard none, yet a poll shows a
+        status change Kling calls back about, stamped long enough ago that its
+        callback should be here: the receiver may be unreachable."""
+        latest = state.latest
+        if latest is None or latest.status is TaskStatus.SUBMITTED or latest.updated_at is None:
+            return  # nothing to call back about yet (a task queued on Kling's side)
+        if time.time() - latest.updated_at.timestamp() >= self._policy.callback_delay / 2:
             self._tracker.callbacks_silent(state)
 
     def _start_due_polls(self, now: float) -> float:
@@ -228,8 +229,6 @@ class Poller:
             when = state.next_poll
             if when <= now:
                 due.append(state)
-                if state.callbacks and not state.heard and not state.hurry:
-                    self._check_callbacks(state, now)
             elif when < next_due:
                 next_due = when
         if not due:
@@ -277,6 +276,8 @@ class Poller:
         earliest = math.inf
         for state in states:
             state.polling = False
+            if state.callbacks and not state.heard:
+                self._check_callbacks(state)
             state.interval = 0.0 if state.hurry else self._delay(state, now, sharing)
             state.next_poll = now + state.interval
             earliest = min(earliest, state.next_poll)

@@ -194,15 +194,16 @@ class Tracker:
                 poller.replan(state)
 
     def callbacks_silent(self, state: TaskState) -> None:
-        """``state`` is overdue and not one callback came for it: say so, once
-        per client, since every handle now waits for the safety-net polls."""
+        """A poll found ``state``'s task changed long ago and not one callback
+        came for it: say so, once per client, since until their tasks are
+        overdue handles now wait for the safety-net polls."""
         if self._warned_silent_callbacks:
             return
         self._warned_silent_callbacks = True
         logger.warning(
-            "task %s is overdue and no callback has arrived for it: check that Kling can "
-            "reach the CallbackReceiver's public_url. Its tasks are polled instead, at most "
-            "%.0f s apart until they are overdue (PollPolicy.callback_delay). "
+            "task %s changed on Kling's side long ago and no callback has arrived for it: "
+            "check that Kling can reach the CallbackReceiver's public_url. Tasks are polled "
+            "instead, at most %.0f s apart until they are overdue (PollPolicy.callback_delay). "
             "This is logged once per client.",
             state.task_id,
             self.policy.callback_delay,
