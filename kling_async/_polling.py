@@ -82,6 +82,8 @@ class Poller:
         self._jobs: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sweeping = False
+        # False once the list endpoint refused us for good (a gateway without it).
+        self._sweeps = tracker.policy.list_sweeps
         self._wake = asyncio.Event()
         self._wake_at = -math.inf  # when the sleeping runner's timer fires
         self._gather_at = -math.inf  # when the confirmations gathered now are polled
@@ -233,7 +235,7 @@ class Poller:
                 next_due = when
         if not due:
             return next_due
-        if self._policy.list_sweeps and len(self._active) >= MIN_SWEEP:
+        if self._sweeps and len(self._active) >= MIN_SWEEP:
             # A sweep reads as deep as its oldest due task, so it takes along
             # every task at least halfway to its next poll: scattered due times
             # merge into a steady cadence of sweeps instead of one per task.
@@ -348,7 +350,17 @@ class Poller:
                 if not missing or len(items) < size:
                     break
         except KlingError as error:
-            logger.warning("list sweep failed, polling tasks one by one: %s", error)
+            if is_retryable(error):
+                logger.warning("list sweep failed, polling tasks one by one: %s", error)
+            else:
+                # It will not work next time either: asking would double every poll.
+                self._sweeps = False
+                logger.warning(
+                    "the list endpoint %s refused a sweep (%s): polling tasks one by one "
+                    "from now on (PollPolicy(list_sweeps=False) says so up front)",
+                    self._endpoint.value,
+                    error,
+                )
         except Exception:
             # Whatever it was, the tasks not seen yet still need polling: hand
             # them to single GETs, which end their waits if it happens again.

@@ -158,6 +158,30 @@ async def test_list_pages_are_sized_to_what_is_in_flight() -> None:
     assert len(server.requests_for("get")) == 0  # every sweep found all ten
 
 
+async def test_a_list_endpoint_that_refuses_for_good_is_not_asked_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.3, processing_delay=0.01) as server:
+        server.inject("error", route="list", code=1202, times=None)  # a gateway without it
+        async with make_client(server) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handles = [await client.images.generate(prompt=f"p{i}") for i in range(5)]
+                tasks = await asyncio.gather(*handles)
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    assert len(server.requests_for("list")) == 1
+    assert any("refused a sweep" in r.getMessage() for r in caplog.records)
+
+
+async def test_list_sweeps_can_be_turned_off() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2, processing_delay=0.01) as server:
+        policy = PollPolicy(initial_delay=0.05, max_delay=0.2, list_sweeps=False, timeout=10)
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            await asyncio.gather(*handles)
+    assert server.requests_for("list") == []
+    assert len(server.requests_for("get")) >= 25
+
+
 # --- issue 17: callbacks that never arrive are reported ----------------------------------
 
 
