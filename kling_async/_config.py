@@ -92,7 +92,7 @@ class PollPolicy:
     and less often once it is overdue. Each poll is placed where the task will
     have ended with probability ``poll_chance`` (given that it still runs),
     down to ``sweep_chance`` when one list page polls many tasks at once; gaps
-    never go below ``min_gap`` times the typical duration (or a quarter of the
+    never go below ``min_gap`` times the typical duration (or half the
     window where such tasks end, if that is narrower; never below 0.05 s) nor
     above ``max_delay``. ``learn=False`` turns this off. With the defaults, tasks
     of 5 to 20 s are polled about every 0.6 s in their window, and a list page

@@ -56,7 +56,7 @@ SHORTEST = 0.001
 #: However wide the floor between polls, a window where tasks end is crossed
 #: in at least this many polls: a narrow one (tasks that all take about as
 #: long) is then polled closely, and the end is caught soon after it comes.
-WINDOW_POLLS = 4
+WINDOW_POLLS = 2
 
 
 def _pad(value: float, samples: int, spread: float) -> float:
@@ -75,6 +75,12 @@ class Durations:
     ages: tuple[float, ...]
     done: tuple[float, ...]
     samples: int
+    #: The typical duration; computed once, as every poll of a task asks.
+    median: float = attrs.field(init=False, eq=False)
+
+    @median.default
+    def _median(self) -> float:
+        return self.quantile(0.5)
 
     @classmethod
     def from_samples(cls, samples: Iterable[tuple[float, float]]) -> Durations | None:
@@ -118,11 +124,6 @@ class Durations:
     def end(self) -> float:
         """A task still running at this age is overdue."""
         return self.ages[-1]
-
-    @property
-    def median(self) -> float:
-        """The typical duration."""
-        return self.quantile(0.5)
 
     def fraction_done(self, age: float) -> float:
         """The share of tasks that have ended by ``age`` (the CDF)."""

@@ -112,8 +112,8 @@ SCHEDULE = [
     # ...never closer than 6 % of the typical duration (0.6 s)...
     (9.0, UNIFORM, {}, 1, 0.0, 0.6),
     (11.0, UNIFORM, {}, 1, 0.0, 0.6),
-    # ...nor than a quarter of the window (4 s wide here), nor 50 ms.
-    (9.0, UNIFORM, {"min_gap": 1.0}, 1, 0.0, 1.0),
+    # ...nor than half the window (4 s wide here), nor 50 ms.
+    (9.0, UNIFORM, {"min_gap": 1.0}, 1, 0.0, 2.0),
     (11.99, UNIFORM, {"min_gap": 0.0}, 1, 0.0, 0.05),
     # Overdue: from the floor, growing by half of how overdue it is.
     (12.0, UNIFORM, {}, 1, 0.0, 0.6),
@@ -148,7 +148,7 @@ def test_tasks_that_all_take_as_long_are_polled_closely_around_their_end() -> No
     while age < 10.4:
         age += next_delay(age, exact, DEFAULT)
         polls.append(round(age, 3))
-    assert polls == [9.79, 9.94, 10.09, 10.24, 10.39, 10.585]  # 0.15 s apart, not 0.6 s
+    assert polls == [9.79, 10.09, 10.39, 10.735]  # 0.3 s apart, not 0.6 s; then overdue
 
 
 def test_tiny_tasks_are_not_polled_more_often_than_every_50_ms() -> None:
