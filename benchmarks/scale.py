@@ -52,8 +52,8 @@ Sections (``--only`` picks some):
 
 Run::
 
-    python benchmarks/scale.py            # the full run, about 10 minutes on 2 cores
-    python benchmarks/scale.py --quick    # a smoke run, about 75 seconds
+    python benchmarks/scale.py            # the full run, about 15 minutes on 2 cores
+    python benchmarks/scale.py --quick    # a smoke run, about 2 minutes
 
 Progress goes to stderr. Every section has a hard timeout; the fake servers and
 child processes are stopped on exit however the run ends.
