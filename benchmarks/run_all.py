@@ -3,8 +3,8 @@
 Each benchmark runs in a process of its own (so one's leftovers cannot skew the
 next) with the options given here; its progress goes to stderr as it runs::
 
-    python benchmarks/run_all.py            # the full runs, about 12 minutes on 2 cores
-    python benchmarks/run_all.py --quick    # smoke runs, about 90 s
+    python benchmarks/run_all.py            # the full runs, about 27 minutes on 2 cores
+    python benchmarks/run_all.py --quick    # smoke runs, about 4 minutes
 
 The exit status is that of the first benchmark that failed, else 0.
 """
@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "callbacks": (["--tasks", "1000"], ["--tasks", "50"]),
     "scale": ([], ["--quick"]),
+    "latency": ([], ["--quick"]),
     "scaleout": ([], ["--quick"]),
+    "journal": ([], ["--quick"]),
 }
 
 

@@ -102,16 +102,37 @@ class RetryPolicy:
 class PollPolicy:
     """How a task is polled until it ends.
 
-    The gap between polls grows with the task's age: ``(multiplier - 1) * age``,
-    kept between ``initial_delay`` and ``max_delay``, each gap jittered by
-    ±``jitter`` (a fraction) so thousands of tasks do not poll in lockstep.
-    A young task is checked often; one that has run for minutes, rarely.
+    **Learned schedule** (the default once tasks have finished): the client
+    learns how long tasks take from Kling's own ``created_at``/``updated_at``,
+    per endpoint and per what changes the duration (model, ``n``, resolution,
+    reference images), the most recent tasks weighing most. Each task is then
+    polled by what remains of that distribution at its age: not at all while it
+    surely still runs, densely through the window where such tasks end, less
+    and less often once it is overdue. Each poll is placed where the task will
+    have ended with probability ``poll_chance`` (given that it still runs),
+    down to ``sweep_chance`` when one list page polls many tasks at once; gaps
+    never go below ``min_gap`` times the typical duration (or half the
+    window where such tasks end, if that is narrower; never below 0.05 s) nor
+    above ``max_delay``. ``learn=False`` turns this off. With the defaults, tasks
+    of 5 to 20 s are polled about every 0.6 s in their window, and a list page
+    serving many tasks goes out at most that often.
+
+    **Cold schedule** (before any task of that endpoint has finished, or with
+    ``learn=False``): the gap between polls grows with the task's age,
+    ``(multiplier - 1) * age``, kept between ``initial_delay`` and
+    ``max_delay``, each gap jittered by ±``jitter`` (a fraction) so thousands
+    of tasks do not poll in lockstep.
+
+    With many tasks in flight one request to the list endpoint refreshes them
+    all; it is used whenever it costs fewer requests than single GETs
+    (``list_sweeps=False``: single GETs only, e.g. for a gateway without the
+    list endpoint).
 
     While Kling's callbacks are expected for a task, polls are only a safety net
     ``callback_delay`` apart, until the task is overdue: older than
-    ``overdue_factor`` times the typical duration of this client's finished
-    tasks (``callback_delay`` before any has finished); then the normal cadence
-    resumes, since its callbacks may have been lost.
+    ``overdue_factor`` times the typical duration of such tasks and than any of
+    them took (``callback_delay`` before any has finished); then the normal
+    schedule resumes, since its callbacks may have been lost.
 
     ``timeout`` is the default deadline of ``await handle`` (``None``: for ever).
     """
@@ -125,9 +146,18 @@ class PollPolicy:
     timeout: float | None = 1800.0
     callback_delay: float = attrs.field(default=30.0, validator=_positive)
     overdue_factor: float = attrs.field(default=2.0, validator=_positive)
+    learn: bool = True
+    poll_chance: float = attrs.field(default=0.15, validator=[_positive, attrs.validators.le(1.0)])
+    sweep_chance: float = attrs.field(default=0.05, validator=[_positive, attrs.validators.le(1.0)])
+    min_gap: float = attrs.field(default=0.06, validator=attrs.validators.ge(0.0))
+    list_sweeps: bool = True
     rng: random.Random = attrs.field(factory=random.Random, repr=False, eq=False)
 
+    def base_delay(self, age: float) -> float:
+        """The cold schedule's gap, before jitter, for a task first seen ``age`` seconds ago."""
+        return min(self.max_delay, max(self.initial_delay, (self.multiplier - 1) * age))
+
     def delay(self, age: float) -> float:
-        """Seconds until the next poll of a task first seen ``age`` seconds ago."""
-        base = min(self.max_delay, max(self.initial_delay, (self.multiplier - 1) * age))
-        return base * (1 + self.rng.uniform(-self.jitter, self.jitter))
+        """Seconds until the next poll of a task first seen ``age`` seconds ago,
+        on the cold schedule."""
+        return self.base_delay(age) * (1 + self.rng.uniform(-self.jitter, self.jitter))

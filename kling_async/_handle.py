@@ -48,6 +48,9 @@ class TaskHandle:
         self._state = state
         #: The request this client submitted, or ``None`` for an attached task.
         self.request = request
+        if request is not None:
+            # Its duration depends on what it asked for: polls are planned by it.
+            tracker.classify(state, request)
 
     @property
     def task_id(self) -> str:

@@ -2,15 +2,26 @@
 
 A thousand handles awaited at once share this one loop instead of running a
 thousand sleeping coroutines: it wakes when the earliest task is due and feeds
-what it learns to the tracker. Each task's polls grow further apart as it ages
-(``PollPolicy``), and are only a slow safety net while Kling's callbacks are
-expected for it.
+what it learns to the tracker. When each task is due comes from the pure
+schedule in ``_schedule``: once the client has seen tasks of its kind finish,
+not before it may have ended, densely through the window where it likely ends,
+less often once it is overdue; before that, gaps that grow with its age
+(``PollPolicy``). While Kling's callbacks are expected for a task, polls are
+only a slow safety net.
 
-With few tasks in flight each due task gets its own GET. With many, one sweep
-of the list endpoint (500 tasks a page, newest first) refreshes every tracked
-task it sees, whether due or not, and stops as soon as every due task was seen;
-the few not found on those pages fall back to single GETs. At 1,000 tasks in
-flight that is two or three requests where per-task polling sends a thousand.
+With one task due, it gets its own GET. With several, one request to the list
+endpoint (newest first) refreshes every tracked task on its page, due or not,
+and costs per page, not per task: a sweep goes out whenever it costs fewer
+requests than the GETs it replaces, reads pages sized to what is in flight,
+and stops as soon as every due task was seen; the few not found on those pages
+fall back to single GETs. Tasks due soon ride along, so while tasks are in
+their likely window sweeps follow at a steady cadence and every task in flight
+is seen at each. At 1,000 tasks in flight that is two or three requests where
+per-task polling sends a thousand.
+
+No unexpected error strands a task: a sweep that fails in any way hands its
+tasks to single GETs, and a GET that fails unexpectedly ends the waits on its
+task with a :class:`KlingError`.
 """
 
 from __future__ import annotations
@@ -18,11 +29,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import APIError, KlingError, is_retryable
-from ._models import Endpoint
+from ._exceptions import (
+    APIError,
+    InvalidRequestError,
+    KlingError,
+    NotFoundError,
+    PermissionDeniedError,
+    is_retryable,
+)
+from ._models import Endpoint, Task, TaskStatus
+from ._schedule import poll_delay
 from ._wire import MAX_PAGE_SIZE, Envelope, get_request, list_request, parse_task
 
 if TYPE_CHECKING:
@@ -33,19 +53,28 @@ logger = logging.getLogger("kling_async")
 
 #: Polls of one endpoint in flight at once; the rest wait their turn.
 MAX_CONCURRENT_POLLS = 32
-#: From this many tasks of one endpoint in flight, polls read list pages.
+#: From this many tasks of one endpoint in flight, confirmations of terminal
+#: callbacks that arrive in a burst are gathered into list sweeps.
 LIST_THRESHOLD = 20
-#: A sweep reads 500 tasks a page, which costs about as much to decode as a
-#: handful of single GETs: below this many tasks to poll, GETs are cheaper.
-MIN_SWEEP = 8
-#: With many tasks in flight, confirmations of terminal callbacks arriving in a
-#: burst (MIN_SWEEP or more within this many seconds) wait up to this long for
-#: company, so the burst is a few sweeps rather than one GET each. At a steady
-#: trickle each is polled at once: waiting would cost latency and save nothing.
+#: Decoding this many tasks of a list page costs about as much as one more
+#: request: a page of 500 is worth ~9 GETs, one of 30 little more than one.
+ITEMS_PER_REQUEST = 64
+#: The fewest due tasks a sweep is ever sent for: for one, its GET is cheaper.
+MIN_SWEEP = 2
+#: A burst of confirmations (MIN_BURST or more within CONFIRM_GATHER seconds)
+#: with many tasks in flight waits up to CONFIRM_GATHER for company, so the
+#: burst is a few sweeps rather than one GET each. At a steady trickle each is
+#: polled at once: waiting would cost latency and save nothing.
+MIN_BURST = 8
 CONFIRM_GATHER = 0.02
-#: Pages a sweep may read beyond what its own tasks would fill: other
-#: processes of the account interleave their tasks with ours.
+#: Pages a sweep may read beyond what it planned: other processes of the
+#: account interleave their tasks with ours.
 EXTRA_SWEEP_PAGES = 2
+#: List positions per tracked task, before any sweep has measured it: finished
+#: tasks and other processes' tasks sit between ours on the pages.
+INITIAL_SPREAD = 1.5
+#: Positions a page holds beyond the estimate, for tasks created meanwhile.
+PAGE_MARGIN = 8
 
 
 class Poller:
@@ -59,12 +88,16 @@ class Poller:
         self._jobs: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sweeping = False
+        # False once the list endpoint refused us for good (a gateway without it).
+        self._sweeps = tracker.policy.list_sweeps
         self._wake = asyncio.Event()
         self._wake_at = -math.inf  # when the sleeping runner's timer fires
         self._gather_at = -math.inf  # when the confirmations gathered now are polled
         self._confirm_pace = 0.0  # confirmations in about the last CONFIRM_GATHER s
         self._last_confirm = -math.inf
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
+        #: List positions per tracked task, as the last sweeps found them.
+        self._spread = INITIAL_SPREAD
         #: Requests sent, for reports and benchmarks.
         self.gets = 0
         self.list_pages = 0
@@ -76,7 +109,7 @@ class Poller:
         loop = asyncio.get_running_loop()
         self._active.add(state)
         # A task the client has never seen is polled at once; one it just
-        # created (or polled) waits its turn on the backoff schedule.
+        # created (or polled) waits its turn on the schedule.
         if state.latest is None or state.hurry:
             state.next_poll = loop.time()
         elif state.next_poll == 0.0:
@@ -84,6 +117,16 @@ class Poller:
             state.next_poll = loop.time() + state.interval
         if self._runner is None:
             self._runner = loop.create_task(self._run(), name=f"kling-poll-{self._endpoint.value}")
+        self._due_at(state.next_poll)
+
+    def replan(self, state: TaskState) -> None:
+        """Plan ``state``'s next poll again: what is known about it changed (its
+        kind became known after it was first scheduled)."""
+        if state not in self._active or state.polling or state.hurry or state.latest is None:
+            return
+        now = asyncio.get_running_loop().time()
+        state.interval = self._delay(state, now)
+        state.next_poll = now + state.interval
         self._due_at(state.next_poll)
 
     def hurry(self, state: TaskState) -> None:
@@ -115,7 +158,7 @@ class Poller:
         elapsed = now - self._last_confirm
         self._confirm_pace = self._confirm_pace * math.exp(-elapsed / CONFIRM_GATHER) + 1.0
         self._last_confirm = now
-        return self._confirm_pace >= MIN_SWEEP
+        return self._confirm_pace >= MIN_BURST
 
     def discard(self, state: TaskState) -> None:
         """Stop polling ``state``; an in-flight poll still delivers its answer."""
@@ -152,29 +195,39 @@ class Poller:
         finally:
             self._runner = None
 
-    def _delay(self, state: TaskState, now: float) -> float:
-        """Seconds until ``state``'s next poll: by its age, or, while Kling's
-        callbacks are expected and the task is not overdue, the slow safety net."""
-        age = now - state.first_seen  # both on the monotonic clock the loop uses
-        delay = self._policy.delay(age)
-        if state.callbacks:
-            typical = self._tracker.typical_duration
-            overdue_at = (
-                self._policy.overdue_factor * typical
-                if typical is not None
-                else self._policy.callback_delay
+    def _delay(self, state: TaskState, now: float, sharing: float = 1.0) -> float:
+        """Seconds until ``state``'s next poll (see ``_schedule.poll_delay``),
+        ``sharing`` being how many tasks the request that polled it served."""
+        policy = self._policy
+        try:
+            return poll_delay(
+                now - state.first_seen,  # both on the monotonic clock the loop uses
+                self._tracker.durations_for(state) if policy.learn else None,
+                policy,
+                callbacks=state.callbacks,
+                sharing=sharing,
+                noise=policy.rng.uniform(-1.0, 1.0),
             )
-            if age < overdue_at:
-                delay = max(delay, min(self._policy.callback_delay, overdue_at - age))
-        return delay
+        except Exception:  # a bug in planning must not leave the task unpolled
+            logger.exception("unexpected error planning the next poll of task %s", state.task_id)
+            return policy.max_delay
+
+    def _check_callbacks(self, state: TaskState) -> None:
+        """``state`` expects callbacks and has heard none, yet a poll shows a
+        status change Kling calls back about, stamped long enough ago that its
+        callback should be here: the receiver may be unreachable."""
+        latest = state.latest
+        if latest is None or latest.status is TaskStatus.SUBMITTED or latest.updated_at is None:
+            return  # nothing to call back about yet (a task queued on Kling's side)
+        if time.time() - latest.updated_at.timestamp() >= self._policy.callback_delay / 2:
+            self._tracker.callbacks_silent(state)
 
     def _start_due_polls(self, now: float) -> float:
         """Start the polls that are due; return when the next one will be.
 
         A method of its own so no task state lingers in the sleeping loop's frame.
         """
-        list_mode = len(self._active) >= LIST_THRESHOLD
-        if list_mode and self._sweeping:
+        if self._sweeping:
             return math.inf  # the sweep under way wakes the runner when it ends
         next_due = math.inf
         due: list[TaskState] = []
@@ -188,41 +241,64 @@ class Poller:
                 next_due = when
         if not due:
             return next_due
-        if list_mode:
+        if self._sweeps and len(self._active) >= MIN_SWEEP:
             # A sweep reads as deep as its oldest due task, so it takes along
             # every task at least halfway to its next poll: scattered due times
-            # merge into few sweeps instead of one deep sweep per straggler.
+            # merge into a steady cadence of sweeps instead of one per task.
             near = [
                 state
                 for state in self._active
                 if not state.polling and now < state.next_poll <= now + state.interval / 2
             ]
-            if len(due) + len(near) >= MIN_SWEEP:
+            size, pages = self._page_plan()
+            wanted = len(due) + len(near)
+            if wanted >= max(MIN_SWEEP, pages * (1 + size / ITEMS_PER_REQUEST)):
                 due += near
                 self._sweeping = True
                 for state in due:
                     state.polling, state.hurry = True, False
-                self._spawn(self._sweep(due))
+                self._spawn(self._sweep(due, size, pages))
                 return math.inf
         for state in due:
             state.polling, state.hurry = True, False
             self._spawn(self._poll(state))
         return next_due
 
+    def _page_plan(self) -> tuple[int, int]:
+        """The page size and page count a sweep reaching every tracked task needs.
+
+        Sized to what is in flight, with room for what sits between: a small
+        page costs the server and the client less to encode and decode.
+        """
+        depth = math.ceil(len(self._active) * self._spread) + PAGE_MARGIN
+        size = min(MAX_PAGE_SIZE, depth)
+        return size, math.ceil(depth / size)
+
     def _spawn(self, work: Any) -> None:
         job = asyncio.get_running_loop().create_task(work)
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
 
-    def _reschedule(self, states: Iterable[TaskState]) -> None:
+    def _reschedule(self, states: Iterable[TaskState], sharing: float = 1.0) -> None:
         now = asyncio.get_running_loop().time()
         earliest = math.inf
         for state in states:
             state.polling = False
-            state.interval = 0.0 if state.hurry else self._delay(state, now)
+            if state.callbacks and not state.heard:
+                self._check_callbacks(state)
+            state.interval = 0.0 if state.hurry else self._delay(state, now, sharing)
             state.next_poll = now + state.interval
             earliest = min(earliest, state.next_poll)
         self._due_at(earliest)
+
+    def _take(self, state: TaskState, task: Task) -> None:
+        """Publish what a poll said about ``state``."""
+        if state.latest is None and task.created_at is not None:
+            # Attached by id: its age counts from when Kling created it, not
+            # from when this client first heard of it.
+            running = max(0.0, time.time() - task.created_at.timestamp())
+            state.first_seen = time.monotonic() - running
+        self._tracker.publish(state, task)
 
     # --- single GETs ------------------------------------------------------------
 
@@ -236,12 +312,12 @@ class Poller:
                     get_request(self._endpoint, state.task_id)
                 )
             if not _unchanged(state, envelope.data):
-                self._tracker.publish(state, parse_task(envelope))
+                self._take(state, parse_task(envelope))
         except KlingError as error:
             self._failed(state, error)
         except Exception as error:  # a bug must end the waits, not hang them
             logger.exception("unexpected error polling task %s", state.task_id)
-            self._tracker.fail(state, KlingError(f"polling task {state.task_id} failed: {error!r}"))
+            self._tracker.fail(state, _unexpected(f"polling task {state.task_id}", error))
         finally:
             self._reschedule((state,))
 
@@ -254,16 +330,18 @@ class Poller:
 
     # --- list sweeps ------------------------------------------------------------
 
-    async def _sweep(self, due: list[TaskState]) -> None:
+    async def _sweep(self, due: list[TaskState], size: int, pages: int) -> None:
         missing = set(due)
         seen: set[TaskState] = set()
+        tracked = len(self._active)
+        deepest = 0  # list position of the deepest tracked task seen
+        read = 0
         try:
-            pages = math.ceil(len(self._active) / MAX_PAGE_SIZE) + EXTRA_SWEEP_PAGES
-            for page in range(1, pages + 1):
+            for page in range(1, pages + EXTRA_SWEEP_PAGES + 1):
                 async with self._slots:
                     self.list_pages += 1
                     envelope = await self._tracker.transport.send(
-                        list_request(self._endpoint, page, MAX_PAGE_SIZE)
+                        list_request(self._endpoint, page, size)
                     )
                 items = envelope.data
                 if not isinstance(items, list):
@@ -272,21 +350,62 @@ class Poller:
                         request_id=envelope.request_id,
                         http_status=envelope.http_status,
                     )
-                self._take_page(items, envelope, seen)
+                read += 1
+                deepest = self._take_page(items, envelope, seen, (page - 1) * size) or deepest
                 missing -= seen
-                if not missing or len(items) < MAX_PAGE_SIZE:
+                if not missing or len(items) < size:
                     break
         except KlingError as error:
-            logger.warning("list sweep failed, polling tasks one by one: %s", error)
+            if not _list_refused(error):
+                logger.warning("list sweep failed, polling tasks one by one: %s", error)
+            else:
+                # It will not work next time either: asking would double every poll.
+                self._sweeps = False
+                logger.warning(
+                    "the list endpoint %s refused a sweep (%s): polling tasks one by one "
+                    "from now on (PollPolicy(list_sweeps=False) says so up front)",
+                    self._endpoint.value,
+                    error,
+                )
+        except Exception:
+            # Whatever it was, the tasks not seen yet still need polling: hand
+            # them to single GETs, which end their waits if it happens again.
+            logger.exception("unexpected error in a list sweep, polling tasks one by one")
         finally:
             self._sweeping = False
-            self._reschedule(seen)
+            self._learn_spread(tracked, len(seen), deepest, complete=not missing)
+            due_now = set(due)
+            # Every task on the pages was polled; one a GET is polling (not
+            # among this sweep's) is left to that GET.
+            polled = [state for state in seen if state in due_now or not state.polling]
+            self._reschedule(polled, sharing=len(seen) / max(read, 1))
+            self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each
             self._spawn(self._poll(state))
 
-    def _take_page(self, items: list[Any], envelope: Envelope, seen: set[TaskState]) -> None:
-        """Publish every tracked task on a list page; skip the rest cheaply."""
-        for item in items:
+    def _learn_spread(self, tracked: int, found: int, deepest: int, *, complete: bool) -> None:
+        """Size the next sweep's pages from where this one found the tasks."""
+        if not tracked:
+            return
+        observed = deepest / tracked
+        if not complete:  # due tasks beyond the pages read: go deeper next time
+            self._spread = max(self._spread * 2, observed)
+        elif found >= tracked:  # every tracked task seen: the depth is exact
+            self._spread = max(observed, (self._spread + observed) / 2)
+        else:  # some beyond the pages read: only a lower bound
+            self._spread = max(self._spread, observed)
+        # A sweep never needs more pages than the endpoint allows anyway.
+        self._spread = min(self._spread, MAX_PAGE_SIZE * EXTRA_SWEEP_PAGES)
+
+    def _take_page(
+        self, items: list[Any], envelope: Envelope, seen: set[TaskState], offset: int
+    ) -> int:
+        """Publish every tracked task on a list page; skip the rest cheaply.
+
+        Returns the list position (1-based) of the deepest tracked task on it, or 0.
+        """
+        deepest = 0
+        for position, item in enumerate(items, offset + 1):
             task_id = item.get("task_id") if isinstance(item, dict) else None
             state = (
                 self._tracker.find(self._endpoint, task_id) if isinstance(task_id, str) else None
@@ -294,6 +413,7 @@ class Poller:
             if state is None:
                 continue
             seen.add(state)
+            deepest = position
             if _unchanged(state, item):
                 continue
             try:
@@ -303,7 +423,22 @@ class Poller:
             except APIError as error:
                 logger.warning("unreadable task %s on a list page: %s", task_id, error)
                 continue
-            self._tracker.publish(state, task)
+            self._take(state, task)
+        return deepest
+
+
+def _unexpected(doing: str, error: Exception) -> KlingError:
+    """A KlingError that ends waits after an unexpected ``error``, chained to it.
+
+    The message names only its type: its text may hold what it was handed
+    (a header, a token), and the waits' errors travel into users' logs.
+    """
+    wrapped = KlingError(
+        f"{doing} failed with an unexpected {type(error).__name__} (the cause is chained); "
+        "this is a bug or a broken dependency, please report it"
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _unchanged(state: TaskState, data: Any) -> bool:
@@ -316,3 +451,13 @@ def _unchanged(state: TaskState, data: Any) -> bool:
         and known.raw.get("updated_at") == data.get("updated_at")
         and known.raw.get("task_status") == data.get("task_status")
     )
+
+
+def _list_refused(error: KlingError) -> bool:
+    """Whether the list endpoint itself is refused (a gateway without it, an
+    account without the permission, a page size it will not take): asking again
+    would fail again. Other failures (credentials, quota, a blip) are not about
+    listing, and the next sweep may well work."""
+    if isinstance(error, (NotFoundError, InvalidRequestError)):
+        return True
+    return isinstance(error, PermissionDeniedError) and error.code == 1103

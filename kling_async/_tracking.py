@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._config import PollPolicy
+from ._durations import DurationLearner, Kind
 from ._exceptions import ClientClosedError, KlingError
-from ._models import Endpoint, Task, TaskStatus
+from ._models import Endpoint, Task, TaskRequest, TaskStatus
+from ._schedule import Durations
 
 if TYPE_CHECKING:
     from ._ledger import Ledger, LedgerEntry
@@ -27,15 +30,14 @@ if TYPE_CHECKING:
     from ._transport import Transport
 
 
+logger = logging.getLogger("kling_async")
+
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
 
 # Within one updated_at, a later lifecycle stage wins: a duplicate "processing"
 # must not overwrite a "succeed" stamped in the same millisecond.
 _STAGE = {TaskStatus.SUBMITTED: 0, TaskStatus.PROCESSING: 1}
-
-#: Weight of the newest finished task in the running typical duration.
-_DURATION_SMOOTHING = 0.2
 
 
 def _stage(status: TaskStatus) -> int:
@@ -52,9 +54,11 @@ class TaskState:
         "entry",
         "external_task_id",
         "first_seen",
+        "heard",
         "hurry",
         "interest",
         "interval",
+        "kind",
         "latest",
         "ledger",
         "listeners",
@@ -84,6 +88,10 @@ class TaskState:
         # Made on first use: most tasks never get one, and thousands are held.
         self.on_terminal: list[Callable[[Task], None]] | None = None
         self.callbacks = False  # Kling will POST this task's updates to us
+        self.heard = False  # a callback for this task has arrived
+        #: What changes its duration (see _durations.Kind); None when unknown,
+        #: e.g. a task attached by id: then its endpoint's durations apply.
+        self.kind: Kind | None = None
         self.hurry = False  # poll again as soon as possible (a terminal callback came)
         self.polling = False  # a poll of this task is in flight
         self.first_seen = time.monotonic()
@@ -170,11 +178,45 @@ class Tracker:
         self._pollers: dict[Endpoint, Poller] = {}
         self._pollers_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        #: Running typical lifetime of this client's tasks, in seconds.
-        self.typical_duration: float | None = None
+        #: How long this client's tasks took, for scheduling polls.
+        self.durations = DurationLearner()
+        self._warned_silent_callbacks = False
         #: Told every accepted piece of news (the create's owner keeps a durable
         #: ledger current with it).
         self.on_news: Callable[[TaskState, Task], None] | None = None
+
+    @property
+    def typical_duration(self) -> float | None:
+        """The median duration of this client's recent tasks, in seconds."""
+        return self.durations.typical
+
+    def durations_for(self, state: TaskState) -> Durations | None:
+        """What is known about how long tasks like ``state``'s take."""
+        return self.durations.durations(state.endpoint, state.kind)
+
+    def classify(self, state: TaskState, request: TaskRequest) -> None:
+        """Note what ``state``'s task asked for, which its duration depends on."""
+        if state.kind is None:
+            state.kind = self.durations.kind(request)
+            poller = self._current_pollers().get(state.endpoint)
+            if poller is not None:
+                poller.replan(state)
+
+    def callbacks_silent(self, state: TaskState) -> None:
+        """A poll found ``state``'s task changed long ago and not one callback
+        came for it: say so, once per client, since until their tasks are
+        overdue handles now wait for the safety-net polls."""
+        if self._warned_silent_callbacks:
+            return
+        self._warned_silent_callbacks = True
+        logger.warning(
+            "task %s changed on Kling's side long ago and no callback has arrived for it: "
+            "check that Kling can reach the CallbackReceiver's public_url. Tasks are polled "
+            "instead, at most %.0f s apart until they are overdue (PollPolicy.callback_delay). "
+            "This is logged once per client.",
+            state.task_id,
+            self.policy.callback_delay,
+        )
 
     def state(
         self,
@@ -221,7 +263,10 @@ class Tracker:
         for listener in tuple(state.listeners):
             listener(task)
         if self.on_news is not None:
-            self.on_news(state, task)
+            try:
+                self.on_news(state, task)
+            except Exception:  # a ledger's failure must not keep news from the waits
+                logger.exception("recording task %s in the ledger failed", state.task_id)
         if task.is_terminal:
             self._finished(state, task)
         return True
@@ -234,10 +279,7 @@ class Tracker:
             duration = (task.updated_at - task.created_at).total_seconds()
         else:
             duration = time.monotonic() - state.first_seen
-        typical = self.typical_duration
-        self.typical_duration = (
-            duration if typical is None else typical + _DURATION_SMOOTHING * (duration - typical)
-        )
+        self.durations.observe(state.endpoint, state.kind, duration)
         duties, state.on_terminal = state.on_terminal or (), None
         for duty in duties:
             duty(task)
@@ -283,6 +325,7 @@ class Tracker:
         return CallbackOutcome.ACCEPTED
 
     def _take_callback(self, state: TaskState, task: Task, confirm: bool) -> None:
+        state.heard = True
         if task.is_terminal and confirm:
             # The confirmation is a poll, due now: with many tasks in flight one
             # list page confirms many callbacks at once. If it disagrees, the

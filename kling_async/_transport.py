@@ -236,9 +236,10 @@ class Transport:
         except KlingError:
             raise
         except Exception as error:  # a custom provider's failure, before anything is sent
+            # Its message may quote a key: the type is named, the error chained.
             raise ConfigurationError(
-                f"the credentials provider {type(credentials).__name__} failed: "
-                f"{type(error).__name__}: {error}"
+                f"the credentials provider {type(credentials).__name__} failed "
+                f"({type(error).__name__}); nothing was sent"
             ) from error
 
     async def exchange(self, request: WireRequest) -> Envelope:

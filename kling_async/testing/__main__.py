@@ -13,14 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import random
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._options import RateLimit
 from ._server import FakeKlingServer
+from ._tasks import FakeTask
+
+#: Distributions ``--task-duration`` draws each task's length from.
+DISTRIBUTIONS = ("uniform", "loguniform")
+
+TaskDuration = float | tuple[str, float, float] | None
 
 
 def _rate_limit(text: str) -> RateLimit:
@@ -33,10 +41,35 @@ def _rate_limit(text: str) -> RateLimit:
         ) from None
 
 
-def _duration(text: str) -> float | None:
+def _duration(text: str) -> TaskDuration:
     if text.lower() in ("none", "never"):
         return None
-    return float(text)
+    kind, _, bounds = text.partition(":")
+    if kind not in DISTRIBUTIONS:
+        return float(text)
+    low_text, _, high_text = bounds.partition(":")
+    try:
+        low, high = float(low_text), float(high_text)
+    except ValueError:
+        low = high = math.nan
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(
+            f"expected {kind}:LOW:HIGH with 0 < LOW <= HIGH seconds, got {text!r}"
+        )
+    return (kind, low, high)
+
+
+def _drawn(duration: TaskDuration, seed: int | None) -> float | Callable[[FakeTask], float] | None:
+    """The server's ``task_duration``: a number, ``None``, or one draw per task."""
+    if not isinstance(duration, tuple):
+        return duration
+    kind, low, high = duration
+    rng = random.Random(None if seed is None else f"durations:{seed}")
+    if kind == "uniform":
+        return lambda _task: rng.uniform(low, high)
+    # Log-uniform: as many tasks between 5 and 10 s as between 10 and 20 s; its
+    # median is the geometric mean of the bounds.
+    return lambda _task: math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         "--task-duration",
         type=_duration,
         default=0.2,
-        help="seconds from create to the end of a task, or 'none' (default 0.2)",
+        help="seconds from create to the end of a task, or 'none' (only finish() ends them), "
+        "or a distribution each task draws its own from: 'uniform:LOW:HIGH' or "
+        "'loguniform:LOW:HIGH' (median sqrt(LOW*HIGH), e.g. loguniform:5:20 has median 10); "
+        "--seed makes the draws repeatable (default 0.2)",
     )
     parser.add_argument(
         "--processing-delay",
@@ -111,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         server = FakeKlingServer(
             port=arguments.port,
-            task_duration=arguments.task_duration,
+            task_duration=_drawn(arguments.task_duration, arguments.seed),
             processing_delay=arguments.processing_delay,
             concurrency_limit=arguments.concurrency_limit,
             rate_limit=arguments.rate_limit,

@@ -1,0 +1,303 @@
+"""The shared poller over loopback: the learned schedule in use, list pages sized to
+what is in flight, and no unexpected error ever stranding a task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import kling_async
+from kling_async import CallbackReceiver, ImageGenerationRequest, PollPolicy, TaskStatus
+from kling_async import _polling as polling
+from kling_async._durations import kind_of
+from kling_async._polling import Poller
+from kling_async.testing import CallbackFaults, FakeKlingServer
+from tests.conftest import API_KEY, make_client
+
+#: Fast enough for tests, cold schedule included; learning on, as by default.
+POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)
+
+
+class FlakyCredentials:
+    """A credentials provider (the ``Credentials`` protocol) that raises on demand:
+    a token service hiccup, the kind of error no poll expects."""
+
+    def __init__(self, secret: str = API_KEY) -> None:
+        self.secret = secret
+        self.failures = 0  # how many of the next calls raise (-1: all of them)
+
+    def authorization(self) -> str:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(f"token service said no to {self.secret}")
+        return f"Bearer {API_KEY}"
+
+    def resign(self) -> bool:
+        return False
+
+
+async def eventually(condition: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not callable(condition) or not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
+# --- review defect r06: an unexpected error in a sweep strands no task --------------------
+
+
+async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_gets(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # r06: anything but a KlingError escaping a sweep left its tasks marked as
+    # being polled for ever. The transport turns what it meets into KlingErrors,
+    # so the fault is a bug of ours, reading a page, injected once.
+    read_page = Poller._take_page
+    failures = [RuntimeError("a bug reading a list page")]
+
+    def take_page_once(self: Poller, *args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return read_page(self, *args)
+
+    monkeypatch.setattr(Poller, "_take_page", take_page_once)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            with caplog.at_level(logging.ERROR, logger="kling_async"):
+                waits = [asyncio.ensure_future(h.wait(timeout=3)) for h in handles]
+                await eventually(lambda: len(server.requests_for("get")) >= 25)
+            for handle in handles:
+                server.finish(handle.task_id)  # every task is done on Kling
+            tasks = await asyncio.gather(*waits)
+    assert not failures
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    assert any("unexpected error in a list sweep" in r.getMessage() for r in caplog.records)
+    # The failed sweep's tasks were asked for one by one, each once.
+    got = [r.path.rsplit("/", 1)[-1] for r in server.requests_for("get")]
+    assert sorted(got[:25]) == sorted(handle.task_id for handle in handles)
+
+
+async def test_an_unexpected_error_that_persists_ends_the_waits_chained_and_without_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("a bug, quoting sk-do-not-log-me")
+
+    monkeypatch.setattr(Poller, "_take_page", broken)
+    monkeypatch.setattr(polling, "parse_task", broken)
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            server.finish(handles[0].task_id)  # a changed task: its answer must be read
+            results = await asyncio.gather(
+                *(h.wait(timeout=5) for h in handles[:1]), return_exceptions=True
+            )
+    (result,) = results
+    assert type(result) is kling_async.KlingError  # not a timeout: the wait ended
+    assert isinstance(result.__cause__, RuntimeError)
+    assert "sk-do-not-log-me" not in str(result)
+    assert "RuntimeError" in str(result)
+
+
+async def test_a_failing_credentials_provider_ends_the_waits_chained_and_without_secrets() -> None:
+    credentials = FlakyCredentials(secret="sk-do-not-log-me")
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server, api_key=None, credentials=credentials) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            credentials.failures = -1  # from now on every request fails
+            results = await asyncio.gather(
+                *(h.wait(timeout=5) for h in handles), return_exceptions=True
+            )
+    for result in results:
+        assert isinstance(result, kling_async.ConfigurationError)  # the wait ended
+        assert isinstance(result.__cause__, OSError)
+        assert "sk-do-not-log-me" not in str(result)
+        assert "OSError" in str(result)
+
+
+async def test_a_sweep_failing_for_a_reason_not_about_listing_keeps_sweeps_on() -> None:
+    credentials = FlakyCredentials()
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, api_key=None, credentials=credentials) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            credentials.failures = 1  # the first sweep's request fails, once
+            waits = [asyncio.ensure_future(h.wait(timeout=5)) for h in handles]
+            # Not a refusal of listing: a later sweep is sent and answered.
+            await eventually(lambda: any(r.code == 0 for r in server.requests_for("list")))
+            for handle in handles:
+                server.finish(handle.task_id)
+            tasks = await asyncio.gather(*waits)
+        assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+
+
+# --- the learned schedule in use ------------------------------------------------------------
+
+
+async def test_once_tasks_of_a_kind_finished_the_next_is_not_polled_while_it_surely_runs() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.4, processing_delay=0.01) as server:
+        async with make_client(server, polling=POLICY) as client:
+            cold = await client.images.generate(prompt="first")
+            await cold
+            cold_gets = len(server.requests_for("get"))
+            for index in range(3):  # a handful of the same kind
+                await (await client.images.generate(prompt=f"learn {index}"))
+            durations = client._tracker.durations_for(cold._state)
+            assert durations is not None
+            assert durations.median == pytest.approx(0.4, abs=0.05)
+            before = len(server.requests_for("get"))
+            handle = await client.images.generate(prompt="learned")
+            created = time.monotonic()
+            task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    gets = server.requests_for("get")[before:]
+    # Nothing while it surely runs (the window opens ~0.35 s), then few polls:
+    # the cold schedule polled it every 0.05 s from the start.
+    assert gets[0].arrived_at - created >= 0.3
+    assert len(gets) <= 4 < cold_gets
+
+
+async def test_a_handle_knows_the_kind_of_its_task(server: FakeKlingServer) -> None:
+    request = ImageGenerationRequest(prompt="p", n=2, resolution="2k")
+    async with make_client(server, max_concurrency=4) as limited, make_client(server) as plain:
+        for client in (limited, plain):
+            handle = await client.images.submit(request)
+            assert handle._state.kind == kind_of(request)
+            await handle
+        assert plain.images.attach(handle.task_id)._state.kind is not None  # the same state
+        other = await plain.images.get(handle.task_id)
+    assert other.status is TaskStatus.SUCCEED
+
+
+async def test_an_attached_tasks_age_counts_from_its_creation_on_kling() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as creator:
+            created = await creator.images.generate(prompt="p")
+            await asyncio.sleep(0.5)
+            async with make_client(server) as restarted:
+                handle = restarted.images.attach(created.task_id)
+                with pytest.raises(kling_async.TaskTimeoutError):
+                    await handle.wait(timeout=0.2)  # polled at once, then on schedule
+                age = time.monotonic() - handle._state.first_seen
+    assert age >= 0.6  # not the 0.2 s since the attach
+
+
+async def test_list_pages_are_sized_to_what_is_in_flight() -> None:
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server) as client:
+            for index in range(300):  # an account with history: 300 older tasks
+                server.finish((await client.images.generate(prompt=f"old {index}")).task_id)
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(10)]
+            waits = [asyncio.ensure_future(h.wait(timeout=5)) for h in handles]
+            await eventually(lambda: len(server.requests_for("list")) >= 3)
+            for handle in handles:
+                server.finish(handle.task_id)
+            await asyncio.gather(*waits)
+    sizes = {int(r.query["pageSize"]) for r in server.requests_for("list")}
+    assert max(sizes) < 50  # ten in flight: not a page of 500 of mostly old tasks
+    assert len(server.requests_for("get")) == 0  # every sweep found all ten
+
+
+async def test_a_list_endpoint_that_refuses_for_good_is_not_asked_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.3, processing_delay=0.01) as server:
+        server.inject("error", route="list", code=1202, times=None)  # a gateway without it
+        async with make_client(server) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handles = [await client.images.generate(prompt=f"p{i}") for i in range(5)]
+                tasks = await asyncio.gather(*handles)
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    assert len(server.requests_for("list")) == 1
+    assert any("refused a sweep" in r.getMessage() for r in caplog.records)
+
+
+async def test_list_sweeps_can_be_turned_off() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2, processing_delay=0.01) as server:
+        policy = PollPolicy(initial_delay=0.05, max_delay=0.2, list_sweeps=False, timeout=10)
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
+            await asyncio.gather(*handles)
+    assert server.requests_for("list") == []
+    assert len(server.requests_for("get")) >= 25
+
+
+# --- issue 17: callbacks that never arrive are reported ----------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[CallbackReceiver]:
+    receiver = CallbackReceiver(secret="callback-secret-0123456789abcdef")
+    async with receiver.serve():
+        yield receiver
+    await receiver.close()
+
+
+SAFETY_NET = PollPolicy(initial_delay=0.02, max_delay=0.1, callback_delay=0.3, timeout=10)
+
+
+def silence_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "no callback has arrived for it" in r.getMessage()
+    ]
+
+
+async def test_overdue_tasks_without_any_callback_log_one_warning(
+    receiver: CallbackReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Kling never reaches the receiver (an unreachable public_url looks the same).
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=0.05, callback_faults=CallbackFaults(drop=1.0)
+    ) as server:
+        async with make_client(server, callbacks=receiver, polling=SAFETY_NET) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handles = [await client.images.generate(prompt=f"p{i}") for i in range(3)]
+                tasks = await asyncio.gather(*handles)  # the safety net found them
+                await (await client.images.generate(prompt="later"))
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    warnings = silence_warnings(caplog)
+    assert len(warnings) == 1  # once per client, however many tasks
+    assert "public_url" in warnings[0].getMessage()
+
+
+async def test_no_warning_for_a_task_that_has_not_changed(
+    receiver: CallbackReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Queued on Kling's side for long: no status change, so no callback is due.
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None, processing_delay=60) as server:
+        async with make_client(server, callbacks=receiver, polling=SAFETY_NET) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handle = await client.images.generate(prompt="p")
+                with pytest.raises(kling_async.TaskTimeoutError):
+                    await handle.wait(timeout=1.0)  # three safety-net polls
+    assert len(server.requests_for("get")) >= 2
+    assert silence_warnings(caplog) == []
+
+
+async def test_no_warning_while_callbacks_arrive(
+    receiver: CallbackReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the terminal callbacks are lost: Kling reaches the receiver, and the
+    # overdue poll finds each task as the safety net should.
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.2, processing_delay=0.01) as server:
+        async with make_client(server, callbacks=receiver, polling=SAFETY_NET) as client:
+            with caplog.at_level(logging.WARNING, logger="kling_async"):
+                handle = await client.images.generate(prompt="p")
+                await eventually(lambda: handle.status is TaskStatus.PROCESSING)
+                server.task(handle.task_id).callback_url = None  # the rest go nowhere
+                task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    assert silence_warnings(caplog) == []
