@@ -30,6 +30,8 @@ HALF_LIFE = 16
 #: Finished tasks a kind needs before its own distribution is used rather
 #: than its endpoint's.
 MIN_KIND_SAMPLES = 3
+#: While an endpoint has this few durations, each one reshapes its distribution.
+EARLY_SAMPLES = 3
 
 
 def kind_of(request: TaskRequest) -> Kind:
@@ -91,12 +93,22 @@ class DurationLearner:
         # The first equal tuple, so thousands of states share one object.
         return self._interned.setdefault(kind, kind)
 
-    def observe(self, endpoint: Endpoint, kind: Kind | None, seconds: float) -> None:
-        """Learn that a task of ``kind`` (``None``: unknown) took ``seconds``."""
+    def observe(self, endpoint: Endpoint, kind: Kind | None, seconds: float) -> bool:
+        """Learn that a task of ``kind`` (``None``: unknown) took ``seconds``.
+
+        Returns whether this changed much what is known: one of the endpoint's
+        first few durations, or the one that gives its kind a distribution of
+        its own. Polls planned before are then worth planning again.
+        """
+        telling = False
         if kind is not None:
-            self._kinds.setdefault(kind, _Evidence()).add(seconds)
-        self._endpoints.setdefault(endpoint, _Evidence()).add(seconds)
+            own = self._kinds.setdefault(kind, _Evidence())
+            own.add(seconds)
+            telling = len(own) == MIN_KIND_SAMPLES
+        pooled = self._endpoints.setdefault(endpoint, _Evidence())
+        pooled.add(seconds)
         self._everything.add(seconds)
+        return telling or len(pooled) <= EARLY_SAMPLES
 
     def durations(self, endpoint: Endpoint, kind: Kind | None) -> Durations | None:
         """What is known about tasks of ``kind``: its own distribution once it

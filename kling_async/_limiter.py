@@ -15,9 +15,9 @@ ends, and adapts:
 - on 1302 (too many requests) it spaces creates apart, and relaxes on success.
 
 Admission is first-fit in arrival order: a small task may pass a large one that
-does not fit yet, but only until the large one has waited ``fairness_window``;
-from then on nobody passes it, so an ``n=9`` task cannot be starved by a stream
-of ``n=1`` tasks.
+does not fit yet, but only until the large one has waited the fairness window
+(by default five typical task lifetimes, learned); from then on nobody passes
+it, so an ``n=9`` task cannot be starved by a stream of ``n=1`` tasks.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ MIN_COOLDOWN = 1.0
 MAX_COOLDOWN = 30.0
 MAX_CREATE_SPACING = 2.0
 FIRST_CREATE_SPACING = 0.05
+#: The learned fairness window, in typical hold times: long enough that a large
+#: task rarely blocks the queue while units trickle back (each block leaves
+#: units idle), short enough that it is never starved.
+FAIRNESS_HOLDS = 5.0
+#: Bounds of the learned fairness window (seconds a large task may be overtaken).
+MIN_FAIRNESS_WINDOW = 2.0
+MAX_FAIRNESS_WINDOW = 120.0
+#: Time constant of the estimate of how fast units come back.
+TURNOVER_WINDOW = 30.0
 
 
 @runtime_checkable
@@ -93,15 +102,19 @@ class ConcurrencyLimiter:
     ``capacity`` is the most units to hold at once (``Client(max_concurrency=...)``);
     ``None`` means unknown: start small and learn it from 1303 answers. Pass one
     instance as ``max_concurrency`` to several clients to share one quota.
-    ``fairness_window`` is how long a task may be overtaken by smaller ones;
-    ``min_cooldown`` the first pause after a 1303 (Kling advises at least 1 s).
+    ``fairness_window`` is how long a task may be overtaken by smaller ones:
+    by default five times as long as this client's tasks hold their units
+    (learned from how fast units come back; at least 2 s, at most 2 minutes),
+    since a large task that blocks the queue sooner leaves units idle until
+    enough of them are free; a number fixes it. ``min_cooldown`` is the first pause after
+    a 1303 (Kling advises at least 1 s).
     """
 
     def __init__(
         self,
         capacity: int | None,
         *,
-        fairness_window: float = 2.0,
+        fairness_window: float | None = None,
         min_cooldown: float = MIN_COOLDOWN,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -128,6 +141,11 @@ class ConcurrencyLimiter:
         self._next_create = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        # Units given back by ended tasks, decaying over TURNOVER_WINDOW: with
+        # the units running, how long a task typically holds them (Little's law).
+        self._turnover = 0.0
+        self._turnover_at = 0.0
+        self._turnover_since: float | None = None  # the first task's end
         #: Counters for reports and benchmarks.
         self.creates = 0
         self.rejected_creates = 0
@@ -182,7 +200,34 @@ class ConcurrencyLimiter:
         self.in_use -= units
         if created:
             self.running -= units
+            now = self._clock()
+            if self._turnover_since is None:
+                self._turnover_since = now
+            decay = math.exp(-(now - self._turnover_at) / TURNOVER_WINDOW)
+            self._turnover = self._turnover * decay + units
+            self._turnover_at = now
         self._admit()
+
+    @property
+    def overtaking_window(self) -> float:
+        """How long, now, a waiting task may be overtaken by smaller ones: the
+        ``fairness_window`` given, else the typical time units are held."""
+        if self.fairness_window is not None:
+            return self.fairness_window
+        since = self._turnover_since
+        if since is None or self.running <= 0:
+            return MIN_FAIRNESS_WINDOW
+        now = self._clock()
+        # Units given back per second lately: the decayed count over what a
+        # steady rate would have added up to since the first end (so a short
+        # history does not make ends look rare).
+        elapsed = max(1.0, now - since)
+        weight = TURNOVER_WINDOW * -math.expm1(-elapsed / TURNOVER_WINDOW)
+        rate = self._turnover * math.exp(-(now - self._turnover_at) / TURNOVER_WINDOW) / weight
+        if rate <= 0:
+            return MIN_FAIRNESS_WINDOW
+        held = self.running / rate
+        return min(MAX_FAIRNESS_WINDOW, max(MIN_FAIRNESS_WINDOW, FAIRNESS_HOLDS * held))
 
     # --- what Kling said --------------------------------------------------------
 
@@ -250,7 +295,7 @@ class ConcurrencyLimiter:
                 self._next_create = now + self._spacing
                 waiter.future.set_result(None)
                 continue
-            if now - waiter.since >= self.fairness_window:
+            if now - waiter.since >= self.overtaking_window:
                 return  # it has waited long enough: nobody passes it now
 
     def _wake_at(self, when: float) -> None:

@@ -129,6 +129,11 @@ class Poller:
         state.next_poll = now + state.interval
         self._due_at(state.next_poll)
 
+    def replan_all(self) -> None:
+        """:meth:`replan` every task waiting for its next poll."""
+        for state in tuple(self._active):
+            self.replan(state)
+
     def hurry(self, state: TaskState) -> None:
         """Poll ``state`` as soon as possible (a terminal callback wants confirming);
         a poll already in flight may predate it, so another follows that one.

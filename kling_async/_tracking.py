@@ -279,7 +279,10 @@ class Tracker:
             duration = (task.updated_at - task.created_at).total_seconds()
         else:
             duration = time.monotonic() - state.first_seen
-        self.durations.observe(state.endpoint, state.kind, duration)
+        if self.durations.observe(state.endpoint, state.kind, duration):
+            # The first ends of a batch reshape what is known: tasks planned on
+            # the schedule for no history would otherwise be polled late.
+            self._poller(state.endpoint).replan_all()
         duties, state.on_terminal = state.on_terminal or (), None
         for duty in duties:
             duty(task)

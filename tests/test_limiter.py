@@ -246,3 +246,41 @@ def test_a_limiter_paused_on_one_event_loop_still_wakes_on_the_next() -> None:
     asyncio.run(pause_and_leave())
     asyncio.run(pause_and_wait())
     assert limiter.in_use == 1
+
+
+def test_the_fairness_window_follows_how_long_tasks_hold_their_units() -> None:
+    # Issue 15: a fixed 2 s window let a large task block the queue long before
+    # units came back from 10 s tasks, leaving them idle.
+    now = [0.0]
+    limiter = ConcurrencyLimiter(20, clock=lambda: now[0])
+    assert limiter.overtaking_window == 2.0  # nothing learned yet
+    # 20 units running, each task held 10 s: two units come back every second.
+    limiter.running = limiter.in_use = 20
+    for second in range(1, 41):
+        now[0] = float(second)
+        limiter.release(2)
+        limiter.running += 2
+        limiter.in_use += 2
+    assert 40.0 <= limiter.overtaking_window <= 60.0  # five holds of about 10 s
+    fixed = ConcurrencyLimiter(20, fairness_window=0.5, clock=lambda: now[0])
+    assert fixed.overtaking_window == 0.5
+
+
+def test_the_learned_fairness_window_stays_within_bounds() -> None:
+    now = [0.0]
+    limiter = ConcurrencyLimiter(50, clock=lambda: now[0])
+    limiter.running = limiter.in_use = 50
+    for moment in (0.0, 100.0):  # two units back in 100 s: tasks seem to run for ever
+        now[0] = moment
+        limiter.release(1)
+        limiter.running += 1
+        limiter.in_use += 1
+    assert limiter.overtaking_window == 120.0
+    quick = ConcurrencyLimiter(50, clock=lambda: now[0])
+    quick.running = quick.in_use = 5
+    for tick in range(50):  # 100 units back a second, 5 running: tasks of 50 ms
+        now[0] = 200.0 + tick / 10
+        quick.release(10)
+        quick.running += 10
+        quick.in_use += 10
+    assert quick.overtaking_window == 2.0
