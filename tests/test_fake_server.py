@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import signal
 import struct
 import sys
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import attrs
 import jwt
 import pytest
 from aiohttp import web
@@ -27,8 +29,12 @@ from kling_async.testing import (
     FakeKlingServer,
     FakeTask,
     RateLimit,
+    WireShapes,
     encode_png,
 )
+from kling_async.testing._options import ServerOptions
+from kling_async.testing._server import _TokenBucket
+from kling_async.testing._tasks import default_outcome
 
 GEN = "images/generations"
 MULTI = "images/multi-image2image"
@@ -1160,3 +1166,64 @@ async def test_external_id_with_reserved_characters(api: Api) -> None:
     ) as response:
         payload = await response.json()
     assert payload["data"]["task_id"] == task_id
+
+
+# --- options --------------------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"access_key": "ak"}, "access_key and secret_key must be given together"),
+        ({"secret_key": SECRET}, "access_key and secret_key must be given together"),
+        ({"processing_delay": -0.01}, "processing_delay must not be negative"),
+        ({"concurrency_limit": 0}, "concurrency_limit must be at least 1"),
+        ({"path_prefix": "kling"}, "path_prefix must start with '/' and not end with one"),
+        ({"path_prefix": "/kling/"}, "path_prefix must start with '/' and not end with one"),
+        ({"webhook_secret": "whsec_"}, "'whsec_' followed by non-empty base64"),
+        ({"webhook_secret": [WEBHOOK_SECRET, "whsec_n0t-base64!"]}, "non-empty base64"),
+    ],
+    ids=[
+        "access-without-secret",
+        "secret-without-access",
+        "negative-delay",
+        "zero-limit",
+        "prefix-without-slash",
+        "prefix-with-trailing-slash",
+        "empty-webhook-secret",
+        "bad-second-webhook-secret",
+    ],
+)
+def test_invalid_options_are_refused_when_built(options: Json, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        FakeKlingServer(**options)
+    assert "n0t-base64" not in str(caught.value)  # never the secret itself
+
+
+def test_options_are_frozen_and_none_asks_for_the_default() -> None:
+    options = ServerOptions(
+        models=["kling-v3"],
+        outcome=None,
+        callback_faults=None,
+        shapes=None,
+        webhook_secrets=WEBHOOK_SECRET,
+        path_prefix="/kling",
+    )
+    assert options.models == frozenset({"kling-v3"})
+    assert options.outcome is default_outcome
+    assert (options.callback_faults, options.shapes) == (CallbackFaults(), WireShapes())
+    assert options.webhook_secrets == (WEBHOOK_SECRET,)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        options.port = 8080  # type: ignore[misc]
+
+
+def test_token_bucket_refills_by_its_clock() -> None:
+    now = [100.0]
+    bucket = _TokenBucket(RateLimit(2, 1.0), clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] += 0.5  # half the period: one token back
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    now[0] += 10.0  # a long rest refills no more than the burst
+    assert [bucket.take() for _ in range(3)] == [True, True, False]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import json
@@ -29,6 +27,7 @@ from ._options import (
     RateLimit,
     RecordedRequest,
     Route,
+    ServerOptions,
     WireShapes,
 )
 from ._png import encode_png, size_for_aspect_ratio
@@ -40,16 +39,12 @@ from ._protocol import (
     webhook_signature,
 )
 from ._state import load_tasks, save_tasks
-from ._tasks import FakeTask
+from ._tasks import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeTask
 from ._validation import Rejection, invalid, validate_create
 
 __all__ = ["DEFAULT_FAILURE_MESSAGE", "FAIL_MARKER", "FakeKlingServer"]
 
 HOST: Final = "127.0.0.1"
-FAIL_MARKER: Final = "[fail]"
-"""A prompt containing this fails under the default ``outcome``."""
-DEFAULT_FAILURE_MESSAGE: Final = "Content review failed (simulated)"
-"""The ``task_status_msg`` of a task the default ``outcome`` fails."""
 MAX_PAGE_NUMBER: Final = 1000
 MAX_PAGE_SIZE: Final = 500
 DEFAULT_PAGE_SIZE: Final = 30
@@ -72,23 +67,6 @@ _OP_ROUTES: Final[Mapping[str, Route]] = {
     "task_list": "other",
     "other": "other",
 }
-
-
-def _webhook_secrets(given: str | Sequence[str] | None) -> tuple[str, ...]:
-    secrets_ = (given,) if isinstance(given, str) else tuple(given or ())
-    for secret in secrets_:
-        try:
-            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-        except (binascii.Error, ValueError):
-            key = b""
-        if not key:
-            # Never the secret itself in the message.
-            raise ValueError("a webhook_secret must be 'whsec_' followed by non-empty base64")
-    return secrets_
-
-
-def _default_outcome(task: FakeTask) -> str | None:
-    return DEFAULT_FAILURE_MESSAGE if FAIL_MARKER in (task.prompt or "") else None
 
 
 def _format_seconds(seconds: float) -> str:
@@ -121,16 +99,26 @@ def _not_found_file() -> _Reply:
     return _Reply(404, b"404: no such result file", None, content_type="text/plain")
 
 
+@attrs.define(eq=False)
 class _TokenBucket:
-    def __init__(self, limit: RateLimit) -> None:
-        self._capacity = float(limit.requests)
-        self._refill = limit.requests / limit.per
-        self._tokens = self._capacity
-        self._last = time.monotonic()
+    """The rate limit over every ``/v1`` request: bursts of up to ``limit.requests``,
+    refilled at ``limit.requests / limit.per`` tokens a second (``clock`` is
+    monotonic seconds)."""
+
+    limit: RateLimit
+    clock: Callable[[], float] = time.monotonic
+    _tokens: float = attrs.field(
+        init=False, default=attrs.Factory(lambda self: float(self.limit.requests), takes_self=True)
+    )
+    _last: float = attrs.field(
+        init=False, default=attrs.Factory(lambda self: self.clock(), takes_self=True)
+    )
 
     def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._refill)
+        """Spend a token if one is left."""
+        now = self.clock()
+        capacity, refill = float(self.limit.requests), self.limit.requests / self.limit.per
+        self._tokens = min(capacity, self._tokens + (now - self._last) * refill)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -251,32 +239,45 @@ class FakeKlingServer:
         webhook_secret: str | Sequence[str] | None = None,
         state_file: str | os.PathLike[str] | None = None,
     ) -> None:
-        if (access_key is None) != (secret_key is None):
-            raise ValueError("access_key and secret_key must be given together")
-        if processing_delay < 0:
-            raise ValueError("processing_delay must not be negative")
-        if concurrency_limit is not None and concurrency_limit < 1:
-            raise ValueError("concurrency_limit must be at least 1")
-        if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
-            raise ValueError("path_prefix must start with '/' and not end with one, e.g. '/kling'")
-        self._api_key = api_key
-        self._access_key = access_key
-        self._secret_key = secret_key
-        self._clock = clock
-        self._models = None if models is None else frozenset(models)
-        self._processing_delay = processing_delay
-        self._task_duration = task_duration
-        self._outcome = outcome if outcome is not None else _default_outcome
-        self._concurrency_limit = concurrency_limit
-        self._rate_limit = rate_limit
-        self._bucket = None if rate_limit is None else _TokenBucket(rate_limit)
-        self._quota_error = quota_error
-        self._requested_port = port
-        self._prefix = path_prefix
-        self._record = record_requests
-        self._shapes = shapes or WireShapes()
-        self._webhook_secrets = _webhook_secrets(webhook_secret)
-        self._state_file = state_file
+        options = ServerOptions(
+            api_key=api_key,
+            access_key=access_key,
+            secret_key=secret_key,
+            clock=clock,
+            models=models,
+            processing_delay=processing_delay,
+            task_duration=task_duration,
+            outcome=outcome,
+            concurrency_limit=concurrency_limit,
+            rate_limit=rate_limit,
+            quota_error=quota_error,
+            callback_faults=callback_faults,
+            seed=seed,
+            port=port,
+            path_prefix=path_prefix,
+            record_requests=record_requests,
+            shapes=shapes,
+            webhook_secrets=webhook_secret,
+            state_file=state_file,
+        )
+        self._api_key = options.api_key
+        self._access_key = options.access_key
+        self._secret_key = options.secret_key
+        self._clock = options.clock
+        self._models = options.models
+        self._processing_delay = options.processing_delay
+        self._task_duration = options.task_duration
+        self._outcome = options.outcome
+        self._concurrency_limit = options.concurrency_limit
+        self._rate_limit = options.rate_limit
+        self._bucket = None if options.rate_limit is None else _TokenBucket(options.rate_limit)
+        self._quota_error = options.quota_error
+        self._requested_port = options.port
+        self._prefix = options.path_prefix
+        self._record = options.record_requests
+        self._shapes = options.shapes
+        self._webhook_secrets = options.webhook_secrets
+        self._state_file = options.state_file
 
         self._tasks: dict[str, FakeTask] = {}
         self._by_external: dict[str, FakeTask] = {}
@@ -288,7 +289,7 @@ class FakeKlingServer:
         self._fault_rng = random.Random(seed)
         callback_rng = random.Random(None if seed is None else f"callbacks:{seed}")
         self._callbacks = CallbackDispatcher(
-            callback_faults or CallbackFaults(),
+            options.callback_faults,
             callback_rng,
             self._callback_records,
             encode=self._callback_body,
