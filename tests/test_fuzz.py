@@ -44,7 +44,7 @@ from kling_async._wire import (
 from kling_async.testing import FakeKlingServer, encode_png
 from kling_async.testing._protocol import GENERATIONS, MULTI_IMAGE
 from kling_async.testing._validation import Rejection, validate_create
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 # --- responses --------------------------------------------------------------------------
 
