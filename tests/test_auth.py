@@ -13,17 +13,9 @@ import kling_async
 from kling_async import AuthenticationError, ConfigurationError, JWTCredentials, StaticToken
 from kling_async._auth import resolve_credentials
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, FAST_POLL, FAST_RETRY, make_client
+from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, Clock, TickingClock, make_client
 
 ACCESS, SECRET = "ak-visible-id-123", "sk-very-secret-0123456789abcdefghijklmnop"
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def claims(token: str, secret: str = SECRET) -> dict[str, object]:
@@ -81,14 +73,6 @@ async def test_official_key_pair_from_arguments_and_environment(
         async with kling_async.Client(base_url=server.url) as client:
             await client.images.generate(prompt="p")
     assert all(r.code == 0 for r in server.requests)
-
-
-class TickingClock(Clock):
-    """Real time, one second further on every reading, so each signature differs."""
-
-    def __call__(self) -> float:
-        self.now += 1
-        return self.now
 
 
 async def test_expired_token_is_resigned_once_then_succeeds() -> None:

@@ -21,7 +21,7 @@ from kling_async import (
     TaskStatus,
 )
 from kling_async.testing import FakeKlingServer, FakeTask
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 
 def requests(count: int, *, n: int = 1, prefix: str = "p") -> list[ImageGenerationRequest]:

@@ -15,7 +15,7 @@ import pytest
 
 from kling_async import CallbackReceiver, PollPolicy, Task, TaskStatus
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 CALLBACK_POLLING = PollPolicy(

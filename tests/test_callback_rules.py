@@ -23,7 +23,7 @@ from aiohttp import web
 
 from kling_async import CallbackReceiver, PollPolicy, Task, TaskHandle, TaskStatus
 from kling_async.testing import CallbackFaults, FakeKlingServer, FakeTask
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 # The safety-net poll is 30 s away: whatever resolves a task within a test's time

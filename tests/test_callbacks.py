@@ -23,7 +23,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 # Callbacks on: the safety-net poll is far away, so whatever resolves a task

@@ -47,7 +47,7 @@ from kling_async import (
     TaskHandle,
 )
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 pytestmark = pytest.mark.chaos
 

@@ -25,9 +25,8 @@ from rich.console import Console
 from kling_async import ImageGenerationRequest
 from kling_async.cli import Settings, _BatchProgress, main
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, assert_valid_png, make_client
 from tests.imagedata import png
-from tests.test_download import assert_valid_png
 
 FAST = ["--mock-task-seconds", "0.1"]
 

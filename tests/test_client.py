@@ -26,7 +26,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, FAST_POLL, FAST_RETRY, make_client
+from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, make_client
 from tests.imagedata import png
 
 

@@ -28,7 +28,7 @@ from kling_async import (
 )
 from kling_async._ledger import EntryState, LedgerEntry, MemoryLedger
 from kling_async.testing import FakeKlingServer, WireShapes
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 
 def requests(count: int, prefix: str = "p") -> list[ImageGenerationRequest]:

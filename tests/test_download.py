@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import zlib
 from pathlib import Path
 
 import attrs
@@ -14,24 +13,7 @@ import pytest
 import kling_async
 from kling_async import ImageResult, NotFoundError, TaskStatus
 from kling_async.testing import FakeKlingServer
-
-
-def assert_valid_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    position = 8
-    kinds = []
-    while position < len(data):
-        length = int.from_bytes(data[position : position + 4], "big")
-        kind = data[position + 4 : position + 8]
-        payload = data[position + 8 : position + 8 + length]
-        crc = int.from_bytes(data[position + 8 + length : position + 12 + length], "big")
-        assert zlib.crc32(kind + payload) & 0xFFFFFFFF == crc
-        kinds.append(kind)
-        position += 12 + length
-    assert kinds[0] == b"IHDR"
-    assert kinds[-1] == b"IEND"
-    assert b"IDAT" in kinds
+from tests.helpers import assert_valid_png
 
 
 async def test_downloads_every_image_as_real_png_named_by_task_and_index(

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from kling_async.testing import FakeKlingServer, FakeTask
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SERVICE = EXAMPLES / "aiohttp_service.py"

@@ -26,7 +26,7 @@ from kling_async import (
 )
 from kling_async._wire import Envelope, parse_created
 from kling_async.testing import CallbackFaults, FakeKlingServer, WireShapes
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"webhook-key-0123456789abcdefghij").decode()

@@ -37,9 +37,8 @@ from kling_async._resources import read_image_files
 from kling_async._tracking import TaskState
 from kling_async._wire import parse_envelope
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, FAMILIES, TickingClock, make_client
 from tests.imagedata import jpeg, png
-from tests.test_wire import FAMILIES
 
 SECRET = "sk-hardening-0123456789abcdefghijklmnop"
 
@@ -128,14 +127,7 @@ async def test_ambiguity_is_remembered_across_tries(
 
 
 async def test_not_yet_valid_token_is_resigned_once() -> None:
-    class Ticking:
-        now = time.time()
-
-        def __call__(self) -> float:
-            self.now += 1
-            return self.now
-
-    credentials = JWTCredentials("ak", SECRET, clock=Ticking())
+    credentials = JWTCredentials("ak", SECRET, clock=TickingClock(time.time()))
     async with (
         FakeKlingServer(access_key="ak", secret_key=SECRET) as server,
         make_client(server, api_key=None, credentials=credentials) as client,

@@ -23,7 +23,7 @@ from kling_async import (
 )
 from kling_async._models import Endpoint
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 
 def entry(

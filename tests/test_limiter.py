@@ -1,4 +1,9 @@
-"""The n-weighted adaptive limiter on its own: weights, fairness, 1303, 1302, growth."""
+"""The n-weighted adaptive limiter on its own: weights, fairness, 1303, 1302, growth.
+
+Where a rule is about time (the fairness window, the pause after a 1303, the
+spacing after a 1302), the limiter reads an injected :class:`Clock` that the test
+moves, rather than the test sleeping for real.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 import pytest
 
 from kling_async import ConcurrencyLimiter, ConcurrencyLimitError, RateLimitError, ServerError
+from tests.helpers import Clock
 
 QUOTA_FULL = ConcurrencyLimitError("full", code=1303, http_status=429)
 TOO_FAST = RateLimitError("slow down", code=1302, http_status=429)
@@ -45,12 +51,13 @@ async def test_a_waiter_is_admitted_when_units_come_back() -> None:
 
 
 async def test_small_tasks_may_pass_a_large_one_only_within_the_fairness_window() -> None:
-    limiter = ConcurrencyLimiter(10, fairness_window=0.2)
+    clock = Clock(0.0)
+    limiter = ConcurrencyLimiter(10, fairness_window=0.2, clock=clock)
     await limiter.acquire(5)
     large = asyncio.create_task(limiter.acquire(9))
     await asyncio.sleep(0.01)
     assert await admitted(limiter, 2)  # fits beside the waiting 9: may pass it for now
-    await asyncio.sleep(0.25)
+    clock.now += 0.25
     assert not await admitted(limiter, 1)  # the 9 has waited long enough: nobody passes
     limiter.release(5)
     limiter.release(2)
@@ -59,7 +66,8 @@ async def test_small_tasks_may_pass_a_large_one_only_within_the_fairness_window(
 
 
 async def test_a_large_task_is_not_starved_by_a_stream_of_small_ones() -> None:
-    limiter = ConcurrencyLimiter(10, fairness_window=0.1)
+    clock = Clock(0.0)
+    limiter = ConcurrencyLimiter(10, fairness_window=0.1, clock=clock)
     stop = asyncio.Event()
 
     async def small_stream() -> None:
@@ -70,13 +78,16 @@ async def test_a_large_task_is_not_starved_by_a_stream_of_small_ones() -> None:
 
     streams = [asyncio.create_task(small_stream()) for _ in range(12)]
     await asyncio.sleep(0.05)
+    large = asyncio.create_task(limiter.acquire(9))
+    await asyncio.sleep(0.05)  # small ones overtake it, within the window
+    clock.now += 0.1  # the window is over
     started = time.monotonic()
-    await asyncio.wait_for(limiter.acquire(9), 2)
+    await asyncio.wait_for(large, 2)
     waited = time.monotonic() - started
     stop.set()
     limiter.release(9)
     await asyncio.gather(*streams)
-    assert waited < 0.5  # the window (0.1 s) plus the time for small tasks to drain
+    assert waited < 0.4  # the time for the small tasks to drain
 
 
 async def test_a_task_larger_than_the_limit_runs_alone() -> None:
@@ -117,7 +128,8 @@ async def test_cancelled_waiters_leave_the_queue_and_keep_nothing() -> None:
 
 
 async def test_concurrency_error_shrinks_the_limit_to_what_running_tasks_hold() -> None:
-    limiter = ConcurrencyLimiter(20, min_cooldown=0.2)
+    clock = Clock(0.0)
+    limiter = ConcurrencyLimiter(20, min_cooldown=0.2, clock=clock)
     await limiter.acquire(7)
     limiter.created(7)
     await limiter.acquire(5)  # a create still waiting for its answer
@@ -127,22 +139,24 @@ async def test_concurrency_error_shrinks_the_limit_to_what_running_tasks_hold() 
     assert limiter.rejected_creates == 1
     limiter.release(7)
     assert (limiter.in_use, limiter.running) == (0, 0)
-    started = time.monotonic()
-    await asyncio.wait_for(limiter.acquire(1), 2)
-    assert time.monotonic() - started >= 0.19  # the pause after a 1303
+    clock.now += 0.19
+    assert not await admitted(limiter, 1)  # the pause after a 1303
+    clock.now += 0.11  # past the longest pause: 0.2 s, jittered up to 1.5 times
+    assert await admitted(limiter, 1)
 
 
-async def test_repeated_concurrency_errors_back_off_longer_but_one_wave_counts_once() -> None:
-    limiter = ConcurrencyLimiter(5, min_cooldown=0.05)
+def test_repeated_concurrency_errors_back_off_longer_but_one_wave_counts_once() -> None:
+    clock = Clock(0.0)
+    limiter = ConcurrencyLimiter(5, min_cooldown=0.05, clock=clock)
     for _ in range(10):  # ten creates in flight all answered 1303 at once
         limiter.observe(QUOTA_FULL)
-    first = limiter._resume_at - time.monotonic()
-    assert 0.04 <= first <= 0.08
+    first = limiter._resume_at - clock.now
+    assert 0.05 <= first < 0.075  # the cooldown, jittered upwards only
     assert limiter.limit == 1  # nothing running: the smallest useful limit
-    await asyncio.sleep(first + 0.01)
+    clock.now += first + 0.01
     limiter.observe(QUOTA_FULL)  # a create sent after the pause: the quota is still full
-    second = limiter._resume_at - time.monotonic()
-    assert 0.09 <= second <= 0.16  # doubled, jittered upwards only
+    second = limiter._resume_at - clock.now
+    assert 0.1 <= second < 0.15  # doubled, jittered upwards only
 
 
 def test_default_cooldown_follows_klings_advice() -> None:
@@ -182,14 +196,17 @@ async def test_an_unknown_quota_is_probed_by_doubling_then_learned() -> None:
 
 
 async def test_rate_limit_spaces_creates_and_success_relaxes_it() -> None:
-    limiter = ConcurrencyLimiter(100)
+    clock = Clock(0.0)
+    limiter = ConcurrencyLimiter(100, clock=clock)
     limiter.observe(TOO_FAST)
     limiter.observe(TOO_FAST)
     limiter.observe(TOO_FAST)  # 0.05 -> 0.1 -> 0.2 s between creates
-    started = time.monotonic()
-    for _ in range(3):
-        await limiter.acquire(1)
-    assert time.monotonic() - started >= 0.35
+    assert await admitted(limiter, 1)
+    for _ in range(2):
+        clock.now += 0.19
+        assert not await admitted(limiter, 1)  # too soon after the one before
+        clock.now += 0.02
+        assert await admitted(limiter, 1)
     for _ in range(4):
         limiter.created(1)
     assert limiter._spacing == 0.0

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 SCRIPT = """
 import asyncio, logging, sys

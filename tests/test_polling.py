@@ -17,7 +17,7 @@ from kling_async import _polling as polling
 from kling_async._durations import kind_of
 from kling_async._polling import Poller
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 #: Fast enough for tests, cold schedule included; learning on, as by default.
 POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)

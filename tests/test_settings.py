@@ -15,7 +15,7 @@ import kling_async
 from kling_async import ConfigurationError, JWTCredentials, StaticToken
 from kling_async._auth import resolve_credentials
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, FAST_POLL, make_client
+from tests.helpers import API_KEY, FAST_POLL, make_client
 
 
 @pytest.mark.parametrize(

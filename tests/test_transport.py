@@ -23,7 +23,7 @@ from kling_async import (
     TransportError,
 )
 from kling_async.testing import FakeKlingServer, RateLimit
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, make_client
 
 # --- retried ---------------------------------------------------------------------
 

@@ -14,13 +14,10 @@ import kling_async
 from kling_async import (
     APIError,
     AuthenticationError,
-    ConcurrencyLimitError,
-    ContentPolicyError,
     ImageGenerationRequest,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
-    QuotaExceededError,
     RateLimitError,
     ServerError,
     TaskStatus,
@@ -38,6 +35,7 @@ from kling_async._wire import (
     parse_task,
     parse_task_list,
 )
+from tests.helpers import FAMILIES
 from tests.imagedata import png
 
 
@@ -45,29 +43,6 @@ def body(code: int, message: str = "m", **extra: Any) -> bytes:
     return json.dumps({"code": code, "message": message, "request_id": "req-1", **extra}).encode()
 
 
-FAMILIES = [
-    (1000, 401, AuthenticationError),
-    (1001, 401, AuthenticationError),
-    (1002, 401, AuthenticationError),
-    (1003, 401, AuthenticationError),
-    (1004, 401, AuthenticationError),
-    (1100, 429, QuotaExceededError),
-    (1101, 429, QuotaExceededError),
-    (1102, 429, QuotaExceededError),
-    (1103, 403, PermissionDeniedError),
-    (1200, 400, InvalidRequestError),
-    (1201, 400, InvalidRequestError),
-    (1202, 404, NotFoundError),
-    (1203, 404, NotFoundError),
-    (1300, 400, ContentPolicyError),
-    (1301, 400, ContentPolicyError),
-    (1302, 429, RateLimitError),
-    (1303, 429, ConcurrencyLimitError),
-    (1304, 429, PermissionDeniedError),
-    (5000, 500, ServerError),
-    (5001, 503, ServerError),
-    (5002, 504, ServerError),
-]
 RETRYABLE = {1302, 5000, 5001, 5002}
 
 

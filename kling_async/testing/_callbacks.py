@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import random
 import secrets
 import time
@@ -13,7 +14,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import attrs
 
-from ._options import CallbackFaults, CallbackRecord
+from ._options import CallbackFaults, CallbackFormat, CallbackRecord
+from ._protocol import webhook_signature
 from ._tasks import FakeTask
 
 _TIMEOUT = aiohttp.ClientTimeout(total=5.0)
@@ -55,6 +57,33 @@ class _Update:
 Signer = Callable[[str, bytes], Mapping[str, str]]
 
 
+def callback_body(task: FakeTask, style: CallbackFormat) -> bytes:
+    """The body a callback of ``task`` carries in format ``style`` (see :class:`WireShapes`)."""
+    if style == "legacy":
+        return task.to_json().encode()
+    if style == "new_design":
+        data = task.to_new_design()
+    else:
+        data = task.to_data()
+        del data["task_info"]
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def webhook_signer(secrets_: tuple[str, ...], clock: Callable[[], float]) -> Signer:
+    """Standard Webhooks headers under ``secrets_``, timestamped by ``clock`` (Unix
+    seconds), as Kling signs callbacks for an account with a webhook secret."""
+
+    def sign(message_id: str, body: bytes) -> dict[str, str]:
+        timestamp = int(clock())
+        return {
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": webhook_signature(secrets_, message_id, timestamp, body),
+        }
+
+    return sign
+
+
 class CallbackDispatcher:
     """Posts task updates to their ``callback_url``: one shared session, each
     task's updates in order, failures recorded and never raised."""
@@ -72,7 +101,8 @@ class CallbackDispatcher:
         self._encode = encode or (lambda task: task.to_json().encode())
         self._signer = signer
         self._rng = rng
-        self._records = records
+        #: Every delivery attempt, in attempt order.
+        self.records = records
         self._session: aiohttp.ClientSession | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         # Last delivery of each task still under way: the next one waits for it,
@@ -184,7 +214,7 @@ class CallbackDispatcher:
         http_status: int | None = None,
         attempted_at: float | None = None,
     ) -> None:
-        self._records.append(
+        self.records.append(
             CallbackRecord(
                 task_id=update.task_id,
                 status=update.status,

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 import attrs
+
+from ._tasks import FakeTask, default_outcome
 
 __all__ = [
     "CallbackFaults",
@@ -242,3 +249,99 @@ class CallbackRecord:
     attempted_at: float
     error: str | None = None
     updated_at: int = 0
+
+
+def _must(holds: Callable[[Any], bool], message: str) -> Any:
+    """A validator raising ``ValueError(message)`` where ``holds(value)`` is false."""
+
+    def check(_instance: object, _attribute: attrs.Attribute[Any], value: object) -> None:
+        if not holds(value):
+            raise ValueError(message)
+
+    return check
+
+
+def _paired(instance: ServerOptions, _attribute: attrs.Attribute[Any], value: object) -> None:
+    if (instance.access_key is None) != (value is None):
+        raise ValueError("access_key and secret_key must be given together")
+
+
+def _secret_tuple(given: str | Sequence[str] | None) -> tuple[str, ...]:
+    return (given,) if isinstance(given, str) else tuple(given or ())
+
+
+def _whsec(_instance: object, _attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
+        # Never the secret itself in the message.
+        raise ValueError("a webhook_secret must be 'whsec_' followed by non-empty base64")
+
+
+# Converters of the options whose default a caller may also ask for with None
+# (named functions: mypy's attrs plugin reads their argument types).
+def _frozen_models(models: Collection[str] | None) -> frozenset[str] | None:
+    return None if models is None else frozenset(models)
+
+
+def _outcome(
+    outcome: Callable[[FakeTask], str | None] | None,
+) -> Callable[[FakeTask], str | None]:
+    return default_outcome if outcome is None else outcome
+
+
+def _callback_faults(faults: CallbackFaults | None) -> CallbackFaults:
+    return CallbackFaults() if faults is None else faults
+
+
+def _shapes(shapes: WireShapes | None) -> WireShapes:
+    return WireShapes() if shapes is None else shapes
+
+
+@attrs.frozen(kw_only=True)
+class ServerOptions:
+    """The options of a :class:`FakeKlingServer`, checked when built.
+
+    Not exported: ``FakeKlingServer(...)`` takes them as keywords, and its
+    docstring says what each means. ``None`` for ``outcome``, ``callback_faults``
+    and ``shapes`` stands for the default; ``webhook_secrets`` is the
+    ``webhook_secret`` keyword, always as a tuple.
+    """
+
+    api_key: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = attrs.field(default=None, validator=_paired)
+    clock: Callable[[], float] = time.time
+    models: frozenset[str] | None = attrs.field(default=None, converter=_frozen_models)
+    processing_delay: float = attrs.field(
+        default=0.05,
+        validator=_must(lambda delay: delay >= 0, "processing_delay must not be negative"),
+    )
+    task_duration: float | Callable[[FakeTask], float] | None = 0.2
+    outcome: Callable[[FakeTask], str | None] = attrs.field(default=None, converter=_outcome)
+    concurrency_limit: int | None = attrs.field(
+        default=None,
+        validator=_must(
+            lambda limit: limit is None or limit >= 1, "concurrency_limit must be at least 1"
+        ),
+    )
+    rate_limit: RateLimit | None = None
+    quota_error: int | None = None
+    callback_faults: CallbackFaults = attrs.field(default=None, converter=_callback_faults)
+    seed: int | None = None
+    port: int = 0
+    path_prefix: str = attrs.field(
+        default="",
+        validator=_must(
+            lambda prefix: not prefix or (prefix.startswith("/") and not prefix.endswith("/")),
+            "path_prefix must start with '/' and not end with one, e.g. '/kling'",
+        ),
+    )
+    record_requests: bool = True
+    shapes: WireShapes = attrs.field(default=None, converter=_shapes)
+    webhook_secrets: tuple[str, ...] = attrs.field(
+        default=(), converter=_secret_tuple, validator=attrs.validators.deep_iterable(_whsec)
+    )
+    state_file: str | os.PathLike[str] | None = None

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
 __all__ = ["FakeTask"]
 
 TERMINAL_STATUSES = frozenset(("succeed", "failed"))
+FAIL_MARKER: Final = "[fail]"
+"""A prompt containing this fails under the default ``outcome``."""
+DEFAULT_FAILURE_MESSAGE: Final = "Content review failed (simulated)"
+"""The ``task_status_msg`` of a task the default ``outcome`` fails."""
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -120,3 +124,9 @@ class FakeTask:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+
+
+def default_outcome(task: FakeTask) -> str | None:
+    """The default ``outcome`` of FakeKlingServer: a prompt holding
+    :data:`FAIL_MARKER` fails, every other task succeeds."""
+    return DEFAULT_FAILURE_MESSAGE if FAIL_MARKER in (task.prompt or "") else None

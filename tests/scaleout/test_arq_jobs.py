@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from kling_async.contrib.arq import _rerun_dead_jobs, job_key, worker_settings
 from kling_async.contrib.redis import RedisAccount
 from kling_async.testing import FakeKlingServer, RedisServer
-from tests.conftest import API_KEY, FAST_POLL
+from tests.helpers import API_KEY, FAST_POLL
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own

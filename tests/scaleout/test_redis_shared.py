@@ -32,7 +32,7 @@ from kling_async.contrib.redis import (
     submit_once,
 )
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, FAST_POLL, make_client
+from tests.helpers import API_KEY, FAST_POLL, make_client
 
 SLOW_POLL = PollPolicy(initial_delay=5.0, max_delay=10.0, timeout=30.0, callback_delay=30.0)
 

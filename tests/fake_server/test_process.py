@@ -1,16 +1,58 @@
-"""The fake server as its own process: it stops when its parent goes away, and its
-command line sets what benchmarks need (tasks of different lengths)."""
+"""The fake server as its own process: ``python -m kling_async.testing`` serves until
+SIGTERM, stops when its parent goes away, and its command line sets what benchmarks
+need (tasks of different lengths)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from kling_async.testing.__main__ import _drawn, _parser
+
+from .helpers import AUTH, GEN, gen_body
+
+
+async def test_module_runs_a_server_process_until_sigterm() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kling_async.testing",
+        "--port",
+        "0",
+        "--task-duration",
+        "0.05",
+        "--concurrency-limit",
+        "4",
+        "--rate-limit",
+        "1000/1",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+        url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.1:")
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            async with session.post(f"{url}/v1/{GEN}", json=gen_body(n=4)) as response:
+                assert (await response.json())["code"] == 0
+            async with session.get(f"{url}/_fake/stats") as response:
+                stats = await response.json()
+        assert stats["creates_accepted"] == 1
+        assert stats["peak_units"] == 4
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+        assert await process.stdout.read() == b""
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def test_exits_when_its_stdin_closes() -> None:

@@ -10,9 +10,8 @@ import pytest
 
 from kling_async import Endpoint, TaskStatus
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY, make_client
+from tests.helpers import API_KEY, assert_valid_png, make_client
 from tests.imagedata import png
-from tests.test_download import assert_valid_png
 
 
 async def test_a_later_server_knows_the_tasks_of_an_earlier_one(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""What several test modules share: the test credentials, fast client policies, a
+client for the fake server, Kling's error families, clocks to inject, PNG checks.
+
+Fixtures live in ``conftest.py``; plain names live here, imported as
+``from tests.helpers import ...``, so that no test module imports another.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+from kling_async import (
+    APIError,
+    AuthenticationError,
+    Client,
+    ConcurrencyLimitError,
+    ContentPolicyError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    PollPolicy,
+    QuotaExceededError,
+    RateLimitError,
+    RetryPolicy,
+    ServerError,
+)
+from kling_async.testing import FakeKlingServer
+
+API_KEY = "sk-test-0123456789"
+FAST_POLL = PollPolicy(initial_delay=0.02, max_delay=0.1, timeout=10.0)
+FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=4, max_elapsed=10.0)
+
+
+def make_client(server: FakeKlingServer, **options: object) -> Client:
+    """A client for ``server`` with fast polling and retries unless overridden."""
+    settings: dict[str, object] = {
+        "api_key": API_KEY,
+        "base_url": server.url,
+        "polling": FAST_POLL,
+        "retry": FAST_RETRY,
+    }
+    settings.update(options)
+    return Client(**settings)  # type: ignore[arg-type]
+
+
+#: Every Kling code with its HTTP status and the error class the SDK raises for it.
+FAMILIES: list[tuple[int, int, type[APIError]]] = [
+    (1000, 401, AuthenticationError),
+    (1001, 401, AuthenticationError),
+    (1002, 401, AuthenticationError),
+    (1003, 401, AuthenticationError),
+    (1004, 401, AuthenticationError),
+    (1100, 429, QuotaExceededError),
+    (1101, 429, QuotaExceededError),
+    (1102, 429, QuotaExceededError),
+    (1103, 403, PermissionDeniedError),
+    (1200, 400, InvalidRequestError),
+    (1201, 400, InvalidRequestError),
+    (1202, 404, NotFoundError),
+    (1203, 404, NotFoundError),
+    (1300, 400, ContentPolicyError),
+    (1301, 400, ContentPolicyError),
+    (1302, 429, RateLimitError),
+    (1303, 429, ConcurrencyLimitError),
+    (1304, 429, PermissionDeniedError),
+    (5000, 500, ServerError),
+    (5001, 503, ServerError),
+    (5002, 504, ServerError),
+]
+
+
+class Clock:
+    """A clock to inject (``clock=``) that stands still until a test moves ``now``."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TickingClock(Clock):
+    """One second further on every reading, so each signature differs."""
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, payload) chunks of a PNG, checking its signature and every CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks = 8, []
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        payload = data[position + 8 : position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length : position + 12 + length])
+        assert zlib.crc32(kind + payload) & 0xFFFFFFFF == crc, kind
+        chunks.append((kind, payload))
+        position += 12 + length
+    return chunks
+
+
+def assert_valid_png(path: Path) -> None:
+    """``path`` holds a whole PNG: header first, data, end last, every CRC right."""
+    kinds = [kind for kind, _ in png_chunks(path.read_bytes())]
+    assert kinds[0] == b"IHDR"
+    assert kinds[-1] == b"IEND"
+    assert b"IDAT" in kinds
