@@ -44,7 +44,14 @@ except ImportError as error:  # only without the extra: say which extra, not whi
 
 from ._auth import ENV_API_KEY
 from ._client import Client
-from ._exceptions import APIError, KlingError, NotFoundError, TaskFailedError, ValidationError
+from ._exceptions import (
+    APIError,
+    KlingError,
+    NotFoundError,
+    TaskFailedError,
+    TaskTimeoutError,
+    ValidationError,
+)
 from ._handle import TaskHandle
 from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE
 from ._models import (
@@ -667,7 +674,7 @@ async def _follow(handle: TaskHandle, timeout: float, progress: Progress) -> Tas
                 round(elapsed, 1), timeout, f"task {handle.task_id}: {status} ({elapsed:.0f}s)"
             )
         return waiter.result()
-    except TimeoutError:  # TaskTimeoutError: the task runs on, the agent comes back later
+    except TaskTimeoutError:  # the task runs on; the agent comes back with get_task
         return None
     finally:
         if not waiter.done():  # the call was cancelled: stop waiting, the task runs on
@@ -683,7 +690,7 @@ def _describe(error: BaseException) -> str:
     """``error`` in one line for an agent: tool arguments, not Python calls."""
     if isinstance(error, ValidationError):
         return f"invalid {error.field}: {error.rule}; nothing was sent to Kling"
-    if isinstance(error, OSError) and not isinstance(error, KlingError):
+    if isinstance(error, OSError):
         reason = error.strerror or str(error) or type(error).__name__
         return f"{error.filename}: {reason}" if error.filename else reason
     return str(error) or type(error).__name__
