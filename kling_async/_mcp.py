@@ -69,6 +69,7 @@ from ._models import (
     Task,
     TaskRequest,
     TaskStatus,
+    _whole,
 )
 from ._version import __version__
 from ._wire import converter
@@ -730,19 +731,15 @@ def _request_fields(
 ) -> dict[str, Any]:
     """The request fields among a create's arguments (its timeout taken out).
     Unknown names are refused (a misspelt field must not be silently dropped),
-    and whole numbers sent as floats are taken as the integers they are;
-    everything else is the request model's to check."""
+    and whole numbers sent as floats (JSON has one number type) are taken as the
+    integers they are, as request_from_mapping takes them; everything else is
+    the request model's to check."""
     properties = schemas[tool]["properties"]
     _only(arguments, tool, *properties)
     return {
         name: _whole(value) if properties[name]["type"] == "integer" else value
         for name, value in arguments.items()
     }
-
-
-def _whole(value: object) -> object:
-    """``2.0`` as ``2``: JSON has one number type, and some agents write integers so."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _only(arguments: Mapping[str, Any], tool: str, *names: str) -> None:
