@@ -16,6 +16,7 @@ defaults and Kling's limits), not from Python signatures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -856,8 +857,11 @@ async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settin
     # uvicorn takes both signals while it serves and raises them again once it has
     # stopped; these handlers catch that second raise, so the client still closes
     # (and the offline simulation saves its tasks) before the process exits.
+    handled: list[signal.Signals] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on this platform
+            loop.add_signal_handler(signum, stop)
+            handled.append(signum)
     try:
         settings.stderr.print(
             f"kling-async mcp: serving MCP over streamable HTTP at http://{host}:{port}/mcp",
@@ -866,7 +870,7 @@ async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settin
         )
         await web.serve(sockets=[sock])
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in handled:
             loop.remove_signal_handler(signum)
 
 
