@@ -1,0 +1,886 @@
+"""``kling-async mcp``: Kling image generation as tools for AI agents (the ``mcp`` extra).
+
+An MCP server, on the official ``mcp`` SDK's low-level ``Server``, with five
+tools over one :class:`~kling_async.Client`: ``generate_image``, ``multi_image``,
+``get_task``, ``list_tasks`` and ``download_task``. Agents get what services
+get: requests validated by the request models (an invalid field is named and
+nothing is sent), creates that are never repeated (each goes through
+``client.images.generate``/``multi_image``, so the create owner and the ledger
+settle a lost answer by lookup), and the account's concurrency quota.
+
+The low-level server rather than the decorator API, because the tools' input
+schemas are generated here from the request models (their fields, types,
+defaults and Kling's limits), not from Python signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import types as pytypes
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import attrs
+
+try:
+    import mcp.types as mcp_types
+    import uvicorn
+    from mcp.server.lowlevel import Server
+    from mcp.server.stdio import stdio_server
+    from mcp.shared.exceptions import MCPError
+except ImportError as error:  # only without the extra: say which extra, not which module
+    raise ImportError(
+        "kling-async mcp needs the official MCP SDK, its mcp extra: pip install "
+        "'kling-async[mcp]' (or pip install '.[mcp]' in a checkout)"
+    ) from error
+
+from ._auth import ENV_API_KEY
+from ._client import Client
+from ._exceptions import (
+    APIError,
+    KlingError,
+    NotFoundError,
+    TaskFailedError,
+    TaskTimeoutError,
+    ValidationError,
+)
+from ._handle import TaskHandle
+from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE
+from ._models import (
+    ASPECT_RATIOS,
+    IMAGE_REFERENCES,
+    MAX_ELEMENT_ID,
+    MAX_PROMPT_LENGTH,
+    MAX_REFERENCES,
+    MAX_SUBJECT_IMAGES,
+    N_RANGE,
+    RESOLUTIONS,
+    Endpoint,
+    ImageGenerationRequest,
+    MultiImageRequest,
+    Task,
+    TaskRequest,
+    TaskStatus,
+    _whole,
+)
+from ._version import __version__
+from ._wire import converter
+
+if TYPE_CHECKING:
+    from .cli import Settings
+
+__all__ = ["KlingTools", "build_server", "request_schema", "run"]
+
+logger = logging.getLogger("kling_async")
+
+#: The longest wait an agent may ask of one call; the task runs on regardless.
+MAX_WAIT: Final = 1800.0
+#: How often a waiting call sends a progress notification.
+PROGRESS_INTERVAL: Final = 1.0
+#: How many tasks ``list_tasks`` returns at most: a tool result lands in the
+#: agent's context, where hundreds of tasks would crowd out everything else.
+MAX_LIST: Final = 100
+#: The exit status of a server stopped with Ctrl-C, as a shell reports it.
+EXIT_INTERRUPTED: Final = 130
+
+#: The ``kind`` of a task, named after the tool that creates it.
+KINDS: Final[Mapping[str, Endpoint]] = {
+    "generate_image": Endpoint.GENERATIONS,
+    "multi_image": Endpoint.MULTI_IMAGE,
+}
+_KIND_OF: Final = {endpoint: kind for kind, endpoint in KINDS.items()}
+_EPOCH: Final = datetime.fromtimestamp(0, timezone.utc)
+
+OFFLINE_NOTICE: Final = (
+    "OFFLINE SIMULATION: no Kling API key is set, so this server talks to a fake Kling "
+    "server on this machine. Tasks and URLs are simulated and the images are placeholder "
+    f"PNGs. Set {ENV_API_KEY} in the MCP server's environment to generate real images."
+)
+
+# --- input schemas, from the request models ------------------------------------------
+
+_IMAGE_RULES = (
+    f"JPEG or PNG, at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB, each side at least "
+    f"{MIN_IMAGE_SIDE} px, aspect ratio between 1:{MAX_ASPECT_RATIO:g} and {MAX_ASPECT_RATIO:g}:1"
+)
+_IMAGE_FORMS = (
+    "an absolute path of a file on the machine this server runs on, an http(s) URL Kling "
+    "can fetch, or base64 data (a data: URL is accepted too)"
+)
+
+#: What each request field means, in the seeds' terms (kling-api.md), for agents.
+_FIELD_DESCRIPTIONS: Final[Mapping[str, str]] = {
+    "prompt": f"What the images should show (the positive prompt); at most "
+    f"{MAX_PROMPT_LENGTH} characters.",
+    "negative_prompt": f"What to keep out of the images; at most {MAX_PROMPT_LENGTH} "
+    "characters. Not allowed together with image (image-to-image mode).",
+    "image": f"A reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}. Required when "
+    "image_reference is set.",
+    "image_reference": "What to take from image: 'subject' (the character's features) or "
+    "'face' (the facial appearance; the image must show exactly one face).",
+    "image_fidelity": "How strongly the images follow the reference image, 0 to 1 "
+    "[default: Kling's].",
+    "human_fidelity": "How closely the face follows the reference image's, 0 to 1; matters "
+    "with image_reference 'subject' [default: Kling's].",
+    "element_ids": f"Ids of elements of the account's Kling element library. Elements plus "
+    f"reference images: at most {MAX_REFERENCES}.",
+    "resolution": "Resolution of the images [default: Kling's, 1k].",
+    "n": "How many images to make. Each holds one unit of the account's concurrency quota "
+    "while the task runs.",
+    "aspect_ratio": "Width:height of the images.",
+    "watermark": "Also make watermarked copies (their URLs are each image's watermark_url).",
+    "external_task_id": "Your own id for the task, unique in the account; get_task and "
+    "download_task accept it in place of task_id.",
+    "subject_images": f"1 to {MAX_SUBJECT_IMAGES} subject images, each {_IMAGE_FORMS}. "
+    f"{_IMAGE_RULES}. Kling does not crop them: give them cropped to the subject.",
+    "scene_image": f"A scene reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}.",
+    "style_image": f"A style reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}.",
+}
+_MULTI_IMAGE_PROMPT = (
+    f"What the combined images should show; at most {MAX_PROMPT_LENGTH} characters."
+)
+#: The model names Kling lists for each endpoint (the default comes from the model).
+_KNOWN_MODELS: Final[Mapping[type[TaskRequest], str]] = {
+    ImageGenerationRequest: "kling-v3 and kling-v2-1",
+    MultiImageRequest: "kling-v2 and kling-v2-1",
+}
+
+#: Kling's limits on each field, as the request models check them.
+_FIELD_LIMITS: Final[Mapping[str, Mapping[str, Any]]] = {
+    "prompt": {"maxLength": MAX_PROMPT_LENGTH},
+    "negative_prompt": {"maxLength": MAX_PROMPT_LENGTH},
+    "n": {"minimum": N_RANGE.start, "maximum": N_RANGE.stop - 1},
+    "aspect_ratio": {"enum": list(ASPECT_RATIOS)},
+    "resolution": {"enum": list(RESOLUTIONS)},
+    "image_reference": {"enum": list(IMAGE_REFERENCES)},
+    "image_fidelity": {"minimum": 0, "maximum": 1},
+    "human_fidelity": {"minimum": 0, "maximum": 1},
+    "element_ids": {"maxItems": MAX_REFERENCES},
+    "subject_images": {"minItems": 1, "maxItems": MAX_SUBJECT_IMAGES},
+    "model_name": {"minLength": 1},
+    "external_task_id": {"minLength": 1},
+}
+_ITEM_LIMITS: Final[Mapping[str, Mapping[str, Any]]] = {
+    "element_ids": {"minimum": 0, "maximum": MAX_ELEMENT_ID},
+}
+#: Request fields agents are not offered: this server follows its tasks itself,
+#: and a callback URL an agent made up would only send Kling's posts elsewhere.
+_HIDDEN_FIELDS: Final = frozenset({"callback_url"})
+#: Schema order: what an agent fills in first, first.
+_FIELD_ORDER: Final = (
+    "prompt",
+    "subject_images",
+    "scene_image",
+    "style_image",
+    "negative_prompt",
+    "image",
+    "image_reference",
+    "image_fidelity",
+    "human_fidelity",
+    "element_ids",
+    "n",
+    "aspect_ratio",
+    "resolution",
+    "model_name",
+    "watermark",
+    "external_task_id",
+)
+
+
+def _json_type(annotation: Any) -> dict[str, Any]:
+    """The JSON schema type of a request field's Python type (``None`` dropped:
+    an omitted field takes its default)."""
+    origin = typing.get_origin(annotation)
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, pytypes.UnionType) and len(arguments) == 1:
+        return _json_type(arguments[0])
+    if origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis:
+        return {"type": "array", "items": _json_type(arguments[0])}
+    if isinstance(annotation, type):
+        # bool before int: a bool is an int to issubclass.
+        for python, json_type in ((bool, "boolean"), (str, "string"), (int, "integer")):
+            if issubclass(annotation, python):
+                return {"type": json_type}
+        if annotation is float:
+            return {"type": "number"}
+    raise TypeError(f"no JSON schema type for {annotation!r}")
+
+
+def _field_description(cls: type[TaskRequest], name: str, default: object) -> str:
+    if name == "model_name":
+        return (
+            f"The Kling model [default: {default}]. Kling lists {_KNOWN_MODELS[cls]}; any "
+            "model name the account has is accepted."
+        )
+    if name == "prompt" and cls is MultiImageRequest:
+        return _MULTI_IMAGE_PROMPT
+    return _FIELD_DESCRIPTIONS[name]
+
+
+def request_schema(cls: type[TaskRequest]) -> dict[str, Any]:
+    """The JSON schema of a request model's fields, as a tool's input schema.
+
+    Types and defaults come from the attrs fields, limits from the constants
+    the model's validators check, descriptions from Kling's documentation.
+    A field that is required in the model is required here.
+    """
+    hints = typing.get_type_hints(cls)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    fields = sorted(
+        (field for field in attrs.fields(cls) if field.name not in _HIDDEN_FIELDS),
+        key=lambda field: _FIELD_ORDER.index(field.name),
+    )
+    for field in fields:
+        schema = _json_type(hints[field.name])
+        schema.update(_FIELD_LIMITS.get(field.name, {}))
+        if field.name in _ITEM_LIMITS:
+            schema["items"] = {**schema["items"], **_ITEM_LIMITS[field.name]}
+        default = field.default
+        if default is attrs.NOTHING:
+            required.append(field.name)
+            if schema["type"] == "string":
+                schema["minLength"] = 1
+        elif isinstance(default, (str, int, float)):
+            schema["default"] = default
+        schema["description"] = _field_description(cls, field.name, default)
+        properties[field.name] = schema
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def _timeout_schema(default: float, *, what: str) -> dict[str, Any]:
+    return {
+        "type": "number",
+        "minimum": 0,
+        "maximum": MAX_WAIT,
+        "default": default,
+        "description": f"Seconds to wait for the task to end {what}, with progress "
+        "notifications meanwhile. When it is still running then, the result has its "
+        "task_id and status: call get_task later. 0 returns at once.",
+    }
+
+
+_KIND_SCHEMA: Final = {
+    "type": "string",
+    "enum": list(KINDS),
+    "description": "The tool that created the task (Kling keeps the two kinds apart). "
+    "When omitted, both kinds are searched.",
+}
+_TASK_ID_SCHEMA: Final = {
+    "type": "string",
+    "minLength": 1,
+    "description": "The task_id a create returned, or the task's external_task_id.",
+}
+
+_AFTER_CREATE = (
+    "Returns the image URLs{paths}. If the task is still running when the wait ends, the "
+    "result has its task_id: call get_task with it later, and do not call this tool again "
+    "for the same images: that would create (and bill) a second task."
+)
+
+
+class KlingTools:
+    """The tools this server offers, over one :class:`Client`.
+
+    ``out`` is the folder successful tasks' images are saved in (``None``: not
+    saved, URLs only); ``default_timeout`` how long a create waits for its task
+    unless the agent says otherwise; ``offline`` whether the client talks to the
+    embedded fake server, which every result then says.
+    """
+
+    def __init__(
+        self, client: Client, *, out: Path | None, default_timeout: float, offline: bool
+    ) -> None:
+        self.client = client
+        self.out = out
+        self.default_timeout = default_timeout
+        self.offline = offline
+        #: The kind of each task this server created or found, by task_id and
+        #: external_task_id: get_task without a kind asks the right endpoint first.
+        self._kinds: dict[str, Endpoint] = {}
+        #: The tools as ``tools/list`` gives them.
+        self.definitions = self._definitions()
+        self._schemas = {tool.name: tool.input_schema for tool in self.definitions}
+        self._handlers: dict[str, Handler] = {
+            "generate_image": self.generate_image,
+            "multi_image": self.multi_image,
+            "get_task": self.get_task,
+            "list_tasks": self.list_tasks,
+            "download_task": self.download_task,
+        }
+
+    def _definitions(self) -> list[mcp_types.Tool]:
+        paths = " and the paths of the saved files" if self.out else ""
+        after_create = _AFTER_CREATE.format(paths=paths)
+        create_timeout = _timeout_schema(self.default_timeout, what="after creating it")
+
+        def create_tool(cls: type[TaskRequest], name: str, title: str, what: str) -> Any:
+            schema = request_schema(cls)
+            schema["properties"]["timeout"] = create_timeout
+            return mcp_types.Tool(
+                name=name,
+                title=title,
+                description=f"{what} {after_create}",
+                input_schema=schema,
+                annotations=mcp_types.ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=False,
+                    idempotent_hint=False,
+                    open_world_hint=True,
+                ),
+            )
+
+        lookup = mcp_types.ToolAnnotations(read_only_hint=True, open_world_hint=True)
+        saved = (
+            f"saves their images in {self.out} and returns the paths"
+            if self.out
+            else "returns their image URLs (this server has no output folder to save them in)"
+        )
+        return [
+            create_tool(
+                ImageGenerationRequest,
+                "generate_image",
+                "Generate images (Kling)",
+                "Generate images from a text prompt with Kling, optionally guided by a "
+                "reference image or library elements. Waits for the task up to timeout "
+                "seconds, sending progress notifications.",
+            ),
+            create_tool(
+                MultiImageRequest,
+                "multi_image",
+                "Combine images (Kling)",
+                f"Make new images from 1 to {MAX_SUBJECT_IMAGES} subject images, plus an "
+                "optional scene and style image, with Kling's multi-image-to-image. Waits for "
+                "the task up to timeout seconds, sending progress notifications.",
+            ),
+            mcp_types.Tool(
+                name="get_task",
+                title="Get a Kling task",
+                description="Look up one task by its task_id (or external_task_id): its "
+                f"status, Kling's reason if it failed, its image URLs. For a finished task it "
+                f"{saved}. With a timeout it also waits for a running task to end (e.g. one "
+                "a create returned unfinished).",
+                input_schema={
+                    "type": "object",
+                    "properties": {
+                        "task_id": _TASK_ID_SCHEMA,
+                        "kind": _KIND_SCHEMA,
+                        "timeout": {**_timeout_schema(0, what="if it is running"), "default": 0},
+                    },
+                    "required": ["task_id"],
+                    "additionalProperties": False,
+                },
+                annotations=lookup,
+            ),
+            mcp_types.Tool(
+                name="list_tasks",
+                title="List Kling tasks",
+                description="List the account's recent tasks, newest first, with their "
+                "status and image URLs.",
+                input_schema={
+                    "type": "object",
+                    "properties": {
+                        "kind": {
+                            **_KIND_SCHEMA,
+                            "description": "List only tasks of this kind [default: both].",
+                        },
+                        "limit": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIST,
+                            "default": 10,
+                            "description": "How many tasks to return at most.",
+                        },
+                    },
+                    "additionalProperties": False,
+                },
+                annotations=lookup,
+            ),
+            mcp_types.Tool(
+                name="download_task",
+                title="Save a Kling task's images",
+                description=(
+                    f"Save the images of a task that succeeded in {self.out} and return the "
+                    "paths; files already saved are skipped."
+                    if self.out
+                    else "Save the images of a task that succeeded. This server has no "
+                    "output folder (kling-async mcp --out DIR), so it answers with an error; "
+                    "get_task gives the image URLs."
+                ),
+                input_schema={
+                    "type": "object",
+                    "properties": {
+                        "task_id": _TASK_ID_SCHEMA,
+                        "kind": _KIND_SCHEMA,
+                        "watermarked": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "Save the watermarked copies instead (the task "
+                            "must have been created with watermark).",
+                        },
+                    },
+                    "required": ["task_id"],
+                    "additionalProperties": False,
+                },
+                annotations=mcp_types.ToolAnnotations(
+                    read_only_hint=False,
+                    destructive_hint=False,
+                    idempotent_hint=True,
+                    open_world_hint=True,
+                ),
+            ),
+        ]
+
+    # --- calls ------------------------------------------------------------------
+
+    async def call(
+        self, name: str, arguments: Mapping[str, Any] | None, progress: Progress
+    ) -> mcp_types.CallToolResult:
+        """Run one tool; any failure of the tool is a tool error (``isError``)
+        the agent reads, never a protocol error, which it would not see."""
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise MCPError(
+                code=mcp_types.INVALID_PARAMS,
+                message=f"unknown tool {name!r}; the tools are {', '.join(self._handlers)}",
+            )
+        try:
+            if arguments is not None and not isinstance(arguments, Mapping):
+                raise ValidationError("arguments", "must be a JSON object")
+            return self._result(await handler(dict(arguments or {}), progress))
+        except Exception as error:  # every failure reaches the agent, as one line
+            if not isinstance(error, (KlingError, ToolError, OSError, ValueError)):
+                logger.exception("kling-async mcp: tool %s failed unexpectedly", name)
+            return self._error(error)
+
+    async def generate_image(self, arguments: dict[str, Any], progress: Progress) -> Record:
+        """``generate_image``: create a text-to-image task and wait for it."""
+        timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
+        fields = _request_fields("generate_image", self._schemas, arguments)
+        handle = await self.client.images.generate(**fields)
+        return await self._created(handle, timeout, progress)
+
+    async def multi_image(self, arguments: dict[str, Any], progress: Progress) -> Record:
+        """``multi_image``: create a multi-image-to-image task and wait for it."""
+        timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
+        fields = _request_fields("multi_image", self._schemas, arguments)
+        handle = await self.client.images.multi_image(**fields)
+        return await self._created(handle, timeout, progress)
+
+    async def get_task(self, arguments: dict[str, Any], progress: Progress) -> Record:
+        """``get_task``: one task, optionally waited for, its images saved if it succeeded."""
+        _only(arguments, "get_task", "task_id", "kind", "timeout")
+        task_id = _task_id(arguments)
+        timeout = _timeout(arguments.get("timeout"), 0.0)
+        task, endpoint = await self._lookup(task_id, _kind(arguments))
+        if not task.is_terminal and timeout > 0:
+            handle = self.client.images.attach(task.task_id, endpoint=endpoint)
+            try:
+                task = await _follow(handle, timeout, progress) or handle.task or task
+            except TaskFailedError as error:  # a lookup's answer, not a failure of this tool
+                task = error.task
+        return await self._record(task, endpoint)
+
+    async def list_tasks(self, arguments: dict[str, Any], _progress: Progress) -> Record:
+        """``list_tasks``: the newest tasks of one kind, or of both."""
+        _only(arguments, "list_tasks", "kind", "limit")
+        limit = _whole(arguments.get("limit", 10))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise ValidationError(
+                "limit", f"must be an integer from 1 to {MAX_LIST}; got {limit!r}"
+            )
+        kind = _kind(arguments)
+        endpoints = [kind] if kind else list(KINDS.values())
+        tasks: list[tuple[Task, Endpoint]] = []
+        for endpoint in endpoints:
+            async for task in self.client.images.list(
+                endpoint=endpoint, page_size=limit, limit=limit
+            ):
+                tasks.append((task, endpoint))
+        # Newest first across both kinds, as each list is.
+        tasks.sort(key=lambda pair: pair[0].created_at or _EPOCH, reverse=True)
+        return {"tasks": [_task_record(task, endpoint) for task, endpoint in tasks[:limit]]}
+
+    async def download_task(self, arguments: dict[str, Any], _progress: Progress) -> Record:
+        """``download_task``: save a succeeded task's images in the output folder."""
+        _only(arguments, "download_task", "task_id", "kind", "watermarked")
+        task_id = _task_id(arguments)
+        watermarked = arguments.get("watermarked", False)
+        if not isinstance(watermarked, bool):
+            raise ValidationError("watermarked", f"must be true or false; got {watermarked!r}")
+        if self.out is None:
+            raise ToolError(
+                "this server has no output folder to save images in: start it with "
+                "kling-async mcp --out DIR; get_task gives the image URLs meanwhile"
+            )
+        task, endpoint = await self._lookup(task_id, _kind(arguments))
+        if task.status is TaskStatus.FAILED:
+            raise TaskFailedError(task)
+        if task.status is not TaskStatus.SUCCEED:
+            raise ToolError(
+                f"task {task.task_id} is {task.status} and has no images yet: call get_task "
+                "with a timeout to wait for it, then download it"
+            )
+        record = _task_record(task, endpoint)
+        record["paths"] = [
+            str(path)
+            for path in await self.client.download(task, self.out, watermarked=watermarked)
+        ]
+        return record
+
+    # --- the parts the tools share ------------------------------------------------
+
+    async def _created(self, handle: TaskHandle, timeout: float, progress: Progress) -> Record:
+        """After a create: remember the task, wait for it, record it. A failed task
+        raises :class:`TaskFailedError`: the tool failed to make images."""
+        self._remember(handle.task_id, handle.external_task_id, handle.endpoint)
+        await progress(0, timeout or None, f"task {handle.task_id} created on Kling")
+        task = await _follow(handle, timeout, progress) or handle.task
+        if task is None:  # Kling answered the create with a task_id alone
+            task = Task(
+                task_id=handle.task_id,
+                status=TaskStatus.SUBMITTED,
+                external_task_id=handle.external_task_id,
+            )
+        return await self._record(task, handle.endpoint)
+
+    async def _record(self, task: Task, endpoint: Endpoint) -> Record:
+        """The task as the agent gets it: with the saved paths when it succeeded
+        and there is an output folder, with what to do next when it runs on."""
+        record = _task_record(task, endpoint)
+        if task.status is TaskStatus.SUCCEED and self.out is not None:
+            try:
+                paths = await self.client.download(task, self.out)
+                if task.images and all(image.watermark_url for image in task.images):
+                    paths += await self.client.download(task, self.out, watermarked=True)
+                record["paths"] = [str(path) for path in paths]
+            except (KlingError, OSError) as error:
+                # The task succeeded (and was paid for): a tool error here would
+                # invite the agent to create it again. The URLs are in the record.
+                record["download_error"] = (
+                    f"saving the images failed ({_describe(error)}); download_task fetches "
+                    "them later"
+                )
+        elif not task.is_terminal:
+            record["next_step"] = (
+                f"The task is still {task.status} on Kling. Call get_task with task_id "
+                f"{task.task_id!r} (and a timeout to wait for it) to get its images; do not "
+                "create it again."
+            )
+        return record
+
+    async def _lookup(self, task_id: str, endpoint: Endpoint | None) -> tuple[Task, Endpoint]:
+        """Fetch a task from its endpoint: the one given, else the one it was
+        seen at, else both in turn (Kling answers "not found" at the other)."""
+        if endpoint is not None:
+            candidates = [endpoint]
+        elif task_id in self._kinds:
+            known = self._kinds[task_id]
+            candidates = [known, *(e for e in KINDS.values() if e is not known)]
+        else:
+            candidates = list(KINDS.values())
+        for position, candidate in enumerate(candidates):
+            try:
+                task = await self.client.images.get(task_id, endpoint=candidate)
+            except NotFoundError:
+                if position == len(candidates) - 1:
+                    raise
+                continue
+            self._remember(task.task_id, task.external_task_id, candidate)
+            return task, candidate
+        raise AssertionError("unreachable: the last candidate returns or raises")
+
+    def _remember(self, task_id: str, external_task_id: str | None, endpoint: Endpoint) -> None:
+        self._kinds[task_id] = endpoint
+        if external_task_id:
+            self._kinds[external_task_id] = endpoint
+
+    def _result(self, data: Record) -> mcp_types.CallToolResult:
+        data = self._with_notice(data)
+        return mcp_types.CallToolResult(
+            content=[mcp_types.TextContent(text=json.dumps(data, indent=2, ensure_ascii=False))],
+            structured_content=data,
+        )
+
+    def _error(self, error: BaseException) -> mcp_types.CallToolResult:
+        description = _describe(error)
+        data = self._with_notice({"error": _error_record(error, description)})
+        return mcp_types.CallToolResult(
+            content=[
+                mcp_types.TextContent(
+                    text=f"error: {description}\n{json.dumps(data, indent=2, ensure_ascii=False)}"
+                )
+            ],
+            structured_content=data,
+            is_error=True,
+        )
+
+    def _with_notice(self, data: Record) -> Record:
+        if not self.offline:
+            return data
+        return {"offline_simulation": True, "notice": OFFLINE_NOTICE, **data}
+
+
+Record = dict[str, Any]
+"""A tool's result: JSON-ready data."""
+
+
+class Progress(Protocol):
+    """Sends one MCP progress notification (a no-op when the caller asked for none)."""
+
+    def __call__(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> Awaitable[None]: ...
+
+
+Handler = Callable[[dict[str, Any], Progress], Awaitable[Record]]
+"""A tool: its arguments and the caller's progress channel in, its result out."""
+
+
+class ToolError(Exception):
+    """A tool cannot do what it was asked, for a reason of this server's (no output
+    folder, a task with no images yet): reported to the agent as a tool error."""
+
+
+async def _follow(handle: TaskHandle, timeout: float, progress: Progress) -> Task | None:
+    """Wait up to ``timeout`` seconds for the task to end, sending a progress
+    notification every :data:`PROGRESS_INTERVAL`. Returns the terminal task, or
+    ``None`` if it is still running; raises :class:`TaskFailedError`."""
+    if timeout <= 0:
+        return None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiter = asyncio.ensure_future(handle.wait(timeout=timeout))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
+            if done:
+                break
+            elapsed = loop.time() - started
+            status = handle.status or TaskStatus.SUBMITTED
+            await progress(
+                round(elapsed, 1), timeout, f"task {handle.task_id}: {status} ({elapsed:.0f}s)"
+            )
+        return waiter.result()
+    except TaskTimeoutError:  # the task runs on; the agent comes back with get_task
+        return None
+    finally:
+        if not waiter.done():  # the call was cancelled: stop waiting, the task runs on
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+
+
+def _task_record(task: Task, endpoint: Endpoint) -> dict[str, Any]:
+    return {"kind": _KIND_OF[endpoint], **task.to_dict()}
+
+
+def _describe(error: BaseException) -> str:
+    """``error`` in one line for an agent: tool arguments, not Python calls."""
+    if isinstance(error, ValidationError):
+        return f"invalid {error.field}: {error.rule}; nothing was sent to Kling"
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"{error.filename}: {reason}" if error.filename else reason
+    return str(error) or type(error).__name__
+
+
+def _error_record(error: BaseException, description: str) -> dict[str, Any]:
+    """``error`` as data: Kling's code, message, request_id and the SDK's hint;
+    the invalid field; the failed task; the create's external_task_id."""
+    if not isinstance(error, KlingError):
+        return {"type": type(error).__name__, "message": description}
+    record: dict[str, Any] = converter.unstructure(error, KlingError)
+    record["message"] = description
+    if isinstance(error, APIError):
+        record["kling_message"] = error.message
+        if error.hint:
+            record["hint"] = error.hint
+    if isinstance(error, TaskFailedError):
+        record["task"] = error.task.to_dict()
+    if error.external_task_id is not None:
+        record["external_task_id"] = error.external_task_id
+        record["create_outcome"] = error.create_outcome
+        if "may exist" in (error.create_outcome or ""):
+            # The SDK could not tell whether the create landed: a new create
+            # could be a second, billed task, and get_task finds out.
+            record["next_step"] = (
+                "Kling may have created this task. Call get_task with task_id "
+                f"{error.external_task_id!r} to find out before creating it again."
+            )
+    return record
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def _request_fields(
+    tool: str, schemas: Mapping[str, Mapping[str, Any]], arguments: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The request fields among a create's arguments (its timeout taken out).
+    Unknown names are refused (a misspelt field must not be silently dropped),
+    and whole numbers sent as floats (JSON has one number type) are taken as the
+    integers they are, as request_from_mapping takes them; everything else is
+    the request model's to check."""
+    properties = schemas[tool]["properties"]
+    _only(arguments, tool, *properties)
+    return {
+        name: _whole(value) if properties[name]["type"] == "integer" else value
+        for name, value in arguments.items()
+    }
+
+
+def _only(arguments: Mapping[str, Any], tool: str, *names: str) -> None:
+    for name in arguments:
+        if name not in names:
+            raise ValidationError(name, f"is not an argument of {tool}")
+
+
+def _timeout(value: object, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT:
+        raise ValidationError(
+            "timeout", f"must be a number of seconds from 0 to {MAX_WAIT:g}; got {value!r}"
+        )
+    return float(value)
+
+
+def _task_id(arguments: Mapping[str, Any]) -> str:
+    task_id = arguments.get("task_id")
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ValidationError("task_id", "is required: the task_id a create returned")
+    return task_id.strip()
+
+
+def _kind(arguments: Mapping[str, Any]) -> Endpoint | None:
+    kind = arguments.get("kind")
+    if kind is None:
+        return None
+    if kind not in KINDS:
+        raise ValidationError("kind", f"must be one of {', '.join(KINDS)}; got {kind!r}")
+    return KINDS[kind]
+
+
+# --- the server ------------------------------------------------------------------------
+
+_INSTRUCTIONS = (
+    "Kling image generation. generate_image makes images from a prompt, multi_image from 1 "
+    "to 4 subject images. Each waits for its task (timeout, in seconds) and returns image "
+    "URLs; a task still running at the timeout comes back with its task_id: call get_task "
+    "with it later instead of creating it again, which would bill a second task. list_tasks "
+    "shows recent tasks; download_task saves a finished task's images."
+)
+
+
+def build_server(tools: KlingTools) -> Server[Any]:
+    """The MCP server: ``tools/list`` and ``tools/call`` over ``tools``."""
+
+    async def list_tools(_context: Any, _params: Any) -> mcp_types.ListToolsResult:
+        return mcp_types.ListToolsResult(tools=tools.definitions)
+
+    async def call_tool(
+        context: Any, params: mcp_types.CallToolRequestParams
+    ) -> mcp_types.CallToolResult:
+        return await tools.call(params.name, params.arguments, context.session.report_progress)
+
+    instructions = _INSTRUCTIONS + (f" {OFFLINE_NOTICE}" if tools.offline else "")
+    return Server(
+        "kling-async",
+        version=__version__,
+        title="Kling image generation (kling-async)",
+        instructions=instructions,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+def run(
+    settings: Settings,
+    *,
+    http_port: int | None,
+    out: Path | None,
+    default_timeout: float,
+    concurrency: int | None,
+) -> None:
+    """Run ``kling-async mcp``: the tools over the CLI's client (Kling, or the
+    offline simulation with no key set), over stdio until the MCP client closes
+    stdin, or over streamable HTTP on 127.0.0.1:``http_port`` until SIGINT or
+    SIGTERM."""
+    # Bound first: a port in use is one error line before anything starts.
+    sock = _bind_loopback(http_port) if http_port is not None else None
+
+    async def work() -> None:
+        async with settings.client(max_concurrency=concurrency) as client:
+            tools = KlingTools(
+                client, out=out, default_timeout=default_timeout, offline=settings.offline
+            )
+            server = build_server(tools)
+            if sock is None:
+                async with stdio_server() as (read_stream, write_stream):
+                    options = server.create_initialization_options()
+                    await server.run(read_stream, write_stream, options)
+            else:
+                await _serve_http(server, sock, settings)
+
+    try:
+        asyncio.run(work())
+    except KeyboardInterrupt:  # Ctrl-C on a stdio server run by hand
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settings) -> None:
+    host, port = sock.getsockname()[:2]
+    app = server.streamable_http_app(host=host)
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        web.should_exit = True
+
+    # uvicorn takes both signals while it serves and raises them again once it has
+    # stopped; these handlers catch that second raise, so the client still closes
+    # (and the offline simulation saves its tasks) before the process exits.
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on this platform
+            loop.add_signal_handler(signum, stop)
+            handled.append(signum)
+    try:
+        settings.stderr.print(
+            f"kling-async mcp: serving MCP over streamable HTTP at http://{host}:{port}/mcp",
+            soft_wrap=True,
+            highlight=False,
+        )
+        await web.serve(sockets=[sock])
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+def _bind_loopback(port: int) -> socket.socket:
+    """A TCP socket bound on 127.0.0.1 (``port`` 0 picks a free one)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
