@@ -120,9 +120,12 @@ __all__ = [
 def _present_as_public() -> None:
     """Give every exported class and function the module users import it from,
     so reprs, tracebacks and docs say ``kling_async.Task``, not a private path
-    (as httpx and openai-python do). attrs classes have their annotations
-    resolved first: they are strings here, looked up in the module named."""
+    (as httpx and openai-python do). A class's own annotations are resolved
+    first: they are strings here, looked up in the module it names."""
     import contextlib
+    import inspect
+    import sys
+    import typing
 
     import attrs
 
@@ -131,10 +134,16 @@ def _present_as_public() -> None:
         thing = namespace[name]
         if not isinstance(thing, type) and not callable(thing):
             continue
-        if not getattr(thing, "__module__", "").startswith("kling_async._"):
+        home = getattr(thing, "__module__", "")
+        if not home.startswith("kling_async._"):
             continue
-        if isinstance(thing, type) and attrs.has(thing):
-            attrs.resolve_types(thing)
+        if isinstance(thing, type):
+            if attrs.has(thing):
+                attrs.resolve_types(thing)
+            own = inspect.get_annotations(thing)
+            with contextlib.suppress(NameError, TypeError):  # names seen only by type checkers
+                hints = typing.get_type_hints(thing, vars(sys.modules[home]), include_extras=True)
+                thing.__annotations__ = {key: hints[key] for key in own}
         with contextlib.suppress(AttributeError, TypeError):  # a typing alias, say
             thing.__module__ = "kling_async"
 

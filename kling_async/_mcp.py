@@ -54,7 +54,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._handle import TaskHandle
-from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE
+from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE, ImageFile
 from ._models import (
     ASPECT_RATIOS,
     IMAGE_REFERENCES,
@@ -78,7 +78,6 @@ from ._wire import converter
 if TYPE_CHECKING:
     from .cli import Settings
 
-__all__ = ["KlingTools", "build_server", "request_schema", "run"]
 
 logger = logging.getLogger("kling_async")
 
@@ -200,7 +199,8 @@ def _json_type(annotation: Any) -> dict[str, Any]:
     """The JSON schema type of a request field's Python type (``None`` dropped:
     an omitted field takes its default)."""
     origin = typing.get_origin(annotation)
-    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    # An image is a string either way: a file's path (ImageFile), a URL or base64.
+    arguments = [a for a in typing.get_args(annotation) if a not in (type(None), ImageFile)]
     if origin in (typing.Union, pytypes.UnionType) and len(arguments) == 1:
         return _json_type(arguments[0])
     if origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis:
@@ -875,11 +875,14 @@ async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settin
 
 
 def _bind_loopback(port: int) -> socket.socket:
-    """A TCP socket bound on 127.0.0.1 (``port`` 0 picks a free one)."""
+    """A TCP socket listening on 127.0.0.1 (``port`` 0 picks a free one)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
+        # Listening from now on: a client that reads the URL printed before
+        # uvicorn starts up waits in the backlog instead of being refused.
+        sock.listen(128)
     except OSError:
         sock.close()
         raise

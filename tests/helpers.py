@@ -7,9 +7,18 @@ Fixtures live in ``conftest.py``; plain names live here, imported as
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import struct
+import subprocess
+import sys
+import urllib.request
 import zlib
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kling_async import (
     APIError,
@@ -110,3 +119,58 @@ def assert_valid_png(path: Path) -> None:
     assert kinds[0] == b"IHDR"
     assert kinds[-1] == b"IEND"
     assert b"IDAT" in kinds
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any KLING_ setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLING_")}
+    env.update(extra)
+    return env
+
+
+class FakeServerProcess:
+    """A FakeKlingServer in a process of its own (like a remote API, it outlives
+    the test's event loops and the CLI runs it serves), and its record."""
+
+    def __init__(self, process: subprocess.Popen[str], url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """Every task it holds, as a get shows it, with its prompt."""
+        with urllib.request.urlopen(self.url + "/_fake/tasks", timeout=10) as response:
+            data: list[dict[str, Any]] = json.load(response)
+            return data
+
+    def per_prompt(self) -> Counter[str]:
+        """How many tasks it holds for each prompt."""
+        return Counter(task["prompt"] for task in self.tasks())
+
+
+@contextlib.contextmanager
+def fake_server_process(*arguments: str, api_key: str = API_KEY) -> Iterator[FakeServerProcess]:
+    """``python -m kling_async.testing`` on a free loopback port, requiring
+    ``api_key``, stopped (SIGTERM) when the block ends."""
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kling_async.testing",
+            "--port",
+            "0",
+            "--api-key",
+            api_key,
+            "--exit-with-stdin",
+            *arguments,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    ) as process:
+        assert process.stdout is not None
+        try:
+            yield FakeServerProcess(process, json.loads(process.stdout.readline())["url"])
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

@@ -25,16 +25,10 @@ from rich.console import Console
 from kling_async import ImageGenerationRequest
 from kling_async.cli import Settings, _BatchProgress, main
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, assert_valid_png, make_client
+from tests.helpers import API_KEY, assert_valid_png, clean_env, fake_server_process, make_client
 from tests.imagedata import png
 
 FAST = ["--mock-task-seconds", "0.1"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KLING_")}
-    env.update(extra)
-    return env
 
 
 def run_cli(
@@ -53,35 +47,8 @@ def run_cli(
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     """A FakeKlingServer in its own process, like a remote API."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--api-key",
-            API_KEY,
-            "--task-duration",
-            "0.2",
-            "--record-requests",
-            "--exit-with-stdin",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    try:
-        yield json.loads(line)["url"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
-        process.stdout.close()
-        if process.stdin is not None:
-            process.stdin.close()
+    with fake_server_process("--task-duration", "0.2", "--record-requests") as server:
+        yield server.url
 
 
 def online(server_url: str, *args: str) -> list[str]:

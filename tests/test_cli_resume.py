@@ -7,62 +7,24 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import FakeServerProcess, fake_server_process
+
 API_KEY = "sk-cli-resume"
 
 
-class Server:
-    """A FakeKlingServer in its own process, like a remote API, and its record."""
-
-    def __init__(self, process: subprocess.Popen[str], url: str) -> None:
-        self.process = process
-        self.url = url
-
-    def tasks(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(self.url + "/_fake/tasks", timeout=10) as response:
-            data: list[dict[str, Any]] = json.load(response)
-            return data
-
-    def per_prompt(self) -> Counter[str]:
-        return Counter(task["prompt"] for task in self.tasks())
-
-
 @pytest.fixture
-def server() -> Iterator[Server]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--api-key",
-            API_KEY,
-            "--task-duration",
-            "0.5",
-            "--exit-with-stdin",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    with process:
-        assert process.stdout is not None
-        try:
-            yield Server(process, json.loads(process.stdout.readline())["url"])
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+def server() -> Iterator[FakeServerProcess]:
+    with fake_server_process("--task-duration", "0.5", api_key=API_KEY) as process:
+        yield process
 
 
-def command(server: Server, *args: str) -> list[str]:
+def command(server: FakeServerProcess, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -102,7 +64,7 @@ def stop_once_running(process: subprocess.Popen[str], out: Path, sig: int) -> st
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_batch_run_again_creates_no_line_twice(
-    server: Server, tmp_path: Path, sig: int, status: int
+    server: FakeServerProcess, tmp_path: Path, sig: int, status: int
 ) -> None:
     requests = write_lines(tmp_path / "prompts.jsonl", 16)
     out = tmp_path / "out"
@@ -128,7 +90,7 @@ def test_an_interrupted_batch_run_again_creates_no_line_twice(
 
 
 def test_results_hold_one_record_per_line_whatever_the_number_of_runs(
-    server: Server, tmp_path: Path
+    server: FakeServerProcess, tmp_path: Path
 ) -> None:
     requests = write_lines(tmp_path / "prompts.jsonl", 5)
     out = tmp_path / "out"
@@ -141,7 +103,7 @@ def test_results_hold_one_record_per_line_whatever_the_number_of_runs(
     assert len(list(out.glob("*.png"))) == 5
 
 
-def test_fresh_starts_over(server: Server, tmp_path: Path) -> None:
+def test_fresh_starts_over(server: FakeServerProcess, tmp_path: Path) -> None:
     requests = write_lines(tmp_path / "prompts.jsonl", 3, invalid=False)
     out = tmp_path / "out"
     args = command(server, "batch", str(requests), "--out", str(out))
@@ -152,7 +114,9 @@ def test_fresh_starts_over(server: Server, tmp_path: Path) -> None:
     assert len(records(out)) == 3
 
 
-def test_resume_settles_a_journal_left_by_a_killed_batch(server: Server, tmp_path: Path) -> None:
+def test_resume_settles_a_journal_left_by_a_killed_batch(
+    server: FakeServerProcess, tmp_path: Path
+) -> None:
     requests = write_lines(tmp_path / "prompts.jsonl", 12, invalid=False)
     out = tmp_path / "out"
     args = command(server, "batch", str(requests), "--out", str(out), "--concurrency", "4")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -26,7 +23,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, make_client
+from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, fake_server_process, make_client
 from tests.imagedata import png
 
 
@@ -316,29 +313,8 @@ async def test_updates_can_be_closed_early(
 @pytest.fixture
 def fake_process_url() -> Iterator[str]:
     """A fake Kling server in its own process: it outlives the test's event loops."""
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--api-key",
-            API_KEY,
-            "--task-duration",
-            "0.1",
-            "--exit-with-stdin",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as process:
-        assert process.stdout is not None
-        try:
-            yield json.loads(process.stdout.readline())["url"]
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with fake_server_process("--task-duration", "0.1") as server:
+        yield server.url
 
 
 def test_a_client_used_by_two_asyncio_runs_works_in_both_and_leaks_nothing(

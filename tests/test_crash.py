@@ -24,8 +24,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
+
+from tests.helpers import fake_server_process
 
 pytestmark = pytest.mark.chaos
 
@@ -33,47 +34,6 @@ API_KEY = "sk-crash-test"
 LINES = 40
 KILLED_RUNS = 4
 SEED = int(os.environ.get("CRASH_SEED", "14"))
-
-
-class FakeServer:
-    """``python -m kling_async.testing`` as a process of its own."""
-
-    def __init__(self, *arguments: str) -> None:
-        self.arguments = arguments
-        self.url = ""
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> FakeServer:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--api-key",
-            API_KEY,
-            "--exit-with-stdin",
-            *self.arguments,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), 30)
-        self.url = json.loads(line)["url"]
-        return self
-
-    async def __aexit__(self, *_exc_info: object) -> None:
-        assert self.process is not None
-        self.process.terminate()
-        await self.process.wait()
-
-    async def tasks(self) -> list[dict[str, Any]]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(self.url + "/_fake/tasks") as response,
-        ):
-            data: list[dict[str, Any]] = await response.json()
-            return data
 
 
 def write_requests(path: Path) -> list[int]:
@@ -125,14 +85,16 @@ async def test_a_batch_killed_again_and_again_pays_once_and_loses_nothing(tmp_pa
     invalid = write_requests(requests)
     out = tmp_path / "out"
     kills = 0
-    async with FakeServer("--task-duration", "0.6", "--processing-delay", "0.1") as server:
+    with fake_server_process(
+        "--task-duration", "0.6", "--processing-delay", "0.1", api_key=API_KEY
+    ) as server:
         progress = []  # tasks on the server after each killed run
         for _ in range(KILLED_RUNS):
             status = await run_cli(server.url, requests, out, kill_after=rng.uniform(0.8, 2.5))
             kills += status is None
-            progress.append(len(await server.tasks()))
+            progress.append(len(await asyncio.to_thread(server.tasks)))
         final = await run_cli(server.url, requests, out, kill_after=None)
-        tasks = await server.tasks()
+        tasks = await asyncio.to_thread(server.tasks)
 
     assert final == 1  # the two invalid lines; everything else succeeded
     per_prompt = Counter(task["prompt"] for task in tasks)

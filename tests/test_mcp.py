@@ -26,10 +26,8 @@ from mcp.types import CallToolResult
 from kling_async import ImageGenerationRequest, MultiImageRequest
 from kling_async._models import ASPECT_RATIOS, MAX_PROMPT_LENGTH, MAX_SUBJECT_IMAGES
 from kling_async.testing import FakeKlingServer
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY, assert_valid_png, clean_env
 from tests.imagedata import png
-from tests.test_cli import clean_env
-from tests.test_download import assert_valid_png
 
 TOOLS = {"generate_image", "multi_image", "get_task", "list_tasks", "download_task"}
 #: Long enough for a progress tick (one a second) to happen before the task ends.
