@@ -23,10 +23,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ._exceptions import APIError, TaskFailedError, error_class_for
+from ._exceptions import APIError, TaskFailedError
 from ._handle import TaskHandle
 from ._models import ImageResult, Task, TaskStatus
 from ._transport import Transport
+from ._wire import download_error
 
 __all__ = ["DownloadSource"]
 
@@ -165,13 +166,9 @@ async def _all_or_none(jobs: Sequence[Awaitable[T]]) -> list[T]:
 
 
 def _raise_for_status(response: aiohttp.ClientResponse, url: str) -> None:
-    if response.status != 200:
-        expired = response.status in (403, 404, 410)
-        raise error_class_for(None, response.status)(
-            f"downloading {url} failed"
-            + (": result URLs expire 30 days after generation" if expired else ""),
-            http_status=response.status,
-        )
+    error = download_error(response.status, url)
+    if error is not None:
+        raise error
 
 
 async def _save(transport: Transport, url: str, path: Path) -> int:

@@ -43,7 +43,16 @@ from ._exceptions import (
 )
 from ._models import Endpoint, Task, TaskStatus
 from ._schedule import poll_delay
-from ._wire import MAX_PAGE_SIZE, Envelope, get_request, list_request, parse_task
+from ._wire import (
+    MAX_PAGE_SIZE,
+    Envelope,
+    get_request,
+    list_items,
+    list_request,
+    parse_task,
+    same_version,
+    task_id_of,
+)
 
 if TYPE_CHECKING:
     from ._tracking import TaskState, Tracker
@@ -348,13 +357,7 @@ class Poller:
                     envelope = await self._tracker.transport.send(
                         list_request(self._endpoint, page, size)
                     )
-                items = envelope.data
-                if not isinstance(items, list):
-                    raise APIError(
-                        "list response data is not an array",
-                        request_id=envelope.request_id,
-                        http_status=envelope.http_status,
-                    )
+                items = list_items(envelope)
                 read += 1
                 deepest = self._take_page(items, envelope, seen, (page - 1) * size) or deepest
                 missing -= seen
@@ -411,10 +414,8 @@ class Poller:
         """
         deepest = 0
         for position, item in enumerate(items, offset + 1):
-            task_id = item.get("task_id") if isinstance(item, dict) else None
-            state = (
-                self._tracker.find(self._endpoint, task_id) if isinstance(task_id, str) else None
-            )
+            task_id = task_id_of(item)
+            state = self._tracker.find(self._endpoint, task_id) if task_id else None
             if state is None:
                 continue
             seen.add(state)
@@ -447,15 +448,8 @@ def _unexpected(doing: str, error: Exception) -> KlingError:
 
 
 def _unchanged(state: TaskState, data: Any) -> bool:
-    """Whether ``data`` (a task as Kling sent it) is what ``state`` already knows:
-    then there is nothing to decode."""
-    known = state.latest
-    return (
-        known is not None
-        and isinstance(data, dict)
-        and known.raw.get("updated_at") == data.get("updated_at")
-        and known.raw.get("task_status") == data.get("task_status")
-    )
+    """Whether ``data`` (a task as Kling sent it) is what ``state`` already knows."""
+    return state.latest is not None and same_version(state.latest.raw, data)
 
 
 def _list_refused(error: KlingError) -> bool:

@@ -529,8 +529,9 @@ def parse_callback(payload: Any) -> Task:
     raise ValueError("not a Kling task: neither task_id/task_status nor id/status")
 
 
-def parse_task_list(envelope: Envelope) -> list[Task]:
-    """The tasks in a list response, newest first as Kling sends them."""
+def list_items(envelope: Envelope) -> list[Any]:
+    """The raw tasks of a list response, newest first; :class:`APIError` when
+    ``data`` is not an array."""
     if not isinstance(envelope.data, list):
         raise APIError(
             "list response data is not an array",
@@ -538,4 +539,40 @@ def parse_task_list(envelope: Envelope) -> list[Task]:
             http_status=envelope.http_status,
             body=envelope.data,
         )
-    return [parse_task(attrs.evolve(envelope, data=item)) for item in envelope.data]
+    return envelope.data
+
+
+def parse_task_list(envelope: Envelope) -> list[Task]:
+    """The tasks in a list response, newest first as Kling sends them."""
+    return [parse_task(attrs.evolve(envelope, data=item)) for item in list_items(envelope)]
+
+
+def task_id_of(data: Any) -> str | None:
+    """The task_id of a raw task (an item of a list page), read without decoding
+    the rest: a sweep skips the tasks nobody tracks at this cost."""
+    task_id = data.get("task_id") if isinstance(data, Mapping) else None
+    return task_id if isinstance(task_id, str) else None
+
+
+def same_version(known: Mapping[str, Any], data: Any) -> bool:
+    """Whether ``data`` (a task as Kling sent it) is the version ``known`` (the
+    raw task last decoded) already holds: same status, same ``updated_at``.
+    Then there is nothing to decode."""
+    return (
+        isinstance(data, Mapping)
+        and known.get("updated_at") == data.get("updated_at")
+        and known.get("task_status") == data.get("task_status")
+    )
+
+
+def download_error(status: int, url: str) -> APIError | None:
+    """The error for a result file answered with HTTP ``status`` (``None`` for
+    200): a URL that is gone is most likely older than Kling's 30 days."""
+    if status == 200:
+        return None
+    expired = status in (403, 404, 410)
+    return error_class_for(None, status)(
+        f"downloading {url} failed"
+        + (": result URLs expire 30 days after generation" if expired else ""),
+        http_status=status,
+    )

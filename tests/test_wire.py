@@ -28,12 +28,16 @@ from kling_async._models import Endpoint
 from kling_async._wire import (
     Envelope,
     create_request,
+    download_error,
     get_request,
+    list_items,
     list_request,
     parse_envelope,
     parse_retry_after,
     parse_task,
     parse_task_list,
+    same_version,
+    task_id_of,
 )
 from tests.helpers import FAMILIES
 from tests.imagedata import png
@@ -351,3 +355,32 @@ def test_a_wire_request_s_repr_holds_neither_the_callback_token_nor_the_images()
     assert image[:100] not in text
     assert "callback_url" in text  # the fields are named
     assert len(text) < 300
+
+
+def test_a_list_item_s_task_id_and_version_are_read_without_decoding_it() -> None:
+    assert task_id_of({"task_id": "t-1", "task_status": "x"}) == "t-1"
+    assert task_id_of({"task_id": 7}) is None
+    assert task_id_of(["t-1"]) is None
+    known = {"task_id": "t", "task_status": "processing", "updated_at": 5}
+    assert same_version(known, {**known, "task_result": {"images": []}})
+    assert not same_version(known, {**known, "updated_at": 6})
+    assert not same_version(known, {**known, "task_status": "succeed"})
+    assert not same_version(known, "not a task")
+
+
+def test_a_list_page_that_is_not_an_array_is_an_api_error() -> None:
+    with pytest.raises(APIError, match="not an array"):
+        list_items(Envelope(data={"task_id": "t"}, request_id="r"))
+    assert list_items(Envelope(data=[1, 2], request_id="r")) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("status", "cls", "expired"),
+    [(404, NotFoundError, True), (410, APIError, True), (500, ServerError, False)],
+)
+def test_a_failed_download_is_a_typed_error(status: int, cls: type, expired: bool) -> None:
+    assert download_error(200, "https://cdn/x.png") is None
+    error = download_error(status, "https://cdn/x.png")
+    assert isinstance(error, cls)
+    assert error.http_status == status
+    assert ("30 days" in str(error)) is expired
