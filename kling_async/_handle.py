@@ -105,7 +105,7 @@ class TaskHandle:
             future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
             _settle(future, latest)
             return future
-        return _Waiter(self, limit).future
+        return _Wait(self, limit).future
 
     async def refresh(self) -> Task:
         """Fetch the task once now (one GET) and return it; waiters see the result too."""
@@ -152,7 +152,7 @@ def _settle(future: asyncio.Future[Task], task: Task) -> None:
         future.set_result(task)
 
 
-class _Waiter:
+class _Wait:
     """One wait on a handle: a future that the tracker's news settles.
 
     A slotted object with a done-callback instead of a coroutine with closures:

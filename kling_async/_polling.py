@@ -218,7 +218,7 @@ class Poller:
                 now - state.first_seen,  # both on the monotonic clock the loop uses
                 self._tracker.durations_for(state) if policy.learn else None,
                 policy,
-                callbacks=state.callbacks,
+                callbacks=state.expects_callbacks,
                 sharing=sharing,
                 noise=policy.rng.uniform(-1.0, 1.0),
             )
@@ -298,7 +298,7 @@ class Poller:
         earliest = math.inf
         for state in states:
             state.polling = False
-            if state.callbacks and not state.heard:
+            if state.expects_callbacks and not state.heard:
                 self._check_callbacks(state)
             state.interval = 0.0 if state.hurry else self._delay(state, now, sharing)
             state.next_poll = now + state.interval

@@ -465,7 +465,7 @@ class Submissions:
             latest=task,
             external_task_id=submission.external_task_id,
         )
-        state.callbacks = submission.receiver_callback
+        state.expects_callbacks = submission.receiver_callback
         created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
         submission.ledger.record(created)
         self._follow_in(submission.ledger, state, created)
@@ -594,7 +594,7 @@ class Submissions:
         state = self._tracker.state(
             entry.endpoint, entry.task_id, latest=latest, external_task_id=entry.external_task_id
         )
-        state.callbacks = entry.receiver_callback and self._receiver is not None
+        state.expects_callbacks = entry.receiver_callback and self._receiver is not None
         self._follow_in(ledger if ledger is not None else self.ledger, state, entry)
         if chosen is not None and not state.terminal and state not in self._held:
             chosen.adopt(entry.units)

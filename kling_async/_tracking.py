@@ -18,15 +18,17 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
+
 from ._config import PollPolicy
 from ._durations import DurationLearner, Kind
 from ._exceptions import ClientClosedError, KlingError
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
+from ._polling import Poller
 from ._schedule import Durations
 
 if TYPE_CHECKING:
     from ._ledger import Ledger, LedgerEntry
-    from ._polling import Poller
     from ._transport import Transport
 
 
@@ -44,63 +46,51 @@ def _stage(status: TaskStatus) -> int:
     return 2 if status.is_terminal else _STAGE.get(status, 1)
 
 
+@attrs.define(eq=False)
 class TaskState:
-    """The client's knowledge of one task, shared by every handle on it."""
+    """The client's knowledge of one task, shared by every handle on it.
 
-    __slots__ = (
-        "__weakref__",
-        "callbacks",
-        "endpoint",
-        "entry",
-        "external_task_id",
-        "first_seen",
-        "heard",
-        "hurry",
-        "interest",
-        "interval",
-        "kind",
-        "latest",
-        "ledger",
-        "listeners",
-        "next_poll",
-        "on_terminal",
-        "polling",
-        "task_id",
-        "untrusted",
+    A mutable record with identity (one per task per client), slotted because
+    thousands are held at once.
+    """
+
+    endpoint: Endpoint
+    task_id: str
+    latest: Task | None = attrs.field(default=None, kw_only=True, repr=False)
+    external_task_id: str | None = attrs.field(default=None, kw_only=True)
+    listeners: list[Listener] = attrs.field(factory=list, init=False, repr=False)
+    #: Waiters and iterators currently listening.
+    interest: int = attrs.field(default=0, init=False, repr=False)
+    #: Run once when the task ends, e.g. to give back concurrency units. A task
+    #: with such duties is polled until it ends even if nobody waits. Made on
+    #: first use: most tasks never get one, and thousands are held.
+    on_terminal: list[Callable[[Task], None]] | None = attrs.field(
+        default=None, init=False, repr=False
     )
+    #: Kling will POST this task's updates to the client's callback receiver.
+    expects_callbacks: bool = attrs.field(default=False, init=False, repr=False)
+    #: A callback for this task has arrived.
+    heard: bool = attrs.field(default=False, init=False, repr=False)
+    #: What changes its duration (see _durations.Kind); None when unknown, e.g.
+    #: a task attached by id: then its endpoint's durations apply.
+    kind: Kind | None = attrs.field(default=None, init=False, repr=False)
+    #: Poll again as soon as possible (a terminal callback came).
+    hurry: bool = attrs.field(default=False, init=False, repr=False)
+    #: A poll of this task is in flight.
+    polling: bool = attrs.field(default=False, init=False, repr=False)
+    first_seen: float = attrs.field(factory=time.monotonic, init=False, repr=False)
+    #: Loop time of the next poll, set when polling starts, and the gap before it.
+    next_poll: float = attrs.field(default=0.0, init=False, repr=False)
+    interval: float = attrs.field(default=0.0, init=False, repr=False)
+    #: ``latest`` came from a callback, not from Kling's API.
+    untrusted: bool = attrs.field(default=False, init=False, repr=False)
+    #: The create's ledger entry and its ledger, when the ledger records results.
+    entry: LedgerEntry | None = attrs.field(default=None, init=False, repr=False)
+    ledger: Ledger | None = attrs.field(default=None, init=False, repr=False)
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        task_id: str,
-        *,
-        latest: Task | None = None,
-        external_task_id: str | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self.task_id = task_id
-        self.latest = latest
-        self.external_task_id = external_task_id or (latest.external_task_id if latest else None)
-        self.listeners: list[Listener] = []
-        self.interest = 0  # waiters and iterators currently listening
-        #: Run once when the task ends, e.g. to give back concurrency units. A
-        #: task with such duties is polled until it ends even if nobody waits.
-        # Made on first use: most tasks never get one, and thousands are held.
-        self.on_terminal: list[Callable[[Task], None]] | None = None
-        self.callbacks = False  # Kling will POST this task's updates to us
-        self.heard = False  # a callback for this task has arrived
-        #: What changes its duration (see _durations.Kind); None when unknown,
-        #: e.g. a task attached by id: then its endpoint's durations apply.
-        self.kind: Kind | None = None
-        self.hurry = False  # poll again as soon as possible (a terminal callback came)
-        self.polling = False  # a poll of this task is in flight
-        self.first_seen = time.monotonic()
-        self.next_poll = 0.0  # loop time of the next poll, set when polling starts
-        self.interval = 0.0  # the gap before that poll
-        self.untrusted = False  # latest came from a callback, not from Kling's API
-        #: The create's ledger entry and its ledger, when the ledger records results.
-        self.entry: LedgerEntry | None = None
-        self.ledger: Ledger | None = None
+    def __attrs_post_init__(self) -> None:
+        if self.external_task_id is None and self.latest is not None:
+            self.external_task_id = self.latest.external_task_id
 
     @property
     def terminal(self) -> bool:
@@ -333,7 +323,7 @@ class Tracker:
             # The confirmation is a poll, due now: with many tasks in flight one
             # list page confirms many callbacks at once. If it disagrees, the
             # task goes back to the normal cadence: its callbacks are suspect.
-            state.callbacks = False
+            state.expects_callbacks = False
             self._poller(state.endpoint).hurry(state)
         else:
             self.publish(state, task, trusted=False)
@@ -371,8 +361,6 @@ class Tracker:
     def _poller(self, endpoint: Endpoint) -> Poller:
         poller = self._current_pollers().get(endpoint)
         if poller is None:
-            from ._polling import Poller
-
             poller = self._pollers[endpoint] = Poller(self, endpoint)
         return poller
 

@@ -42,7 +42,7 @@ _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
 _Op = list[Any]
 
 
-class _Waiter:
+class _QueuedAcquire:
     __slots__ = ("future", "id", "since", "units")
 
     def __init__(self, id: str, units: int, future: asyncio.Future[None], since: float) -> None:
@@ -116,7 +116,7 @@ class RedisLimiter:
         ]
         self._channel = account.key("freed")
         self._ids = itertools.count()
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_QueuedAcquire] = deque()
         self._ops: list[_Op] = []
         self._queued = 0  # operations ever queued
         self._applied = 0  # operations applied in Redis
@@ -156,7 +156,7 @@ class RedisLimiter:
                 f"a task of {units} units can never fit a quota of {self.capacity} units"
             )
         self._start()
-        waiter = _Waiter(
+        waiter = _QueuedAcquire(
             str(next(self._ids)),
             units,
             asyncio.get_running_loop().create_future(),
@@ -270,7 +270,7 @@ class RedisLimiter:
         assert self._wake is not None
         wake_in: float | None = None
         retry = _RETRY_FIRST
-        pending: tuple[int, list[_Op], list[_Waiter]] | None = None
+        pending: tuple[int, list[_Op], list[_QueuedAcquire]] | None = None
         while True:
             if pending is None:
                 timeout = self.poll_interval if self._queue else None
@@ -305,7 +305,7 @@ class RedisLimiter:
             wake_in = self._take(reply, waiters)
             self._settle_flushes()
 
-    async def _call(self, seq: int, ops: list[_Op], waiters: list[_Waiter]) -> list[Any]:
+    async def _call(self, seq: int, ops: list[_Op], waiters: list[_QueuedAcquire]) -> list[Any]:
         now = time.monotonic()
         lease, orphan_ttl = self.account.ms
         args: list[str | int | float] = [
@@ -333,7 +333,7 @@ class RedisLimiter:
         self.call_seconds += time.perf_counter() - started
         return list(reply)
 
-    def _take(self, reply: list[Any], waiters: list[_Waiter]) -> float | None:
+    def _take(self, reply: list[Any], waiters: list[_QueuedAcquire]) -> float | None:
         """Admit what Redis admitted; return when to ask again by time alone."""
         limit, in_use, wake, _creates, rejected, _running, *admitted = reply
         self.limit = int(limit)
