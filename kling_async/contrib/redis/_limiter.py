@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 from redis.exceptions import RedisError
 
 from kling_async._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
@@ -42,14 +43,14 @@ _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
 _Op = list[Any]
 
 
+@attrs.define(eq=False)
 class _QueuedAcquire:
-    __slots__ = ("future", "id", "since", "units")
+    """A create of this process waiting for its units in the shared queue."""
 
-    def __init__(self, id: str, units: int, future: asyncio.Future[None], since: float) -> None:
-        self.id = id
-        self.units = units
-        self.future = future
-        self.since = since
+    id: str
+    units: int
+    future: asyncio.Future[None]
+    since: float
 
 
 class RedisLimiter:
