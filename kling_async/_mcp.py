@@ -76,7 +76,7 @@ from ._version import __version__
 from ._wire import converter
 
 if TYPE_CHECKING:
-    from .cli import Settings
+    from ._cli import Settings
 
 
 logger = logging.getLogger("kling_async")

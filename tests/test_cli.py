@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from kling_async import ImageGenerationRequest
-from kling_async.cli import Settings, _BatchProgress, main
+from kling_async._cli import Settings, _BatchProgress, main
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, assert_valid_png, clean_env, fake_server_process, make_client
 from tests.imagedata import png
@@ -736,3 +736,21 @@ def test_the_sdk_s_other_fields_are_offered(tmp_path: Path) -> None:
     assert body["callback_url"] == f"{server.origin}/_fake/callbacks/token"
     assert body["external_task_id"] == "my-id-1"
     assert json.loads(result.stdout)["external_task_id"] == "my-id-1"
+
+
+def test_without_click_importing_the_cli_works_and_running_it_says_what_to_install() -> None:
+    # A missing extra must not sys.exit() at import time (httpx's _main pattern):
+    # only running the command needs click and rich.
+    code = (
+        "import sys; sys.modules['click'] = None\n"
+        "import kling_async.cli\n"
+        "print('imported')\n"
+        "kling_async.cli.main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60
+    )
+    assert result.stdout.strip() == "imported"
+    assert result.returncode == 1
+    assert "pip install '.[cli]'" in result.stderr
+    assert "Traceback" not in result.stderr
