@@ -74,10 +74,9 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from _baselines import (
     CallbackFutures,
     RawKling,
@@ -100,246 +99,25 @@ from _common import (
     request_delta,
     summarize_ms,
 )
+from _scale.measure import (
+    FakeStats,
+    LogTally,
+    Window,
+    await_handle,
+    in_parallel,
+    median,
+    proc_status_mb,
+    progress,
+    rounded,
+    run_child,
+    server_args,
+    task_end_lag,
+)
+from _scale.params import API_KEY, PROMPT, Params, with_overrides
 
 import kling_async
 
-API_KEY = "benchmark-token"
-PROMPT = "a lighthouse at dusk, benchmark"
 SECTIONS = ("cpu", "requests", "utilisation", "memory", "lag", "submit")
-SCRIPT = os.path.abspath(__file__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Params:
-    """Every knob of a run; all of them go into the JSON. Defaults are the full run."""
-
-    # 1. CPU per lifecycle
-    cpu_lifecycles: int = 200  # per round and side
-    cpu_rounds: int = 10
-    cpu_in_flight: int = 18
-    cpu_task_duration: float = 0.25
-    cpu_processing_delay: float = 0.05
-    cpu_poll_interval: float = 0.1
-    # 2. requests per task
-    req_in_flight: int = 1000
-    req_task_duration: float = 10.0
-    req_processing_delay: float = 1.0
-    req_lifecycles: int = 2
-    req_baseline_interval: float = 1.0
-    # A second operating point, 0 to skip: with creates counted the ratio cannot
-    # beat 1 / (1 + baseline polls per task), so <= 1/20 needs >= 20 polls a task.
-    req_fast_baseline_interval: float = 0.4
-    req_tuning_attempts: int = 3
-    # 3. quota utilisation, default settings; "2,10": 2 s tasks, then 10 s tasks
-    util_durations: str = "2,10"
-    util_tasks: str = "250,100"  # per duration
-    util_baseline_tasks: int = 100
-    util_quota: int = 50
-    util_processing_delay: float = 0.05
-    # A TUNED row per duration: the limiter's fairness_window (default 2 s) set
-    # to this many seconds, all else default; 0 to skip.
-    util_tuned_fairness: float = 30.0
-    # 4. memory, 5. loop lag
-    mem_handles: int = 10_000
-    mem_settle: float = 3.0
-    mem_processing_delay: float = 0.5
-    lag_handles: int = 10_000
-    lag_window: float = 20.0
-    create_concurrency: int = 64
-    # 6. submit throughput
-    submit_creates: int = 4000
-    submit_rounds: int = 5
-    submit_concurrency: int = 64
-    # hard limits, seconds
-    timeout_cpu: float = 600.0
-    timeout_requests: float = 600.0
-    timeout_utilisation: float = 900.0
-    timeout_memory: float = 300.0
-    timeout_lag: float = 300.0
-    timeout_submit: float = 300.0
-
-    @classmethod
-    def quick(cls) -> Params:
-        return cls(
-            cpu_lifecycles=100,
-            cpu_rounds=3,
-            req_in_flight=100,
-            req_task_duration=2.0,
-            req_processing_delay=0.2,
-            req_lifecycles=1,
-            req_baseline_interval=0.5,
-            req_fast_baseline_interval=0.0,
-            req_tuning_attempts=2,
-            util_durations="0.5,2",
-            util_tasks="150,60",
-            util_baseline_tasks=60,
-            util_tuned_fairness=0.0,
-            mem_handles=1000,
-            mem_settle=1.5,
-            lag_handles=1000,
-            lag_window=4.0,
-            submit_creates=500,
-            submit_rounds=2,
-            timeout_cpu=120.0,
-            timeout_requests=120.0,
-            timeout_utilisation=180.0,
-            timeout_memory=90.0,
-            timeout_lag=90.0,
-            timeout_submit=90.0,
-        )
-
-
-# --- small helpers ---------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(f"scale benchmark: {message}", file=sys.stderr, flush=True)
-
-
-def server_args(duration: float | None, processing_delay: float, *extra: str) -> tuple[str, ...]:
-    return (
-        "--task-duration",
-        "none" if duration is None else str(duration),
-        "--processing-delay",
-        str(processing_delay),
-        "--api-key",
-        API_KEY,
-        *extra,
-    )
-
-
-def figure(
-    sdk: float | None,
-    baseline: float | None,
-    goal: str,
-    met: bool | None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """One headline figure: the SDK's value, the baseline's, their ratio, the goal."""
-    return {
-        "sdk": sdk,
-        "baseline": baseline,
-        "ratio": ratio(sdk, baseline),
-        "goal": goal,
-        "met": bool(met) if met is not None else False,
-        **extra,
-    }
-
-
-def rounded(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-async def in_parallel(count: int, width: int, job: Callable[[int], Awaitable[None]]) -> None:
-    """Run ``job(0) .. job(count - 1)``, ``width`` at a time."""
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < count:
-            index = next_index
-            next_index += 1
-            await job(index)
-
-    await asyncio.gather(*(worker() for _ in range(min(width, count))))
-
-
-def proc_status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-class LogTally(logging.Handler):
-    """Counts warnings and errors the SDK (and asyncio) log while a section runs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: dict[str, int] = {}
-        self.samples: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        key = f"{record.name}:{record.levelname}"
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if len(self.samples) < 5:
-            self.samples.append(record.getMessage()[:300])
-
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[LogTally]:
-        loggers = [logging.getLogger("kling_async"), logging.getLogger("asyncio")]
-        for logger in loggers:
-            logger.addHandler(self)
-        try:
-            yield self
-        finally:
-            for logger in loggers:
-                logger.removeHandler(self)
-
-    def report(self) -> dict[str, Any]:
-        return {"counts": self.counts, "samples": self.samples}
-
-
-@dataclasses.dataclass
-class Window:
-    """Client CPU, wall time, server CPU and server request counts over a block."""
-
-    fake: FakeServerProcess
-    cpu_s: float = 0.0
-    user_s: float = 0.0
-    sys_s: float = 0.0
-    wall_s: float = 0.0
-    server_cpu_s: float | None = None
-    requests: dict[str, int] = dataclasses.field(default_factory=dict)
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @contextlib.asynccontextmanager
-    async def measure(self) -> AsyncIterator[Window]:
-        before = await self.fake.stats()
-        server_cpu = self.fake.cpu_seconds()
-        cpu, wall, times = time.process_time(), time.perf_counter(), os.times()
-        try:
-            yield self
-        finally:
-            self.cpu_s = time.process_time() - cpu
-            self.wall_s = time.perf_counter() - wall
-            after = os.times()
-            self.user_s, self.sys_s = after.user - times.user, after.system - times.system
-            server_after = self.fake.cpu_seconds()
-            if server_cpu is not None and server_after is not None:
-                self.server_cpu_s = server_after - server_cpu
-            self.stats = await self.fake.stats()
-            self.requests = request_delta(before, self.stats)
-
-    def per(self, count: int) -> dict[str, Any]:
-        count = max(count, 1)
-        return {
-            "client_cpu_ms": round(self.cpu_s / count * 1000, 4),
-            "client_user_ms": round(self.user_s / count * 1000, 4),
-            "client_sys_ms": round(self.sys_s / count * 1000, 4),
-            "server_cpu_ms": rounded(
-                None if self.server_cpu_s is None else self.server_cpu_s / count * 1000, 4
-            ),
-            "requests": {route: round(n / count, 4) for route, n in self.requests.items()},
-        }
-
-
-def task_end_lag(task: kling_async.Task) -> float:
-    assert task.updated_at is not None
-    return end_lag(task.updated_at.timestamp() * 1000)
 
 
 # --- 1. CPU per lifecycle ---------------------------------------------------------
@@ -736,29 +514,6 @@ async def section_utilisation(p: Params) -> dict[str, Any]:
 # --- 4. memory and 5. loop lag, each side in a child process ----------------------------
 
 
-async def run_child(arguments: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``scale.py --worker ...`` and return the JSON it prints; kill it on timeout."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        SCRIPT,
-        *arguments,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise
-    lines = out.decode().strip().splitlines()
-    if process.returncode != 0 or not lines:
-        return {"error": f"worker exited with {process.returncode}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
 async def section_memory(p: Params) -> dict[str, Any]:
     sides: dict[str, Any] = {}
     for side in ("sdk", "baseline"):
@@ -799,10 +554,6 @@ async def section_lag(p: Params) -> dict[str, Any]:
     return sides
 
 
-async def _await_handle(handle: kling_async.TaskHandle) -> kling_async.Task:
-    return await handle  # as users do: the default wait deadline applies
-
-
 async def worker_memory(arguments: argparse.Namespace) -> dict[str, Any]:
     """tracemalloc bytes per in-flight task: all that a side allocates (and still
     holds, after a full collection) to have ``--handles`` tasks created and awaited."""
@@ -824,7 +575,7 @@ async def worker_memory(arguments: argparse.Namespace) -> dict[str, Any]:
                 async def one(_index: int) -> None:
                     handle = await client.images.generate(prompt=PROMPT)
                     held.append(handle)
-                    waiters.append(asyncio.create_task(_await_handle(handle)))
+                    waiters.append(asyncio.create_task(await_handle(handle)))
 
                 await in_parallel(count, width, one)
 
@@ -908,7 +659,7 @@ async def worker_lag(arguments: argparse.Namespace) -> dict[str, Any]:
             async def submit(_index: int) -> None:
                 handle = await client.images.generate(prompt=PROMPT)
                 handles.append(handle)
-                waiters.append(asyncio.create_task(_await_handle(handle)))
+                waiters.append(asyncio.create_task(await_handle(handle)))
 
         else:
             raw = await stack.enter_async_context(RawKling(arguments.url, API_KEY))
@@ -958,28 +709,6 @@ async def worker_lag(arguments: argparse.Namespace) -> dict[str, Any]:
         "waits_failed": failed,
         "logged": logs.report(),
     }
-
-
-class FakeStats:
-    """``GET /_fake/stats`` of a server another process started."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> FakeStats:
-        self._session = aiohttp.ClientSession()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def stats(self) -> dict[str, Any]:
-        assert self._session is not None
-        async with self._session.get(f"{self.url}/_fake/stats") as response:
-            stats: dict[str, Any] = await response.json()
-            return stats
 
 
 # --- 6. submit throughput ------------------------------------------------------------
@@ -1034,6 +763,24 @@ async def section_submit(p: Params) -> dict[str, Any]:
 
 
 # --- the headline figures --------------------------------------------------------------
+
+
+def figure(
+    sdk: float | None,
+    baseline: float | None,
+    goal: str,
+    met: bool | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One headline figure: the SDK's value, the baseline's, their ratio, the goal."""
+    return {
+        "sdk": sdk,
+        "baseline": baseline,
+        "ratio": ratio(sdk, baseline),
+        "goal": goal,
+        "met": bool(met) if met is not None else False,
+        **extra,
+    }
 
 
 def headline(p: Params, sections: dict[str, Any]) -> dict[str, Any]:
@@ -1279,18 +1026,6 @@ async def benchmark(p: Params, only: list[str], quick: bool) -> dict[str, Any]:
         "sections": sections,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
-
-
-def with_overrides(params: Params, assignments: list[str]) -> Params:
-    """``params`` with each ``NAME=VALUE`` applied, VALUE cast to the field's type."""
-    defaults = dataclasses.asdict(params)
-    changes: dict[str, Any] = {}
-    for assignment in assignments:
-        name, _, value = assignment.partition("=")
-        if name not in defaults or not value:
-            raise ValueError(f"--set {assignment!r}: expected NAME=VALUE with NAME a parameter")
-        changes[name] = type(defaults[name])(value)
-    return dataclasses.replace(params, **changes)
 
 
 def main() -> int:
