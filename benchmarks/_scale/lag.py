@@ -1,0 +1,128 @@
+"""Section ``lag``: event-loop lag (a 10 ms ticker's overshoot) over
+``lag_window`` s with ``lag_handles`` handles in flight, awaited and polled with
+the default ``PollPolicy`` (list sweeps); baseline: per-task polling on the same
+schedule. Also the RSS (``VmRSS``) of each side with that many tasks in flight.
+Each side runs in a fresh child process (``scale.py --worker=lag``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from _baselines import RawKling, create_body, growing_delay, poll_until_end
+from _common import FakeServerProcess, request_delta, summarize_ms
+
+import kling_async
+from _scale.measure import (
+    FakeStats,
+    LogTally,
+    await_handle,
+    in_parallel,
+    proc_status_mb,
+    progress,
+    run_child,
+    server_args,
+)
+from _scale.params import API_KEY, PROMPT, Params
+
+
+async def run(p: Params) -> dict[str, Any]:
+    sides: dict[str, Any] = {}
+    for side in ("sdk", "baseline"):
+        progress(f"lag: {side}, {p.lag_handles} tasks in flight (child process)")
+        async with FakeServerProcess(*server_args(None, 1.0)) as fake:
+            sides[side] = await run_child(
+                [
+                    "--worker=lag",
+                    f"--side={side}",
+                    f"--url={fake.url}",
+                    f"--handles={p.lag_handles}",
+                    f"--window={p.lag_window}",
+                    f"--concurrency={p.create_concurrency}",
+                ],
+                p.timeout_lag,
+            )
+    return sides
+
+
+async def ticker(stop: asyncio.Event, interval: float = 0.01) -> list[float]:
+    """Sleep ``interval`` over and over until ``stop``; return each overshoot (s)."""
+    lags: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(interval)
+        lags.append(time.perf_counter() - started - interval)
+    return lags
+
+
+async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
+    count, width = arguments.handles, arguments.concurrency
+    waiters: list[asyncio.Task[Any]] = []
+    handles: list[kling_async.TaskHandle] = []
+    logs = LogTally()
+    async with (
+        FakeStats(arguments.url) as fake,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stack.enter_context(logs.watching())
+        if arguments.side == "sdk":
+            client = await stack.enter_async_context(
+                kling_async.Client(API_KEY, base_url=arguments.url)
+            )
+
+            async def submit(_index: int) -> None:
+                handle = await client.images.generate(prompt=PROMPT)
+                handles.append(handle)
+                waiters.append(asyncio.create_task(await_handle(handle)))
+
+        else:
+            raw = await stack.enter_async_context(RawKling(arguments.url, API_KEY))
+            delay = growing_delay()  # the SDK's cold schedule (nothing learned), per task
+
+            async def submit(_index: int) -> None:
+                data = await raw.created(create_body(PROMPT))
+                waiters.append(asyncio.create_task(poll_until_end(raw, data, delay)))
+
+        stop = asyncio.Event()
+        watch = asyncio.create_task(ticker(stop))
+        started = time.perf_counter()
+        await in_parallel(count, width, submit)
+        submit_s = time.perf_counter() - started
+        stop.set()
+        submission_lags = await watch
+        rss_submitted = proc_status_mb("VmRSS")
+
+        before = await fake.stats()
+        cpu = time.process_time()
+        stop = asyncio.Event()
+        watch = asyncio.create_task(ticker(stop))
+        await asyncio.sleep(arguments.window)
+        stop.set()
+        lags = await watch
+        cpu = time.process_time() - cpu
+        requests = request_delta(before, await fake.stats())
+        rss = proc_status_mb("VmRSS")
+        failed = sum(1 for w in waiters if w.done() and not w.cancelled() and w.exception())
+        finished = sum(1 for w in waiters if w.done())
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return {
+        "tasks_in_flight": count,
+        "submit_s": round(submit_s, 3),
+        "submission_lag": summarize_ms(submission_lags),
+        "window_s": arguments.window,
+        "window_lag": summarize_ms(lags),
+        "window_requests": requests,
+        "window_requests_per_s": round(sum(requests.values()) / arguments.window, 1),
+        "window_cpu_s": round(cpu, 3),
+        "rss_mb_after_submit": rss_submitted,
+        "rss_mb": rss,
+        "hwm_mb": proc_status_mb("VmHWM"),
+        "waits_ended_early": finished,
+        "waits_failed": failed,
+        "logged": logs.report(),
+    }
