@@ -8,12 +8,14 @@ medians are compared."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from _baselines import RawKling, create_and_poll, create_body, fixed_delay
 from _common import FakeServerProcess, ratio
 
 import kling_async
+from _scale.figures import Figure, Goal, Section, tuned, unmeasured
 from _scale.measure import Window, in_parallel, median, progress, rounded, server_args
 from _scale.params import API_KEY, PROMPT, Params
 
@@ -96,3 +98,32 @@ async def run(p: Params) -> dict[str, Any]:
         "requests_match": matched,
         "rounds": rounds,
     }
+
+
+#: Issue 6: the SDK's client CPU per lifecycle at most 15 % above the baseline's,
+#: both sides sending the same requests (a condition of the figure, not worded).
+GOAL = Goal(judges="ratio", op="<=", limit=1.15)
+NAME = "cpu_ms_per_lifecycle"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    if "client_cpu_ms_per_lifecycle" not in result:
+        return unmeasured(result, (NAME, GOAL))
+    medians = result["client_cpu_ms_per_lifecycle"]
+    return [
+        Figure(
+            name=NAME,
+            goal=GOAL,
+            sdk=medians["sdk_median"],
+            baseline=medians["baseline_median"],
+            settings=tuned("both sides one GET every cpu_poll_interval s"),
+            conditions={"requests_match": result["requests_match"]},
+            context={
+                "requests_match": result["requests_match"],
+                "requests_per_lifecycle": result["requests_per_lifecycle"],
+            },
+        )
+    ]
+
+
+SECTION = Section(name="cpu", run=run, figures=figures)

@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from _baselines import RawKling, create_body, growing_delay, poll_until_end
 from _common import FakeServerProcess, request_delta, summarize_ms
 
 import kling_async
+from _scale.figures import Figure, Goal, Section, unmeasured
 from _scale.measure import (
     FakeStats,
     LogTally,
@@ -126,3 +128,43 @@ async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
         "waits_failed": failed,
         "logged": logs.report(),
     }
+
+
+#: Issue 6: the event loop's lag p99 at most 20 ms with every task in flight.
+LAG_GOAL = Goal(judges="sdk", op="<=", limit=20, subject="sdk p99", unit=" ms")
+LAG_NAME = "loop_lag_p99_ms"
+#: Issue 6: at most 150 MB resident with every task in flight.
+RSS_GOAL = Goal(judges="sdk", op="<=", limit=150, unit=" MB")
+RSS_NAME = "rss_mb_in_flight"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    sdk, baseline = result.get("sdk", {}), result.get("baseline", {})
+    if "window_lag" not in sdk or "window_lag" not in baseline:
+        return unmeasured(result, (LAG_NAME, LAG_GOAL), (RSS_NAME, RSS_GOAL))
+    sdk_lag, baseline_lag = sdk["window_lag"], baseline["window_lag"]
+    return [
+        Figure(
+            name=LAG_NAME,
+            goal=LAG_GOAL,
+            sdk=sdk_lag["p99_ms"],
+            baseline=baseline_lag["p99_ms"],
+            context={
+                "p50_ms": {"sdk": sdk_lag["p50_ms"], "baseline": baseline_lag["p50_ms"]},
+                "max_ms": {"sdk": sdk_lag["max_ms"], "baseline": baseline_lag["max_ms"]},
+                "handles": p.lag_handles,
+                "window_s": p.lag_window,
+            },
+        ),
+        Figure(
+            name=RSS_NAME,
+            goal=RSS_GOAL,
+            sdk=sdk["rss_mb"],
+            baseline=baseline["rss_mb"],
+            context={"handles": p.lag_handles},
+            note="VmRSS after the lag window, no tracemalloc",
+        ),
+    ]
+
+
+SECTION = Section(name="lag", run=run, figures=figures, worker=worker)

@@ -10,13 +10,14 @@ import contextlib
 import gc
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from _baselines import RawKling, create_body, hold_in_flight
 from _common import FakeServerProcess
 
 import kling_async
+from _scale.figures import Figure, Goal, Section, unmeasured
 from _scale.measure import (
     await_handle,
     in_parallel,
@@ -124,3 +125,26 @@ async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
         "rss_mb_traced": rss,
         "top_allocations": top,
     }
+
+
+#: Issue 6: at most 4 KiB for each awaited handle in flight.
+GOAL = Goal(judges="sdk", op="<=", limit=4096, unit=" bytes per handle")
+NAME = "bytes_per_in_flight_handle"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    sdk, baseline = result.get("sdk", {}), result.get("baseline", {})
+    if "bytes_per_task" not in sdk or "bytes_per_task" not in baseline:
+        return unmeasured(result, (NAME, GOAL))
+    return [
+        Figure(
+            name=NAME,
+            goal=GOAL,
+            sdk=sdk["bytes_per_task"],
+            baseline=baseline["bytes_per_task"],
+            context={"handles": p.mem_handles},
+        )
+    ]
+
+
+SECTION = Section(name="memory", run=run, figures=figures, worker=worker)

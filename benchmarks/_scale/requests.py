@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from _baselines import RawKling, create_and_poll, create_body, fixed_delay
 from _common import FakeServerProcess, end_lag, summarize_ms
 
 import kling_async
+from _scale.figures import DEFAULT, Figure, Goal, Section, tuned, unmeasured
 from _scale.measure import Window, progress, rounded, server_args, task_end_lag
 from _scale.params import API_KEY, PROMPT, Params
 
@@ -121,7 +122,7 @@ async def requests_at(p: Params, baseline_interval: float) -> dict[str, Any]:
             if got is None or target is None or got <= target:
                 break
             interval *= 0.95 * target / got
-    tuned = attempts[-1] if attempts else None
+    last = attempts[-1] if attempts else None
 
     def matched(run: dict[str, Any] | None) -> bool:
         return (
@@ -136,7 +137,88 @@ async def requests_at(p: Params, baseline_interval: float) -> dict[str, Any]:
         "baseline": baseline,
         "sdk_default": default,
         "default_latency_matched": matched(default),
-        "sdk_tuned_poll_interval_s": tuned["poll_interval_s"] if tuned else None,
-        "tuned_latency_matched": matched(tuned),
+        "sdk_tuned_poll_interval_s": last["poll_interval_s"] if last else None,
+        "tuned_latency_matched": matched(last),
         "sdk_tuned_attempts": attempts,
     }
+
+
+#: Issue 6: at most 1/20 of the baseline's requests per task, with ends seen no
+#: later on average (the figure's condition ``latency_matched``).
+GOAL = Goal(judges="ratio", op="<=", limit=0.05, more="at sdk mean detection latency <= baseline's")
+#: The request counts that goal judges: the figure's name, the key of a side's
+#: JSON it reads and the note that says what it counts.
+COUNTS = (
+    (
+        "polls_per_task",
+        "polls_per_task",
+        "GETs + list pages per completed task, creates not counted",
+    ),
+    (
+        "requests_per_task_with_create",
+        "requests_per_task",
+        "creates counted: the ratio cannot go below "
+        "1 / baseline requests per task whatever the SDK does",
+    ),
+)
+#: Issue 15: client CPU per task, DEFAULT settings, at most 0.4 of the baseline's.
+CPU_GOAL = Goal(judges="ratio", op="<=", limit=0.4, more="(issue 15)")
+CPU_NAME = "client_cpu_per_task_in_flight"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    points = result.get("operating_points", [])
+    if not points:
+        return unmeasured(result, *((name, GOAL) for name, _, _ in COUNTS), (CPU_NAME, CPU_GOAL))
+    found: list[Figure] = []
+    for index, point in enumerate(points):
+        found += point_figures(p, point, first=index == 0)
+    return found
+
+
+def point_figures(p: Params, point: Mapping[str, Any], *, first: bool) -> list[Figure]:
+    """The figures of one operating point; the first point's names have no suffix."""
+    interval = point["baseline_poll_interval_s"]
+    base = point["baseline"]
+    suffix = "" if first else f"_baseline_every_{interval}s"
+    runs = [("", point["sdk_default"], point["default_latency_matched"], DEFAULT)]
+    if point["sdk_tuned_attempts"]:
+        last = point["sdk_tuned_attempts"][-1]
+        how = tuned(f"PollPolicy fixed at {last['poll_interval_s']} s, learn=False")
+        runs.append(("_tuned", last, point["tuned_latency_matched"], how))
+    found = [
+        Figure(
+            name=f"{name}{suffix}{tag}",
+            goal=GOAL,
+            sdk=sdk[key],
+            baseline=base[key],
+            settings=settings,
+            conditions={"latency_matched": matched},
+            context={
+                "detection_latency": {
+                    "sdk_mean_ms": sdk["detection_latency"]["mean_ms"],
+                    "baseline_mean_ms": base["detection_latency"]["mean_ms"],
+                },
+                "baseline_poll_interval_s": interval,
+            },
+            note=note,
+        )
+        for tag, sdk, matched, settings in runs
+        for name, key, note in COUNTS
+    ]
+    if first:
+        found.append(
+            Figure(
+                name=CPU_NAME,
+                goal=CPU_GOAL,
+                sdk=point["sdk_default"]["client_cpu_ms_per_task"],
+                baseline=base["client_cpu_ms_per_task"],
+                settings=DEFAULT,
+                context={"in_flight": p.req_in_flight, "baseline_poll_interval_s": interval},
+                note="client CPU ms per completed task, creates and polls, same run",
+            )
+        )
+    return found
+
+
+SECTION = Section(name="requests", run=run, figures=figures)

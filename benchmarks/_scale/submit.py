@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from _baselines import RawKling, submit_many
 from _common import FakeServerProcess, ratio
 
 import kling_async
+from _scale.figures import Figure, Goal, Section, unmeasured
 from _scale.measure import Window, in_parallel, median, progress, server_args
 from _scale.params import API_KEY, PROMPT, Params
 
@@ -59,3 +61,20 @@ async def run(p: Params) -> dict[str, Any]:
         },
         "rounds": rounds,
     }
+
+
+#: Issue 6: at least 90 % of the baseline's creates per second.
+GOAL = Goal(judges="ratio", op=">=", limit=0.9)
+NAME = "submit_creates_per_s"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    if "creates_per_s" not in result:
+        return unmeasured(result, (NAME, GOAL))
+    medians = result["creates_per_s"]
+    return [
+        Figure(name=NAME, goal=GOAL, sdk=medians["sdk_median"], baseline=medians["baseline_median"])
+    ]
+
+
+SECTION = Section(name="submit", run=run, figures=figures)

@@ -13,22 +13,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from typing import Any
 
 from _baselines import CallbackFutures, RawKling, retry_on_1303_batch, semaphore_batch
 from _common import FakeServerProcess, end_lag, summarize_ms
 
 import kling_async
+from _scale.figures import DEFAULT, Figure, Goal, Section, tuned, unmeasured
 from _scale.measure import progress, rounded, server_args, task_end_lag
 from _scale.params import API_KEY, PROMPT, Params
+
+#: The kinds of run: the SDK polling as users get it, the same with the limiter's
+#: fairness window set (TUNED) or with callbacks, and the two baselines.
+POLLING, TUNED_FAIRNESS, CALLBACKS = "polling", "tuned_fairness", "callbacks"
+SEMAPHORE, RETRY_ON_1303 = "semaphore", "retry_on_1303"
+BASELINES = (SEMAPHORE, RETRY_ON_1303)
+
+
+def durations_of(p: Params) -> list[float]:
+    return [float(text) for text in p.util_durations.split(",")]
+
+
+def plan(p: Params) -> list[tuple[str, float, int]]:
+    """The section's runs in the order they run: kind, task duration, SDK tasks.
+    Every duration gets an SDK polling run (and a TUNED one); the first gets the
+    callbacks run and the baselines too."""
+    counts = [int(text) for text in p.util_tasks.split(",")]
+    runs: list[tuple[str, float, int]] = []
+    for index, (duration, count) in enumerate(zip(durations_of(p), counts, strict=True)):
+        runs.append((POLLING, duration, count))
+        if p.util_tuned_fairness > 0:
+            runs.append((TUNED_FAIRNESS, duration, count))
+        if index == 0:
+            runs += [(kind, duration, count) for kind in (CALLBACKS, *BASELINES)]
+    return runs
+
+
+def run_name(kind: str, duration: float) -> str:
+    """A run's key in the section's JSON."""
+    label = f"{duration:g}s"
+    if kind == TUNED_FAIRNESS:
+        return f"sdk_{POLLING}_{label}_{TUNED_FAIRNESS}"
+    return f"{'baseline' if kind in BASELINES else 'sdk'}_{kind}_{label}"
 
 
 async def run(p: Params) -> dict[str, Any]:
     quota = p.util_quota
     extra = ("--concurrency-limit", str(quota))
-    durations = [float(text) for text in p.util_durations.split(",")]
-    counts = [int(text) for text in p.util_tasks.split(",")]
+    durations = durations_of(p)
 
     def sizes(count: int) -> list[int]:
         return [index % 9 + 1 for index in range(count)]
@@ -112,7 +145,7 @@ async def run(p: Params) -> dict[str, Any]:
                 await asyncio.gather(watcher, return_exceptions=True)
             stats = await fake.stats()
             limiter = client.limiter
-            assert limiter is not None
+            assert isinstance(limiter, kling_async.ConcurrencyLimiter)
             return summary(
                 stats,
                 count,
@@ -140,7 +173,7 @@ async def run(p: Params) -> dict[str, Any]:
                 ok += data.get("task_status") == "succeed"
 
             started = time.perf_counter()
-            if kind == "semaphore":
+            if kind == SEMAPHORE:
                 slots = quota // 9
                 await semaphore_batch(raw, receiver, sizes(count), slots, on_end=on_end)
                 how: dict[str, Any] = {"slots": slots}
@@ -159,40 +192,15 @@ async def run(p: Params) -> dict[str, Any]:
             wall = time.perf_counter() - started
             return summary(await fake.stats(), count, ok, lags, wall, **how)
 
-    plan: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []
-    for index, (duration, count) in enumerate(zip(durations, counts, strict=True)):
-        label = f"{duration:g}s"
-
-        def polling(d: float = duration, c: int = count) -> Awaitable[dict[str, Any]]:
-            return sdk_run(d, c, False)
-
-        plan.append((f"sdk_polling_{label}", polling))
-        if p.util_tuned_fairness > 0:
-
-            def tuned(d: float = duration, c: int = count) -> Awaitable[dict[str, Any]]:
-                return sdk_run(d, c, False, p.util_tuned_fairness)
-
-            plan.append((f"sdk_polling_{label}_tuned_fairness", tuned))
-        if index == 0:
-
-            def with_callbacks(d: float = duration, c: int = count) -> Awaitable[dict[str, Any]]:
-                return sdk_run(d, c, True)
-
-            def semaphore(d: float = duration) -> Awaitable[dict[str, Any]]:
-                return raw_run(d, "semaphore")
-
-            def retry(d: float = duration) -> Awaitable[dict[str, Any]]:
-                return raw_run(d, "retry")
-
-            plan += [
-                (f"sdk_callbacks_{label}", with_callbacks),
-                (f"baseline_semaphore_{label}", semaphore),
-                (f"baseline_retry_on_1303_{label}", retry),
-            ]
     runs: dict[str, Any] = {}
-    for name, run in plan:
+    for kind, duration, count in plan(p):
+        name = run_name(kind, duration)
         progress(f"utilisation: {name}")
-        runs[name] = await run()
+        if kind in BASELINES:
+            runs[name] = await raw_run(duration, kind)
+        else:
+            fairness = p.util_tuned_fairness if kind == TUNED_FAIRNESS else None
+            runs[name] = await sdk_run(duration, count, kind == CALLBACKS, fairness)
     return {
         "settings": {
             "sdk_polling": "Client(api_key, base_url=..., max_concurrency=quota): default "
@@ -205,3 +213,74 @@ async def run(p: Params) -> dict[str, Any]:
         "durations_s": durations,
         **runs,
     }
+
+
+#: Issue 15: at most 1 % of the SDK's creates answered 1303 (quota full).
+MAX_SHARE_1303 = 0.01
+
+
+def goal(duration: float) -> Goal:
+    """Issue 15: the quota used while requests are queued, >= 90 % with 2 s tasks
+    and >= 95 % with 10 s tasks."""
+    return Goal(
+        judges="sdk",
+        op=">=",
+        limit=0.95 if duration >= 10 else 0.90,
+        subject="sdk utilisation while queued",
+        more=f"and 1303 share <= {MAX_SHARE_1303:g}",
+    )
+
+
+def settings(kind: str, p: Params) -> str:
+    """What an SDK run's figure was measured with."""
+    if kind == TUNED_FAIRNESS:
+        return tuned(
+            f"ConcurrencyLimiter(quota, fairness_window={p.util_tuned_fairness}), polling default"
+        )
+    callbacks = ", CallbackReceiver" if kind == CALLBACKS else ""
+    return f"{DEFAULT} (max_concurrency=quota){callbacks}"
+
+
+def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
+    durations = result.get("durations_s", [])
+    if not durations:
+        return unmeasured(result, (f"utilisation_{POLLING}", goal(durations_of(p)[0])))
+    first = durations[0]
+    base = result.get(run_name(SEMAPHORE, first), {})
+    retry = result.get(run_name(RETRY_ON_1303, first), {})
+    baselines = {
+        "baseline_kind": f"semaphore of {base.get('slots')} tasks, {first:g}s tasks",
+        "baseline_retry_on_1303": {
+            "utilisation": retry.get("utilisation"),
+            "share_1303": retry.get("share_1303"),
+        },
+    }
+    found: list[Figure] = []
+    for duration in durations:
+        for kind in (POLLING, CALLBACKS, TUNED_FAIRNESS):
+            name = run_name(kind, duration)
+            if name not in result:
+                continue
+            run = result[name]
+            context = {
+                "utilisation_to_idle": run["utilisation"],
+                "share_1303": {"sdk": run["share_1303"], "baseline": base.get("share_1303")},
+                "requests_per_task": run["requests_per_task"],
+                "detection_latency_ms": run["detection_latency"],
+                **baselines,
+            }
+            found.append(
+                Figure(
+                    name="utilisation_" + name.removeprefix("sdk_"),
+                    goal=goal(duration),
+                    sdk=run["utilisation_while_queued"],
+                    baseline=base.get("utilisation"),
+                    settings=settings(kind, p),
+                    conditions={"share_1303": run["share_1303"] <= MAX_SHARE_1303},
+                    context=context,
+                )
+            )
+    return found
+
+
+SECTION = Section(name="utilisation", run=run, figures=figures)
