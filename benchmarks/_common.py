@@ -29,6 +29,7 @@ import kling_async
 __all__ = [
     "FakeServerProcess",
     "cancel_on_termination",
+    "fetch_stats",
     "machine_info",
     "ratio",
     "request_delta",
@@ -93,12 +94,9 @@ class FakeServerProcess:
         return self._process.pid
 
     async def stats(self) -> dict[str, Any]:
-        """The server's ``GET /_fake/stats`` (it counts itself under ``other``)."""
+        """The server's ``GET /_fake/stats`` (:func:`fetch_stats`)."""
         assert self._session is not None
-        async with self._session.get(f"{self.url}/_fake/stats") as response:
-            response.raise_for_status()
-            stats: dict[str, Any] = await response.json()
-            return stats
+        return await fetch_stats(self._session, self.url)
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the server process has used, from ``/proc``;
@@ -135,6 +133,14 @@ class FakeServerProcess:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
+
+
+async def fetch_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """``GET /_fake/stats`` of the fake server at ``url`` (it counts itself under ``other``)."""
+    async with session.get(f"{url}/_fake/stats") as response:
+        response.raise_for_status()
+        stats: dict[str, Any] = await response.json()
+        return stats
 
 
 def cancel_on_termination() -> None:

@@ -48,7 +48,7 @@ from typing import Any
 from _common import cancel_on_termination, machine_info
 from _scale import cpu, lag, memory, requests, submit, utilisation
 from _scale.figures import Section
-from _scale.measure import LogTally, progress
+from _scale.measure import SIDES, LogTally, progress
 from _scale.params import Params, with_overrides
 
 #: Every section, in the order of the JSON's ``figures``.
@@ -128,7 +128,7 @@ def main() -> int:
     )
     # The child-process side of the memory and lag sections.
     parser.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=("sdk", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--handles", type=int, default=10_000, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=3.0, help=argparse.SUPPRESS)

@@ -16,64 +16,50 @@ from _common import FakeServerProcess, ratio
 
 import kling_async
 from _scale.figures import Figure, Goal, Section, tuned, unmeasured
-from _scale.measure import Window, in_parallel, median, progress, rounded, server_args
+from _scale.measure import alternate, median, medians, of_side, server_args, warm_then_measure
 from _scale.params import API_KEY, PROMPT, Params
 
 
 async def run(p: Params) -> dict[str, Any]:
-    interval = p.cpu_poll_interval
+    interval, count = p.cpu_poll_interval, p.cpu_lifecycles
     # Tuned to send what the baseline sends: a fixed interval, one GET per poll.
     policy = kling_async.PollPolicy(
         initial_delay=interval, max_delay=interval, jitter=0.0, learn=False, list_sweeps=False
     )
-    rounds: list[dict[str, Any]] = []
     async with FakeServerProcess(*server_args(p.cpu_task_duration, p.cpu_processing_delay)) as fake:
 
-        async def sdk_side(count: int) -> dict[str, Any]:
+        async def sdk_side() -> dict[str, Any]:
             async with kling_async.Client(API_KEY, base_url=fake.url, polling=policy) as client:
 
                 async def lifecycle(_index: int) -> None:
                     handle = await client.images.generate(prompt=PROMPT)
                     await handle
 
-                await in_parallel(p.cpu_in_flight, p.cpu_in_flight, lifecycle)  # warm-up
-                async with Window(fake).measure() as window:
-                    await in_parallel(count, p.cpu_in_flight, lifecycle)
+                window = await warm_then_measure(fake, lifecycle, count, p.cpu_in_flight)
             return {"side": "sdk", "wall_s": round(window.wall_s, 3), **window.per(count)}
 
-        async def raw_side(count: int) -> dict[str, Any]:
+        async def raw_side() -> dict[str, Any]:
             delay = fixed_delay(interval)
             async with RawKling(fake.url, API_KEY) as raw:
 
                 async def lifecycle(_index: int) -> None:
                     await create_and_poll(raw, create_body(PROMPT), delay)
 
-                await in_parallel(p.cpu_in_flight, p.cpu_in_flight, lifecycle)
-                async with Window(fake).measure() as window:
-                    await in_parallel(count, p.cpu_in_flight, lifecycle)
+                window = await warm_then_measure(fake, lifecycle, count, p.cpu_in_flight)
             return {"side": "baseline", "wall_s": round(window.wall_s, 3), **window.per(count)}
 
-        for number in range(p.cpu_rounds):
-            sides = (sdk_side, raw_side) if number % 2 == 0 else (raw_side, sdk_side)
-            for side in sides:
-                progress(f"cpu round {number + 1}/{p.cpu_rounds}: {side.__name__}")
-                result = await side(p.cpu_lifecycles)
-                rounds.append({"round": number + 1, **result})
-    sdk_cpu = [r["client_cpu_ms"] for r in rounds if r["side"] == "sdk"]
-    raw_cpu = [r["client_cpu_ms"] for r in rounds if r["side"] == "baseline"]
-    sdk_user = [r["client_user_ms"] for r in rounds if r["side"] == "sdk"]
-    raw_user = [r["client_user_ms"] for r in rounds if r["side"] == "baseline"]
+        rounds = await alternate("cpu", p.cpu_rounds, sdk_side, raw_side)
     per_round = [
-        ratio(s["client_cpu_ms"], b["client_cpu_ms"])
-        for s, b in zip(
-            [r for r in rounds if r["side"] == "sdk"],
-            [r for r in rounds if r["side"] == "baseline"],
+        ratio(sdk, baseline)
+        for sdk, baseline in zip(
+            of_side(rounds, "sdk", "client_cpu_ms"),
+            of_side(rounds, "baseline", "client_cpu_ms"),
             strict=True,
         )
     ]
 
     def requests_of(side: str) -> dict[str, float]:
-        rows = [r["requests"] for r in rounds if r["side"] == side]
+        rows = of_side(rounds, side, "requests")
         return {k: round(statistics.fmean(row[k] for row in rows), 4) for k in rows[0]}
 
     sdk_requests, raw_requests = requests_of("sdk"), requests_of("baseline")
@@ -83,16 +69,10 @@ async def run(p: Params) -> dict[str, Any]:
     )
     return {
         "client_cpu_ms_per_lifecycle": {
-            "sdk_median": rounded(median(sdk_cpu), 4),
-            "baseline_median": rounded(median(raw_cpu), 4),
-            "ratio_of_medians": ratio(median(sdk_cpu), median(raw_cpu)),
+            **medians(rounds, "client_cpu_ms", 4),
             "per_round_ratios": per_round,
             "median_of_round_ratios": median([r for r in per_round if r is not None]),
-            "user_only": {
-                "sdk_median": rounded(median(sdk_user), 4),
-                "baseline_median": rounded(median(raw_user), 4),
-                "ratio_of_medians": ratio(median(sdk_user), median(raw_user)),
-            },
+            "user_only": medians(rounds, "client_user_ms", 4),
         },
         "requests_per_lifecycle": {"sdk": sdk_requests, "baseline": raw_requests},
         "requests_match": matched,
@@ -109,13 +89,13 @@ NAME = "cpu_ms_per_lifecycle"
 def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
     if "client_cpu_ms_per_lifecycle" not in result:
         return unmeasured(result, (NAME, GOAL))
-    medians = result["client_cpu_ms_per_lifecycle"]
+    measured = result["client_cpu_ms_per_lifecycle"]
     return [
         Figure(
             name=NAME,
             goal=GOAL,
-            sdk=medians["sdk_median"],
-            baseline=medians["baseline_median"],
+            sdk=measured["sdk_median"],
+            baseline=measured["baseline_median"],
             settings=tuned("both sides one GET every cpu_poll_interval s"),
             conditions={"requests_match": result["requests_match"]},
             context={

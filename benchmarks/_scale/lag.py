@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from _baselines import RawKling, create_body, growing_delay, poll_until_end
-from _common import FakeServerProcess, request_delta, summarize_ms
+from _common import request_delta, summarize_ms
 
 import kling_async
 from _scale.figures import Figure, Goal, Section, unmeasured
@@ -22,32 +22,23 @@ from _scale.measure import (
     FakeStats,
     LogTally,
     await_handle,
+    cancel_all,
+    each_side_in_a_child,
     in_parallel,
     proc_status_mb,
-    progress,
-    run_child,
-    server_args,
 )
 from _scale.params import API_KEY, PROMPT, Params
 
 
 async def run(p: Params) -> dict[str, Any]:
-    sides: dict[str, Any] = {}
-    for side in ("sdk", "baseline"):
-        progress(f"lag: {side}, {p.lag_handles} tasks in flight (child process)")
-        async with FakeServerProcess(*server_args(None, 1.0)) as fake:
-            sides[side] = await run_child(
-                [
-                    "--worker=lag",
-                    f"--side={side}",
-                    f"--url={fake.url}",
-                    f"--handles={p.lag_handles}",
-                    f"--window={p.lag_window}",
-                    f"--concurrency={p.create_concurrency}",
-                ],
-                p.timeout_lag,
-            )
-    return sides
+    return await each_side_in_a_child(
+        "lag",
+        p.lag_handles,
+        1.0,
+        p.timeout_lag,
+        f"--window={p.lag_window}",
+        f"--concurrency={p.create_concurrency}",
+    )
 
 
 async def ticker(stop: asyncio.Event, interval: float = 0.01) -> list[float]:
@@ -109,9 +100,7 @@ async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
         rss = proc_status_mb("VmRSS")
         failed = sum(1 for w in waiters if w.done() and not w.cancelled() and w.exception())
         finished = sum(1 for w in waiters if w.done())
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        await cancel_all(waiters)
     return {
         "tasks_in_flight": count,
         "submit_s": round(submit_s, 3),

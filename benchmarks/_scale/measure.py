@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import FakeServerProcess, end_lag, request_delta
+from _common import FakeServerProcess, end_lag, fetch_stats, ratio, request_delta
 
 import kling_async
 from _scale.params import API_KEY
@@ -26,20 +26,32 @@ from _scale.params import API_KEY
 __all__ = [
     "FakeStats",
     "LogTally",
+    "SIDES",
+    "Side",
     "Window",
+    "alternate",
     "await_handle",
+    "cancel_all",
+    "each_side_in_a_child",
     "in_parallel",
     "median",
+    "medians",
+    "of_side",
     "proc_status_mb",
     "progress",
     "rounded",
-    "run_child",
     "server_args",
     "task_end_lag",
+    "warm_then_measure",
 ]
 
 #: The command line the memory and lag sections run their sides in (``--worker``).
 SCRIPT = str(Path(__file__).resolve().parent.parent / "scale.py")
+#: Both sides of a comparison, as each row of a section's JSON names them.
+SIDES = ("sdk", "baseline")
+
+Side = Callable[[], Awaitable[dict[str, Any]]]
+"""One side's measurement of one round: a row of the section's ``rounds``."""
 
 
 def progress(message: str) -> None:
@@ -165,6 +177,47 @@ class Window:
         }
 
 
+async def warm_then_measure(
+    fake: FakeServerProcess, job: Callable[[int], Awaitable[None]], count: int, width: int
+) -> Window:
+    """Run ``job`` ``width`` times to warm up (the session and its connections
+    exist), then ``count`` times, ``width`` at a time, in a measured window."""
+    await in_parallel(width, width, job)
+    async with Window(fake).measure() as window:
+        await in_parallel(count, width, job)
+    return window
+
+
+async def alternate(
+    section: str, rounds: int, sdk_side: Side, raw_side: Side
+) -> list[dict[str, Any]]:
+    """Each side's row of each round, the SDK first in odd rounds and the
+    baseline first in even ones, so neither always runs on a warmer machine."""
+    rows: list[dict[str, Any]] = []
+    for number in range(rounds):
+        sides = (sdk_side, raw_side) if number % 2 == 0 else (raw_side, sdk_side)
+        for side in sides:
+            progress(f"{section} round {number + 1}/{rounds}: {side.__name__}")
+            rows.append({"round": number + 1, **await side()})
+    return rows
+
+
+def of_side(rows: list[dict[str, Any]], side: str, key: str) -> list[Any]:
+    """``key`` of each of one side's rows (``side`` is ``sdk`` or ``baseline``)."""
+    return [row[key] for row in rows if row["side"] == side]
+
+
+def medians(rows: list[dict[str, Any]], key: str, digits: int | None = None) -> dict[str, Any]:
+    """Each side's median of ``key`` over its rows (rounded to ``digits`` where
+    given) and the ratio of the two."""
+    sdk, baseline = (median(of_side(rows, side, key)) for side in SIDES)
+    return {
+        "sdk_median": sdk if digits is None else rounded(sdk, digits),
+        "baseline_median": baseline if digits is None else rounded(baseline, digits),
+        "ratio_of_medians": ratio(sdk, baseline),
+    }
+
+
 def task_end_lag(task: kling_async.Task) -> float:
     assert task.updated_at is not None
     return end_lag(task.updated_at.timestamp() * 1000)
@@ -174,7 +227,28 @@ async def await_handle(handle: kling_async.TaskHandle) -> kling_async.Task:
     return await handle  # as users do: the default wait deadline applies
 
 
-async def run_child(arguments: list[str], timeout: float) -> dict[str, Any]:
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they have all ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def each_side_in_a_child(
+    worker: str, handles: int, processing_delay: float, timeout: float, *options: str
+) -> dict[str, Any]:
+    """Run ``scale.py --worker=WORKER --side=SIDE ... OPTIONS`` for each side, each
+    against a fresh fake server whose tasks never end; return each side's JSON."""
+    sides: dict[str, Any] = {}
+    for side in SIDES:
+        progress(f"{worker}: {side}, {handles} tasks in flight (child process)")
+        async with FakeServerProcess(*server_args(None, processing_delay)) as fake:
+            arguments = [f"--worker={worker}", f"--side={side}", f"--url={fake.url}"]
+            sides[side] = await _run_child([*arguments, f"--handles={handles}", *options], timeout)
+    return sides
+
+
+async def _run_child(arguments: list[str], timeout: float) -> dict[str, Any]:
     """Run ``scale.py --worker ...`` and return the JSON it prints; kill it on timeout."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -214,6 +288,4 @@ class FakeStats:
 
     async def stats(self) -> dict[str, Any]:
         assert self._session is not None
-        async with self._session.get(f"{self.url}/_fake/stats") as response:
-            stats: dict[str, Any] = await response.json()
-            return stats
+        return await fetch_stats(self._session, self.url)

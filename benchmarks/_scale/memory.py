@@ -14,40 +14,30 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from _baselines import RawKling, create_body, hold_in_flight
-from _common import FakeServerProcess
 
 import kling_async
 from _scale.figures import Figure, Goal, Section, unmeasured
 from _scale.measure import (
     await_handle,
+    cancel_all,
+    each_side_in_a_child,
     in_parallel,
     proc_status_mb,
-    progress,
-    run_child,
-    server_args,
 )
 from _scale.params import API_KEY, PROMPT, Params
 
 
 async def run(p: Params) -> dict[str, Any]:
-    sides: dict[str, Any] = {}
-    for side in ("sdk", "baseline"):
-        progress(f"memory: {side}, {p.mem_handles} tasks in flight (child process)")
-        # Tasks go to "processing" soon after creation, so every handle ends up
-        # holding a polled task (as in flight tasks do), not just the create's answer.
-        async with FakeServerProcess(*server_args(None, p.mem_processing_delay)) as fake:
-            sides[side] = await run_child(
-                [
-                    "--worker=memory",
-                    f"--side={side}",
-                    f"--url={fake.url}",
-                    f"--handles={p.mem_handles}",
-                    f"--settle={p.mem_settle}",
-                    f"--concurrency={p.create_concurrency}",
-                ],
-                p.timeout_memory,
-            )
-    return sides
+    # Tasks go to "processing" soon after creation, so every handle ends up
+    # holding a polled task (as in flight tasks do), not just the create's answer.
+    return await each_side_in_a_child(
+        "memory",
+        p.mem_handles,
+        p.mem_processing_delay,
+        p.timeout_memory,
+        f"--settle={p.mem_settle}",
+        f"--concurrency={p.create_concurrency}",
+    )
 
 
 async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -114,9 +104,7 @@ async def worker(arguments: argparse.Namespace) -> dict[str, Any]:
             for stat in last.compare_to(first, "lineno")[:15]
         ]
         rss = proc_status_mb("VmRSS")
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        await cancel_all(waiters)
     return {
         "tasks_in_flight": count,
         "bytes_per_task": round((after - before) / count, 1),

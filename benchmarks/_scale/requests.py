@@ -11,6 +11,7 @@ creates, the ratio depends on how often the baseline polls."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -33,6 +34,12 @@ async def run(p: Params) -> dict[str, Any]:
             await requests_at(p, baseline_interval) for baseline_interval in intervals
         ]
     }
+
+
+async def sdk_lifecycle(client: kling_async.Client) -> float:
+    """Create a task and await it; return its detection latency (s)."""
+    handle = await client.images.generate(prompt=PROMPT)
+    return task_end_lag(await handle)
 
 
 async def requests_at(p: Params, baseline_interval: float) -> dict[str, Any]:
@@ -94,12 +101,7 @@ async def requests_at(p: Params, baseline_interval: float) -> dict[str, Any]:
 
         progress("requests: SDK, default settings")
         async with kling_async.Client(API_KEY, base_url=fake.url) as client:
-
-            async def default_one() -> float:
-                handle = await client.images.generate(prompt=PROMPT)
-                return task_end_lag(await handle)
-
-            default = await drive(fake, default_one)
+            default = await drive(fake, functools.partial(sdk_lifecycle, client))
 
         interval = baseline_interval * 0.9
         attempts: list[dict[str, Any]] = []
@@ -111,12 +113,7 @@ async def requests_at(p: Params, baseline_interval: float) -> dict[str, Any]:
                 initial_delay=interval, max_delay=interval, jitter=0.0, learn=False
             )
             async with kling_async.Client(API_KEY, base_url=fake.url, polling=policy) as client:
-
-                async def sdk_one() -> float:
-                    handle = await client.images.generate(prompt=PROMPT)
-                    return task_end_lag(await handle)
-
-                result = await drive(fake, sdk_one)
+                result = await drive(fake, functools.partial(sdk_lifecycle, client))
             attempts.append({"poll_interval_s": round(interval, 4), **result})
             got = result["detection_latency"]["mean_ms"]
             if got is None or target is None or got <= target:

@@ -7,17 +7,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from _baselines import RawKling, submit_many
-from _common import FakeServerProcess, ratio
+from _common import FakeServerProcess
 
 import kling_async
 from _scale.figures import Figure, Goal, Section, unmeasured
-from _scale.measure import Window, in_parallel, median, progress, server_args
+from _scale.measure import Window, alternate, medians, server_args, warm_then_measure
 from _scale.params import API_KEY, PROMPT, Params
 
 
 async def run(p: Params) -> dict[str, Any]:
     count, width = p.submit_creates, p.submit_concurrency
-    rounds: list[dict[str, Any]] = []
     async with FakeServerProcess(*server_args(None, 3600.0)) as fake:
 
         async def sdk_side() -> dict[str, Any]:
@@ -26,9 +25,7 @@ async def run(p: Params) -> dict[str, Any]:
                 async def create(_index: int) -> None:
                     await client.images.generate(prompt=PROMPT)
 
-                await in_parallel(width, width, create)
-                async with Window(fake).measure() as window:
-                    await in_parallel(count, width, create)
+                window = await warm_then_measure(fake, create, count, width)
             accepted = window.requests["create"]
             return {"side": "sdk", "accepted": accepted, **rates(window, count)}
 
@@ -46,21 +43,8 @@ async def run(p: Params) -> dict[str, Any]:
                 **window.per(n),
             }
 
-        for number in range(p.submit_rounds):
-            sides = (sdk_side, raw_side) if number % 2 == 0 else (raw_side, sdk_side)
-            for side in sides:
-                progress(f"submit round {number + 1}/{p.submit_rounds}: {side.__name__}")
-                rounds.append({"round": number + 1, **await side()})
-    sdk = [r["creates_per_s"] for r in rounds if r["side"] == "sdk"]
-    raw = [r["creates_per_s"] for r in rounds if r["side"] == "baseline"]
-    return {
-        "creates_per_s": {
-            "sdk_median": median(sdk),
-            "baseline_median": median(raw),
-            "ratio_of_medians": ratio(median(sdk), median(raw)),
-        },
-        "rounds": rounds,
-    }
+        rounds = await alternate("submit", p.submit_rounds, sdk_side, raw_side)
+    return {"creates_per_s": medians(rounds, "creates_per_s"), "rounds": rounds}
 
 
 #: Issue 6: at least 90 % of the baseline's creates per second.
@@ -71,9 +55,11 @@ NAME = "submit_creates_per_s"
 def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
     if "creates_per_s" not in result:
         return unmeasured(result, (NAME, GOAL))
-    medians = result["creates_per_s"]
+    measured = result["creates_per_s"]
     return [
-        Figure(name=NAME, goal=GOAL, sdk=medians["sdk_median"], baseline=medians["baseline_median"])
+        Figure(
+            name=NAME, goal=GOAL, sdk=measured["sdk_median"], baseline=measured["baseline_median"]
+        )
     ]
 
 
