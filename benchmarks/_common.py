@@ -18,7 +18,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "machine_info",
     "ratio",
     "request_delta",
+    "run_and_print",
     "summarize_ms",
 ]
 
@@ -151,6 +152,18 @@ def cancel_on_termination() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, task.cancel)
+
+
+def run_and_print(benchmark: Coroutine[Any, Any, dict[str, Any]], name: str) -> int:
+    """Run ``benchmark`` and print the JSON object it returns; the exit status: 0,
+    or 130 (said on stderr) when Ctrl-C, SIGTERM or SIGHUP stopped it."""
+    try:
+        result = asyncio.run(benchmark)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{name} benchmark: interrupted", file=sys.stderr, flush=True)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def request_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, int]:

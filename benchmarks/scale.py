@@ -45,10 +45,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from _common import cancel_on_termination, machine_info
+from _common import cancel_on_termination, machine_info, run_and_print
 from _scale import cpu, lag, memory, requests, submit, utilisation
 from _scale.figures import Section
-from _scale.measure import SIDES, LogTally, progress
+from _scale.measure import SIDES, LogTally
 from _scale.params import Params, with_overrides
 
 #: Every section, in the order of the JSON's ``figures``.
@@ -147,13 +147,7 @@ def main() -> int:
         params = with_overrides(params, arguments.set)
     except ValueError as error:
         parser.error(str(error))
-    try:
-        result = asyncio.run(benchmark(params, only, arguments.quick))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        progress("interrupted")
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(benchmark(params, only, arguments.quick), "scale")
 
 
 if __name__ == "__main__":
