@@ -18,7 +18,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -29,9 +29,11 @@ import kling_async
 __all__ = [
     "FakeServerProcess",
     "cancel_on_termination",
+    "fetch_stats",
     "machine_info",
     "ratio",
     "request_delta",
+    "run_and_print",
     "summarize_ms",
 ]
 
@@ -93,12 +95,9 @@ class FakeServerProcess:
         return self._process.pid
 
     async def stats(self) -> dict[str, Any]:
-        """The server's ``GET /_fake/stats`` (it counts itself under ``other``)."""
+        """The server's ``GET /_fake/stats`` (:func:`fetch_stats`)."""
         assert self._session is not None
-        async with self._session.get(f"{self.url}/_fake/stats") as response:
-            response.raise_for_status()
-            stats: dict[str, Any] = await response.json()
-            return stats
+        return await fetch_stats(self._session, self.url)
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the server process has used, from ``/proc``;
@@ -137,6 +136,14 @@ class FakeServerProcess:
                 os.kill(process.pid, signal.SIGKILL)
 
 
+async def fetch_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """``GET /_fake/stats`` of the fake server at ``url`` (it counts itself under ``other``)."""
+    async with session.get(f"{url}/_fake/stats") as response:
+        response.raise_for_status()
+        stats: dict[str, Any] = await response.json()
+        return stats
+
+
 def cancel_on_termination() -> None:
     """Make SIGTERM and SIGHUP cancel the running task, as Ctrl-C does under
     ``asyncio.run``, so ``finally`` blocks (stopping the fake server) still run."""
@@ -145,6 +152,18 @@ def cancel_on_termination() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, task.cancel)
+
+
+def run_and_print(benchmark: Coroutine[Any, Any, dict[str, Any]], name: str) -> int:
+    """Run ``benchmark`` and print the JSON object it returns; the exit status: 0,
+    or 130 (said on stderr) when Ctrl-C, SIGTERM or SIGHUP stopped it."""
+    try:
+        result = asyncio.run(benchmark)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{name} benchmark: interrupted", file=sys.stderr, flush=True)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def request_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, int]:

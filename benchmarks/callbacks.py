@@ -75,6 +75,7 @@ from _common import (
     machine_info,
     ratio,
     request_delta,
+    run_and_print,
     summarize_ms,
 )
 from aiohttp import web
@@ -443,13 +444,7 @@ def main() -> int:
         parser.error("--tasks, --submit-concurrency and --rounds must be at least 1")
     if arguments.submit_rate < 0:
         parser.error("--submit-rate must not be negative")
-    try:
-        result = asyncio.run(benchmark(arguments))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("callbacks benchmark: interrupted", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(benchmark(arguments), "callbacks")
 
 
 if __name__ == "__main__":

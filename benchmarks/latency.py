@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import math
 import os
 import random
@@ -61,7 +60,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _baselines import RawKling, create_and_poll, create_body, fixed_delay, growing_delay
-from _common import FakeServerProcess, cancel_on_termination, end_lag, machine_info, ratio
+from _common import (
+    FakeServerProcess,
+    cancel_on_termination,
+    end_lag,
+    machine_info,
+    ratio,
+    run_and_print,
+)
 from _common import request_delta as _request_delta
 
 import kling_async
@@ -328,13 +334,7 @@ def main() -> int:
     params = Params.quick() if arguments.quick else Params()
     if arguments.seed is not None:
         params = dataclasses.replace(params, seed=arguments.seed)
-    try:
-        result = asyncio.run(benchmark(params, uses, sides, arguments.quick))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        progress("interrupted")
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(benchmark(params, uses, sides, arguments.quick), "latency")
 
 
 if __name__ == "__main__":
