@@ -78,7 +78,6 @@ from ._wire import converter
 __all__: list[str] = []
 
 T = TypeVar("T")
-RequestT = TypeVar("RequestT", bound=TaskRequest)
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_ERROR = 1
@@ -660,11 +659,23 @@ def main(
     )
 
 
-def _validated(settings: Settings, build: Callable[[], RequestT]) -> RequestT:
-    """Build a request and read its image files, reporting a ValidationError by
-    the flag that set the field, before anything is sent."""
+def _create_and_save(
+    settings: Settings,
+    cls: type[TaskRequest],
+    fields: dict[str, Any],
+    out: Path,
+    no_download: bool,
+    timeout: float,
+) -> None:
+    """Build the request (its files read: a ValidationError is reported by the
+    flag that set the field), check the output folder, and only then create the
+    task, wait for it and save its images."""
     settings.flags = FLAGS
-    return read_image_files(build())
+    request = read_image_files(build_request(cls, fields))
+    target = _out_for(out, no_download)
+    if target is not None:
+        _writable_directory(target)
+    settings.run(lambda: _generate_and_save(settings, request, target, timeout))
 
 
 @_command(main)
@@ -741,14 +752,7 @@ def generate(
         "element_ids": element_ids or None,
         "resolution": resolution,
     }
-    request = _validated(
-        settings,
-        lambda: build_request(ImageGenerationRequest, fields),
-    )
-    target = _out_for(out, no_download)
-    if target is not None:
-        _writable_directory(target)
-    settings.run(lambda: _generate_and_save(settings, request, target, timeout))
+    _create_and_save(settings, ImageGenerationRequest, fields, out, no_download, timeout)
 
 
 @_command(main, "multi-image")
@@ -793,14 +797,7 @@ def multi_image(
         "callback_url": callback_url,
         "external_task_id": external_task_id,
     }
-    request = _validated(
-        settings,
-        lambda: build_request(MultiImageRequest, fields),
-    )
-    target = _out_for(out, no_download)
-    if target is not None:
-        _writable_directory(target)
-    settings.run(lambda: _generate_and_save(settings, request, target, timeout))
+    _create_and_save(settings, MultiImageRequest, fields, out, no_download, timeout)
 
 
 _endpoint_option = click.option(

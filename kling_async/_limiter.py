@@ -96,6 +96,13 @@ class _QueuedAcquire:
     since: float
 
 
+def refuse_what_never_fits(capacity: int | None, units: int) -> None:
+    """A task of more units than a known quota could never start: waiting for
+    it would hang (every limiter checks this before queueing)."""
+    if capacity is not None and units > capacity:
+        raise ValueError(f"a task of {units} units can never fit a quota of {capacity} units")
+
+
 class ConcurrencyLimiter:
     """Units of the account's concurrency quota held by a client's tasks.
 
@@ -167,10 +174,7 @@ class ConcurrencyLimiter:
         ``first`` puts the caller at the head of the queue: a create that Kling
         refused with 1303 keeps its place.
         """
-        if self.capacity is not None and units > self.capacity:
-            raise ValueError(
-                f"a task of {units} units can never fit a quota of {self.capacity} units"
-            )
+        refuse_what_never_fits(self.capacity, units)
         loop = asyncio.get_running_loop()
         waiter = _QueuedAcquire(units, loop.create_future(), self._clock())
         if first:

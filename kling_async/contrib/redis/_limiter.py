@@ -22,6 +22,7 @@ from kling_async._limiter import (
     MAX_CREATE_SPACING,
     MIN_COOLDOWN,
     UNKNOWN_CAPACITY_START,
+    refuse_what_never_fits,
 )
 
 from . import _scripts
@@ -152,10 +153,7 @@ class RedisLimiter:
         """Wait until ``units`` may be held, then hold them (see the class docstring)."""
         if self._closed:
             raise RuntimeError("the limiter is closed")
-        if self.capacity is not None and units > self.capacity:
-            raise ValueError(
-                f"a task of {units} units can never fit a quota of {self.capacity} units"
-            )
+        refuse_what_never_fits(self.capacity, units)
         self._start()
         waiter = _QueuedAcquire(
             str(next(self._ids)),
