@@ -28,22 +28,8 @@ logger = logging.getLogger("kling_async")
 #: a job or a batch finds them, and a late report can still be read.
 DEFAULT_RETENTION: Final = 7 * 24 * 3600
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
-_FIELDS: Final = (
-    "external_task_id",
-    "endpoint",
-    "units",
-    "state",
-    "task_id",
-    "status",
-    "images",
-    "error",
-    "receiver_callback",
-    "key",
-    "owner",
-    "downloaded",
-    "intended_at",
-    "updated_at",
-)
+#: Every field of an entry but its body (stored once, apart: it may be megabytes).
+_FIELDS: Final = tuple(field.name for field in attrs.fields(LedgerEntry) if field.name != "body")
 
 
 def _json(value: Any) -> str:
