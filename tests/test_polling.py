@@ -58,31 +58,46 @@ async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_get
     # being polled for ever. The transport turns what it meets into KlingErrors,
     # so the fault is a bug of ours, reading a page, injected once.
     read_page = Poller._take_page
+    sweep = Poller._sweep
     failures = [RuntimeError("a bug reading a list page")]
+    failed_sweep: list[str] = []  # the task_ids due in the sweep that failed
 
     def take_page_once(self: Poller, *args: Any) -> Any:
         if failures:
             raise failures.pop()
         return read_page(self, *args)
 
+    async def recording_sweep(self: Poller, due: list[Any], *args: Any) -> None:
+        if failures:  # this sweep is the one that fails
+            failed_sweep.extend(state.task_id for state in due)
+        await sweep(self, due, *args)
+
     monkeypatch.setattr(Poller, "_take_page", take_page_once)
+    monkeypatch.setattr(Poller, "_sweep", recording_sweep)
     async with FakeKlingServer(
         api_key=API_KEY, task_duration=None, processing_delay=0.01
     ) as server:
         async with make_client(server) as client:
             handles = [await client.images.generate(prompt=f"p{i}") for i in range(25)]
             with caplog.at_level(logging.ERROR, logger="kling_async"):
-                waits = [asyncio.ensure_future(h.wait(timeout=3)) for h in handles]
-                await eventually(lambda: len(server.requests_for("get")) >= 25)
+                waits = [asyncio.ensure_future(h.wait(timeout=30)) for h in handles]
+                # On a slow machine the first sweep may hold only the tasks due by
+                # then: each of those, and only those, is asked for on its own.
+                await eventually(
+                    lambda: failed_sweep
+                    and len(server.requests_for("get")) >= len(failed_sweep),
+                    timeout=20,
+                )
             for handle in handles:
                 server.finish(handle.task_id)  # every task is done on Kling
             tasks = await asyncio.gather(*waits)
     assert not failures
+    assert len(failed_sweep) >= polling.MIN_SWEEP  # a sweep, not single GETs
     assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
     assert any("unexpected error in a list sweep" in r.getMessage() for r in caplog.records)
     # The failed sweep's tasks were asked for one by one, each once.
     got = [r.path.rsplit("/", 1)[-1] for r in server.requests_for("get")]
-    assert sorted(got[:25]) == sorted(handle.task_id for handle in handles)
+    assert sorted(got[: len(failed_sweep)]) == sorted(failed_sweep)
 
 
 async def test_an_unexpected_error_that_persists_ends_the_waits_chained_and_without_secrets(
