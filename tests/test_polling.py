@@ -84,8 +84,7 @@ async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_get
                 # On a slow machine the first sweep may hold only the tasks due by
                 # then: each of those, and only those, is asked for on its own.
                 await eventually(
-                    lambda: failed_sweep
-                    and len(server.requests_for("get")) >= len(failed_sweep),
+                    lambda: failed_sweep and len(server.requests_for("get")) >= len(failed_sweep),
                     timeout=20,
                 )
             for handle in handles:
