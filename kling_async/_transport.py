@@ -43,6 +43,7 @@ from ._exceptions import (
     TransportError,
     is_retryable,
 )
+from ._proxies import DIRECT, EnvironmentProxies, ProxyRoute
 from ._version import __version__
 from ._wire import Envelope, WireRequest, parse_envelope
 
@@ -89,6 +90,7 @@ class Transport:
         self._closed = False
         # A view made by derived(): it borrows this transport's session.
         self._parent: Transport | None = None
+        self._proxies: EnvironmentProxies | None = None  # read when the session starts
         self._retries = self._retry_loop()
 
     @property
@@ -166,10 +168,20 @@ class Transport:
                 ),
                 timeout=self._timeout,
                 headers={"User-Agent": USER_AGENT},
-                # HTTP(S)_PROXY, NO_PROXY and .netrc, as requests and httpx honour them.
-                trust_env=True,
             )
+            # HTTP(S)_PROXY and NO_PROXY, as requests and httpx honour them: read
+            # once here, not per request as aiohttp's trust_env would (_proxies).
+            self._proxies = EnvironmentProxies()
         return self._session
+
+    def _route(self, url: str) -> ProxyRoute:
+        """The proxy for a request to ``url`` on :meth:`session`: the environment's
+        for a session of our own; a caller's session keeps its own settings."""
+        if self._parent is not None:
+            return self._parent._route(url)
+        if self._proxies is None:
+            return DIRECT
+        return self._proxies.route(url)
 
     async def close(self) -> None:
         """Close the session if this transport made it. Safe to call twice."""
@@ -251,6 +263,7 @@ class Transport:
                 "the aiohttp session given as Client(session=...) is closed; nothing was sent"
             )
         url = self.base_url + request.path
+        route = self._route(self.base_url)
         started = time.perf_counter()
         failure: KlingError | None = None
         unexpected: Exception | None = None
@@ -262,6 +275,8 @@ class Transport:
                 json=request.body,
                 headers={"Authorization": authorization},
                 timeout=self._timeout,  # a with_options() view's own, on a shared session
+                proxy=route.proxy,
+                proxy_headers=route.headers,
                 # A caller's session may raise for every 4xx: Kling's error
                 # bodies are what tells a 1303 from a 1201, so read them.
                 raise_for_status=False,
@@ -334,9 +349,12 @@ class Transport:
         Result URLs live on a CDN: sending the API token there would leak it.
         """
         session = self.session()
+        route = self._route(url)
         failure: TransportError | None = None
         try:
-            async with session.get(url, headers=headers) as response:
+            async with session.get(
+                url, headers=headers, proxy=route.proxy, proxy_headers=route.headers
+            ) as response:
                 yield response
         except aiohttp.ClientConnectorError as error:
             failure = TransportError(

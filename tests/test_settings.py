@@ -7,6 +7,7 @@ import gc
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 import kling_async
 from kling_async import ConfigurationError, JWTCredentials, StaticToken
 from kling_async._auth import resolve_credentials
+from kling_async._proxies import DIRECT, EnvironmentProxies
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, FAST_POLL, make_client
 
@@ -121,6 +123,48 @@ async def test_proxies_from_the_environment_are_honoured(
     assert tasks == []
     [listed] = proxy.requests_for("list")
     assert listed.query["pageSize"] == "5"
+
+
+async def test_no_proxy_sends_its_hosts_directly_and_netrc_is_not_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async with (
+        FakeKlingServer(api_key=API_KEY) as proxy,
+        FakeKlingServer(api_key=API_KEY) as server,
+    ):
+        for name in ("HTTPS_PROXY", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.origin)
+        monkeypatch.setenv("http_proxy", proxy.origin)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        # A .netrc login for the API host: aiohttp's trust_env would send it
+        # beside the Authorization header, and refuse the request for it.
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        async with kling_async.Client(API_KEY, base_url=server.url) as client:
+            assert [task async for task in client.images.list(page_size=5)] == []
+    assert len(server.requests_for("list")) == 1
+    assert proxy.requests_for("list") == []
+
+
+def test_proxy_routes_are_decided_once_per_host_with_the_proxy_s_own_login() -> None:
+    proxies = EnvironmentProxies(
+        {"http": "http://user:pa%20ss@proxy.example:3128", "no": "cdn.example, .internal"}
+    )
+    route = proxies.route("http://api.example/v1/images/generations")
+    assert route.proxy == "http://proxy.example:3128"  # no login in the URL aiohttp gets
+    assert route.headers == {"Proxy-Authorization": "Basic dXNlcjpwYSBzcw=="}  # user:pa ss
+    assert proxies.route("http://api.example/v1/images/generations/abc") is route
+    assert proxies.route("http://cdn.example/a.png") == DIRECT
+    assert proxies.route("http://x.internal/a.png") == DIRECT
+    assert proxies.route("https://api.example/") == DIRECT  # no https proxy set
+    assert EnvironmentProxies({}).route("http://api.example/") == DIRECT
+    # A proxy without a scheme is an HTTP one, as requests and aiohttp read it.
+    assert EnvironmentProxies({"http": "proxy.example:3128"}).route("http://a/").proxy == (
+        "http://proxy.example:3128"
+    )
 
 
 async def test_an_unclosed_client_warns_naming_kling_async_and_where_it_was_made(
