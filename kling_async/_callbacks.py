@@ -92,7 +92,7 @@ class CallbackReceiver:
     carry a valid Standard Webhooks signature no more than 5 minutes old (401
     otherwise), and a delivery repeating a ``webhook-id`` already processed is
     acknowledged and dropped. The per-task URL token is checked as well. Needs
-    the ``webhooks`` extra (``pip install 'kling-async[webhooks]'``).
+    the ``webhooks`` extra (``pip install '.[webhooks]'`` in the checkout).
 
     ``confirm`` (default on) makes a terminal callback wait for one GET of the
     task before handles resolve or hooks hear of it; for a task no handle holds,

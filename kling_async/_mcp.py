@@ -40,7 +40,7 @@ try:
 except ImportError as error:  # only without the extra: say which extra, not which module
     raise ImportError(
         "kling-async mcp needs the official MCP SDK, its mcp extra: pip install "
-        "'kling-async[mcp]' (or pip install '.[mcp]' in a checkout)"
+        "'.[mcp]' in the kling-async checkout, or pip install mcp"
     ) from error
 
 from ._auth import ENV_API_KEY

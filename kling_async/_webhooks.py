@@ -43,7 +43,7 @@ _MAX_TIMESTAMP_DIGITS = 12
 
 MISSING_EXTRA = (
     "verifying Kling's webhook signatures needs the standardwebhooks package: "
-    "pip install 'kling-async[webhooks]'"
+    "pip install '.[webhooks]' in the kling-async checkout, or pip install standardwebhooks"
 )
 
 

@@ -551,7 +551,7 @@ def test_without_the_extra_the_command_says_which_to_install() -> None:
     assert len(lines) <= 2, result.stderr  # one message, maybe wrapped; no traceback
     assert "Traceback" not in result.stderr
     message = " ".join(lines)
-    assert "kling-async[mcp]" in message
+    assert "pip install '.[mcp]'" in message
     assert "mcp extra" in message
 
 

@@ -1,6 +1,6 @@
 """arq job functions for Kling generation requests, on one shared account.
 
-Needs the ``arq`` extra (``pip install 'kling-async[arq]'``). arq runs the jobs
+Needs the ``arq`` extra (``pip install '.[arq]'`` in the checkout). arq runs the jobs
 (queueing, retries, several workers on several hosts); this module makes them
 safe to run there: every worker shares the account's concurrency quota
 (:class:`~kling_async.contrib.redis.RedisLimiter`) and one ledger

@@ -1,7 +1,7 @@
 """Scale-out through Redis: one account quota, one ledger and one callback
 endpoint shared by processes and hosts.
 
-Needs the ``redis`` extra (``pip install 'kling-async[redis]'``) and a Redis
+Needs the ``redis`` extra (``pip install '.[redis]'`` in the checkout) and a Redis
 server (6.2 or later)::
 
     import redis.asyncio
