@@ -32,7 +32,8 @@ class ProxyRoute:
     """The ``proxy`` and ``proxy_headers`` arguments of one aiohttp request."""
 
     proxy: str | None = None
-    headers: Mapping[str, str] | None = None
+    #: ``Proxy-Authorization`` when the proxy's URL has a login: kept out of reprs.
+    headers: Mapping[str, str] | None = attrs.field(default=None, repr=False)
 
 
 DIRECT: Final = ProxyRoute()
