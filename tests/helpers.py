@@ -142,6 +142,12 @@ class FakeServerProcess:
             data: list[dict[str, Any]] = json.load(response)
             return data
 
+    def stats(self) -> dict[str, Any]:
+        """Its counters (``GET /_fake/stats``): requests, creates, peak units."""
+        with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as response:
+            data: dict[str, Any] = json.load(response)
+            return data
+
     def per_prompt(self) -> Counter[str]:
         """How many tasks it holds for each prompt."""
         return Counter(task["prompt"] for task in self.tasks())

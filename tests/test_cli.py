@@ -324,46 +324,21 @@ def test_batch_all_good_exits_0_and_json_streams_results(tmp_path: Path) -> None
 
 
 def test_batch_respects_the_account_quota(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--api-key",
-            API_KEY,
-            "--task-duration",
-            "0.2",
-            "--concurrency-limit",
-            "4",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
-    assert process.stdout is not None
-    try:
-        url = json.loads(process.stdout.readline())["url"]
+    with fake_server_process("--task-duration", "0.2", "--concurrency-limit", "4") as server:
         requests = write_jsonl(
             tmp_path / "p.jsonl", [{"prompt": f"p{i}", "n": 2} for i in range(12)]
         )
         result = run_cli(
-            *online(url, "batch", str(requests), "--out", str(tmp_path), "--concurrency", "4")
+            *online(
+                server.url, "batch", str(requests), "--out", str(tmp_path), "--concurrency", "4"
+            )
         )
         assert result.returncode == 0, result.stderr
-        import urllib.request
-
-        with urllib.request.urlopen(f"{url}/_fake/stats", timeout=5) as response:
-            stats = json.loads(response.read())
+        stats = server.stats()
         assert stats["peak_units"] <= 4
         assert stats["creates_rejected_concurrency"] == 0
         assert stats["creates_accepted"] == 12
         assert len(list(tmp_path.glob("*.png"))) == 24
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
-        process.stdout.close()
 
 
 # --- issue 17: a CLI that holds up in a new user's hands ------------------------------
