@@ -41,6 +41,16 @@ def _rate_limit(text: str) -> RateLimit:
         ) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return seconds
+
+
 def _duration(text: str) -> TaskDuration:
     if text.lower() in ("none", "never"):
         return None
@@ -93,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.05,
         help="seconds from create to 'processing' (default 0.05)",
     )
+    parser.add_argument(
+        "--create-delay",
+        type=_seconds,
+        default=0.0,
+        help="answer every create this many seconds late, as a remote API is slower than "
+        "loopback (default 0)",
+    )
     parser.add_argument("--concurrency-limit", type=int, default=None, help="quota in units")
     parser.add_argument(
         "--rate-limit", type=_rate_limit, default=None, help="REQUESTS/SECONDS, e.g. 100/1"
@@ -140,23 +157,31 @@ async def _serve(server: FakeKlingServer, *, exit_with_stdin: bool = False) -> N
         await stop.wait()
 
 
+def _server(arguments: argparse.Namespace) -> FakeKlingServer:
+    """The server the parsed command line asks for (not started)."""
+    server = FakeKlingServer(
+        port=arguments.port,
+        task_duration=_drawn(arguments.task_duration, arguments.seed),
+        processing_delay=arguments.processing_delay,
+        concurrency_limit=arguments.concurrency_limit,
+        rate_limit=arguments.rate_limit,
+        api_key=arguments.api_key,
+        path_prefix=arguments.path_prefix,
+        seed=arguments.seed,
+        record_requests=arguments.record_requests,
+        state_file=arguments.state_file,
+    )
+    if arguments.create_delay > 0:
+        server.inject("delay", route="create", delay=arguments.create_delay, times=None)
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and serve until a stop signal."""
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:
-        server = FakeKlingServer(
-            port=arguments.port,
-            task_duration=_drawn(arguments.task_duration, arguments.seed),
-            processing_delay=arguments.processing_delay,
-            concurrency_limit=arguments.concurrency_limit,
-            rate_limit=arguments.rate_limit,
-            api_key=arguments.api_key,
-            path_prefix=arguments.path_prefix,
-            seed=arguments.seed,
-            record_requests=arguments.record_requests,
-            state_file=arguments.state_file,
-        )
+        server = _server(arguments)
     except ValueError as error:
         parser.error(str(error))
     asyncio.run(_serve(server, exit_with_stdin=arguments.exit_with_stdin))

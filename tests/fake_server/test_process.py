@@ -14,7 +14,7 @@ import sys
 import aiohttp
 import pytest
 
-from kling_async.testing.__main__ import _drawn, _parser
+from kling_async.testing.__main__ import _drawn, _parser, _server
 
 from .helpers import AUTH, GEN, gen_body
 
@@ -93,3 +93,22 @@ def test_a_malformed_distribution_is_refused() -> None:
     for text in ("loguniform:20:5", "uniform:0:1", "loguniform:a:b", "gauss:1:2"):
         with pytest.raises(SystemExit):
             _parser().parse_args(["--task-duration", text])
+
+
+async def test_create_delay_answers_every_create_late_and_nothing_else() -> None:
+    server = _server(_parser().parse_args(["--create-delay", "0.3", "--task-duration", "60"]))
+    async with server, aiohttp.ClientSession(headers=AUTH) as session:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            started = loop.time()
+            async with session.post(f"{server.url}/v1/{GEN}", json=gen_body()) as response:
+                task_id = (await response.json())["data"]["task_id"]
+            assert loop.time() - started >= 0.3
+        started = loop.time()
+        async with session.get(f"{server.url}/v1/{GEN}/{task_id}") as response:
+            assert (await response.json())["code"] == 0
+        assert loop.time() - started < 0.3
+    assert _parser().parse_args([]).create_delay == 0
+    for text in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["--create-delay", text])
