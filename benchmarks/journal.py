@@ -69,7 +69,7 @@ async def throughput(
         for number in range(rounds):
             sides = ("memory", "journal") if number % 2 == 0 else ("journal", "memory")
             for side in sides:
-                label = f"throughput{'' if not create_delay else ' with create latency'}"
+                label = "throughput with create latency" if create_delay else "throughput"
                 progress(f"{label} round {number + 1}/{rounds}: {side}")
                 path = (
                     folder / f"throughput-{create_delay}-{number}.db" if side == "journal" else None

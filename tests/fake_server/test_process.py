@@ -103,7 +103,7 @@ async def test_create_delay_answers_every_create_late_and_nothing_else() -> None
             started = loop.time()
             async with session.post(f"{server.url}/v1/{GEN}", json=gen_body()) as response:
                 task_id = (await response.json())["data"]["task_id"]
-            assert loop.time() - started >= 0.3
+            assert loop.time() - started >= 0.29  # a timer may fire a clock tick early
         started = loop.time()
         async with session.get(f"{server.url}/v1/{GEN}/{task_id}") as response:
             assert (await response.json())["code"] == 0
