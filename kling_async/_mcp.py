@@ -670,8 +670,10 @@ async def _follow(handle: TaskHandle, timeout: float, progress: Progress) -> Tas
             done, _ = await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
             if done:
                 break
-            elapsed = loop.time() - started
             status = handle.status or TaskStatus.SUBMITTED
+            if status.is_terminal:
+                continue  # its waiter ends on the next turn; the result reports it, not progress
+            elapsed = loop.time() - started
             await progress(
                 round(elapsed, 1), timeout, f"task {handle.task_id}: {status} ({elapsed:.0f}s)"
             )

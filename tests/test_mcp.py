@@ -16,14 +16,21 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CallToolResult
 
-from kling_async import ImageGenerationRequest, MultiImageRequest
+from kling_async import (
+    ImageGenerationRequest,
+    MultiImageRequest,
+    Task,
+    TaskHandle,
+    TaskStatus,
+    _mcp,
+)
 from kling_async._models import ASPECT_RATIOS, MAX_PROMPT_LENGTH, MAX_SUBJECT_IMAGES
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, assert_valid_png, clean_env
@@ -572,3 +579,37 @@ def test_the_command_refuses_a_port_in_use() -> None:
     assert "Traceback" not in result.stderr
     assert "error:" in result.stderr
     assert "OFFLINE" not in result.stderr  # refused before anything started
+
+
+class _HandleSeen:
+    """A handle whose task the poller has already seen in ``status``, while its
+    ``wait()`` wakes only ``delay`` seconds later (the order asyncio runs them in)."""
+
+    task_id = "t-seen"
+
+    def __init__(self, status: TaskStatus, delay: float) -> None:
+        self.status = status
+        self._delay = delay
+
+    async def wait(self, timeout: float | None = None) -> Task:
+        await asyncio.sleep(self._delay)
+        return Task(task_id=self.task_id, status=TaskStatus.SUCCEED)
+
+
+@pytest.mark.parametrize(
+    ("status", "notified"), [(TaskStatus.SUCCEED, False), (TaskStatus.PROCESSING, True)]
+)
+async def test_progress_never_reports_an_end_that_the_result_reports(
+    monkeypatch: pytest.MonkeyPatch, status: TaskStatus, notified: bool
+) -> None:
+    monkeypatch.setattr(_mcp, "PROGRESS_INTERVAL", 0.02)
+    progress: list[str | None] = []
+
+    async def note(_value: float, _total: float | None, message: str | None = None) -> None:
+        progress.append(message)
+
+    task = await _mcp._follow(cast(TaskHandle, _HandleSeen(status, delay=0.15)), 5, note)
+    assert task is not None
+    assert task.status is TaskStatus.SUCCEED
+    assert bool(progress) is notified, progress
+    assert all(f": {status} (" in (message or "") for message in progress)
