@@ -136,17 +136,20 @@ class FakeServerProcess:
         self.process = process
         self.url = url
 
+    def _read(self, path: str) -> Any:
+        """The JSON of ``GET path`` (one of the fake's ``/_fake/`` records)."""
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.load(response)
+
     def tasks(self) -> list[dict[str, Any]]:
         """Every task it holds, as a get shows it, with its prompt."""
-        with urllib.request.urlopen(self.url + "/_fake/tasks", timeout=10) as response:
-            data: list[dict[str, Any]] = json.load(response)
-            return data
+        tasks: list[dict[str, Any]] = self._read("/_fake/tasks")
+        return tasks
 
     def stats(self) -> dict[str, Any]:
         """Its counters (``GET /_fake/stats``): requests, creates, peak units."""
-        with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as response:
-            data: dict[str, Any] = json.load(response)
-            return data
+        stats: dict[str, Any] = self._read("/_fake/stats")
+        return stats
 
     def per_prompt(self) -> Counter[str]:
         """How many tasks it holds for each prompt."""
