@@ -65,11 +65,11 @@ async def throughput(
     memory: list[float] = []
     journaled: list[float] = []
     delay = ("--create-delay", str(create_delay)) if create_delay else ()
+    label = "throughput with create latency" if create_delay else "throughput"
     async with FakeServerProcess("--task-duration", "3600", *delay) as fake:
         for number in range(rounds):
             sides = ("memory", "journal") if number % 2 == 0 else ("journal", "memory")
             for side in sides:
-                label = "throughput with create latency" if create_delay else "throughput"
                 progress(f"{label} round {number + 1}/{rounds}: {side}")
                 path = (
                     folder / f"throughput-{create_delay}-{number}.db" if side == "journal" else None
