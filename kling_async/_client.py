@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,8 @@ from ._transport import Transport
 
 __all__ = ["Client"]
 
+logger = logging.getLogger("kling_async")
+
 
 class Client:
     """An asynchronous Kling API client.
@@ -54,8 +57,10 @@ class Client:
         Any object with the :class:`Credentials` protocol instead of keys, e.g.
         a custom token provider.
     ``base_url``
-        The API root before ``/v1``; else ``KLING_BASE_URL``, else the
-        powertokens gateway. The official API is :data:`OFFICIAL_BASE_URL`.
+        The API root before ``/v1``; else ``KLING_BASE_URL``; else, with the
+        official key pair (``access_key``/``secret_key``), the official API
+        (:data:`OFFICIAL_BASE_URL`), and with a bearer token the powertokens
+        gateway (:data:`DEFAULT_BASE_URL`). The root in use is logged at DEBUG.
     ``max_concurrency``
         The account's concurrency quota in units (a task holds ``n`` from
         creation until it ends): creates then queue locally for free units,
@@ -111,7 +116,9 @@ class Client:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
             raise ConfigurationError("give credentials or keys, not both")
-        self.base_url = resolve_base_url(base_url)
+        self.base_url = resolve_base_url(
+            base_url, official_credentials=isinstance(credentials, JWTCredentials)
+        )
         timeout = _checked_settings(timeout, max_connections, max_concurrency)
         self._auth_kind = (
             "bearer token"
@@ -122,6 +129,7 @@ class Client:
             if credentials is None
             else type(credentials).__name__
         )
+        logger.debug("API root %s (credentials: %s)", self.base_url, self._auth_kind)
         self._transport = Transport(
             base_url=self.base_url,
             credentials=credentials,

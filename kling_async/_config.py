@@ -30,8 +30,19 @@ ENV_BASE_URL = "KLING_BASE_URL"
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 
 
-def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
-    """The API root before ``/v1``: the argument, else ``KLING_BASE_URL``, else the default.
+def resolve_base_url(
+    base_url: str | None,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    official_credentials: bool = False,
+) -> str:
+    """The API root before ``/v1``: the argument, else ``KLING_BASE_URL``, else a
+    default chosen from the credentials.
+
+    The official API's key pair (``official_credentials``: access key and secret
+    key, signed into JWTs) is only ever sent to :data:`OFFICIAL_BASE_URL` by
+    default: sending it to a third-party gateway would hand that host a secret
+    it has no use for. A bearer token keeps :data:`DEFAULT_BASE_URL`.
 
     Raises :class:`ConfigurationError` for one that is not an http(s) URL with a
     host, naming where it came from: such a root would otherwise fail only at
@@ -39,7 +50,8 @@ def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.envir
     """
     source, chosen = "base_url", base_url
     if chosen is None:
-        source, chosen = ENV_BASE_URL, environ.get(ENV_BASE_URL, "").strip() or DEFAULT_BASE_URL
+        default = OFFICIAL_BASE_URL if official_credentials else DEFAULT_BASE_URL
+        source, chosen = ENV_BASE_URL, environ.get(ENV_BASE_URL, "").strip() or default
     if not isinstance(chosen, str) or not is_http_url(chosen.strip()):
         raise ConfigurationError(
             f"{source} must be an http(s) URL with a host, such as {DEFAULT_BASE_URL}; "

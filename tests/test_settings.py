@@ -66,6 +66,42 @@ def test_a_bad_base_url_from_the_environment_is_named_as_such(
     assert kling_async.Client("k").base_url == "https://api.example.com/kling"
 
 
+@pytest.mark.parametrize(
+    ("credentials", "environ", "expected"),
+    [
+        ({"access_key": "ak", "secret_key": "s3cr3t-pair"}, {}, kling_async.OFFICIAL_BASE_URL),
+        (
+            {},
+            {"KLING_ACCESS_KEY": "ak", "KLING_SECRET_KEY": "s3cr3t-pair"},
+            kling_async.OFFICIAL_BASE_URL,
+        ),
+        ({"api_key": "k"}, {}, kling_async.DEFAULT_BASE_URL),
+        ({}, {"KLING_API_KEY": "k"}, kling_async.DEFAULT_BASE_URL),
+        (
+            {"access_key": "ak", "secret_key": "s3cr3t-pair"},
+            {"KLING_BASE_URL": "https://gateway.example.com/kling"},
+            "https://gateway.example.com/kling",
+        ),
+    ],
+)
+def test_the_official_key_pair_goes_to_the_official_host_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    credentials: dict[str, str],
+    environ: dict[str, str],
+    expected: str,
+) -> None:
+    """The JWT pair is the official API's secret: without a base URL it is never
+    sent to a third-party gateway. The host in use is logged (the CLI's ``-v``)."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("DEBUG", logger="kling_async"):
+        client = kling_async.Client(**credentials)
+    assert client.base_url == expected
+    assert f"API root {expected}" in caplog.text
+    assert "s3cr3t-pair" not in caplog.text
+
+
 def test_good_settings_are_accepted() -> None:
     for settings in (
         {"timeout": 0.5},
