@@ -28,8 +28,13 @@ _LEVELS = {
 
 def configure_from_environment(environ: Mapping[str, str] = os.environ) -> None:
     """Apply ``KLING_LOG=debug|info|warning|error``, as ``OPENAI_LOG`` does for
-    openai-python: the logger gets that level, and if the application has not
-    configured logging itself, records go to stderr with a timestamp.
+    openai-python: the ``kling_async`` logger gets that level, and if the
+    application has not configured logging itself, its records go to stderr
+    with a timestamp.
+
+    Only the ``kling_async`` logger is touched, never the root logger: a root
+    handler would also print every record of the application's other libraries
+    that keep handlers of their own (arq's lines came out twice).
     """
     value = environ.get(ENV_LOG, "").strip()
     if not value:
@@ -42,6 +47,20 @@ def configure_from_environment(environ: Mapping[str, str] = os.environ) -> None:
             stacklevel=2,
         )
         return
-    # A no-op when the application has configured the root logger already.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(level)
+    if not any(isinstance(handler, _StderrUntilConfigured) for handler in logger.handlers):
+        logger.addHandler(_StderrUntilConfigured())
+
+
+class _StderrUntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints ``kling_async`` records to stderr while the application has not
+    configured logging; once the root logger has handlers, they print them (the
+    records propagate), so nothing is printed twice whenever ``basicConfig`` runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)

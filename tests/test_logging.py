@@ -72,3 +72,41 @@ def test_kling_log_uses_the_application_s_logging_when_configured(tmp_path: Path
     log = run(tmp_path, "DEBUG", "app-configured")
     assert "APP DEBUG POST /v1/images/generations -> HTTP 200" in log
     assert "kling_async:" not in log  # no second handler of the library's own
+
+
+OTHER_LIBRARY = """
+import logging, sys
+other = logging.getLogger("worker")  # as arq does: a handler of its own, propagating
+other.addHandler(logging.StreamHandler())
+other.setLevel(logging.INFO)
+import kling_async
+logging.getLogger("kling_async").info("library line")
+other.info("worker line")
+if sys.argv[1] == "configure-later":
+    logging.basicConfig(format="APP %(message)s")
+    logging.getLogger("kling_async").info("after basicConfig")
+"""
+
+
+def test_kling_log_configures_only_the_library_s_logger() -> None:
+    """``KLING_LOG`` must not install a root handler: another library's records
+    (arq's, with their own handler) would print twice; and when the application
+    configures logging later, the library's lines still print once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLING_")}
+    env["KLING_LOG"] = "info"
+    for mode in ("plain", "configure-later"):
+        done = subprocess.run(
+            [sys.executable, "-c", OTHER_LIBRARY, mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        log = done.stderr
+        assert log.count("worker line") == 1, log
+        assert log.count("library line") == 1, log
+        assert re.search(r"INFO kling_async: library line", log), log
+        if mode == "configure-later":
+            assert log.count("after basicConfig") == 1, log
+            assert "APP after basicConfig" in log, log
