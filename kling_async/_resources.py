@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from ._handle import TaskHandle
+from ._handle import USE_CLIENT_DEFAULT, TaskHandle, _UseClientDefault
 from ._image_input import ImageFile, ImageInput, read_image_file
 from ._models import (
     Endpoint,
@@ -185,6 +185,29 @@ class Images:
         settles in the background, stays attached to the client, and is logged.
         """
         return await self._submissions.submit(await ready(request))
+
+    async def run(
+        self,
+        request: TaskRequest,
+        /,
+        *,
+        timeout: float | _UseClientDefault | None = USE_CLIENT_DEFAULT,
+    ) -> Task:
+        """Submit ``request`` and wait for the finished task, in one call
+        (openai's ``create_and_poll``, replicate's ``run``)::
+
+            task = await client.images.run(ImageGenerationRequest(prompt="a red fox"))
+
+        The same as ``await (await client.images.submit(request)).wait(timeout)``,
+        with the same errors: :class:`ValidationError` before anything is sent,
+        the typed API error (carrying the ``external_task_id``) if the create is
+        refused, :class:`TaskFailedError` if the task fails, and
+        :class:`TaskTimeoutError` after ``timeout`` seconds (default: the
+        client's ``PollPolicy.timeout``; ``None`` waits for ever), whose
+        ``handle`` goes on following the task.
+        """
+        handle = await self.submit(request)
+        return await handle.wait(timeout)
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
         """Fetch one task by its task_id or external_task_id."""

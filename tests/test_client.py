@@ -383,3 +383,27 @@ async def test_with_options_overrides_timeout_and_retry_per_call(
     assert hasty.closed
     with pytest.raises(kling_async.ClientClosedError):
         await hasty.images.generate(prompt="after close")
+
+
+async def test_run_submits_and_returns_the_finished_task_in_one_call(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    task = await client.images.run(kling_async.ImageGenerationRequest(prompt="a fox", n=2))
+    assert task.status is TaskStatus.SUCCEED
+    assert len(task.images) == 2
+    assert [t.task_id for t in server.tasks.values()] == [task.task_id]
+    with pytest.raises(TaskFailedError) as caught:
+        await client.images.run(kling_async.ImageGenerationRequest(prompt="please [fail]"))
+    assert caught.value.task.status is TaskStatus.FAILED
+
+
+async def test_run_times_out_like_wait_and_its_handle_keeps_following() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        async with make_client(server) as client:
+            request = kling_async.ImageGenerationRequest(prompt="slow")
+            with pytest.raises(TaskTimeoutError) as caught:
+                await client.images.run(request, timeout=0.1)
+            handle = caught.value.handle
+            server.finish(handle.task_id)
+            assert (await handle.wait(timeout=5)).status is TaskStatus.SUCCEED
+            assert len(server.tasks) == 1  # one create, however the wait ended
