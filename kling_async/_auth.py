@@ -29,7 +29,7 @@ ENV_SECRET_KEY = "KLING_SECRET_KEY"
 MISSING_CREDENTIALS = (
     f"no Kling credentials: pass Client(api_key=...) or Client(access_key=..., secret_key=...), "
     f"or set {ENV_API_KEY} (a gateway token) or {ENV_ACCESS_KEY} and {ENV_SECRET_KEY} "
-    "(the official API's key pair)"
+    "(the official API's key pair); to try it with no key, use kling_async.Client.offline()"
 )
 
 

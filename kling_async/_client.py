@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 
@@ -169,6 +171,37 @@ class Client:
         )
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker, self._submissions)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def offline(cls, *, task_seconds: float = 2.0, **options: Any) -> AsyncIterator[Client]:
+        """A client of an offline simulation: an embedded
+        :class:`~kling_async.testing.FakeKlingServer` on 127.0.0.1, started here
+        and stopped on exit, which follows the Kling API and makes placeholder
+        PNGs instead of generations (tasks take ``task_seconds``). Needs no key
+        and no second process; the way to try the library, or to run an
+        application's own code, with nothing sent to Kling::
+
+            async with kling_async.Client.offline() as client:
+                task = await client.images.run(ImageGenerationRequest(prompt="a fox"))
+
+        ``options`` are :class:`Client`'s keyword arguments, except credentials
+        and ``base_url`` (the simulation's own). It is never chosen silently: a
+        ``Client()`` without a key still reports the missing key.
+        """
+        taken = sorted(
+            {"api_key", "access_key", "secret_key", "credentials", "base_url"} & set(options)
+        )
+        if taken:
+            raise TypeError(f"Client.offline() chooses {', '.join(taken)} itself")
+        from .testing import FakeKlingServer  # the simulation is only loaded when asked for
+
+        async with FakeKlingServer(
+            task_duration=task_seconds, processing_delay=task_seconds / 4
+        ) as server:
+            logger.info("offline simulation at %s: images are placeholders", server.url)
+            async with cls("offline-simulation", base_url=server.url, **options) as client:
+                yield client
 
     def with_options(
         self,

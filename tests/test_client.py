@@ -7,6 +7,7 @@ import contextlib
 import gc
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,14 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, fake_server_process, make_client
+from tests.helpers import (
+    API_KEY,
+    FAST_POLL,
+    FAST_RETRY,
+    assert_valid_png,
+    fake_server_process,
+    make_client,
+)
 from tests.imagedata import png
 
 
@@ -407,3 +415,20 @@ async def test_run_times_out_like_wait_and_its_handle_keeps_following() -> None:
             server.finish(handle.task_id)
             assert (await handle.wait(timeout=5)).status is TaskStatus.SUCCEED
             assert len(server.tasks) == 1  # one create, however the wait ended
+
+
+async def test_the_library_runs_offline_against_an_embedded_simulation(tmp_path: Path) -> None:
+    """No key, no second process: ``Client.offline()`` starts and stops its own fake."""
+    async with kling_async.Client.offline(task_seconds=0.05, polling=FAST_POLL) as client:
+        assert client.base_url.startswith("http://127.0.0.1:")
+        task = await client.images.run(kling_async.ImageGenerationRequest(prompt="a fox"))
+        paths = await client.download(task, tmp_path)
+    assert task.status is TaskStatus.SUCCEED
+    assert_valid_png(Path(paths[0]))
+    with pytest.raises(TypeError, match="chooses base_url"):
+        async with kling_async.Client.offline(base_url="https://example.com"):
+            pass
+    with pytest.raises(kling_async.ConfigurationError, match=r"Client\.offline\(\)"):
+        async with FakeKlingServer(api_key=API_KEY) as server:
+            async with kling_async.Client(base_url=server.url) as keyless:
+                await keyless.images.generate(prompt="p")
