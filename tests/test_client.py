@@ -428,7 +428,7 @@ async def test_the_library_runs_offline_against_an_embedded_simulation(tmp_path:
     with pytest.raises(TypeError, match="chooses base_url"):
         async with kling_async.Client.offline(base_url="https://example.com"):
             pass
-    with pytest.raises(kling_async.ConfigurationError, match=r"Client\.offline\(\)"):
-        async with FakeKlingServer(api_key=API_KEY) as server:
-            async with kling_async.Client(base_url=server.url) as keyless:
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with kling_async.Client(base_url=server.url) as keyless:
+            with pytest.raises(kling_async.ConfigurationError, match=r"Client\.offline\(\)"):
                 await keyless.images.generate(prompt="p")
