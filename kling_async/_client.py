@@ -396,6 +396,7 @@ class Client:
                 ResourceWarning,
                 source=self,
             )
+            transport.abandon()
 
 
 def _caller(client: Client) -> str:

@@ -139,6 +139,26 @@ class Transport:
         """True while a session this transport made is open: :meth:`close` is owed."""
         return self._owns_session and self._session is not None and not self._session.closed
 
+    def abandon(self) -> None:
+        """Close the session's connections without awaiting, for a client being
+        garbage collected unclosed: its own ResourceWarning has said so, and
+        aiohttp's "Unclosed client session" / "Unclosed connector" would say it
+        again, less usefully."""
+        if not self._owns_session or self._session is None:
+            return
+        session, self._session = self._session, None
+        loop = self._session_loop
+        if loop is None or loop.is_closed():
+            _discard_stranded(session)
+            return
+        # The loop lives on: aiohttp closes the connections through it, and
+        # marked closed, neither the session nor the connector warns.
+        connector = session.connector
+        with contextlib.suppress(Exception):
+            if connector is not None:
+                connector._close()
+            session.detach()
+
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use on the running event loop.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -250,3 +251,47 @@ async def test_a_closed_or_unused_client_does_not_warn(server: FakeKlingServer) 
         del client, unused
         gc.collect()
     assert [w for w in caught if "kling_async" in str(w.message)] == []
+
+
+UNCLOSED = """
+import asyncio, gc, sys
+import kling_async
+from kling_async.testing import FakeKlingServer
+
+kept = []
+
+async def main():
+    async with FakeKlingServer(api_key="k", task_duration=0.05) as server:
+        client = kling_async.Client("k", base_url=server.url)
+        await (await client.images.generate(prompt="p"))
+        if sys.argv[1] == "collected-while-running":
+            del client
+            gc.collect()
+            await asyncio.sleep(0.05)
+        else:
+            kept.append(client)  # collected after the loop ended
+
+asyncio.run(main())
+kept.clear()
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("when", ["collected-while-running", "collected-after-the-loop"])
+@pytest.mark.parametrize("warnings_filter", ["ignore::ResourceWarning", "default"])
+def test_an_unclosed_client_says_so_once_without_aiohttp_s_noise(
+    when: str, warnings_filter: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", warnings_filter, "-c", UNCLOSED, when],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "Unclosed client session" not in done.stderr, done.stderr
+    assert "Unclosed connector" not in done.stderr, done.stderr
+    expected = 0 if warnings_filter.startswith("ignore") else 1
+    assert done.stderr.count("ResourceWarning: unclosed kling_async.Client") == expected, (
+        done.stderr
+    )
