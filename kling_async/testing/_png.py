@@ -8,25 +8,32 @@ fake encodes a gradient once per size and serves the cached bytes.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG_SIDE = 512
+#: Above Kling's 300 px minimum for an input image.
+SHORT_SIDE_AT_LEAST = 320
 
 
 def size_for_aspect_ratio(aspect_ratio: str) -> tuple[int, int]:
-    """Width and height for ``"W:H"``, the long side :data:`LONG_SIDE` pixels."""
+    """Width and height for ``"W:H"``: the long side :data:`LONG_SIDE` pixels,
+    or longer where that leaves the short side under :data:`SHORT_SIDE_AT_LEAST`,
+    so every placeholder can be fed back as an input image (Kling refuses inputs
+    under 300 px)."""
     try:
         width_part, height_part = aspect_ratio.split(":")
         ratio_w, ratio_h = float(width_part), float(height_part)
     except ValueError:
         ratio_w = ratio_h = 1.0
-    if not (ratio_w > 0 and ratio_h > 0):
+    if not (ratio_w > 0 and ratio_h > 0 and math.isfinite(ratio_w) and math.isfinite(ratio_h)):
         ratio_w = ratio_h = 1.0
-    if ratio_w >= ratio_h:
-        return LONG_SIDE, max(1, round(LONG_SIDE * ratio_h / ratio_w))
-    return max(1, round(LONG_SIDE * ratio_w / ratio_h)), LONG_SIDE
+    ratio = max(ratio_w, ratio_h) / min(ratio_w, ratio_h)
+    short = max(SHORT_SIDE_AT_LEAST, round(LONG_SIDE / ratio))
+    long = max(LONG_SIDE, round(short * ratio))
+    return (long, short) if ratio_w >= ratio_h else (short, long)
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:

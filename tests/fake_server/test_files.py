@@ -7,7 +7,10 @@ import zlib
 
 import pytest
 
+import kling_async
+from kling_async._models import ASPECT_RATIOS
 from kling_async.testing._files import byte_range
+from kling_async.testing._png import encode_png, size_for_aspect_ratio
 from tests.helpers import png_chunks
 
 from .helpers import GEN, Api
@@ -32,15 +35,15 @@ async def test_result_png_is_valid_and_sized_by_aspect_ratio(api: Api) -> None:
         assert response.status == 200
         assert response.content_type == "image/png"
         plain = await response.read()
-    assert parse_png(plain)[:2] == (512, 288)
+    assert parse_png(plain)[:2] == (569, 320)
     async with api.session.get(images[1]["watermark_url"]) as response:
         marked = await response.read()
-    assert parse_png(marked)[:2] == (512, 288)
+    assert parse_png(marked)[:2] == (569, 320)
     assert marked != plain
     tall_id = await api.task_id(aspect_ratio="9:16")
     tall = (await api.wait_status(GEN, tall_id, "succeed"))["task_result"]["images"][0]
     async with api.session.get(tall["url"]) as response:
-        assert parse_png(await response.read())[:2] == (288, 512)
+        assert parse_png(await response.read())[:2] == (320, 569)
 
 
 async def test_result_head_range_and_missing(api: Api) -> None:
@@ -87,3 +90,16 @@ async def test_result_head_range_and_missing(api: Api) -> None:
 )
 def test_byte_ranges(header: str, expected: tuple[int, int] | None) -> None:
     assert byte_range(header, 100) == expected
+
+
+@pytest.mark.parametrize("aspect_ratio", ASPECT_RATIOS)
+def test_every_placeholder_can_be_fed_back_as_an_input_image(aspect_ratio: str) -> None:
+    """A first output must be usable as the next request's input: Kling refuses
+    images under 300 px on a side, and so does the SDK's validation."""
+    width, height = size_for_aspect_ratio(aspect_ratio)
+    assert min(width, height) >= 300
+    ratio_w, ratio_h = (int(part) for part in aspect_ratio.split(":"))
+    assert abs(width / height - ratio_w / ratio_h) < 0.01
+    kling_async.MultiImageRequest(
+        subject_images=[encode_png(width, height)], prompt="p", aspect_ratio=aspect_ratio
+    )
