@@ -13,7 +13,7 @@ import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import attrs
 
@@ -22,11 +22,15 @@ from ._image_input import ImageFile, ImageInput, WireImage, encode_image
 from ._urls import is_http_url, redacted_url
 
 __all__ = [
+    "AspectRatio",
     "BalanceDeduction",
     "Endpoint",
     "ImageGenerationRequest",
+    "ImageModel",
+    "ImageReference",
     "ImageResult",
     "MultiImageRequest",
+    "Resolution",
     "Task",
     "TaskRequest",
     "TaskStatus",
@@ -43,9 +47,18 @@ MAX_PROMPT_LENGTH = 2500
 MAX_REFERENCES = 10
 MAX_SUBJECT_IMAGES = 4
 N_RANGE = range(1, 10)
-ASPECT_RATIOS = ("1:1", "16:9", "4:3", "3:2", "2:3", "3:4", "9:16", "21:9")
-RESOLUTIONS = ("1k", "2k")
-IMAGE_REFERENCES = ("subject", "face")
+AspectRatio = Literal["1:1", "16:9", "4:3", "3:2", "2:3", "3:4", "9:16", "21:9"]
+"""The aspect ratios Kling generates (type checkers and editors know them)."""
+Resolution = Literal["1k", "2k"]
+ImageReference = Literal["subject", "face"]
+ImageModel = (
+    Literal["kling-v3", "kling-v2-1", "kling-v2-new", "kling-v2", "kling-v1-5", "kling-v1"] | str
+)
+"""A model name: the documented ones complete in an editor, and any other
+string is still accepted (Kling adds models; an unknown one is Kling's to refuse)."""
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+RESOLUTIONS: tuple[str, ...] = get_args(Resolution)
+IMAGE_REFERENCES: tuple[str, ...] = get_args(ImageReference)
 #: Kling types element ids as a Java ``long``: a larger id cannot name an element.
 MAX_ELEMENT_ID = 2**63 - 1
 
@@ -236,11 +249,11 @@ def _optional_bool(_instance: object, attribute: attrs.Attribute[Any], value: ob
 
 # model_name is optional on Kling's side, so None means "the default" here as
 # everywhere else in the SDK; the default is sent, never a null.
-def _generation_model(value: str | None) -> str:
+def _generation_model(value: ImageModel | None) -> str:
     return "kling-v3" if value is None else value
 
 
-def _multi_image_model(value: str | None) -> str:
+def _multi_image_model(value: ImageModel | None) -> str:
     return "kling-v2" if value is None else value
 
 
@@ -297,7 +310,7 @@ class TaskRequest:
 
     model_name: str = attrs.field(validator=_model_name)
     n: int = attrs.field(default=1, validator=_image_count)
-    aspect_ratio: str = attrs.field(default="16:9", validator=_one_of(ASPECT_RATIOS))
+    aspect_ratio: AspectRatio = attrs.field(default="16:9", validator=_one_of(ASPECT_RATIOS))
     watermark: bool | None = attrs.field(default=None, validator=_optional_bool)
     callback_url: str | None = attrs.field(default=None, validator=_http_url, repr=redacted_url)
     external_task_id: str | None = attrs.field(default=None, validator=_nonempty_string)
@@ -320,11 +333,13 @@ class ImageGenerationRequest(TaskRequest):
     )
     negative_prompt: str | None = attrs.field(default=None, validator=_text(required=False))
     image: Image | None = attrs.field(default=None, converter=_image, metadata=IMAGE_FIELD)
-    image_reference: str | None = attrs.field(default=None, validator=_one_of(IMAGE_REFERENCES))
+    image_reference: ImageReference | None = attrs.field(
+        default=None, validator=_one_of(IMAGE_REFERENCES)
+    )
     image_fidelity: float | None = attrs.field(default=None, validator=_fraction)
     human_fidelity: float | None = attrs.field(default=None, validator=_fraction)
     element_ids: tuple[int, ...] = attrs.field(default=(), converter=_element_ids)
-    resolution: str | None = attrs.field(default=None, validator=_one_of(RESOLUTIONS))
+    resolution: Resolution | None = attrs.field(default=None, validator=_one_of(RESOLUTIONS))
 
     def __attrs_post_init__(self) -> None:
         if self.negative_prompt is not None and self.image is not None:

@@ -6,7 +6,10 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 import kling_async
 
@@ -67,3 +70,39 @@ def test_every_module_imports_on_its_own() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(names) > 30
+
+
+TYPED_USE = """
+import kling_async
+
+async def use(client: kling_async.Client) -> None:
+    await client.images.generate(prompt="p", aspect_ratio="5:1")
+    await client.images.generate(prompt="p", resolution="4k", model_name="any-new-model")
+    kling_async.ImageGenerationRequest(prompt="p", aspect_ratio="1:1", image_reference="face")
+"""
+
+
+def test_field_values_are_literal_types_that_a_type_checker_checks(tmp_path: Path) -> None:
+    """Editors complete the documented values; mypy rejects others, while a model
+    name stays any string (Kling adds models)."""
+    from mypy import api
+
+    source = tmp_path / "typed_use.py"
+    source.write_text(TYPED_USE, encoding="utf-8")
+    out, _err, status = api.run(
+        [str(source), "--strict", "--cache-dir", str(tmp_path / ".mypy_cache")]
+    )
+    assert status == 1, out
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert len(errors) == 2, out
+    assert "typed_use.py:5:" in errors[0]
+    assert '"aspect_ratio"' in errors[0]
+    assert "typed_use.py:6:" in errors[1]
+    assert '"resolution"' in errors[1]
+
+
+def test_unknown_values_still_get_the_runtime_error_naming_the_allowed_ones() -> None:
+    with pytest.raises(
+        kling_async.ValidationError, match=r"aspect_ratio: must be one of 1:1, 16:9"
+    ):
+        kling_async.ImageGenerationRequest(prompt="p", aspect_ratio="5:1")  # type: ignore[arg-type]
