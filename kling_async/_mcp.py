@@ -205,6 +205,8 @@ def _json_type(annotation: Any) -> dict[str, Any]:
         return _json_type(arguments[0])
     if origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis:
         return {"type": "array", "items": _json_type(arguments[0])}
+    if origin is typing.Literal and all(isinstance(value, str) for value in arguments):
+        return {"type": "string", "enum": list(arguments)}
     if isinstance(annotation, type):
         # bool before int: a bool is an int to issubclass.
         for python, json_type in ((bool, "boolean"), (str, "string"), (int, "integer")):
