@@ -164,25 +164,3 @@ async def test_a_wait_that_runs_out_is_504_with_the_task_id(
     assert status == 504
     assert answer["status"] == "processing"
     assert not kling.task(answer["task_id"]).is_terminal  # still running on Kling
-
-
-def test_readme_s_offline_quick_start_runs_as_pasted(tmp_path: Path) -> None:
-    """The library quick start is pasted into a file and run with no key set."""
-    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Quick start: the library, with no key", 1)[1]
-    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    script = tmp_path / "try_it.py"
-    script.write_text(snippet, encoding="utf-8")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("KLING_")}
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("succeed ["), result.stdout
-    assert len(list((tmp_path / "out").glob("*.png"))) == 2
