@@ -36,6 +36,7 @@ from ._exceptions import (
     TaskFailedError,
     TaskTimeoutError,
     TransportError,
+    UnknownPriceError,
     ValidationError,
 )
 from ._handle import USE_CLIENT_DEFAULT, TaskHandle
@@ -59,12 +60,14 @@ from ._models import (
     TaskStatus,
     request_from_mapping,
 )
+from ._pricing import DEFAULT_PRICES, Estimate, Price, PriceTable
 from ._version import __version__
 
 _configure_logging()
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_PRICES",
     "OFFICIAL_BASE_URL",
     "USE_CLIENT_DEFAULT",
     "APIError",
@@ -85,6 +88,7 @@ __all__ = [
     "DownloadSource",
     "Endpoint",
     "EntryState",
+    "Estimate",
     "EventLoopError",
     "ImageFile",
     "ImageGenerationRequest",
@@ -104,6 +108,8 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Price",
+    "PriceTable",
     "QuotaExceededError",
     "RateLimitError",
     "Resolution",
@@ -117,6 +123,7 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownPriceError",
     "UpdateHook",
     "ValidationError",
     "WireImage",

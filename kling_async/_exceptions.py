@@ -10,6 +10,7 @@
     ├── TransportError                        the API could not be reached (connection, timeout)
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
     ├── TaskTimeoutError (also a TimeoutError) a wait ran out; the handle stays usable
+    ├── UnknownPriceError (also a LookupError) the price table cannot estimate a request
     └── APIError                              Kling answered with an error code
         ├── AuthenticationError      1000-1004
         ├── QuotaExceededError       1100-1102   (HTTP 429, but never worth retrying)
@@ -51,6 +52,7 @@ __all__ = [
     "TaskFailedError",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownPriceError",
     "ValidationError",
 ]
 
@@ -138,6 +140,24 @@ class TaskTimeoutError(KlingError, TimeoutError):
         super().__init__(
             f"task {handle.task_id} did not finish within {timeout:g}s; it is still running, "
             "wait on the handle again or re-attach later with client.images.attach(task_id)"
+        )
+
+
+class UnknownPriceError(KlingError, LookupError):
+    """The price table has no row for a request, so an estimate would be a guess.
+
+    ``endpoint``, ``model_name`` and ``resolution`` say what is missing; add a
+    :class:`~kling_async.Price` for it with ``PriceTable.replacing(...)``.
+    """
+
+    def __init__(self, endpoint: str, model_name: str, resolution: str, table: str) -> None:
+        self.endpoint = endpoint
+        self.model_name = model_name
+        self.resolution = resolution
+        super().__init__(
+            f"no price for {endpoint} with model {model_name!r} at {resolution} in {table}; "
+            "an estimate would be a guess: add a kling_async.Price for it with "
+            "PriceTable.replacing(...)"
         )
 
 
