@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,7 +26,8 @@ from ._handle import TaskHandle
 from ._journal import Journal
 from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter, Limiter
-from ._models import ImageResult, Task
+from ._models import ImageResult, Task, TaskRequest
+from ._pricing import DEFAULT_PRICES, Estimate, PriceTable
 from ._resources import Images
 from ._submissions import Submissions
 from ._tracking import Tracker
@@ -90,6 +91,9 @@ class Client:
     ``journal``
         A path, or a :class:`Journal`: a durable SQLite ledger that
         :meth:`resume` reads after a crash (instead of ``ledger``).
+    ``prices``
+        The :class:`PriceTable` that :meth:`estimate` prices requests with
+        (default :data:`DEFAULT_PRICES`, Kling's published prices).
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -112,8 +116,11 @@ class Client:
         callbacks: CallbackReceiver | None = None,
         ledger: Ledger | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
+        prices: PriceTable = DEFAULT_PRICES,
     ) -> None:
         self._created_at = _caller(self)
+        #: The prices :meth:`estimate` uses: Kling's published ones unless given.
+        self.prices = prices
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
@@ -224,6 +231,19 @@ class Client:
         view.images = Images(view._transport, self._tracker, view._submissions)
         view._view_of = self
         return view
+
+    def estimate(self, requests: TaskRequest | Iterable[TaskRequest]) -> Estimate:
+        """What a request, or a batch of them (added up), will cost at most, from
+        the client's price table; nothing is sent. Raises
+        :class:`UnknownPriceError` for a request the table cannot price, rather
+        than guess::
+
+            estimate = client.estimate(ImageGenerationRequest(prompt="a fox", n=4))
+            estimate.units, estimate.money, estimate.currency  # 32, 0.112, "USD"
+        """
+        if isinstance(requests, TaskRequest):
+            return self.prices.estimate(requests)
+        return self.prices.total(requests)
 
     @property
     def ledger(self) -> Ledger:

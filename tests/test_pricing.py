@@ -10,6 +10,8 @@ import pytest
 
 import kling_async
 from kling_async import DEFAULT_PRICES, Price, UnknownPriceError
+from kling_async.testing import FakeKlingServer
+from tests.helpers import API_KEY, make_client
 from tests.imagedata import png
 
 URL = "https://images.example.com/in.png"
@@ -91,3 +93,17 @@ def test_the_default_table_knows_its_source_and_date() -> None:
         (p.endpoint, p.model_name, p.resolutions, p.reference_image) for p in DEFAULT_PRICES.prices
     ]
     assert len(keys) == len(set(keys))  # no row shadows another
+
+
+async def test_the_client_estimates_with_its_own_table_and_sends_nothing() -> None:
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with make_client(server) as client:
+            request = kling_async.ImageGenerationRequest(prompt="p", n=4)
+            assert client.estimate(request).units == 32
+            assert client.estimate([request, request]).units == 64
+        table = DEFAULT_PRICES.replacing(
+            Price(endpoint="images/generations", model_name="kling-v3", units=1)
+        )
+        async with make_client(server, prices=table) as client:
+            assert client.estimate(request).units == 4
+        assert server.requests == []
