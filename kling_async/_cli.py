@@ -116,6 +116,48 @@ _INDEXED_FIELD = re.compile(r"(\w+)\[(\d+)\]")
 _IMAGE_FIELDS = ("image", "subject_images", "subject_image_list", "scene_image", "style_image")
 
 
+#: Options whose value is a credential, and the environment variable that can
+#: carry it instead: a hint that shows the command line never shows their values.
+CREDENTIAL_OPTIONS: Mapping[str, str] = {
+    "--api-key": ENV_API_KEY,
+    "--access-key": ENV_ACCESS_KEY,
+    "--secret-key": ENV_SECRET_KEY,
+}
+
+
+def rerun_hint(arguments: Sequence[str], *, dropped: Sequence[str] = ()) -> str:
+    """The line that tells how to continue an interrupted run: the command as typed
+    (``arguments`` without the program name), less the flags in ``dropped`` and
+    less every credential option with its value (``--api-key X`` or
+    ``--api-key=X``), whose environment variable the line names instead.
+
+    Terminal scrollback, CI logs and log collectors keep stderr: a key typed on
+    the command line must not be copied there.
+    """
+    kept: list[str] = []
+    needs: dict[str, str] = {}  # option -> its environment variable
+    position = 0
+    while position < len(arguments):
+        argument = arguments[position]
+        position += 1
+        if argument == "--":  # the rest are arguments, whatever they look like
+            kept.extend(arguments[position - 1 :])
+            break
+        name = argument.partition("=")[0]
+        if name in CREDENTIAL_OPTIONS:
+            needs[name] = CREDENTIAL_OPTIONS[name]
+            if "=" not in argument:
+                position += 1  # its value is the next argument
+            continue
+        if argument not in dropped:
+            kept.append(argument)
+    command = shlex.join(["kling-async", *kept])
+    if not needs:
+        return f"run it again to continue where it stopped: {command}"
+    where = " and ".join(f"the value of {option} in {env}" for option, env in needs.items())
+    return f"run it again to continue where it stopped, with {where}: {command}"
+
+
 def offline_state_file() -> Path:
     """Where the offline simulation keeps its tasks: the user's cache directory
     (``$XDG_CACHE_HOME``, else the platform's own), ``kling-async/offline-tasks.json``."""
@@ -156,7 +198,8 @@ class Settings:
     batch: Batch | None = None
     #: Whether the command looks at multi-image tasks (for the not-found hint).
     multi: bool = False
-    #: The command that continues an interrupted run, if it can be continued.
+    #: The line telling how to continue an interrupted run (:func:`rerun_hint`),
+    #: if it can be continued.
     rerun: str | None = None
     #: How this command's options spell request fields, if it takes them.
     flags: Mapping[str, str] | None = None
@@ -219,9 +262,25 @@ class Settings:
         """
         terminated: list[bool] = []
         try:
-            return asyncio.run(_awaited(work, terminated))
+            return asyncio.run(_awaited(work, terminated, self._stop_now))
         except KeyboardInterrupt:
             self._interrupted(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+    def _stop_now(self) -> NoReturn:
+        """A second SIGTERM while the first one's clean stop runs: whatever that
+        stop waits for (a create on the wire, a journal that does not answer),
+        the process ends now. The batch's journal recorded every create before
+        it was sent, so running the command again settles what this cuts short."""
+        self.stderr.print(
+            "terminated again: stopped at once; creates that were on the wire may have "
+            "landed on Kling",
+            soft_wrap=True,
+        )
+        if self.rerun:
+            self.stderr.print(escape(self.rerun), soft_wrap=True)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_TERMINATED)
 
     def _interrupted(self, status: int) -> NoReturn:
         if self.batch is not None:
@@ -238,7 +297,7 @@ class Settings:
         else:
             self.stderr.print("interrupted; nothing was submitted")
         if self.rerun:
-            self.stderr.print(f"run it again to continue where it stopped: {self.rerun}")
+            self.stderr.print(escape(self.rerun), soft_wrap=True)
         sys.exit(status)
 
     def fail(self, error: BaseException) -> NoReturn:
@@ -328,14 +387,22 @@ class Settings:
         return str(error)
 
 
-async def _awaited(work: Callable[[], Awaitable[T]], terminated: list[bool]) -> T:
+async def _awaited(
+    work: Callable[[], Awaitable[T]],
+    terminated: list[bool],
+    stop_now: Callable[[], NoReturn],
+) -> T:
     """``work()``, with SIGTERM taken like Ctrl-C: the work is cancelled and
-    cleans up, then :class:`KeyboardInterrupt` reaches ``Settings.run``."""
+    cleans up, then :class:`KeyboardInterrupt` reaches ``Settings.run``. A
+    second SIGTERM calls ``stop_now``: a stop never depends on the clean-up
+    finishing."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
 
     def terminate() -> None:
+        if terminated:
+            stop_now()
         terminated.append(True)
         me.cancel()
 
@@ -1241,9 +1308,7 @@ def batch(
     if fresh:
         for path in (journal, *_journal_companions(journal), results_path):
             path.unlink(missing_ok=True)
-    settings.rerun = shlex.join(
-        ["kling-async", *(argument for argument in sys.argv[1:] if argument != "--fresh")]
-    )
+    settings.rerun = rerun_hint(sys.argv[1:], dropped=("--fresh",))
     started = time.monotonic()
     run = settings.run(
         lambda: _run_batch(
