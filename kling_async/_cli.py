@@ -43,7 +43,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
-from ._batch import Batch, BatchResult
+from ._batch import Batch, BatchItem, BatchResult
 from ._client import Client
 from ._config import ENV_BASE_URL
 from ._exceptions import (
@@ -1000,11 +1000,15 @@ def _resolved_images(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     return fixed
 
 
-def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict[str, Any]]]:
+def _read_requests(
+    path: Path,
+) -> tuple[list[tuple[int, TaskRequest | BatchItem]], list[dict[str, Any]]]:
     """Parse a JSONL file: one request object (or a bare prompt string) per line.
 
     Returns the valid requests with their line numbers, and a result record for
-    every invalid line (nothing is sent for those).
+    every invalid line (nothing is sent for those). A request object may carry a
+    ``"key"``, its idempotency key (a :class:`BatchItem`'s): the line is that
+    request whatever else changes in the file; one key per line.
     """
     try:
         # utf-8-sig: a byte-order mark, as some Windows editors write, is not content.
@@ -1016,18 +1020,31 @@ def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict
             param_hint="REQUESTS_FILE",
         ) from None
     settings = _settings()
-    requests: list[tuple[int, TaskRequest]] = []
+    requests: list[tuple[int, TaskRequest | BatchItem]] = []
     invalid: list[dict[str, Any]] = []
+    key_lines: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             data = json.loads(line)
+            key = None
             if isinstance(data, str):
                 data = {"prompt": data}
             elif isinstance(data, dict):
+                key = data.pop("key", None)
                 data = _resolved_images(data, path.parent)
-            requests.append((number, read_image_files(request_from_mapping(data))))
+            request = read_image_files(request_from_mapping(data))
+            if key is None:
+                requests.append((number, request))
+                continue
+            item = BatchItem(request=request, key=key)
+            if item.key in key_lines:
+                raise ValidationError(
+                    "key", f"{item.key!r} is also the key of line {key_lines[item.key]}"
+                )
+            key_lines[item.key] = number
+            requests.append((number, item))
         except ValueError as error:
             if not isinstance(error, ValidationError):
                 error = ValidationError("line", f"is not JSON ({error})")
@@ -1201,7 +1218,7 @@ class _BatchRun:
 
 async def _run_batch(
     settings: Settings,
-    numbered: list[tuple[int, TaskRequest]],
+    numbered: list[tuple[int, TaskRequest | BatchItem]],
     invalid: list[dict[str, Any]],
     out: Path | None,
     results_path: Path,
@@ -1221,7 +1238,7 @@ async def _run_batch(
                 click.echo(json.dumps(line))
         async with settings.client(max_concurrency=concurrency) as client:
             batch = client.batch(
-                (request for _, request in numbered),
+                (item for _, item in numbered),
                 max_in_flight=max_in_flight,
                 journal=journal,
                 name=name,
