@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -173,3 +174,22 @@ def test_a_second_sigterm_stops_a_batch_whose_clean_stop_waits(tmp_path: Path) -
     assert "stopped at once" in stderr
     assert "run it again to continue where it stopped" in stderr
     assert API_KEY not in stderr
+
+
+def test_an_offline_batch_killed_with_sigkill_continues_when_run_again(tmp_path: Path) -> None:
+    # The offline simulation's server dies with the CLI: only what it wrote
+    # through to its state file tells the rerun about the tasks already made.
+    requests = write_lines(tmp_path / "prompts.jsonl", 8, invalid=False)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "kling_async", "--mock", "--mock-task-seconds", "1"]
+    args += ["batch", str(requests), "--out", str(out), "--no-download", "--concurrency", "4"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stop_once_running(process, out, signal.SIGKILL)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "finished in an earlier run" in again.stderr
+    state = json.loads(
+        (Path(os.environ["XDG_CACHE_HOME"]) / "kling-async" / "offline-tasks.json").read_text()
+    )
+    prompts = sorted(task["body"]["prompt"] for task in state["tasks"])
+    assert prompts == sorted(f"resume line {number}" for number in range(8))  # each once
