@@ -23,10 +23,12 @@ makes a request already created look new (and be billed again):
   copy above one only makes the last copy new, and editing a request makes it
   a new request.
 
-Journals written by 0.1.0, before these keys, (``"{name}#{position}#{digest}"``) are still
-read: a request whose key is not found is looked up under its old key, its
-position in this input, so an unchanged input resumes exactly. Edit an input
-only after one run of this version over it, or give explicit keys.
+A journal written by 0.1.0 keyed requests by position (``"{name}#{position}#{digest}"``).
+It is still read: a request whose key is not found is looked up under the old
+key its position in this input gives, and an entry found so is recorded again
+under the new key. An unchanged input therefore resumes exactly, and once a
+run of this version has been over it, it can be edited freely; an input edited
+*before* that may create again the requests that moved.
 """
 
 from __future__ import annotations
@@ -374,8 +376,11 @@ class Batch:
         entry = await journal.by_key(journal_key)
         if entry is None:
             legacy = legacy_batch_key(self._name, position, digest)
-            if legacy is not None:
-                entry = await journal.by_key(legacy)
+            if legacy is not None and (entry := await journal.by_key(legacy)) is not None:
+                # Known under its new key from now on, before anything else records
+                # it (the create owner records the entry it is given).
+                entry = attrs.evolve(entry, key=journal_key)
+                journal.record(entry)
         return journal_key, entry
 
     async def _resume_or_start(
