@@ -1141,6 +1141,7 @@ class _BatchRun:
 
     settings: Settings
     lines: list[int]
+    keys: list[str | None]
     results: _Results
     out: Path | None
     display: _BatchProgress
@@ -1184,6 +1185,8 @@ class _BatchRun:
             "status": str(result.task.status) if result.task else "error",
             "error": self.settings.error_record(result.error) if result.error else None,
         }
+        if self.keys[result.index] is not None:
+            record["key"] = self.keys[result.index]
         if result.resumed:
             record["resumed"] = True
         task = result.task
@@ -1230,7 +1233,8 @@ async def _run_batch(
     lines = [number for number, _ in numbered]
     display = _BatchProgress(settings, len(numbered))
     results = _Results(results_path, {*lines, *(line["line"] for line in invalid)})
-    run = _BatchRun(settings, lines, results, out, display)
+    keys = [item.key if isinstance(item, BatchItem) else None for _, item in numbered]
+    run = _BatchRun(settings, lines, keys, results, out, display)
     with results, display.progress:
         for line in invalid:
             results.add(line)
@@ -1298,6 +1302,12 @@ def batch(
     stopped: a journal in the output directory remembers every create, so no
     line is created twice, what ended is not sent again, and the results file
     ends with exactly one record per line. --fresh starts over.
+
+    A line is known by its content (identical lines are distinct requests), so
+    fixing, adding or deleting other lines between runs never creates it again;
+    editing it makes it a new request. A request object may carry its own
+    "key" (a string, unique in the output directory): the line is then that
+    key whatever its content, its idempotency key.
 
     Image paths in the file are relative to the file's folder. Invalid lines are
     reported and never sent. Exits 0 when every request succeeded, 1 otherwise.

@@ -217,6 +217,8 @@ def test_a_line_with_a_key_is_its_key_and_a_repeated_key_is_refused(
     assert again.returncode == 1
     assert "line 3: invalid key: 'first' is also the key of line 2" in again.stderr
     assert tasks_of(kling, tag) == [f"{tag} one", f"{tag} two"]
+    results = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("key") for line in results] == [None, "first", None]
 
 
 def test_a_requests_file_whose_name_is_not_utf8_runs(
