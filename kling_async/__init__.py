@@ -13,7 +13,7 @@ Everything public is importable from this package; the submodules are private.
 """
 
 from ._auth import Credentials, JWTCredentials, StaticToken
-from ._batch import Batch, BatchRequests, BatchResult
+from ._batch import Batch, BatchItem, BatchRequests, BatchResult
 from ._callbacks import CallbackReceiver, UpdateHook
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
@@ -75,6 +75,7 @@ __all__ = [
     "AuthenticationError",
     "BalanceDeduction",
     "Batch",
+    "BatchItem",
     "BatchRequests",
     "BatchResult",
     "CallbackReceiver",

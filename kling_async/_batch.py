@@ -7,6 +7,28 @@ task reports back when it ends, and results come out in completion order.
 One request's failure is one result with an ``error``; only a problem of
 the whole account (quota used up, IP not whitelisted, bad credentials) stops the
 batch, raised from the iterator.
+
+Keys. With a journal, each request is recorded under a key that a later run of
+the same input finds again. A key belongs to the request, never to its place
+among the others, so that editing, inserting or deleting *other* requests never
+makes a request already created look new (and be billed again):
+
+- an explicit key, ``BatchItem(request, key="order-17")``: the idempotency key.
+  It is the request's identity within the journal, whatever the batch's name
+  or the request's content; one key is one task.
+- otherwise ``"{name}#{digest}#{occurrence}"``: the batch's name, a digest of
+  the request's content (its body without the id and callback URL the client
+  fills in) and how many requests of the same content came before it in this
+  input (0 for the first). Identical requests are distinct tasks; inserting a
+  copy above one only makes the last copy new, and editing a request makes it
+  a new request.
+
+A journal written by 0.1.0 keyed requests by position (``"{name}#{position}#{digest}"``).
+It is still read: a request whose key is not found is looked up under the old
+key its position in this input gives, and an entry found so is recorded again
+under the new key. An unchanged input therefore resumes exactly, and once a
+run of this version has been over it, it can be edited freely; an input edited
+*before* that may create again the requests that moved.
 """
 
 from __future__ import annotations
@@ -28,6 +50,7 @@ from ._exceptions import (
     PermissionDeniedError,
     QuotaExceededError,
     TaskFailedError,
+    ValidationError,
 )
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
@@ -40,11 +63,44 @@ if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
     from ._tracking import Tracker
 
-__all__ = ["Batch", "BatchRequests", "BatchResult"]
+__all__ = ["Batch", "BatchItem", "BatchRequests", "BatchResult"]
 
 logger = logging.getLogger("kling_async")
 
-BatchRequests = Iterable[TaskRequest] | AsyncIterable[TaskRequest]
+#: The longest explicit key: an id of the caller's, not a document.
+MAX_KEY_LENGTH = 256
+
+
+def _valid_key(_item: object, _attribute: attrs.Attribute[str], key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ValidationError("key", "must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValidationError("key", f"must be at most {MAX_KEY_LENGTH} characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        # A journal stores text as UTF-8: a lone surrogate cannot be a key.
+        raise ValidationError("key", "must be valid Unicode text (no lone surrogates)") from None
+
+
+@attrs.frozen(kw_only=True)
+class BatchItem:
+    """A request of a batch with its idempotency ``key``.
+
+    With a journal, the key is the request's identity: a later run that meets the
+    same key finds what the earlier one did (a result, a running task, a create
+    to look up) and sends nothing new, whatever else changed in the input. Keys
+    must be unique within a journal; a key repeated within one batch is refused
+    (that request's result is a :class:`ValidationError`). Without a journal the
+    key is not used.
+    """
+
+    request: TaskRequest
+    key: str = attrs.field(validator=_valid_key)
+
+
+#: What ``client.batch()`` takes: requests, or :class:`BatchItem` s to give keys.
+BatchRequests = Iterable[TaskRequest | BatchItem] | AsyncIterable[TaskRequest | BatchItem]
 
 #: Requests of a batch waiting for quota units at once. Enough that a few tasks
 #: of every size (n = 1..9) are on offer when units free up.
@@ -96,16 +152,50 @@ class BatchResult:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
 
-def batch_key(name: str, index: int, request: TaskRequest) -> str:
-    """The key of a batch's request in a journal: the batch's name, the request's
-    position, and a digest of its content (its body without the id and callback
-    URL the client fills in), so an edited line is a new request."""
+def content_digest(request: TaskRequest) -> str:
+    """A digest of what ``request`` asks Kling for: its body without the id and
+    callback URL the client fills in (32 hex digits)."""
     body = dict(request_body(request))
     body.pop("external_task_id", None)
     body.pop("callback_url", None)
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
-    return f"{name}#{index}#{digest}"
+    # surrogatepass: the same bytes as UTF-8 for any valid text; a lone surrogate
+    # (refused later, by validation) must not make the digest itself raise.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def printable_name(name: str) -> str:
+    """``name`` as text a journal can store: a file name that was not UTF-8 (its
+    bytes carried as lone surrogates, as ``os.fsdecode`` does) shows them as
+    ``\\xe9``, so the same name always gives the same key and never a surrogate."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def batch_key(name: str, digest: str, occurrence: int) -> str:
+    """The key of a request without an explicit key: ``"{name}#{digest}#{occurrence}"``
+    (see the module docstring)."""
+    return f"{printable_name(name)}#{digest}#{occurrence}"
+
+
+def explicit_key(key: str) -> str:
+    """The journal key of a :class:`BatchItem`'s own key: the same in every batch."""
+    return f"key:{key}"
+
+
+def legacy_batch_key(name: str, position: int, digest: str) -> str | None:
+    """The key a journal written by 0.1.0 holds for the request at ``position``
+    with ``digest``; ``None`` for a name such a journal could not have stored."""
+    if printable_name(name) != name:
+        return None
+    return f"{name}#{position}#{digest}"
 
 
 def _stops_the_batch(error: KlingError) -> bool:
@@ -151,6 +241,10 @@ class Batch:
         self._lookahead = asyncio.Semaphore(LOOKAHEAD)
         self._results: asyncio.Queue[BatchResult | Exception | None] = asyncio.Queue()
         self._live: set[Submission] = set()  # creates not settled yet
+        #: How many requests of each content digest were fed so far (for their keys).
+        self._occurrences: dict[str, int] = {}
+        #: Explicit keys fed so far: one key is one task, never two requests.
+        self._explicit_keys: set[str] = set()
         self._outstanding = 0
         self._started = False
         #: Handles of every task this batch created, in creation order.
@@ -227,7 +321,11 @@ class Batch:
     async def _feed(self) -> None:
         try:
             index = 0
-            async for request in _each(self._requests):
+            async for item in _each(self._requests):
+                if isinstance(item, BatchItem):
+                    request, key = item.request, item.key
+                else:
+                    request, key = item, None
                 if self._slots is not None:
                     await self._slots.acquire()
                 # Up to LOOKAHEAD requests wait in the limiter together, queued in
@@ -237,6 +335,8 @@ class Batch:
                 self._outstanding += 1
                 try:
                     request = await ready(request)  # its image files read, off the loop
+                    if key is not None and self._journal is not None:
+                        self._claim(key)
                 except KlingError as error:  # a file that cannot be used: nothing sent
                     self._lookahead.release()
                     self._ended_create(index, request, error)
@@ -244,18 +344,51 @@ class Batch:
                     if self._journal is None:
                         self._start(index, request)
                     else:
-                        await self._resume_or_start(index, request, self._journal)
+                        await self._resume_or_start(index, request, key, self._journal)
                 index += 1
         except Exception as error:  # the caller's own request iterator failed
             self._results.put_nowait(error)
             return
         self._results.put_nowait(None)
 
-    async def _resume_or_start(self, index: int, request: TaskRequest, journal: Ledger) -> None:
+    def _claim(self, key: str) -> None:
+        """Take ``key`` for one request of this batch; a second request under it
+        would settle on the first one's create (a task for two, or a create
+        resumed while it is on the wire): refused, nothing sent."""
+        if key in self._explicit_keys:
+            raise ValidationError(
+                "key", f"{key!r} is the key of an earlier request of this batch; nothing was sent"
+            )
+        self._explicit_keys.add(key)
+
+    async def _journal_entry(
+        self, position: int, request: TaskRequest, key: str | None, journal: Ledger
+    ) -> tuple[str, LedgerEntry | None]:
+        """The request's journal key, and the entry an earlier run left under it
+        (or under the key a journal of 0.1.0 gave it)."""
+        if key is not None:
+            journal_key = explicit_key(key)
+            return journal_key, await journal.by_key(journal_key)
+        digest = content_digest(request)
+        occurrence = self._occurrences.get(digest, 0)
+        self._occurrences[digest] = occurrence + 1
+        journal_key = batch_key(self._name, digest, occurrence)
+        entry = await journal.by_key(journal_key)
+        if entry is None:
+            legacy = legacy_batch_key(self._name, position, digest)
+            if legacy is not None and (entry := await journal.by_key(legacy)) is not None:
+                # Known under its new key from now on, before anything else records
+                # it (the create owner records the entry it is given).
+                entry = attrs.evolve(entry, key=journal_key)
+                journal.record(entry)
+        return journal_key, entry
+
+    async def _resume_or_start(
+        self, index: int, request: TaskRequest, key: str | None, journal: Ledger
+    ) -> None:
         """What an earlier run of this batch left in the journal decides: a result
         read back, a task re-attached, a create looked up, or a fresh create."""
-        key = batch_key(self._name, index, request)
-        entry = await journal.by_key(key)
+        key, entry = await self._journal_entry(index, request, key, journal)
         if entry is None:
             self._start(index, request, key=key)
         elif entry.state is EntryState.TERMINAL and entry.task_id is not None:
@@ -379,7 +512,7 @@ class Batch:
         self._results.put_nowait(result)
 
 
-async def _each(requests: BatchRequests) -> AsyncIterator[TaskRequest]:
+async def _each(requests: BatchRequests) -> AsyncIterator[TaskRequest | BatchItem]:
     if isinstance(requests, AsyncIterable):
         async for request in requests:
             yield request

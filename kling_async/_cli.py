@@ -43,7 +43,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
-from ._batch import Batch, BatchResult
+from ._batch import Batch, BatchItem, BatchResult
 from ._client import Client
 from ._config import ENV_BASE_URL
 from ._exceptions import (
@@ -116,6 +116,48 @@ _INDEXED_FIELD = re.compile(r"(\w+)\[(\d+)\]")
 _IMAGE_FIELDS = ("image", "subject_images", "subject_image_list", "scene_image", "style_image")
 
 
+#: Options whose value is a credential, and the environment variable that can
+#: carry it instead: a hint that shows the command line never shows their values.
+CREDENTIAL_OPTIONS: Mapping[str, str] = {
+    "--api-key": ENV_API_KEY,
+    "--access-key": ENV_ACCESS_KEY,
+    "--secret-key": ENV_SECRET_KEY,
+}
+
+
+def rerun_hint(arguments: Sequence[str], *, dropped: Sequence[str] = ()) -> str:
+    """The line that tells how to continue an interrupted run: the command as typed
+    (``arguments`` without the program name), less the flags in ``dropped`` and
+    less every credential option with its value (``--api-key X`` or
+    ``--api-key=X``), whose environment variable the line names instead.
+
+    Terminal scrollback, CI logs and log collectors keep stderr: a key typed on
+    the command line must not be copied there.
+    """
+    kept: list[str] = []
+    needs: dict[str, str] = {}  # option -> its environment variable
+    position = 0
+    while position < len(arguments):
+        argument = arguments[position]
+        position += 1
+        if argument == "--":  # the rest are arguments, whatever they look like
+            kept.extend(arguments[position - 1 :])
+            break
+        name = argument.partition("=")[0]
+        if name in CREDENTIAL_OPTIONS:
+            needs[name] = CREDENTIAL_OPTIONS[name]
+            if "=" not in argument:
+                position += 1  # its value is the next argument
+            continue
+        if argument not in dropped:
+            kept.append(argument)
+    command = shlex.join(["kling-async", *kept])
+    if not needs:
+        return f"run it again to continue where it stopped: {command}"
+    where = " and ".join(f"the value of {option} in {env}" for option, env in needs.items())
+    return f"run it again to continue where it stopped, with {where}: {command}"
+
+
 def offline_state_file() -> Path:
     """Where the offline simulation keeps its tasks: the user's cache directory
     (``$XDG_CACHE_HOME``, else the platform's own), ``kling-async/offline-tasks.json``."""
@@ -156,7 +198,8 @@ class Settings:
     batch: Batch | None = None
     #: Whether the command looks at multi-image tasks (for the not-found hint).
     multi: bool = False
-    #: The command that continues an interrupted run, if it can be continued.
+    #: The line telling how to continue an interrupted run (:func:`rerun_hint`),
+    #: if it can be continued.
     rerun: str | None = None
     #: How this command's options spell request fields, if it takes them.
     flags: Mapping[str, str] | None = None
@@ -219,9 +262,25 @@ class Settings:
         """
         terminated: list[bool] = []
         try:
-            return asyncio.run(_awaited(work, terminated))
+            return asyncio.run(_awaited(work, terminated, self._stop_now))
         except KeyboardInterrupt:
             self._interrupted(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+    def _stop_now(self) -> NoReturn:
+        """A second SIGTERM while the first one's clean stop runs: whatever that
+        stop waits for (a create on the wire, a journal that does not answer),
+        the process ends now. The batch's journal recorded every create before
+        it was sent, so running the command again settles what this cuts short."""
+        self.stderr.print(
+            "terminated again: stopped at once; creates that were on the wire may have "
+            "landed on Kling",
+            soft_wrap=True,
+        )
+        if self.rerun:
+            self.stderr.print(escape(self.rerun), soft_wrap=True)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_TERMINATED)
 
     def _interrupted(self, status: int) -> NoReturn:
         if self.batch is not None:
@@ -238,7 +297,7 @@ class Settings:
         else:
             self.stderr.print("interrupted; nothing was submitted")
         if self.rerun:
-            self.stderr.print(f"run it again to continue where it stopped: {self.rerun}")
+            self.stderr.print(escape(self.rerun), soft_wrap=True)
         sys.exit(status)
 
     def fail(self, error: BaseException) -> NoReturn:
@@ -328,14 +387,22 @@ class Settings:
         return str(error)
 
 
-async def _awaited(work: Callable[[], Awaitable[T]], terminated: list[bool]) -> T:
+async def _awaited(
+    work: Callable[[], Awaitable[T]],
+    terminated: list[bool],
+    stop_now: Callable[[], NoReturn],
+) -> T:
     """``work()``, with SIGTERM taken like Ctrl-C: the work is cancelled and
-    cleans up, then :class:`KeyboardInterrupt` reaches ``Settings.run``."""
+    cleans up, then :class:`KeyboardInterrupt` reaches ``Settings.run``. A
+    second SIGTERM calls ``stop_now``: a stop never depends on the clean-up
+    finishing."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     assert me is not None
 
     def terminate() -> None:
+        if terminated:
+            stop_now()
         terminated.append(True)
         me.cancel()
 
@@ -933,11 +1000,15 @@ def _resolved_images(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     return fixed
 
 
-def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict[str, Any]]]:
+def _read_requests(
+    path: Path,
+) -> tuple[list[tuple[int, TaskRequest | BatchItem]], list[dict[str, Any]]]:
     """Parse a JSONL file: one request object (or a bare prompt string) per line.
 
     Returns the valid requests with their line numbers, and a result record for
-    every invalid line (nothing is sent for those).
+    every invalid line (nothing is sent for those). A request object may carry a
+    ``"key"``, its idempotency key (a :class:`BatchItem`'s): the line is that
+    request whatever else changes in the file; one key per line.
     """
     try:
         # utf-8-sig: a byte-order mark, as some Windows editors write, is not content.
@@ -949,18 +1020,31 @@ def _read_requests(path: Path) -> tuple[list[tuple[int, TaskRequest]], list[dict
             param_hint="REQUESTS_FILE",
         ) from None
     settings = _settings()
-    requests: list[tuple[int, TaskRequest]] = []
+    requests: list[tuple[int, TaskRequest | BatchItem]] = []
     invalid: list[dict[str, Any]] = []
+    key_lines: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             data = json.loads(line)
+            key = None
             if isinstance(data, str):
                 data = {"prompt": data}
             elif isinstance(data, dict):
+                key = data.pop("key", None)
                 data = _resolved_images(data, path.parent)
-            requests.append((number, read_image_files(request_from_mapping(data))))
+            request = read_image_files(request_from_mapping(data))
+            if key is None:
+                requests.append((number, request))
+                continue
+            item = BatchItem(request=request, key=key)
+            if item.key in key_lines:
+                raise ValidationError(
+                    "key", f"{item.key!r} is also the key of line {key_lines[item.key]}"
+                )
+            key_lines[item.key] = number
+            requests.append((number, item))
         except ValueError as error:
             if not isinstance(error, ValidationError):
                 error = ValidationError("line", f"is not JSON ({error})")
@@ -1057,6 +1141,7 @@ class _BatchRun:
 
     settings: Settings
     lines: list[int]
+    keys: list[str | None]
     results: _Results
     out: Path | None
     display: _BatchProgress
@@ -1100,6 +1185,8 @@ class _BatchRun:
             "status": str(result.task.status) if result.task else "error",
             "error": self.settings.error_record(result.error) if result.error else None,
         }
+        if self.keys[result.index] is not None:
+            record["key"] = self.keys[result.index]
         if result.resumed:
             record["resumed"] = True
         task = result.task
@@ -1134,7 +1221,7 @@ class _BatchRun:
 
 async def _run_batch(
     settings: Settings,
-    numbered: list[tuple[int, TaskRequest]],
+    numbered: list[tuple[int, TaskRequest | BatchItem]],
     invalid: list[dict[str, Any]],
     out: Path | None,
     results_path: Path,
@@ -1146,7 +1233,8 @@ async def _run_batch(
     lines = [number for number, _ in numbered]
     display = _BatchProgress(settings, len(numbered))
     results = _Results(results_path, {*lines, *(line["line"] for line in invalid)})
-    run = _BatchRun(settings, lines, results, out, display)
+    keys = [item.key if isinstance(item, BatchItem) else None for _, item in numbered]
+    run = _BatchRun(settings, lines, keys, results, out, display)
     with results, display.progress:
         for line in invalid:
             results.add(line)
@@ -1154,7 +1242,7 @@ async def _run_batch(
                 click.echo(json.dumps(line))
         async with settings.client(max_concurrency=concurrency) as client:
             batch = client.batch(
-                (request for _, request in numbered),
+                (item for _, item in numbered),
                 max_in_flight=max_in_flight,
                 journal=journal,
                 name=name,
@@ -1215,6 +1303,12 @@ def batch(
     line is created twice, what ended is not sent again, and the results file
     ends with exactly one record per line. --fresh starts over.
 
+    A line is known by its content (identical lines are distinct requests), so
+    fixing, adding or deleting other lines between runs never creates it again;
+    editing it makes it a new request. A request object may carry its own
+    "key" (a string, unique in the output directory): the line is then that
+    key whatever its content, its idempotency key.
+
     Image paths in the file are relative to the file's folder. Invalid lines are
     reported and never sent. Exits 0 when every request succeeded, 1 otherwise.
     """
@@ -1241,9 +1335,7 @@ def batch(
     if fresh:
         for path in (journal, *_journal_companions(journal), results_path):
             path.unlink(missing_ok=True)
-    settings.rerun = shlex.join(
-        ["kling-async", *(argument for argument in sys.argv[1:] if argument != "--fresh")]
-    )
+    settings.rerun = rerun_hint(sys.argv[1:], dropped=("--fresh",))
     started = time.monotonic()
     run = settings.run(
         lambda: _run_batch(

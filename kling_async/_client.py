@@ -339,8 +339,11 @@ class Client:
         (quota used up, IP whitelist, credentials) stops the batch and is raised.
 
         With a ``journal`` (a path or a :class:`Journal`), each request is recorded
-        under a key made of ``name``, its position and its content, so running the
-        same batch again (after a crash, Ctrl-C or a kill) skips what is done:
+        under a key: its own, given as ``BatchItem(request, key=...)`` (the
+        idempotency key), else one made of ``name``, its content and how many
+        identical requests precede it (never its position, so editing, inserting
+        or deleting other requests changes nothing for it). Running the same batch
+        again (after a crash, Ctrl-C or a kill) skips what is done:
         a request whose task ended comes back as a result read from the journal
         (``result.resumed``), one in flight is re-attached, one whose create may
         have landed is looked up before it is sent again. Nothing is created twice.

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from kling_async import ImageGenerationRequest
-from kling_async._cli import Settings, _BatchProgress, main
+from kling_async._cli import Settings, _BatchProgress, main, rerun_hint
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, assert_valid_png, clean_env, fake_server_process, make_client
 from tests.imagedata import png
@@ -729,3 +729,23 @@ def test_without_click_importing_the_cli_works_and_running_it_says_what_to_insta
     assert result.returncode == 1
     assert "pip install '.[cli]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--api-key", "sk-SECRET", "--base-url", "http://x", "batch", "p.jsonl"],
+        ["--api-key=sk-SECRET", "--base-url", "http://x", "batch", "p.jsonl"],
+        ["--base-url", "http://x", "--api-key", "sk-SECRET", "batch", "p.jsonl", "--fresh"],
+    ],
+)
+def test_the_rerun_hint_names_the_variable_never_the_key(arguments: list[str]) -> None:
+    hint = rerun_hint(arguments, dropped=("--fresh",))
+    assert "sk-SECRET" not in hint
+    assert "KLING_API_KEY" in hint
+    assert hint.endswith(": kling-async --base-url http://x batch p.jsonl")
+
+
+def test_the_rerun_hint_keeps_arguments_after_a_double_dash() -> None:
+    hint = rerun_hint(["batch", "--", "--api-key"])
+    assert hint == "run it again to continue where it stopped: kling-async batch -- --api-key"

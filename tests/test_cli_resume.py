@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -74,6 +75,9 @@ def test_an_interrupted_batch_run_again_creates_no_line_twice(
     assert process.returncode == status
     assert "Traceback" not in stderr
     assert "run it again to continue where it stopped" in stderr
+    # The key was typed with --api-key: the hint names its variable, never its value.
+    assert API_KEY not in stderr
+    assert "KLING_API_KEY" in stderr
     before = records(out)
     assert before  # flushed, not left empty (SIGTERM used to leave it so)
     assert len({record["line"] for record in before}) == len(before)
@@ -146,3 +150,46 @@ def test_resume_settles_a_journal_left_by_a_killed_batch(
         check=False,
     )
     assert "nothing to resume" in nothing.stderr
+
+
+def test_a_second_sigterm_stops_a_batch_whose_clean_stop_waits(tmp_path: Path) -> None:
+    # Creates answered after 30 s: the first SIGTERM's clean stop waits for the
+    # creates on the wire; a second SIGTERM ends the process at once.
+    with fake_server_process("--create-delay", "30", api_key=API_KEY) as slow:
+        requests = write_lines(tmp_path / "prompts.jsonl", 3, invalid=False)
+        out = tmp_path / "out"
+        args = command(slow, "batch", str(requests), "--out", str(out), "--no-download")
+        process = subprocess.Popen(
+            args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        deadline = time.monotonic() + 20
+        while slow.stats()["requests"]["create"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(0.5)  # still settling the creates on the wire
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=5)
+    assert process.returncode == 143
+    assert "stopped at once" in stderr
+    assert "run it again to continue where it stopped" in stderr
+    assert API_KEY not in stderr
+
+
+def test_an_offline_batch_killed_with_sigkill_continues_when_run_again(tmp_path: Path) -> None:
+    # The offline simulation's server dies with the CLI: only what it wrote
+    # through to its state file tells the rerun about the tasks already made.
+    requests = write_lines(tmp_path / "prompts.jsonl", 8, invalid=False)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "kling_async", "--mock", "--mock-task-seconds", "1"]
+    args += ["batch", str(requests), "--out", str(out), "--no-download", "--concurrency", "4"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stop_once_running(process, out, signal.SIGKILL)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "finished in an earlier run" in again.stderr
+    state = json.loads(
+        (Path(os.environ["XDG_CACHE_HOME"]) / "kling-async" / "offline-tasks.json").read_text()
+    )
+    prompts = sorted(task["body"]["prompt"] for task in state["tasks"])
+    assert prompts == sorted(f"resume line {number}" for number in range(8))  # each once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -37,6 +38,9 @@ class TaskBook:
     )
     live: dict[str, FakeTask] = attrs.field(factory=dict, init=False)
     created: int = attrs.field(default=0, init=False)
+    #: Called after every change of a task (created, processing, ended): the
+    #: server's state file is written through from it.
+    on_change: Callable[[], None] = attrs.field(default=lambda: None, init=False)
     _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
     _origin: str = attrs.field(default="", init=False)
 
@@ -76,6 +80,7 @@ class TaskBook:
         self.created += 1
         self.quota.change(task.n)
         self._schedule(task)
+        self.on_change()
         return task
 
     def end(self, task: FakeTask, failure: str | None) -> None:
@@ -94,6 +99,7 @@ class TaskBook:
         task._changed(self._now_ms())
         del self.live[task.task_id]
         self.quota.change(-task.n)
+        self.on_change()
         self.callbacks.notify(task)
 
     def _now_ms(self) -> int:
@@ -133,6 +139,7 @@ class TaskBook:
             return
         task.status = "processing"
         task._changed(self._now_ms())
+        self.on_change()
         self.callbacks.notify(task)
 
     def _time_up(self, task: FakeTask) -> None:

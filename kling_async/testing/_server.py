@@ -31,7 +31,7 @@ from ._options import (
     WireShapes,
 )
 from ._protocol import ENDPOINTS
-from ._state import load_tasks, save_tasks
+from ._state import StateWriter, load_tasks
 from ._tasks import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeTask
 
 __all__ = ["DEFAULT_FAILURE_MESSAGE", "FAIL_MARKER", "FakeKlingServer"]
@@ -121,12 +121,15 @@ class FakeKlingServer:
         and ``webhook-signature``. Several secrets give several signatures, as
         during a rotation. Each is ``whsec_`` followed by base64.
     ``state_file``
-        a JSON file the tasks are loaded from on start and saved to on close
+        a JSON file the tasks are loaded from on start and written through to
         (merged with what it holds then), so that a server started later
         knows them: the CLI's offline simulation keeps its tasks between
-        commands this way. Tasks still running resume their timers from their
-        creation time; images and callback URLs are not kept. A missing or
-        unreadable file starts empty.
+        commands this way. Every change is on disk before the server's next
+        answer leaves (a change no answer follows, within 50 ms), by an atomic
+        replace: a server killed at any moment, SIGKILL included, loses no
+        task whose create it answered. Tasks still running resume their timers
+        from their creation time; images and callback URLs are not kept. A
+        missing or unreadable file starts empty.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class FakeKlingServer:
         self._options = options
         self._api = FakeApi.build(options)
         self._runner: web.AppRunner | None = None
+        self._state: StateWriter | None = None
         self._closing: asyncio.Event | None = None
         self._port: int | None = None
         self._closed = False
@@ -189,10 +193,22 @@ class FakeKlingServer:
             raise RuntimeError("a FakeKlingServer can be started only once")
         self._api.auth.require_library()
         self._closing = asyncio.Event()
+        app = make_app(self._api, self._closing)
+        if self._options.state_file is not None:
+            state = StateWriter(self._options.state_file, lambda: self._api.book.tasks.values())
+            self._api.book.on_change = state.changed
+
+            async def written_through(_request: web.BaseRequest, _response: object) -> None:
+                # Before the answer's first byte: a client told of a task can
+                # count on a server killed after that to know it.
+                await state.written()
+
+            app.on_response_prepare.append(written_through)
+            self._state = state
         # A short shutdown timeout: a client stuck in a slow response must not
         # hold up a test's teardown.
         runner = web.AppRunner(
-            make_app(self._api, self._closing),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=1.0,
@@ -219,8 +235,8 @@ class FakeKlingServer:
         if self._runner is not None:
             await self._runner.cleanup()
         await self._api.book.close()
-        if self._options.state_file is not None and self._runner is not None:
-            save_tasks(self._options.state_file, self._api.book.tasks.values())
+        if self._state is not None and self._runner is not None:
+            self._state.close()
 
     async def __aenter__(self) -> FakeKlingServer:
         await self.start()

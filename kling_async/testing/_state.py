@@ -5,23 +5,37 @@ is what lets ``status``, ``list`` and ``download`` find a task an earlier
 ``generate`` made. The file is a convenience of a simulation, not a database:
 a missing or unreadable one starts empty, and it keeps the newest
 :data:`MAX_SAVED_TASKS` tasks.
+
+It is written through (:class:`StateWriter`): every change of a task is on disk
+before the server's next answer leaves, and a change no answer follows (a
+task's timer ending it) within :data:`WRITE_DELAY` seconds. Each write replaces
+the whole file atomically, so a server killed at any moment (SIGKILL included)
+leaves the file as of its last answer: a task whose create was answered is
+never lost, and a rerun of a killed batch finds it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ._tasks import FakeTask
 
-__all__ = ["MAX_SAVED_TASKS", "load_tasks", "save_tasks"]
+__all__ = ["MAX_SAVED_TASKS", "WRITE_DELAY", "StateWriter", "load_tasks"]
+
+logger = logging.getLogger("kling_async.testing")
 
 MAX_SAVED_TASKS = 1000
+#: Seconds a change no answer follows waits to be written: changes that come
+#: together (tasks of a batch ending) make one write.
+WRITE_DELAY = 0.05
 _FORMAT = "kling-async fake server state 1"
 # Not kept: images may be megabytes of base64, and a callback URL would send a
 # later run's updates to a receiver long gone.
@@ -87,26 +101,125 @@ def load_tasks(path: str | os.PathLike[str]) -> list[FakeTask]:
     return tasks
 
 
-def save_tasks(path: str | os.PathLike[str], tasks: Iterable[FakeTask]) -> None:
-    """Save ``tasks`` to ``path``, merged into what it holds now (another process
-    may have saved since this one loaded), keeping the newest
-    :data:`MAX_SAVED_TASKS`. Written to a temporary file and renamed, so a
-    reader never sees half a file. Raises ``OSError`` if it cannot be written.
+class StateWriter:
+    """Keeps ``path`` current with ``tasks()``: :meth:`changed` marks the tasks
+    dirty, :meth:`flush` writes them if they are (one atomic replace however
+    many changes came since the last one).
+
+    The server awaits :meth:`written` before each answer it sends, so what an
+    answer told a client (a task created) is on disk before the client hears
+    it; a timer flushes changes no answer follows. A write that fails is logged
+    and tried again at the next flush; :meth:`close` raises its ``OSError``.
+
+    Writes stay cheap however often they come: each task is encoded again only
+    when it changed, and the file is read back (to keep the tasks another
+    server saved in it since) only when someone else wrote it.
     """
-    target = Path(path)
-    merged = {task.task_id: task for task in load_tasks(target)}
-    merged.update((task.task_id, task) for task in tasks)
-    newest = sorted(merged.values(), key=lambda task: task.created_at_ms)[-MAX_SAVED_TASKS:]
+
+    def __init__(
+        self, path: str | os.PathLike[str], tasks: Callable[[], Iterable[FakeTask]]
+    ) -> None:
+        self._path = Path(path)
+        self._tasks = tasks
+        self._dirty = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._group: asyncio.Future[None] | None = None
+        self._failing = False
+        #: This server's tasks as saved: task_id -> (updated_at_ms, its record's JSON).
+        self._encoded: dict[str, tuple[int, str]] = {}
+        #: Tasks other servers saved in the file: task_id -> (created_at_ms, JSON).
+        self._others: dict[str, tuple[int, str]] = {}
+        #: The file as this writer left it (inode, mtime, size), to tell another's write.
+        self._left: tuple[int, int, int] | None = None
+
+    def changed(self) -> None:
+        """A task was created or changed: write it soon, and before the next answer."""
+        self._dirty = True
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(WRITE_DELAY, self._on_timer)
+
+    async def written(self) -> None:
+        """Return once every change made so far is on disk (or its write failed
+        and was logged). Callers that ask in the same moment (answers prepared in
+        one turn of the event loop) share one write."""
+        if not self._dirty:
+            return
+        if self._group is None:
+            loop = asyncio.get_running_loop()
+            self._group = loop.create_future()
+            loop.call_soon(self._write_group)
+        await asyncio.shield(self._group)
+
+    def _write_group(self) -> None:
+        group, self._group = self._group, None
+        self.flush()
+        if group is not None and not group.done():
+            group.set_result(None)
+
+    def flush(self) -> None:
+        """Write the tasks now if anything changed since the last write; a failure
+        is logged (once while it lasts) and left for the next flush."""
+        try:
+            self._write()
+        except OSError as error:
+            if not self._failing:
+                logger.warning("the fake server cannot save its tasks in %s: %s", self._path, error)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def close(self) -> None:
+        """Stop the timer and write what is left; raises ``OSError`` if it cannot."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._dirty = True  # one last write even when nothing changed, as before
+        self._write()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            status = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return status.st_ino, status.st_mtime_ns, status.st_size
+
+    def _write(self) -> None:
+        if not self._dirty:
+            return
+        if self._left is None or self._stamp() != self._left:
+            self._others = {}
+            for record in _read(self._path):
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    self._others[str(record["task_id"])] = (
+                        int(record["created_at_ms"]),
+                        json.dumps(record, separators=(",", ":")),
+                    )
+        merged = dict(self._others)
+        for task in self._tasks():
+            saved = self._encoded.get(task.task_id)
+            if saved is None or saved[0] != task.updated_at_ms:
+                saved = (task.updated_at_ms, json.dumps(_record(task), separators=(",", ":")))
+                self._encoded[task.task_id] = saved
+            merged[task.task_id] = (task.created_at_ms, saved[1])
+        newest = sorted(merged.values(), key=lambda item: item[0])[-MAX_SAVED_TASKS:]
+        tasks = ",".join(encoded for _, encoded in newest)
+        text = f'{{"format":{json.dumps(_FORMAT)},"tasks":[{tasks}]}}'
+        _replace(self._path, text)
+        self._left = self._stamp()
+        self._dirty = False
+
+
+def _replace(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` by an atomic rename: a reader (or a kill) never
+    meets half a file. Raises ``OSError`` if it cannot be written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     try:
-        partial.write_text(
-            json.dumps(
-                {"format": _FORMAT, "tasks": [_record(task) for task in newest]},
-                separators=(",", ":"),
-            ),
-            encoding="utf-8",
-        )
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):
