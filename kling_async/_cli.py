@@ -53,6 +53,7 @@ from ._exceptions import (
     KlingError,
     NotFoundError,
     TaskFailedError,
+    TaskNotFoundError,
     TaskTimeoutError,
     ValidationError,
 )
@@ -302,6 +303,11 @@ class Settings:
         text = str(error)
         if error.hint and text.endswith(error.hint):
             text = text[: -len(error.hint)].rstrip()
+        if isinstance(error, TaskNotFoundError):
+            return (
+                f"{text} It is settled as gone and will not be created again. If it should "
+                "exist, check --base-url and the key; else run the request again (a new task)."
+            )
         if isinstance(error, NotFoundError):
             other = (
                 "A text-to-image task is found only without --multi-image."
@@ -1097,7 +1103,11 @@ class _BatchRun:
             "external_task_id": (
                 result.handle.external_task_id if result.handle else result.request.external_task_id
             ),
-            "status": str(result.task.status) if result.task else "error",
+            "status": str(result.task.status)
+            if result.task
+            else "gone"
+            if isinstance(result.error, TaskNotFoundError)
+            else "error",
             "error": self.settings.error_record(result.error) if result.error else None,
         }
         if result.resumed:
@@ -1312,6 +1322,9 @@ def resume(journal: Path, out: Path | None, timeout: float) -> None:
                     task = await handle.wait(timeout=timeout)
                 except TaskFailedError as error:
                     task = error.task
+                except TaskNotFoundError as error:  # an outcome: say so, go on
+                    settings.stderr.print(f"[yellow]{escape(settings.describe(error))}[/yellow]")
+                    continue
                 paths = []
                 if out is not None and task.status is TaskStatus.SUCCEED:
                     paths = await _save_images(settings, client, task, out, False)
