@@ -49,7 +49,7 @@ BAD_KEY = AuthenticationError("invalid", code=1002, http_status=401)
 BAD_FIELD = InvalidRequestError("aspect_ratio: must be one of 1:1, 16:9", code=1201)
 # A 2xx answer nobody can read: cut short, a gateway's HTML page, success
 # without a task_id (what the transport and parse_created raise for them).
-CUT_SHORT = APIError("response is not JSON (body: '{\"code\":0,\"da')", http_status=200)
+CUT_SHORT = APIError('response is not JSON (body: \'{"code":0,"da\')', http_status=200)
 HTML_PAGE = APIError("response is not JSON (body: '<html>')", http_status=200)
 NO_TASK_ID = APIError("answered with success but no task_id", http_status=200)
 HTML_502 = ServerError("response is not JSON (body: '<html>')", http_status=502)
