@@ -1103,11 +1103,7 @@ class _BatchRun:
             "external_task_id": (
                 result.handle.external_task_id if result.handle else result.request.external_task_id
             ),
-            "status": str(result.task.status)
-            if result.task
-            else "gone"
-            if isinstance(result.error, TaskNotFoundError)
-            else "error",
+            "status": _result_status(result),
             "error": self.settings.error_record(result.error) if result.error else None,
         }
         if result.resumed:
@@ -1140,6 +1136,14 @@ class _BatchRun:
             # Read back from the journal, its URLs may be stale: ask Kling again.
             fresh = await client.images.get(task.task_id, endpoint=result.request.endpoint)
             return await client.download(fresh, self.out)
+
+
+def _result_status(result: BatchResult) -> str:
+    """A batch line's status: the task's, else ``gone`` (Kling no longer knows
+    the task) or ``error`` (no task)."""
+    if result.task is not None:
+        return str(result.task.status)
+    return "gone" if isinstance(result.error, TaskNotFoundError) else "error"
 
 
 async def _run_batch(

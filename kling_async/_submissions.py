@@ -500,12 +500,13 @@ class Submissions:
         self._follow_in(submission.ledger, state, created)
         if limiter is not None:
             submission.holding = False  # the task holds them now, or already did
-            if self._hold(state, limiter, submission.units):
-                _quietly("created", limiter.created, submission.units)
-            else:
+            if state in self._held:
                 # Another create or resume of this id settled on the same task
                 # first and holds its units: these were this create's own.
                 _quietly("release", limiter.release, submission.units, created=False)
+            else:
+                _quietly("created", limiter.created, submission.units)
+                self._hold(state, limiter, submission.units)
         handle = TaskHandle(self._tracker, state, request)
         if not submission.result.done():
             submission.result.set_result(handle)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from kling_async import (
     TaskNotFoundError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, fake_server_process, make_client
 
 STEP = 5.0  # no outcome within this is a hang
 
@@ -162,6 +165,11 @@ class AlwaysFails(MemoryLedger):
         raise OSError(28, "No space left on device")
 
 
+class FlushFails(MemoryLedger):
+    async def flush(self) -> None:
+        raise OSError(5, "Input/output error")
+
+
 class RaisingLimiter(ConcurrencyLimiter):
     """A custom limiter whose bookkeeping hooks fail."""
 
@@ -192,6 +200,20 @@ async def test_a_ledger_failing_every_time_fails_the_create_with_its_id(
     assert caught.value.create_outcome == "nothing was sent"
     assert not server.tasks  # the intent was not recorded: nothing was sent
     assert any("unexpected error in the create" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_ledger_that_cannot_flush_fails_the_create_before_sending(
+    server: FakeKlingServer,
+) -> None:
+    async with make_client(server, ledger=FlushFails()) as client:
+        with pytest.raises(KlingError) as caught:
+            await asyncio.wait_for(client.images.generate(prompt="p", external_task_id="e2"), STEP)
+    assert (caught.value.external_task_id, caught.value.create_outcome) == (
+        "e2",
+        "nothing was sent",
+    )
+    assert isinstance(caught.value.__cause__, OSError)
+    assert not server.requests_for("create")
 
 
 async def test_a_limiter_whose_hooks_raise_cannot_strand_a_create(
@@ -322,3 +344,31 @@ async def test_one_not_found_answer_is_asked_again_before_settling(
     server.inject("error", route="get", code=1203, times=1)
     task = await asyncio.wait_for(handle.wait(), STEP)
     assert task.task_id == handle.task_id
+
+
+def test_cli_resume_says_a_forgotten_task_is_gone_and_what_to_do(tmp_path: Path) -> None:
+    journal = tmp_path / "kling-journal.db"
+    [task_id] = asyncio.run(created_elsewhere(journal, 1))
+    with fake_server_process(api_key=API_KEY) as other:  # knows none of those tasks
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kling_async",
+                "--base-url",
+                other.url,
+                "resume",
+                str(journal),
+                "--timeout",
+                "20",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "KLING_API_KEY": API_KEY},
+        )
+    assert done.returncode == 0, done.stderr
+    message = " ".join(done.stderr.split())
+    assert f"task {task_id}" in message
+    assert "settled as gone" in message
+    assert "check --base-url" in message
