@@ -261,6 +261,8 @@ async def test_a_task_settled_twice_holds_its_units_once() -> None:
             handle = await client.images.generate(prompt="p")
             [again] = await asyncio.wait_for(client.resume(), STEP)  # looks the id up: found
             assert again.task_id == handle.task_id
+            assert not handle.done()
+            assert limiter.in_use == 1  # one task, held once
             await asyncio.wait_for(handle.wait(), STEP)
             await eventually(lambda: limiter.in_use == 0)
             assert limiter.running == 0
@@ -372,3 +374,27 @@ def test_cli_resume_says_a_forgotten_task_is_gone_and_what_to_do(tmp_path: Path)
     assert f"task {task_id}" in message
     assert "settled as gone" in message
     assert "check --base-url" in message
+
+
+async def test_a_batch_meeting_a_create_live_in_this_process_follows_it(
+    tmp_path: Path,
+) -> None:
+    # Two runs of one batch over one journal in one process: the second finds
+    # the first's create on the wire and follows it instead of sending it again.
+    requests = [ImageGenerationRequest(prompt="p")]
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.1) as server:
+        server.inject("delay", route="create", delay=0.5, times=1)
+        async with make_client(server, journal=tmp_path / "j.db") as client:
+            journal = client.ledger
+            assert isinstance(journal, Journal)
+            first = asyncio.ensure_future(client.batch(requests, journal=journal).collect())
+            await eventually(lambda: server.requests_for("create"))
+            second = await asyncio.wait_for(client.batch(requests, journal=journal).collect(), STEP)
+            [result] = await asyncio.wait_for(first, STEP)
+            assert client.limiter is None or client.limiter.in_use == 0
+    assert len(server.requests_for("create")) == 1
+    assert second[0].ok
+    assert result.ok
+    assert second[0].task is not None
+    assert result.task is not None
+    assert second[0].task.task_id == result.task.task_id
