@@ -9,7 +9,14 @@
 4. sends, and settles the outcome by the pure rules of ``_create_rules``:
    created (a task_id), not created, or uncertain, looking the id up after any
    ambiguous failure and across 1303 re-queues, always under the same id;
-5. hands the task to the tracker, holding its units until it ends.
+5. hands the task to the tracker, holding its units until it ends (once per
+   task, whoever settles it) or turns out gone (Kling answers 1203 for it:
+   :class:`TaskNotFoundError`, the entry settled ``gone``).
+
+Whatever a user-supplied ledger or limiter raises, the caller gets its handle
+or an error carrying the external_task_id, and the failure is logged; a ledger
+that cannot record or flush the intent stops the create before it is sent.
+``resume()`` leaves alone the creates this process is running.
 
 The work runs in a task of its own (the *runner*), so the caller's coroutine
 may be cancelled at any point without cutting a create short: one still queued
@@ -617,7 +624,7 @@ class Submissions:
         entry, ledger = state.entry, state.ledger
         if entry is None or ledger is None or entry.state.settled:
             return
-        moved = entry.moved(EntryState.GONE, error=str(error))
+        moved = entry.moved(EntryState.GONE, error=error.message)
         state.entry = moved
         _quietly("record", ledger.record, moved)
 
@@ -779,6 +786,8 @@ def _following(live: Submission, on_admitted: Callable[[], None] | None) -> Subm
     def copy_outcome(result: asyncio.Future[TaskHandle]) -> None:
         follower.phase = Phase.SETTLED
         follower.uncertain = live.uncertain
+        if follower.result.done():
+            return
         if result.cancelled():
             follower.result.cancel()
         elif result.exception() is not None:

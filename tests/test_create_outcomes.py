@@ -398,3 +398,21 @@ async def test_a_batch_meeting_a_create_live_in_this_process_follows_it(
     assert second[0].task is not None
     assert result.task is not None
     assert second[0].task.task_id == result.task.task_id
+
+
+async def test_a_gone_task_read_back_says_why_once(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    await created_elsewhere(journal, 1)
+    async with FakeKlingServer(api_key=API_KEY) as second:
+        async with make_client(second, journal=journal) as client:
+            [handle] = await client.resume()
+            with pytest.raises(TaskNotFoundError) as live:
+                await asyncio.wait_for(handle.wait(), STEP)
+        read = Journal(journal)
+        [entry] = [e for e in await read.entries() if e.state is EntryState.GONE]
+        await read.close()
+    text = str(live.value)
+    assert text.count(TaskNotFoundError.hint) == 1
+    assert entry.error is not None
+    assert TaskNotFoundError.hint not in entry.error
+    assert f"task {handle.task_id}" in entry.error
