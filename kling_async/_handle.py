@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 from collections.abc import AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any, Final
@@ -106,7 +107,7 @@ class TaskHandle:
         if gone is not None or (latest is not None and latest.is_terminal):
             future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
             if gone is not None:
-                future.set_exception(gone)
+                future.set_exception(_fresh(gone))
             else:
                 assert latest is not None
                 _settle(future, latest)
@@ -137,7 +138,7 @@ class TaskHandle:
             if current is not None:
                 yield current
             if self._state.gone is not None:
-                raise self._state.gone
+                raise _fresh(self._state.gone)
             while current is None or not current.is_terminal:
                 item = await queue.get()
                 if isinstance(item, KlingError):
@@ -152,6 +153,15 @@ class TaskHandle:
     def __repr__(self) -> str:
         status = self.status.value if self.status else "unknown"
         return f"<TaskHandle {self.endpoint.value} task_id={self.task_id!r} status={status}>"
+
+
+def _fresh(error: KlingError) -> KlingError:
+    """A copy of ``error`` to raise once more: raising one object again and
+    again (every wait on a gone task) would grow its traceback without end."""
+    clone = copy.copy(error)
+    clone.__traceback__ = None
+    clone.__cause__ = error.__cause__
+    return clone
 
 
 def _settle(future: asyncio.Future[Task], task: Task) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -416,3 +417,20 @@ async def test_a_gone_task_read_back_says_why_once(tmp_path: Path) -> None:
     assert entry.error is not None
     assert TaskNotFoundError.hint not in entry.error
     assert f"task {handle.task_id}" in entry.error
+
+
+async def test_waiting_again_on_a_gone_task_gets_a_fresh_error(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    await created_elsewhere(journal, 1)
+    async with FakeKlingServer(api_key=API_KEY) as second:
+        async with make_client(second, journal=journal) as client:
+            [handle] = await client.resume()
+            errors = []
+            for _ in range(50):
+                with pytest.raises(TaskNotFoundError) as caught:
+                    await asyncio.wait_for(handle.wait(), STEP)
+                errors.append(caught.value)
+    depth = [len(traceback.extract_tb(error.__traceback__)) for error in errors]
+    assert max(depth) == depth[-1] < 10  # no traceback grows with each wait
+    assert errors[-1].task_id == handle.task_id
+    assert errors[-1].external_task_id == handle.external_task_id
