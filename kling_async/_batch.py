@@ -394,7 +394,9 @@ class Batch:
         elif entry.state is EntryState.TERMINAL and entry.task_id is not None:
             self._lookahead.release()
             self._ended_before(index, request, entry, journal)
-        elif entry.state is EntryState.CREATED and entry.task_id is not None:
+        elif entry.state in (EntryState.CREATED, EntryState.GONE) and entry.task_id is not None:
+            # Created: follow it. Gone (Kling no longer knew it): its outcome,
+            # TaskNotFoundError, comes out as the result; nothing is sent.
             self._lookahead.release()
             handle = self._submissions.reattach(
                 entry, ledger=journal, limiter=self._limiter, request=request
@@ -483,6 +485,9 @@ class Batch:
             return BatchResult(index=index, request=request, handle=handle, task=task, error=error)
 
         state = handle._state
+        if state.gone is not None:  # Kling no longer knows it: an outcome
+            self._finish(result(error=state.gone))
+            return
         if state.terminal:
             self._finish(result(state.latest))
             return

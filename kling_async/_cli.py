@@ -53,6 +53,7 @@ from ._exceptions import (
     KlingError,
     NotFoundError,
     TaskFailedError,
+    TaskNotFoundError,
     TaskTimeoutError,
     ValidationError,
 )
@@ -361,6 +362,11 @@ class Settings:
         text = str(error)
         if error.hint and text.endswith(error.hint):
             text = text[: -len(error.hint)].rstrip()
+        if isinstance(error, TaskNotFoundError):
+            return (
+                f"{text} It is settled as gone and will not be created again. If it should "
+                "exist, check --base-url and the key; else run the request again (a new task)."
+            )
         if isinstance(error, NotFoundError):
             other = (
                 "A text-to-image task is found only without --multi-image."
@@ -1182,7 +1188,7 @@ class _BatchRun:
             "external_task_id": (
                 result.handle.external_task_id if result.handle else result.request.external_task_id
             ),
-            "status": str(result.task.status) if result.task else "error",
+            "status": _result_status(result),
             "error": self.settings.error_record(result.error) if result.error else None,
         }
         if self.keys[result.index] is not None:
@@ -1217,6 +1223,14 @@ class _BatchRun:
             # Read back from the journal, its URLs may be stale: ask Kling again.
             fresh = await client.images.get(task.task_id, endpoint=result.request.endpoint)
             return await client.download(fresh, self.out)
+
+
+def _result_status(result: BatchResult) -> str:
+    """A batch line's status: the task's, else ``gone`` (Kling no longer knows
+    the task) or ``error`` (no task)."""
+    if result.task is not None:
+        return str(result.task.status)
+    return "gone" if isinstance(result.error, TaskNotFoundError) else "error"
 
 
 async def _run_batch(
@@ -1404,6 +1418,9 @@ def resume(journal: Path, out: Path | None, timeout: float) -> None:
                     task = await handle.wait(timeout=timeout)
                 except TaskFailedError as error:
                     task = error.task
+                except TaskNotFoundError as error:  # an outcome: say so, go on
+                    settings.stderr.print(f"[yellow]{escape(settings.describe(error))}[/yellow]")
+                    continue
                 paths = []
                 if out is not None and task.status is TaskStatus.SUCCEED:
                     paths = await _save_images(settings, client, task, out, False)

@@ -15,11 +15,17 @@ is table-tested without a server. ``_submissions`` carries them out.
 
 The rules in words:
 
-- an ambiguous failure (no answer after sending, a timeout, a 5xx) means the
-  task may exist: look it up, with backoff; if Kling has it, it is created;
-  if not, send again under the same id while the retry budget lasts;
+- an ambiguous failure (no answer after sending, a timeout, a 5xx, or a 2xx
+  answer that cannot be read: cut short, a gateway's HTML page, success with
+  no task_id) means the task may exist: look it up, with backoff; if Kling has
+  it, it is created; if not, send again under the same id while the retry
+  budget lasts;
+- "external_task_id already exists" is Kling saying it has a task of this id:
+  always looked up, never believed as a refusal (another try of the same
+  create landed, in this process or before a crash); if the lookups never
+  find it the create is *uncertain*, never "not created";
 - once a try may have landed, no refusal is believed until a lookup settles
-  it ("external_task_id already exists" is the landed try speaking);
+  it (a 1303 may be our own orphan holding the units);
 - 1303 (the account's quota is full) waits for units again, when the client
   has a limiter, with the same id; without one it is final;
 - 1302 and refused connections (nothing reached Kling) are sent again;
@@ -43,6 +49,7 @@ from ._exceptions import (
     APIError,
     AuthenticationError,
     ConcurrencyLimitError,
+    InvalidRequestError,
     KlingError,
     is_ambiguous,
     is_retryable,
@@ -51,6 +58,40 @@ from ._exceptions import (
 #: Lookups that settle a create which may have landed, whatever the retry
 #: policy says: a create is money, and a lost answer is usually one blip.
 MIN_LOOKUPS = 3
+
+#: Words by which a 1200/1201 refusal claims the external_task_id is taken.
+#: Kling's wording is not documented (and may be Chinese): any of them makes the
+#: refusal a claim that the task exists, which a lookup settles. A false match
+#: costs a few GETs; a miss would lose a billed task.
+_EXISTING_ID_WORDS = ("external", "exist", "duplicat", "already", "重复", "已存在")
+
+
+def claims_existing_id(error: KlingError) -> bool:
+    """Whether a create's refusal says a task of its external_task_id exists
+    ("external_task_id already exists"): Kling has the task, so it is looked up."""
+    if not isinstance(error, InvalidRequestError) or error.code not in (None, 1200, 1201):
+        return False
+    text = error.message.lower()
+    return any(word in text for word in _EXISTING_ID_WORDS)
+
+
+def is_unreadable_success(error: KlingError) -> bool:
+    """Whether ``error`` is an HTTP 2xx answer that could not be read as Kling's
+    envelope or as a task (no Kling code): whoever answered 2xx may well have
+    acted, so for a create it is as ambiguous as a lost answer, and for a lookup
+    it is worth asking again."""
+    return (
+        type(error) is APIError
+        and error.code is None
+        and error.http_status is not None
+        and 200 <= error.http_status < 300
+    )
+
+
+def may_have_landed(error: KlingError) -> bool:
+    """Whether a create that met ``error`` may have created its task: the one
+    place that decides ambiguity (see the module docstring)."""
+    return is_ambiguous(error) or is_unreadable_success(error) or claims_existing_id(error)
 
 
 class Step(enum.Enum):
@@ -86,6 +127,9 @@ class CreateProgress:
     lookups: int = 0
     failures: int = 0
     possibly_landed: bool = False
+    #: Kling said a task of this id exists ("already exists"): lookups that
+    #: never find it leave the create uncertain, not "not created".
+    claimed: bool = False
     resigned: bool = False
     settling: bool = False
     error: KlingError | None = attrs.field(default=None, eq=False)
@@ -165,7 +209,20 @@ def after_sent(
         context = {"policy": policy, "elapsed": elapsed, "can_requeue": can_requeue}
         return _resigning(after_sent, progress, error, sent, Step.SEND, context)
     failures = sent.failures + 1
-    if is_ambiguous(error):
+    if claims_existing_id(error):
+        # Kling has a task of this id: another try of this create landed (a
+        # lost answer, a resume elsewhere, a crash before the answer). Only a
+        # lookup can hand it over; sending again would hear the same.
+        claimed = attrs.evolve(
+            sent,
+            possibly_landed=True,
+            claimed=True,
+            settling=True,
+            failures=failures,
+            error=error,
+        )
+        return Decision(Step.LOOKUP, claimed)
+    if may_have_landed(error):
         landed = attrs.evolve(sent, possibly_landed=True, failures=failures, error=error)
         return Decision(Step.LOOKUP, landed, policy.delay(failures, _retry_after(error)))
     requeue = isinstance(error, ConcurrencyLimitError) and can_requeue
@@ -206,7 +263,8 @@ def after_lookup(
         if _resignable(found, looked):
             context = {"policy": policy, "elapsed": elapsed, "can_requeue": can_requeue}
             return _resigning(after_lookup, progress, found, looked, Step.LOOKUP, context)
-        if is_retryable(found) and looked.lookups < lookup_budget(policy):
+        worth_asking = is_retryable(found) or is_unreadable_success(found)
+        if worth_asking and looked.lookups < lookup_budget(policy):
             delay = policy.delay(failures, _retry_after(found))
             return Decision(Step.LOOKUP, attrs.evolve(looked, failures=failures), delay)
         return Decision(Step.UNCERTAIN, attrs.evolve(looked, error=looked.error or found))
@@ -222,6 +280,8 @@ def after_lookup(
         return Decision(
             Step.LOOKUP, attrs.evolve(looked, failures=failures), policy.delay(failures)
         )
+    if looked.claimed:  # Kling said it has the task: never "not created"
+        return Decision(Step.UNCERTAIN, looked)
     return Decision(Step.NOT_CREATED, looked)
 
 

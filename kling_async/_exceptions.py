@@ -17,6 +17,7 @@
         ├── PermissionDeniedError    1103, 1304
         ├── InvalidRequestError      1200, 1201
         ├── NotFoundError            1202, 1203
+        │   └── TaskNotFoundError    Kling no longer knows a task it created (an outcome)
         ├── ContentPolicyError       1300, 1301
         ├── RateLimitError           1302        (retried with backoff)
         ├── ConcurrencyLimitError    1303        (retried once capacity frees)
@@ -50,6 +51,7 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "TaskFailedError",
+    "TaskNotFoundError",
     "TaskTimeoutError",
     "TransportError",
     "UnknownPriceError",
@@ -239,6 +241,58 @@ class NotFoundError(APIError):
     hint = "Check the task id, model name and base_url."
 
 
+class TaskNotFoundError(NotFoundError):
+    """Kling answers "not found" (1203) for a task this client created or re-attached:
+    it belongs to another account or ``base_url``, was purged, or was only ever
+    simulated. An *outcome*, not a wait: the handle ends with this error (``await
+    handle`` raises it, ``handle.done()`` is True), the task's concurrency units
+    are given back, a batch reports it as the request's result and goes on, and a
+    journal settles the entry as ``gone`` (a rerun reports it and creates nothing).
+
+    ``task_id`` and ``external_task_id`` name the task. Nothing more will happen to
+    it from this client; if it should exist, check ``base_url`` and credentials,
+    else submit the request again (a new task, billed again).
+    """
+
+    hint = (
+        "Kling does not know this task (another account or base_url, or purged): it is "
+        "settled as gone. Check base_url and credentials, or submit the request again."
+    )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str | None = None,
+        external_task_id: str | None = None,
+        **details: Any,
+    ) -> None:
+        self.task_id = task_id
+        super().__init__(message, **details)
+        if external_task_id is not None:
+            self.external_task_id = external_task_id
+
+    @classmethod
+    def from_answer(
+        cls, answer: APIError, task_id: str, external_task_id: str | None
+    ) -> TaskNotFoundError:
+        """The outcome for ``task_id`` after Kling answered ``answer`` to its lookup."""
+        named = f"task {task_id}" + (
+            f" (external_task_id {external_task_id})" if external_task_id else ""
+        )
+        error = cls(
+            f"{named} is not known to Kling: {answer.message}",
+            task_id=task_id,
+            external_task_id=external_task_id,
+            code=answer.code,
+            request_id=answer.request_id,
+            http_status=answer.http_status,
+            body=answer.body,
+        )
+        error.__cause__ = answer
+        return error
+
+
 class ContentPolicyError(APIError):
     """Codes 1300-1301: the platform or content-safety policy refused the request."""
 
@@ -328,6 +382,16 @@ def is_ambiguous(error: BaseException) -> bool:
     if isinstance(error, TransportError):
         return error.may_have_reached_server
     return isinstance(error, ServerError)
+
+
+def means_task_unknown(error: BaseException) -> bool:
+    """Whether the answer to a get *by task_id* says Kling has no such task: code
+    1203 (HTTP 404). Neither 1202 (no such method) nor a bare 404 without a Kling
+    code is: both are what a wrong ``base_url`` answers, a setting to fix, and
+    settling every task as gone for it would lose them."""
+    if isinstance(error, TaskNotFoundError):
+        return True
+    return isinstance(error, NotFoundError) and error.code == 1203
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 from collections.abc import AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any, Final
@@ -80,7 +81,8 @@ class TaskHandle:
         return latest.status if latest else None
 
     def done(self) -> bool:
-        """True once the task is known to have succeeded or failed."""
+        """True once the task is known to have succeeded or failed, or to be
+        gone (Kling no longer knows it: awaiting raises :class:`TaskNotFoundError`)."""
         return self._state.terminal
 
     def __await__(self) -> Generator[Any, None, Task]:
@@ -99,11 +101,16 @@ class TaskHandle:
 
     def _outcome(self, limit: float | None) -> asyncio.Future[Task]:
         """A future of the task's end: its terminal Task, TaskFailedError,
-        TaskTimeoutError after ``limit`` seconds, or the error that stopped polling."""
-        latest = self._state.latest
-        if latest is not None and latest.is_terminal:
+        TaskNotFoundError for a task Kling no longer knows, TaskTimeoutError after
+        ``limit`` seconds, or the error that stopped polling."""
+        latest, gone = self._state.latest, self._state.gone
+        if gone is not None or (latest is not None and latest.is_terminal):
             future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
-            _settle(future, latest)
+            if gone is not None:
+                future.set_exception(_fresh(gone))
+            else:
+                assert latest is not None
+                _settle(future, latest)
             return future
         return _Wait(self, limit).future
 
@@ -118,7 +125,8 @@ class TaskHandle:
         """Yield the task each time its status changes, ending after the terminal one.
 
         The latest known state comes first. A failed task is yielded, not raised;
-        errors that stop polling (e.g. the client closing) are raised. Breaking
+        errors that stop polling (e.g. the client closing, or
+        :class:`TaskNotFoundError` for a task Kling no longer knows) are raised. Breaking
         out early keeps polling until the iterator is closed: use
         ``contextlib.aclosing(handle.updates())`` to stop at once.
         """
@@ -129,6 +137,8 @@ class TaskHandle:
             current = self._state.latest
             if current is not None:
                 yield current
+            if self._state.gone is not None:
+                raise _fresh(self._state.gone)
             while current is None or not current.is_terminal:
                 item = await queue.get()
                 if isinstance(item, KlingError):
@@ -143,6 +153,15 @@ class TaskHandle:
     def __repr__(self) -> str:
         status = self.status.value if self.status else "unknown"
         return f"<TaskHandle {self.endpoint.value} task_id={self.task_id!r} status={status}>"
+
+
+def _fresh(error: KlingError) -> KlingError:
+    """A copy of ``error`` to raise once more: raising one object again and
+    again (every wait on a gone task) would grow its traceback without end."""
+    clone = copy.copy(error)
+    clone.__traceback__ = None
+    clone.__cause__ = error.__cause__
+    return clone
 
 
 def _settle(future: asyncio.Future[Task], task: Task) -> None:

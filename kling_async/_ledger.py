@@ -52,11 +52,16 @@ class EntryState(str, enum.Enum):
     external_task_id (``client.images.get`` or ``client.resume()``)."""
     TERMINAL = "terminal"
     """The task ended (``succeed`` or ``failed``)."""
+    GONE = "gone"
+    """Kling answered "not found" (1203) for the task's ``task_id``: it belongs to
+    another account or base_url, was purged, or was only simulated. Settled: a
+    rerun reports it (:class:`~kling_async.TaskNotFoundError`) and creates nothing."""
 
     @property
     def settled(self) -> bool:
-        """True when nothing more will happen to the create: it ended or never was."""
-        return self in (EntryState.NOT_CREATED, EntryState.TERMINAL)
+        """True when nothing more will happen to the create: it ended, never was,
+        or Kling no longer knows it."""
+        return self in (EntryState.NOT_CREATED, EntryState.TERMINAL, EntryState.GONE)
 
     def __str__(self) -> str:
         return self.value

@@ -9,7 +9,14 @@
 4. sends, and settles the outcome by the pure rules of ``_create_rules``:
    created (a task_id), not created, or uncertain, looking the id up after any
    ambiguous failure and across 1303 re-queues, always under the same id;
-5. hands the task to the tracker, holding its units until it ends.
+5. hands the task to the tracker, holding its units until it ends (once per
+   task, whoever settles it) or turns out gone (Kling answers 1203 for it:
+   :class:`TaskNotFoundError`, the entry settled ``gone``).
+
+Whatever a user-supplied ledger or limiter raises, the caller gets its handle
+or an error carrying the external_task_id, and the failure is logged; a ledger
+that cannot record or flush the intent stops the create before it is sent.
+``resume()`` leaves alone the creates this process is running.
 
 The work runs in a task of its own (the *runner*), so the caller's coroutine
 may be cancelled at any point without cutting a create short: one still queued
@@ -37,7 +44,7 @@ from ._exceptions import (
     ClientClosedError,
     KlingError,
     NotFoundError,
-    TransportError,
+    TaskNotFoundError,
     ValidationError,
     for_create,
 )
@@ -165,7 +172,21 @@ class _HeldUnits:
     def give_back(self, _task: object = None) -> None:
         if not self.given_back:
             self.given_back = True
-            self.limiter.release(self.units)
+            _quietly("release", self.limiter.release, self.units)
+
+
+def _quietly(hook: str, call: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+    """Call a user-supplied ledger or limiter hook that must not strand a create
+    (``Ledger.record``, ``Limiter.created``/``release``/``observe``): whatever it
+    raises is logged with its traceback, and the create goes on. Returns whether
+    it succeeded."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        owner = getattr(call, "__self__", None)
+        logger.exception("%s.%s() failed; the create goes on", type(owner).__name__, hook)
+        return False
+    return True
 
 
 class Submissions:
@@ -186,10 +207,14 @@ class Submissions:
         self.ledger = ledger
         self.limiter = limiter
         self._live: set[Submission] = set()
+        # The running create of each external_task_id (the first, should a
+        # caller start two with one id), for resume() to leave alone.
+        self._live_ids: dict[str, Submission] = {}
         self._held: dict[TaskState, _HeldUnits] = {}
         self._closing = False
         self._origin: Submissions | None = None  # the owner a with_transport view shares
         tracker.on_news = self._note
+        tracker.on_gone = self._note_gone
 
     def with_transport(self, transport: Transport) -> Submissions:
         """This owner, sending its creates through ``transport`` (a
@@ -263,6 +288,7 @@ class Submissions:
                 "nothing was sent",
             )
         self._live.add(submission)
+        self._live_ids.setdefault(submission.external_task_id, submission)
         submission.runner = asyncio.get_running_loop().create_task(
             self._run(submission, chosen), name=f"kling-create-{submission.external_task_id}"
         )
@@ -338,18 +364,21 @@ class Submissions:
             # Given up while queued (abandon), or cut short by close().
             self._give_back(submission, limiter)
             if submission.phase is Phase.QUEUED and not submission.possibly_landed:
-                ledger.record(entry.moved(EntryState.NOT_CREATED, error="cancelled"))
+                _quietly(
+                    "record", ledger.record, entry.moved(EntryState.NOT_CREATED, error="cancelled")
+                )
                 self._fail(submission, None)
             else:
                 error = ClientClosedError("the client closed while the create was on the wire")
                 self._uncertain(submission, entry, error)
-        except Exception as error:  # a bug must end the create, not hang its caller
+        except Exception as error:  # a bug, or a user's ledger or limiter failing
             self._give_back(submission, limiter)
             logger.exception("unexpected error in the create of %s", external_task_id)
             failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
             failure.__cause__ = error
             if submission.phase is Phase.QUEUED and not submission.possibly_landed:
-                ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(failure)))
+                moved = entry.moved(EntryState.NOT_CREATED, error=str(failure))
+                _quietly("record", ledger.record, moved)
                 self._fail(submission, for_create(failure, external_task_id, "nothing was sent"))
             else:
                 self._uncertain(submission, entry, failure)
@@ -363,13 +392,21 @@ class Submissions:
                 if decision.step is Step.UNCERTAIN:
                     self._uncertain(submission, entry, refusal)
                 else:
-                    ledger.record(entry.moved(EntryState.NOT_CREATED, error=str(refusal)))
+                    moved = entry.moved(EntryState.NOT_CREATED, error=str(refusal))
+                    _quietly("record", ledger.record, moved)
                     outcome = "Kling has no such task: nothing was created"
                     self._fail(submission, for_create(refusal, external_task_id, outcome))
         finally:
             self._tracker.created(external_task_id)
             submission.phase = Phase.SETTLED
             self._live.discard(submission)
+            if self._live_ids.get(external_task_id) is submission:
+                del self._live_ids[external_task_id]
+            if not submission.result.done():  # a bug in the outcome code above
+                self._give_back(submission, limiter)
+                failure = KlingError("the create ended without an outcome (a bug, logged)")
+                logger.error("the create of %s ended without an outcome", external_task_id)
+                self._fail(submission, for_create(failure, external_task_id, _MAY_EXIST))
 
     async def _settle(
         self,
@@ -398,12 +435,12 @@ class Submissions:
                 submission.phase = Phase.ON_THE_WIRE
                 task, error = await self._ask(create)
                 if error is not None and limiter is not None:
-                    limiter.observe(error)
+                    _quietly("observe", limiter.observe, error)
                 decision = after_sent(
                     progress, error, policy=policy, elapsed=elapsed, can_requeue=can_requeue
                 )
                 if decision.progress.possibly_landed and not progress.possibly_landed:
-                    submission.ledger.record(entry.moved(EntryState.SENT))
+                    _quietly("record", submission.ledger.record, entry.moved(EntryState.SENT))
                 if error is not None and not decision.step.final:
                     _log_retry(submission, error, decision)
             elif decision.step is Step.LOOKUP:
@@ -425,7 +462,7 @@ class Submissions:
                 assert limiter is not None
                 submission.phase = Phase.ON_THE_WIRE if progress.possibly_landed else Phase.QUEUED
                 submission.holding = False
-                limiter.release(submission.units, created=False)
+                _quietly("release", limiter.release, submission.units, created=False)
                 await limiter.acquire(submission.units, first=True)
                 submission.holding = True
                 started = loop.time()
@@ -441,13 +478,10 @@ class Submissions:
             return None, error
         try:
             return parse_created(envelope), None
-        except KlingError:
+        except KlingError as error:
             # code 0 but no task_id: Kling acted, and its answer does not say on
-            # what. Ambiguous: the id must be looked up.
-            return None, TransportError(
-                f"{request.method} {request.path} was answered without a task_id "
-                f"(request_id={envelope.request_id})"
-            )
+            # what. The rules (_create_rules.may_have_landed) take it as ambiguous.
+            return None, error
 
     # --- outcomes -------------------------------------------------------------------
 
@@ -467,12 +501,19 @@ class Submissions:
         )
         state.expects_callbacks = submission.receiver_callback
         created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
-        submission.ledger.record(created)
+        # The task exists: whatever the ledger or limiter raise from here on,
+        # the caller gets its handle (the failures are logged).
+        _quietly("record", submission.ledger.record, created)
         self._follow_in(submission.ledger, state, created)
         if limiter is not None:
-            limiter.created(submission.units)
-            submission.holding = False  # the task holds them now
-            self._hold(state, limiter, submission.units)
+            submission.holding = False  # the task holds them now, or already did
+            if state in self._held:
+                # Another create or resume of this id settled on the same task
+                # first and holds its units: these were this create's own.
+                _quietly("release", limiter.release, submission.units, created=False)
+            else:
+                _quietly("created", limiter.created, submission.units)
+                self._hold(state, limiter, submission.units)
         handle = TaskHandle(self._tracker, state, request)
         if not submission.result.done():
             submission.result.set_result(handle)
@@ -495,20 +536,33 @@ class Submissions:
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
 
-    def _hold(self, state: TaskState, limiter: Limiter, units: int) -> None:
-        """The running task holds ``units`` until it ends (or the client closes);
-        it is polled until then, so they come back."""
+    def _hold(self, state: TaskState, limiter: Limiter, units: int) -> bool:
+        """The running task holds ``units`` until it ends, turns out gone, or the
+        client closes; it is polled until then, so they come back. A task holds
+        units once, whoever settles it: returns False, holding nothing, when it
+        already holds some."""
+        if state in self._held:
+            return False
         held = _HeldUnits(limiter, units)
         if state.terminal:
             held.give_back()
-            return
+            return True
         self._held[state] = held
-        state.when_terminal(lambda _task: self._held.pop(state, held).give_back())
+
+        def give_back(_task: Task | None) -> None:
+            if self._held.get(state) is held:
+                del self._held[state]
+            held.give_back()
+
+        state.when_terminal(give_back)
         self._tracker.keep_polled(state)
+        return True
 
     def _uncertain(self, submission: Submission, entry: LedgerEntry, error: KlingError) -> None:
         submission.uncertain = True
-        submission.ledger.record(entry.moved(EntryState.UNCERTAIN, error=str(error)))
+        _quietly(
+            "record", submission.ledger.record, entry.moved(EntryState.UNCERTAIN, error=str(error))
+        )
         logger.warning(
             "cannot tell whether Kling created the task of external_task_id %s (%s); "
             "look it up with client.images.get(%r) or client.resume()",
@@ -540,7 +594,7 @@ class Submissions:
     def _give_back(self, submission: Submission, limiter: Limiter | None) -> None:
         if submission.holding and limiter is not None:
             submission.holding = False
-            limiter.release(submission.units, created=False)
+            _quietly("release", limiter.release, submission.units, created=False)
 
     @staticmethod
     def _retrieved(future: asyncio.Future[TaskHandle]) -> None:
@@ -552,7 +606,7 @@ class Submissions:
     def _note(self, state: TaskState, task: Task) -> None:
         """Keep a durable ledger's entry current with the task's status and results."""
         entry, ledger = state.entry, state.ledger
-        if entry is None or ledger is None or entry.state is EntryState.TERMINAL:
+        if entry is None or ledger is None or entry.state.settled:
             return
         if entry.status == task.status.value and not task.is_terminal:
             return
@@ -563,7 +617,16 @@ class Submissions:
             error=task.status_message if task.is_terminal else None,
         )
         state.entry = moved
-        ledger.record(moved)
+        _quietly("record", ledger.record, moved)
+
+    def _note_gone(self, state: TaskState, error: TaskNotFoundError) -> None:
+        """Settle a durable ledger's entry for a task Kling no longer knows."""
+        entry, ledger = state.entry, state.ledger
+        if entry is None or ledger is None or entry.state.settled:
+            return
+        moved = entry.moved(EntryState.GONE, error=error.message)
+        state.entry = moved
+        _quietly("record", ledger.record, moved)
 
     def note_downloaded(self, task_id: str, paths: list[str]) -> None:
         """Record in a durable ledger which files hold the task's images."""
@@ -571,7 +634,7 @@ class Submissions:
             state = self._tracker.find(endpoint, task_id)
             if state is not None and state.entry is not None and state.ledger is not None:
                 state.entry = state.entry.moved(state.entry.state, downloaded=tuple(paths))
-                state.ledger.record(state.entry)
+                _quietly("record", state.ledger.record, state.entry)
 
     # --- resuming -----------------------------------------------------------------------
 
@@ -588,6 +651,12 @@ class Submissions:
         assert entry.task_id is not None
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
+        if entry.state is EntryState.GONE:  # settled so by an earlier run: an outcome
+            state = self._tracker.state(
+                entry.endpoint, entry.task_id, external_task_id=entry.external_task_id
+            )
+            self._tracker.forget(state, gone_error(entry))
+            return TaskHandle(self._tracker, state, request)
         latest = None
         if entry.state is EntryState.TERMINAL and entry.status is not None:
             latest = entry_task(entry)
@@ -596,8 +665,10 @@ class Submissions:
         )
         state.expects_callbacks = entry.receiver_callback and self._receiver is not None
         self._follow_in(ledger if ledger is not None else self.ledger, state, entry)
-        if chosen is not None and not state.terminal and state not in self._held:
-            chosen.adopt(entry.units)
+        # Count the units first: a limiter whose adopt() fails holds none, and
+        # the task must not give back what was never counted.
+        holds = chosen is not None and not state.terminal and state not in self._held
+        if holds and chosen is not None and _quietly("adopt", chosen.adopt, entry.units):
             self._hold(state, chosen, entry.units)
         return TaskHandle(self._tracker, state, request)
 
@@ -612,6 +683,11 @@ class Submissions:
     ) -> Submission:
         """Settle an entry whose create may or may not have landed: look its id up
         and send it again (same id) only if Kling has no such task."""
+        live = self.live(entry.external_task_id)
+        if live is not None:
+            # This process is creating it right now: a second create of the same
+            # id would race it. Follow that create's outcome instead.
+            return _following(live, on_admitted)
         if request is None:
             request = request_from_mapping(entry.body)
         request = attrs.evolve(request, external_task_id=entry.external_task_id)
@@ -630,6 +706,10 @@ class Submissions:
         handles: list[TaskHandle] = []
         submissions: list[Submission] = []
         for entry in await self.ledger.unsettled():
+            if self.live(entry.external_task_id) is not None:
+                # Not left behind by a crash: a create of this process, on its
+                # way; its own caller gets its outcome.
+                continue
             if entry.state is EntryState.CREATED and entry.task_id is not None:
                 handles.append(self.reattach(entry))
                 continue
@@ -646,6 +726,10 @@ class Submissions:
             except KlingError as error:
                 logger.info("resumed create %s: %s", submission.external_task_id, error)
         return handles
+
+    def live(self, external_task_id: str) -> Submission | None:
+        """The create of ``external_task_id`` this client is running, if any."""
+        return self._live_ids.get(external_task_id)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -681,6 +765,50 @@ class Submissions:
         except Exception as error:  # a broken ledger must not stop the client closing
             logger.error("the ledger could not be flushed on close: %s", error)
         return unsettled
+
+
+_MAY_EXIST: Final = "it may exist on Kling: look it up by external_task_id, or client.resume()"
+
+
+def _following(live: Submission, on_admitted: Callable[[], None] | None) -> Submission:
+    """A submission with no runner of its own whose result is ``live``'s: a
+    resume or a batch rerun meeting a create this process is running."""
+    follower = Submission(
+        live.request,
+        ledger=live.ledger,
+        receiver_callback=live.receiver_callback,
+        key=live.key,
+        on_admitted=on_admitted,
+    )
+    follower.phase = Phase.ON_THE_WIRE
+    follower.admitted()  # it waits for no units of its own
+
+    def copy_outcome(result: asyncio.Future[TaskHandle]) -> None:
+        follower.phase = Phase.SETTLED
+        follower.uncertain = live.uncertain
+        if follower.result.done():
+            return
+        if result.cancelled():
+            follower.result.cancel()
+        elif result.exception() is not None:
+            follower.result.set_exception(result.exception())  # type: ignore[arg-type]
+        else:
+            follower.result.set_result(result.result())
+
+    live.result.add_done_callback(copy_outcome)
+    follower.result.add_done_callback(Submissions._retrieved)
+    return follower
+
+
+def gone_error(entry: LedgerEntry) -> TaskNotFoundError:
+    """The outcome of an entry settled as gone."""
+    assert entry.task_id is not None
+    return TaskNotFoundError(
+        entry.error or f"task {entry.task_id} is not known to Kling",
+        task_id=entry.task_id,
+        external_task_id=entry.external_task_id,
+        code=1203,
+    )
 
 
 def _log_retry(submission: Submission, error: KlingError, decision: Decision) -> None:

@@ -22,7 +22,13 @@ import attrs
 
 from ._config import PollPolicy
 from ._durations import DurationLearner, Kind
-from ._exceptions import ClientClosedError, KlingError
+from ._exceptions import (
+    APIError,
+    ClientClosedError,
+    KlingError,
+    TaskNotFoundError,
+    means_task_unknown,
+)
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
 from ._polling import Poller
 from ._schedule import Durations
@@ -36,6 +42,13 @@ logger = logging.getLogger("kling_async")
 
 Listener = Callable[[Task | KlingError], None]
 """Told every accepted update of a task, or an error that ends a wait on it."""
+
+#: Consecutive "not found" (1203) answers for a task's id after which Kling is
+#: taken at its word and the task settled as gone. More than one: a task an
+#: instant old may not be visible yet (read-after-write lag), and settling a
+#: running task as gone would lose its result; the second answer comes a poll
+#: interval later.
+NOT_FOUND_ANSWERS_TO_SETTLE = 2
 
 # Within one updated_at, a later lifecycle stage wins: a duplicate "processing"
 # must not overwrite a "succeed" stamped in the same millisecond.
@@ -61,12 +74,17 @@ class TaskState:
     listeners: list[Listener] = attrs.field(factory=list, init=False, repr=False)
     #: Waiters and iterators currently listening.
     interest: int = attrs.field(default=0, init=False, repr=False)
-    #: Run once when the task ends, e.g. to give back concurrency units. A task
-    #: with such duties is polled until it ends even if nobody waits. Made on
-    #: first use: most tasks never get one, and thousands are held.
-    on_terminal: list[Callable[[Task], None]] | None = attrs.field(
+    #: Run once when the task ends (with the terminal task) or turns out gone
+    #: (with ``None``), e.g. to give back concurrency units. A task with such
+    #: duties is polled until then even if nobody waits. Made on first use:
+    #: most tasks never get one, and thousands are held.
+    on_terminal: list[Callable[[Task | None], None]] | None = attrs.field(
         default=None, init=False, repr=False
     )
+    #: Kling no longer knows the task (see :meth:`Tracker.forget`): an outcome.
+    gone: TaskNotFoundError | None = attrs.field(default=None, init=False, repr=False)
+    #: Consecutive "not found" answers to polls of the task.
+    misses: int = attrs.field(default=0, init=False, repr=False)
     #: Kling will POST this task's updates to the client's callback receiver.
     expects_callbacks: bool = attrs.field(default=False, init=False, repr=False)
     #: A callback for this task has arrived.
@@ -94,10 +112,12 @@ class TaskState:
 
     @property
     def terminal(self) -> bool:
-        return self.latest is not None and self.latest.is_terminal
+        """Nothing more will happen to the task: it ended, or Kling no longer knows it."""
+        return self.gone is not None or (self.latest is not None and self.latest.is_terminal)
 
-    def when_terminal(self, duty: Callable[[Task], None]) -> None:
-        """Run ``duty(task)`` once the task ends; keeps it polled until then."""
+    def when_terminal(self, duty: Callable[[Task | None], None]) -> None:
+        """Run ``duty(task)`` once the task ends (``duty(None)`` if it turns out
+        gone); keeps it polled until then."""
         if self.on_terminal is None:
             self.on_terminal = []
         self.on_terminal.append(duty)
@@ -174,6 +194,8 @@ class Tracker:
         #: Told every accepted piece of news (the create's owner keeps a durable
         #: ledger current with it).
         self.on_news: Callable[[TaskState, Task], None] | None = None
+        #: Told when a task turns out gone (the create's owner settles its entry).
+        self.on_gone: Callable[[TaskState, TaskNotFoundError], None] | None = None
 
     @property
     def typical_duration(self) -> float | None:
@@ -243,8 +265,10 @@ class Tracker:
         ``trusted`` is False for what a callback said, True for Kling's API.
         Returns whether it was news.
         """
-        if not state.is_news(task, trusted=trusted):
+        if state.gone is not None or not state.is_news(task, trusted=trusted):
             return False
+        if trusted:
+            state.misses = 0
         state.latest = task
         state.untrusted = not trusted
         if state.external_task_id is None and task.external_task_id:
@@ -278,9 +302,47 @@ class Tracker:
             duty(task)
 
     def fail(self, state: TaskState, error: KlingError) -> None:
-        """End the current waits on ``state`` with ``error`` (a poll that cannot succeed)."""
+        """A poll of ``state`` failed for good with ``error``: end the current
+        waits with it. Kling saying it has no such task (1203) is not a failure
+        but news: after NOT_FOUND_ANSWERS_TO_SETTLE of them in a row the task is
+        settled as gone (:meth:`forget`); until then it stays polled."""
+        if means_task_unknown(error) and not isinstance(error, TaskNotFoundError):
+            state.misses += 1
+            if state.misses < NOT_FOUND_ANSWERS_TO_SETTLE:
+                logger.info(
+                    "task %s: Kling answered not found (%s); asking again before settling it",
+                    state.task_id,
+                    error,
+                )
+                return
+            assert isinstance(error, APIError)
+            self.forget(
+                state, TaskNotFoundError.from_answer(error, state.task_id, state.external_task_id)
+            )
+            return
         for listener in tuple(state.listeners):
             listener(error)
+
+    def forget(self, state: TaskState, error: TaskNotFoundError) -> None:
+        """Settle ``state`` as gone: Kling does not know the task. Its waits end
+        with ``error``, polling stops, its duties run (units are given back) and
+        the create's owner settles its ledger entry. Once: a task that ended or
+        is gone already is left as it is."""
+        if state.terminal:
+            return
+        state.gone = error
+        self._poller(state.endpoint).discard(state)
+        logger.warning("%s", error)
+        for listener in tuple(state.listeners):
+            listener(error)
+        if self.on_gone is not None:
+            try:
+                self.on_gone(state, error)
+            except Exception:  # a ledger's failure must not keep the units held
+                logger.exception("recording task %s as gone failed", state.task_id)
+        duties, state.on_terminal = state.on_terminal or (), None
+        for duty in duties:
+            duty(None)
 
     # --- callbacks --------------------------------------------------------------
 

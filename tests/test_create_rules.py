@@ -8,6 +8,7 @@ import attrs
 import pytest
 
 from kling_async import (
+    APIError,
     AuthenticationError,
     ConcurrencyLimitError,
     ContentPolicyError,
@@ -23,7 +24,10 @@ from kling_async._create_rules import (
     Step,
     after_lookup,
     after_sent,
+    claims_existing_id,
+    is_unreadable_success,
     lookup_budget,
+    may_have_landed,
 )
 from kling_async._exceptions import KlingError
 
@@ -42,6 +46,13 @@ UNSAFE = ContentPolicyError("unsafe", code=1301, http_status=400)
 ARREARS = QuotaExceededError("in arrears", code=1101, http_status=429)
 EXPIRED = AuthenticationError("expired", code=1004, http_status=401)
 BAD_KEY = AuthenticationError("invalid", code=1002, http_status=401)
+BAD_FIELD = InvalidRequestError("aspect_ratio: must be one of 1:1, 16:9", code=1201)
+# A 2xx answer nobody can read: cut short, a gateway's HTML page, success
+# without a task_id (what the transport and parse_created raise for them).
+CUT_SHORT = APIError('response is not JSON (body: \'{"code":0,"da\')', http_status=200)
+HTML_PAGE = APIError("response is not JSON (body: '<html>')", http_status=200)
+NO_TASK_ID = APIError("answered with success but no task_id", http_status=200)
+HTML_502 = ServerError("response is not JSON (body: '<html>')", http_status=502)
 
 FRESH = CreateProgress()
 LANDED = CreateProgress(sends=1, possibly_landed=True, failures=1, error=LOST)
@@ -85,8 +96,14 @@ def looked(
         # The quota is full: wait for units when there is a limiter, else final.
         (FULL, True, Step.REQUEUE),
         (FULL, False, Step.NOT_CREATED),
+        # Kling says it has a task of this id: only a lookup can hand it over.
+        (EXISTS, False, Step.LOOKUP),
+        # A 2xx answer that cannot be read: whoever answered may have acted.
+        (CUT_SHORT, False, Step.LOOKUP),
+        (HTML_PAGE, False, Step.LOOKUP),
+        (NO_TASK_ID, False, Step.LOOKUP),
         # Refusals are final.
-        (EXISTS, False, Step.NOT_CREATED),
+        (BAD_FIELD, False, Step.NOT_CREATED),
         (UNSAFE, False, Step.NOT_CREATED),
         (ARREARS, False, Step.NOT_CREATED),
         (BAD_KEY, False, Step.NOT_CREATED),
@@ -218,3 +235,96 @@ def test_a_lookup_meeting_an_expired_jwt_resigns_and_looks_again() -> None:
     assert decision.then is Step.LOOKUP
     assert decision.otherwise is not None
     assert decision.otherwise.step is Step.UNCERTAIN
+
+
+# --- c03: "already exists" for our own id; c05: an unreadable 2xx answer ----------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "claims"),
+    [
+        (EXISTS, True),
+        (InvalidRequestError("external_task_id is duplicated", code=1201), True),
+        (InvalidRequestError("参数错误: external_task_id 已存在", code=1201), True),
+        (BAD_FIELD, False),
+        (UNSAFE, False),
+        (CUT_SHORT, False),
+    ],
+)
+def test_which_refusals_claim_the_id_exists(error: KlingError, claims: bool) -> None:
+    assert claims_existing_id(error) is claims
+
+
+@pytest.mark.parametrize(
+    ("error", "landed"),
+    [
+        (LOST, True),
+        (HTTP_500, True),
+        (HTML_502, True),
+        (CUT_SHORT, True),
+        (HTML_PAGE, True),
+        (NO_TASK_ID, True),
+        (EXISTS, True),
+        (REFUSED, False),
+        (RATE, False),
+        (FULL, False),
+        (BAD_FIELD, False),
+        (UNSAFE, False),
+        (ARREARS, False),
+        (BAD_KEY, False),
+        # A 4xx that is not JSON is Kling (or a gateway) refusing, not acting.
+        (InvalidRequestError("response is not JSON (body: '<html>')", http_status=400), False),
+    ],
+)
+def test_ambiguity_is_decided_in_one_place(error: KlingError, landed: bool) -> None:
+    assert may_have_landed(error) is landed
+    assert is_unreadable_success(error) is (error in (CUT_SHORT, HTML_PAGE, NO_TASK_ID))
+
+
+def test_already_exists_on_a_first_send_is_looked_up_never_sent_again() -> None:
+    step, progress, delay = sent(FRESH, EXISTS)
+    assert (step, delay) == (Step.LOOKUP, 0.0)  # the task exists: ask at once
+    assert progress.possibly_landed
+    assert progress.claimed
+    assert progress.settling  # sending again would only hear "already exists"
+    assert looked(progress, True)[0] is Step.CREATED
+
+
+def test_already_exists_never_ends_as_not_created() -> None:
+    # Kling said it has the task: lookups that never find it (lag, a gateway
+    # that cannot see it) leave the create uncertain, for resume() to settle.
+    step, progress, _ = sent(FRESH, EXISTS)
+    for _ in range(lookup_budget(POLICY) - 1):
+        step, progress, delay = looked(progress, False)
+        assert step is Step.LOOKUP
+        assert delay > 0
+    step, progress, _ = looked(progress, False)
+    assert step is Step.UNCERTAIN
+    assert progress.error is EXISTS
+
+
+def test_already_exists_after_a_lost_answer_is_settled_by_lookups_too() -> None:
+    step, progress, _ = sent(LANDED, EXISTS)
+    assert step is Step.LOOKUP
+    assert progress.claimed
+    assert looked(progress, True)[0] is Step.CREATED
+
+
+def test_an_unreadable_200_is_looked_up_and_sent_again_only_if_not_found() -> None:
+    step, progress, delay = sent(FRESH, CUT_SHORT)
+    assert step is Step.LOOKUP
+    assert progress.possibly_landed
+    assert progress.error is CUT_SHORT
+    assert delay > 0
+    assert looked(progress, True)[0] is Step.CREATED
+    again, _, _ = looked(progress, False)
+    assert again is Step.SEND  # same id: it cannot make a second task
+
+
+def test_an_unreadable_answer_to_a_lookup_is_asked_again_then_uncertain() -> None:
+    progress = LANDED
+    for _ in range(lookup_budget(POLICY) - 1):
+        step, progress, _ = looked(progress, HTML_PAGE)
+        assert step is Step.LOOKUP
+    step, progress, _ = looked(progress, HTML_PAGE)
+    assert step is Step.UNCERTAIN

@@ -141,13 +141,17 @@ async def test_a_plain_http_500_is_not_retried(
     assert len(server.requests_for("get")) == 1
 
 
-async def test_server_validation_errors_surface_typed(
+async def test_a_duplicate_external_task_id_returns_the_task_it_names(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
+    # "external_task_id already exists" is Kling saying it has the task: the id
+    # is an idempotency key, so the create is looked up, never believed refused
+    # (issue 24: it may be our own create that landed before a crash).
     async with make_client(server) as other:
-        await other.images.generate(prompt="p", external_task_id="dup")
-    with pytest.raises(InvalidRequestError, match="external_task_id"):
-        await client.images.generate(prompt="p", external_task_id="dup")
+        first = await other.images.generate(prompt="p", external_task_id="dup")
+    again = await client.images.generate(prompt="p", external_task_id="dup")
+    assert again.task_id == first.task_id
+    assert [r.code for r in server.requests_for("create")] == [0, 1201]
     assert len(server.tasks) == 1
 
 

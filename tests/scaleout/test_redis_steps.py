@@ -29,6 +29,8 @@ def entry(state: EntryState, owner: str | None = ME, task_id: str | None = None)
         (None, True, Step.CREATE),
         (entry(EntryState.TERMINAL, OTHER, "t"), False, Step.RESULT),
         (entry(EntryState.TERMINAL, OTHER, None), True, Step.SETTLE),
+        # Kling no longer knew the task: an outcome read back, never a WAIT for ever.
+        (entry(EntryState.GONE, OTHER, "t"), True, Step.RESULT),
         (entry(EntryState.NOT_CREATED, OTHER), True, Step.SETTLE),
         (entry(EntryState.UNCERTAIN, OTHER), True, Step.SETTLE),
         (entry(EntryState.CREATED, OTHER, "t"), False, Step.ADOPT),

@@ -36,8 +36,8 @@ def keyed_step(entry: LedgerEntry | None, *, me: str, owner_alive: bool) -> Step
     the entry's owner holds a live lease; ``me`` is this process's member id."""
     if entry is None:
         return Step.CREATE
-    if entry.state is EntryState.TERMINAL and entry.task_id is not None:
-        return Step.RESULT
+    if entry.state in (EntryState.TERMINAL, EntryState.GONE) and entry.task_id is not None:
+        return Step.RESULT  # gone: the handle ends with TaskNotFoundError
     if entry.state in (EntryState.NOT_CREATED, EntryState.UNCERTAIN, EntryState.TERMINAL):
         # Refused, given up on, or ended without a task_id: nobody is on it.
         return Step.SETTLE
