@@ -112,6 +112,8 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 _Operation = tuple[str, Any, _Reply | None]
 
+# How long a commit waits for another connection's write lock before it fails.
+_BUSY_TIMEOUT_MS: Final = 10_000
 # Whether the OS has flock (all but Windows).
 _FLOCK: Final = sys.platform != "win32"
 # How often a journal waiting for its owner to let go looks again, in seconds.
@@ -393,7 +395,7 @@ class Journal:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={self.synchronous}")
-            connection.execute("PRAGMA busy_timeout=10000")
+            connection.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(
@@ -427,6 +429,7 @@ class Journal:
                 operations = self._take()
                 if not self._serve(connection, operations):
                     return
+                operations = []  # not kept alive (with their bodies) until the next batch
         except BaseException as error:  # a writer that fails must not leave anyone waiting
             logger.critical(
                 "the journal %s failed (%d entries not written); every call to it fails "
