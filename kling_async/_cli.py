@@ -1296,8 +1296,8 @@ def batch(
         _writable_directory(out)
     journal = (results_path.parent if no_download else out) / JOURNAL_NAME
     if fresh:
-        for path in (journal, *_journal_companions(journal), results_path):
-            path.unlink(missing_ok=True)
+        Journal.discard(journal)  # refused while another run works on it
+        results_path.unlink(missing_ok=True)
     settings.rerun = shlex.join(
         ["kling-async", *(argument for argument in sys.argv[1:] if argument != "--fresh")]
     )
@@ -1325,11 +1325,6 @@ def batch(
     )
     if run.failed or invalid:
         sys.exit(EXIT_ERROR)
-
-
-def _journal_companions(journal: Path) -> tuple[Path, Path]:
-    """SQLite's write-ahead log and shared-memory files beside a journal."""
-    return journal.with_name(journal.name + "-wal"), journal.with_name(journal.name + "-shm")
 
 
 @_command(main)

@@ -13,6 +13,18 @@ a hundred. :meth:`Journal.flush` returns once everything recorded before it is
 committed: the create's owner awaits it between recording an intent and sending
 the create.
 
+A journal has one owner: a second :class:`Journal` on the same file, in another
+process or in this one, is refused with :class:`~kling_async.JournalInUseError`
+naming the owner (pid, host, since when), or waits for it (``wait=``). The lock is
+the operating system's (``flock`` on ``<journal>.lock``), so an owner that dies,
+even by SIGKILL, lets go by itself and is taken over.
+
+Any failure of the writer is a failure of the calls waiting on it, never a hang:
+a commit that fails fails the flushes waiting for it, and later ones, until its
+entries are committed (they are retried with every commit); a journal that cannot
+be opened, or whose writer fails, answers every call with its own
+:class:`~kling_async.JournalError` chained to the cause.
+
 The database runs in WAL mode with ``synchronous=NORMAL`` by default: a commit
 survives the process being killed (SIGKILL included); only a power loss or an OS
 crash may roll back the last commits. ``Journal(path, synchronous="FULL")``
@@ -295,6 +307,22 @@ class Journal:
         # the record of a download just after the end does not write the body again.
         self._bodies_written: set[str] = set()
         self._settled_bodies: dict[str, None] = {}
+
+    @staticmethod
+    def discard(path: str | os.PathLike[str]) -> None:
+        """Delete the journal at ``path`` (and SQLite's files beside it) to start
+        over; refused with :class:`~kling_async.JournalInUseError` while an owner
+        holds it, so that nobody's journal is deleted under it."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            return
+        ownership = _Ownership(path)
+        ownership.acquire(0, threading.Event())
+        try:
+            for name in (path.name, path.name + "-wal", path.name + "-shm"):
+                path.with_name(name).unlink(missing_ok=True)
+        finally:
+            ownership.release()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._thread else "not opened"

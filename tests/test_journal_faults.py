@@ -418,3 +418,31 @@ def test_the_cli_waits_for_the_run_that_holds_the_out_with_wait(
         run.wait(10)
         assert run.stderr is not None
         run.stderr.close()
+
+
+def test_fresh_never_deletes_a_journal_another_run_works_on(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text('"a red fox"\n')
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, [*CLI[3:], "batch", str(requests), "--out", str(out), "--fresh"]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"in use by process {holder.pid}" in result.stderr
+    assert row(journal_of(tmp_path), "held") is not None  # the owner's journal is intact
+
+
+async def test_discard_deletes_a_journal_nobody_owns(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a"))
+    await journal.close()
+    Journal.discard(path)
+    assert not path.exists()
+    again = Journal(path)
+    try:
+        assert await again.entries() == []
+    finally:
+        await again.close()
