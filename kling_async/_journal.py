@@ -392,6 +392,17 @@ class Journal:
             # Joined, not answered: returns however the writer ends.
             await asyncio.to_thread(thread.join)
 
+    def _abandon(self) -> None:
+        """Let go of the file as if this process had been killed: entries not yet
+        committed are lost, later calls fail, and another :class:`Journal` may take
+        the file over. For fault tests that simulate a crash inside one process
+        (one owner per file holds within a process too)."""
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._queue.put(("abandon", None, None))
+            self._thread.join()
+
     # --- the writer thread ----------------------------------------------------------------
 
     def _start(self) -> None:
@@ -488,6 +499,8 @@ class Journal:
         """Write everything recorded (with what earlier commits failed to write) in
         one transaction, then answer the reads and flushes that came with it.
         Returns False after a close."""
+        if any(op == "abandon" for op, _, _ in operations):
+            return self._abandon_now(operations)
         # Whether a flush's entries, recorded before it, were all committed: those
         # left over from a failed commit, and the writes ahead of it in this batch.
         unwritten_before = [bool(self._unwritten)]
@@ -524,6 +537,21 @@ class Journal:
                 answers.add(reply)
         answers.send()
         return keep_going
+
+    def _abandon_now(self, operations: list[_Operation]) -> bool:
+        """Stop as a killed process would: what is not committed is lost."""
+        logger.warning(
+            "journal %s abandoned: %d entries not written",
+            self.path,
+            len(self._unwritten) + sum(op == "write" for op, _, _ in operations),
+        )
+        self._unwritten.clear()
+        answers = _Answers()
+        for _op, _argument, reply in operations:
+            if reply is not None:
+                answers.add(reply, error=self._error("abandoned", None))
+        answers.send()
+        return False
 
     def _commit(self, connection: sqlite3.Connection) -> bool:
         """Write every unwritten entry in one transaction. A failure (any: a locked
@@ -619,7 +647,7 @@ class Journal:
             answers = _Answers()
             closing = False
             for op, _argument, reply in operations:
-                closing = closing or op == "close"
+                closing = closing or op in ("close", "abandon")
                 if reply is not None:
                     answers.add(reply, error=self._refusal(cause))
             answers.send()

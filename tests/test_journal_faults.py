@@ -446,3 +446,22 @@ async def test_discard_deletes_a_journal_nobody_owns(tmp_path: Path) -> None:
         assert await again.entries() == []
     finally:
         await again.close()
+
+
+async def test_an_abandoned_journal_loses_what_it_did_not_commit_and_lets_go(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    crashed = Journal(path)
+    crashed.record(entry("committed"))
+    await crashed.flush()
+    crashed.record(entry("queued"))
+    crashed._abandon()  # as if the process had been killed here
+    with pytest.raises(JournalError):
+        await crashed.get("committed")
+    again = Journal(path)  # the same process takes the file over
+    try:
+        assert [e.external_task_id for e in await again.entries()] == ["committed"]
+    finally:
+        await again.close()
+    await asyncio.wait_for(crashed.close(), ANSWER_WITHIN)
