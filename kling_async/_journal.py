@@ -452,7 +452,9 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             ownership.acquire(self.wait, self._stop)
         except Exception as error:  # every request from now on gets the reason
-            logger.error("cannot open the journal %s: %s", self.path, error)
+            # Another owner is an answer for the caller, not a fault of this one.
+            level = logging.INFO if isinstance(error, JournalInUseError) else logging.ERROR
+            logger.log(level, "cannot open the journal %s: %s", self.path, error)
             self._refuse_forever(error, [])
             return
         try:
