@@ -50,6 +50,7 @@ from ._exceptions import (
     APIError,
     AuthenticationError,
     ConcurrencyLimitError,
+    JournalInUseError,
     KlingError,
     NotFoundError,
     TaskFailedError,
@@ -58,6 +59,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._handle import TaskHandle
+from ._journal import Journal
 from ._models import (
     ASPECT_RATIOS,
     IMAGE_REFERENCES,
@@ -1243,6 +1245,55 @@ async def _run_batch(
     name: str,
     concurrency: int | None,
     max_in_flight: int | None,
+    wait: bool = False,
+) -> _BatchRun:
+    # The journal is taken first: a second run on the same --out is refused (or
+    # waits) before it writes anything, results included.
+    owned = await _own_journal(settings, journal, wait)
+    try:
+        return await _run_owned_batch(
+            settings, numbered, invalid, out, results_path, owned, name, concurrency, max_in_flight
+        )
+    finally:
+        await owned.close()
+
+
+async def _own_journal(settings: Settings, path: Path, wait: bool) -> Journal:
+    """The batch's journal, owned by this run; refused while another run holds it,
+    unless ``wait``."""
+    journal = Journal(path)
+    try:
+        await journal.open()
+        return journal
+    except JournalInUseError as error:
+        await journal.close()
+        if not wait:
+            raise CommandError(
+                f"{path} is in use by {error.owner}: another run is working on this --out. "
+                "Let it finish (or stop it), or run with --wait to start when it ends."
+            ) from None
+        settings.stderr.print(
+            f"waiting for {escape(error.owner)} to finish with {escape(str(path))}"
+        )
+    journal = Journal(path, wait=math.inf)
+    try:
+        await journal.open()
+    except BaseException:
+        await journal.close()
+        raise
+    return journal
+
+
+async def _run_owned_batch(
+    settings: Settings,
+    numbered: list[tuple[int, TaskRequest | BatchItem]],
+    invalid: list[dict[str, Any]],
+    out: Path | None,
+    results_path: Path,
+    journal: Journal,
+    name: str,
+    concurrency: int | None,
+    max_in_flight: int | None,
 ) -> _BatchRun:
     lines = [number for number, _ in numbered]
     display = _BatchProgress(settings, len(numbered))
@@ -1295,6 +1346,11 @@ async def _run_batch(
     "--json) lists the image URLs instead.",
 )
 @click.option(
+    "--wait",
+    is_flag=True,
+    help="If another run is working on this --out, wait for it to end instead of stopping.",
+)
+@click.option(
     "--fresh",
     is_flag=True,
     help=f"Start over: forget what earlier runs did (delete OUT/{JOURNAL_NAME} and the "
@@ -1307,6 +1363,7 @@ def batch(
     max_in_flight: int | None,
     results_path: Path | None,
     no_download: bool,
+    wait: bool,
     fresh: bool,
 ) -> None:
     """Run every request of a JSONL file (one request object, or a prompt string,
@@ -1347,8 +1404,8 @@ def batch(
         _writable_directory(out)
     journal = (results_path.parent if no_download else out) / JOURNAL_NAME
     if fresh:
-        for path in (journal, *_journal_companions(journal), results_path):
-            path.unlink(missing_ok=True)
+        Journal.discard(journal)  # refused while another run works on it
+        results_path.unlink(missing_ok=True)
     settings.rerun = rerun_hint(sys.argv[1:], dropped=("--fresh",))
     started = time.monotonic()
     run = settings.run(
@@ -1362,6 +1419,7 @@ def batch(
             requests_file.name,
             concurrency,
             max_in_flight,
+            wait,
         )
     )
     invalid_note = f", {len(invalid)} invalid (not sent)" if invalid else ""
@@ -1373,11 +1431,6 @@ def batch(
     )
     if run.failed or invalid:
         sys.exit(EXIT_ERROR)
-
-
-def _journal_companions(journal: Path) -> tuple[Path, Path]:
-    """SQLite's write-ahead log and shared-memory files beside a journal."""
-    return journal.with_name(journal.name + "-wal"), journal.with_name(journal.name + "-shm")
 
 
 @_command(main)

@@ -6,6 +6,8 @@
     ├── ValidationError (also a ValueError)   a request is invalid; nothing was sent
     ├── ConfigurationError (also a ValueError) credentials or settings are missing or wrong
     ├── ClientClosedError                     the client was closed while work was pending
+    ├── JournalError                          the journal cannot be opened or written
+    │   └── JournalInUseError                 another owner holds the journal
     ├── EventLoopError (also a RuntimeError)  a client used on two running event loops
     ├── TransportError                        the API could not be reached (connection, timeout)
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
@@ -29,6 +31,9 @@ Only this module decides which class a Kling code maps to; the transport decides
 
 from __future__ import annotations
 
+import os
+import socket
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ __all__ = [
     "ContentPolicyError",
     "EventLoopError",
     "InvalidRequestError",
+    "JournalError",
+    "JournalInUseError",
     "KlingError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -104,6 +111,46 @@ class ClientClosedError(KlingError):
     Tasks already created keep running on Kling's side; re-attach to them with
     ``client.images.attach(task_id)`` on an open client.
     """
+
+
+class JournalError(KlingError):
+    """The journal cannot be used: it could not be opened, its writer failed, or
+    entries recorded earlier are not committed yet (a failed commit). Raised to
+    every operation waiting on it, chained (``__cause__``) to the reason; a
+    create that meets it is not sent."""
+
+
+class JournalInUseError(JournalError):
+    """Another owner holds the journal: a journal has one owner at a time, so two
+    runs never work on it together. ``pid``, ``host`` and ``since`` (Unix seconds)
+    name the owner, when it could be read. Wait for it to end (``Journal(path,
+    wait=...)``, ``kling-async batch --wait``) or stop it; an owner that died
+    lets go by itself."""
+
+    def __init__(
+        self, path: str, *, pid: int | None, host: str | None, since: float | None
+    ) -> None:
+        self.path = path
+        self.pid = pid
+        self.host = host
+        self.since = since
+        super().__init__(f"the journal {path} is in use by {self.owner}; a journal has one owner")
+
+    @property
+    def owner(self) -> str:
+        """The owner in words: ``process 123 on host-a since 2026-12-06 04:20:00 UTC``."""
+        if self.pid is None:
+            return "another process (it did not say which)"
+        same = self.pid == os.getpid() and self.host == socket.gethostname()
+        who = (
+            f"this process (pid {self.pid}: another Journal object on the same file)"
+            if same
+            else f"process {self.pid} on {self.host}"
+        )
+        if self.since is None:
+            return who
+        when = datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"{who} since {when}"
 
 
 class TransportError(KlingError):

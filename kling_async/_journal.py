@@ -13,6 +13,18 @@ a hundred. :meth:`Journal.flush` returns once everything recorded before it is
 committed: the create's owner awaits it between recording an intent and sending
 the create.
 
+A journal has one owner: a second :class:`Journal` on the same file, in another
+process or in this one, is refused with :class:`~kling_async.JournalInUseError`
+naming the owner (pid, host, since when), or waits for it (``wait=``). The lock is
+the operating system's (``flock`` on ``<journal>.lock``), so an owner that dies,
+even by SIGKILL, lets go by itself and is taken over.
+
+Any failure of the writer is a failure of the calls waiting on it, never a hang:
+a commit that fails fails the flushes waiting for it, and later ones, until its
+entries are committed (they are retried with every commit); a journal that cannot
+be opened, or whose writer fails, answers every call with its own
+:class:`~kling_async.JournalError` chained to the cause.
+
 The database runs in WAL mode with ``synchronous=NORMAL`` by default: a commit
 survives the process being killed (SIGKILL included); only a power loss or an OS
 crash may roll back the last commits. ``Journal(path, synchronous="FULL")``
@@ -28,11 +40,18 @@ import json
 import logging
 import os
 import queue
+import socket
 import sqlite3
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Final, Literal
 
+if sys.platform != "win32":
+    import fcntl
+
+from ._exceptions import JournalError, JournalInUseError
 from ._ledger import EntryState, LedgerEntry
 from ._wire import converter
 
@@ -103,6 +122,16 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 # An operation for the writer thread: a write, or a read answered through a
 # future on the caller's loop.
 _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Operation = tuple[str, Any, _Reply | None]
+
+# How long a commit waits for another connection's write lock before it fails.
+_BUSY_TIMEOUT_MS: Final = 10_000
+# Whether the OS has flock (all but Windows).
+_FLOCK: Final = sys.platform != "win32"
+# How often a journal waiting for its owner to let go looks again, in seconds.
+_OWNER_POLL: Final = 0.05
+# How many settled entries' "body written" marks are kept (see Journal._settled_bodies).
+_RECENTLY_SETTLED: Final = 1024
 
 
 def _json(value: Any) -> str:
@@ -139,11 +168,108 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     return converter.structure(data, LedgerEntry)
 
 
+class _Ownership:
+    """The journal's one owner, held as an OS lock (``flock``) on ``<journal>.lock``.
+
+    The kernel lets go of the lock when its process ends, however it ends (SIGKILL
+    included), so an owner that died never has to be cleared by hand and cannot be
+    mistaken for a live one: a stale owner is simply taken over. The file also says
+    who holds it (pid, host, since when), for the message that refuses a second
+    owner. It is never deleted: a process waiting on a deleted lock file would
+    hold a lock nobody else sees.
+
+    ``flock`` locks belong to an open file, not to a process, so a second
+    :class:`Journal` on the same file in the same process is refused too: two
+    clients of one process running the same batch would create lines twice just
+    as two processes would.
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal
+        self.path = journal.with_name(journal.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, wait: float, stop: threading.Event) -> None:
+        """Become the owner, waiting up to ``wait`` seconds (or until ``stop`` is
+        set) for the current owner to let go; else raise :class:`JournalInUseError`."""
+        if not _FLOCK:  # pragma: no cover - no flock on Windows: one owner is up to the user
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or stop.is_set():
+                        raise self._in_use(fd) from None
+                    stop.wait(min(_OWNER_POLL, left))
+            previous = _read_owner(fd)
+            if previous.get("pid") is not None:
+                logger.warning(
+                    "journal %s: taking it over from process %s on %s, which ended "
+                    "without closing it",
+                    self.journal,
+                    previous.get("pid"),
+                    previous.get("host"),
+                )
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _json(me).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go: the owner's details are cleared (nobody took it over from a
+        crash), then closing the file releases the lock."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+    def _in_use(self, fd: int) -> JournalInUseError:
+        owner = _read_owner(fd)
+        pid, host, since = owner.get("pid"), owner.get("host"), owner.get("since")
+        return JournalInUseError(
+            str(self.journal),
+            pid=pid if isinstance(pid, int) else None,
+            host=host if isinstance(host, str) else None,
+            since=since if isinstance(since, (int, float)) else None,
+        )
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    """What a lock file says of its owner; empty when it says nothing readable
+    (released cleanly, or being written this instant)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class Journal:
     """A :class:`~kling_async.Ledger` kept in a SQLite file (see the module docstring).
 
-    Nothing is opened until first use. ``close()`` commits what is queued and
-    closes the file; a :class:`Client` closes the journals it opened from a path.
+    Nothing is opened until first use (or :meth:`open`). A journal has one owner:
+    opening a file another :class:`Journal` holds (in another process, or in this
+    one) raises :class:`~kling_async.JournalInUseError` naming it, unless ``wait``
+    (seconds; ``math.inf`` for ever) lets it wait for that owner to close. An owner
+    that died lets go by itself. ``close()`` commits what is queued, closes the
+    file and lets go; a :class:`Client` closes the journals it opened from a path.
+
+    Any failure of the writer is a failure of every operation waiting on it: a
+    commit that fails fails the flushes waiting on it, and later ones, until its
+    entries are committed (they are retried with every commit); a journal that
+    cannot be opened, or whose writer fails, answers every call with a
+    :class:`~kling_async.JournalError` chained to the cause. ``close()`` always
+    returns.
     """
 
     #: The create owner keeps a journal's entries current with status changes
@@ -151,18 +277,52 @@ class Journal:
     records_results: Final = True
 
     def __init__(
-        self, path: str | os.PathLike[str], *, synchronous: Synchronous = "NORMAL"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "NORMAL",
+        wait: float = 0.0,
     ) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        if not wait >= 0:  # NaN included
+            raise ValueError(f"wait must be seconds >= 0 (math.inf: for ever), got {wait!r}")
         self.path = Path(path)
         self.synchronous = synchronous
+        self.wait = wait
         self._queue: queue.SimpleQueue[tuple[str, Any, _Reply | None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
-        # Entries whose body this journal has written (the writer thread's own).
+        # Set by close(): a writer waiting for the owner to let go stops waiting.
+        self._stop = threading.Event()
+        # The writer thread's own state, below. Entries recorded and not committed
+        # yet (a failed commit's, retried with every commit), latest state per id.
+        self._unwritten: dict[str, LedgerEntry] = {}
+        # Why the last commit failed, while entries are unwritten.
+        self._failure: BaseException | None = None
+        # Unsettled entries whose body is committed: their later rows leave it out.
+        # An entry leaves this set when it settles, so it holds only creates in
+        # progress; a few recently settled ones are remembered apart, bounded, so
+        # the record of a download just after the end does not write the body again.
         self._bodies_written: set[str] = set()
+        self._settled_bodies: dict[str, None] = {}
+
+    @staticmethod
+    def discard(path: str | os.PathLike[str]) -> None:
+        """Delete the journal at ``path`` (and SQLite's files beside it) to start
+        over; refused with :class:`~kling_async.JournalInUseError` while an owner
+        holds it, so that nobody's journal is deleted under it."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            return
+        ownership = _Ownership(path)
+        ownership.acquire(0, threading.Event())
+        try:
+            for name in (path.name, path.name + "-wal", path.name + "-shm"):
+                path.with_name(name).unlink(missing_ok=True)
+        finally:
+            ownership.release()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._thread else "not opened"
@@ -179,10 +339,18 @@ class Journal:
         self._queue.put(("write", entry, None))
 
     async def flush(self) -> None:
-        """Return once every entry recorded so far is committed."""
+        """Return once every entry recorded so far is committed; raise
+        :class:`~kling_async.JournalError` while any of them is not."""
         if self._thread is None or self._closed:
             return
         await self._ask("flush", None)
+
+    async def open(self) -> None:
+        """Open the file and become its owner now rather than at first use: raises
+        :class:`~kling_async.JournalInUseError` if another owner holds it (after
+        waiting ``wait`` seconds for it), :class:`~kling_async.JournalError` if it
+        cannot be opened."""
+        await self._ask("open", None)
 
     async def get(self, external_task_id: str) -> LedgerEntry | None:
         rows = await self._ask(
@@ -212,13 +380,28 @@ class Journal:
         ]
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the file; idempotent."""
+        """Commit what is queued, stop the writer, close the file and let go of it;
+        idempotent. Always returns: entries that cannot be committed are logged."""
         if self._closed:
             return
-        if self._thread is not None:
-            await self._ask("close", None)
-            await asyncio.to_thread(self._thread.join)
         self._closed = True
+        thread = self._thread
+        if thread is not None:
+            self._stop.set()
+            self._queue.put(("close", None, None))
+            # Joined, not answered: returns however the writer ends.
+            await asyncio.to_thread(thread.join)
+
+    def _abandon(self) -> None:
+        """Let go of the file as if this process had been killed: entries not yet
+        committed are lost, later calls fail, and another :class:`Journal` may take
+        the file over. For fault tests that simulate a crash inside one process
+        (one owner per file holds within a process too)."""
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._queue.put(("abandon", None, None))
+            self._thread.join()
 
     # --- the writer thread ----------------------------------------------------------------
 
@@ -235,7 +418,7 @@ class Journal:
 
     async def _ask(self, op: str, argument: Any) -> Any:
         if self._closed:
-            raise RuntimeError(f"the journal {self.path} is closed")
+            raise JournalError(f"the journal {self.path} is closed")
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -248,80 +431,231 @@ class Journal:
         # -shm files the database file's permissions.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute(f"PRAGMA synchronous={self.synchronous}")
-        connection.execute("PRAGMA busy_timeout=10000")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} was written by a newer kling_async (journal schema {version})"
-            )
-        connection.executescript(_SCHEMA)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={self.synchronous}")
+            connection.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"{self.path} was written by a newer kling_async (journal schema {version})"
+                )
+            connection.executescript(_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _write_forever(self) -> None:
+        ownership = _Ownership(self.path)
         try:
-            connection = self._open()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ownership.acquire(self.wait, self._stop)
         except Exception as error:  # every request from now on gets the reason
-            logger.error("cannot open the journal %s: %s", self.path, error)
-            self._refuse_forever(error)
+            # Another owner is an answer for the caller, not a fault of this one.
+            level = logging.INFO if isinstance(error, JournalInUseError) else logging.ERROR
+            logger.log(level, "cannot open the journal %s: %s", self.path, error)
+            self._refuse_forever(error, [])
             return
         try:
-            while self._serve_batch(connection):
-                pass
+            connection = self._open()
+        except Exception as error:
+            ownership.release()
+            logger.error("cannot open the journal %s: %s", self.path, error)
+            self._refuse_forever(error, [])
+            return
+        operations: list[_Operation] = []
+        try:
+            while True:
+                operations = self._take()
+                if not self._serve(connection, operations):
+                    return
+                operations = []  # not kept alive (with their bodies) until the next batch
+        except BaseException as error:  # a writer that fails must not leave anyone waiting
+            logger.critical(
+                "the journal %s failed (%d entries not written); every call to it fails "
+                "from now on",
+                self.path,
+                len(self._unwritten),
+                exc_info=True,
+            )
+            with contextlib.suppress(Exception):
+                connection.close()
+            ownership.release()
+            self._refuse_forever(error, operations)
         finally:
-            connection.close()
+            with contextlib.suppress(Exception):
+                connection.close()
+            ownership.release()
 
-    def _serve_batch(self, connection: sqlite3.Connection) -> bool:
-        """Write everything queued in one transaction, then answer the reads and
-        flushes that came with it. Returns False after a close."""
+    def _take(self) -> list[_Operation]:
+        """The next operation, and every one queued behind it."""
         operations = [self._queue.get()]
         while True:
             try:
                 operations.append(self._queue.get_nowait())
             except queue.Empty:
-                break
-        rows = []
+                return operations
+
+    def _serve(self, connection: sqlite3.Connection, operations: list[_Operation]) -> bool:
+        """Write everything recorded (with what earlier commits failed to write) in
+        one transaction, then answer the reads and flushes that came with it.
+        Returns False after a close."""
+        if any(op == "abandon" for op, _, _ in operations):
+            return self._abandon_now(operations)
+        # Whether a flush's entries, recorded before it, were all committed: those
+        # left over from a failed commit, and the writes ahead of it in this batch.
+        unwritten_before = [bool(self._unwritten)]
         for op, argument, _ in operations:
             if op == "write":
-                known = argument.external_task_id in self._bodies_written
-                rows.append(_row(argument, with_body=not known))
-                self._bodies_written.add(argument.external_task_id)
-        failure: BaseException | None = None
-        if rows:
-            try:
-                with connection:
-                    connection.execute("BEGIN")
-                    connection.executemany(_UPSERT, rows)
-            except sqlite3.Error as error:
-                failure = error
-                logger.error("journal %s: %d entries not written: %s", self.path, len(rows), error)
+                self._unwritten[argument.external_task_id] = argument  # the latest state wins
+            unwritten_before.append(bool(self._unwritten))
+        committed = self._commit(connection) if self._unwritten else True
         keep_going = True
         answers = _Answers()
-        for op, argument, reply in operations:
+        for (op, argument, reply), waits_on_writes in zip(
+            operations, unwritten_before[1:], strict=True
+        ):
+            if op == "close":
+                keep_going = False
+                if self._unwritten:
+                    logger.error(
+                        "journal %s closed with %d entries not written: %s",
+                        self.path,
+                        len(self._unwritten),
+                        self._failure,
+                    )
             if reply is None:
                 continue
             if op == "select":
                 sql, parameters = argument
                 try:
                     answers.add(reply, connection.execute(sql, parameters).fetchall())
-                except sqlite3.Error as error:
-                    answers.add(reply, error=error)
+                except Exception as error:
+                    answers.add(reply, error=self._error(f"cannot read it: {error}", error))
+            elif op == "flush" and waits_on_writes and not committed:
+                answers.add(reply, error=self._not_written())
             else:
-                answers.add(reply, error=failure)
-            keep_going = keep_going and op != "close"
+                answers.add(reply)
         answers.send()
         return keep_going
 
-    def _refuse_forever(self, error: BaseException) -> None:
-        while True:
-            op, _argument, reply = self._queue.get()
+    def _abandon_now(self, operations: list[_Operation]) -> bool:
+        """Stop as a killed process would: what is not committed is lost."""
+        logger.warning(
+            "journal %s abandoned: %d entries not written",
+            self.path,
+            len(self._unwritten) + sum(op == "write" for op, _, _ in operations),
+        )
+        self._unwritten.clear()
+        answers = _Answers()
+        for _op, _argument, reply in operations:
             if reply is not None:
-                answers = _Answers()
-                answers.add(reply, error=error if op != "close" else None)
-                answers.send()
-            if op == "close":
+                answers.add(reply, error=self._error("abandoned", None))
+        answers.send()
+        return False
+
+    def _commit(self, connection: sqlite3.Connection) -> bool:
+        """Write every unwritten entry in one transaction. A failure (any: a locked
+        file, a full disk, text SQLite cannot encode) keeps them for the next try."""
+        entries = list(self._unwritten.values())
+        try:
+            rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
+            with connection:
+                connection.execute("BEGIN")
+                connection.executemany(_UPSERT, rows)
+        except Exception as error:
+            self._failure = error
+            logger.error(
+                "journal %s: %d entries not written (retried with the next commit): %s",
+                self.path,
+                len(entries),
+                error,
+            )
+            self._drop_unstorable(entries)
+            return False
+        self._unwritten.clear()
+        self._failure = None
+        for entry in entries:
+            self._body_committed(entry)
+        return True
+
+    def _drop_unstorable(self, entries: list[LedgerEntry]) -> None:
+        """Entries SQLite can never store (text it cannot encode: validation refuses
+        it in requests, but a key or an error message may carry it) fail the flushes
+        that waited on them once, then are given up, so that they do not fail every
+        later commit too."""
+        for entry in entries:
+            try:
+                for value in _row(entry):
+                    if isinstance(value, str):
+                        value.encode("utf-8")
+            except Exception as error:
+                logger.error(
+                    "journal %s: entry %s can never be written, given up: %s",
+                    self.path,
+                    entry.external_task_id,
+                    error,
+                )
+                self._unwritten.pop(entry.external_task_id, None)
+
+    def _body_written(self, entry: LedgerEntry) -> bool:
+        return (
+            entry.external_task_id in self._bodies_written
+            or entry.external_task_id in self._settled_bodies
+        )
+
+    def _body_committed(self, entry: LedgerEntry) -> None:
+        """Remember that ``entry``'s body is in the file, for as long as it matters:
+        while the entry is unsettled, then among a bounded few recently settled."""
+        external_task_id = entry.external_task_id
+        if not entry.state.settled:
+            self._bodies_written.add(external_task_id)
+            return
+        self._bodies_written.discard(external_task_id)
+        self._settled_bodies.pop(external_task_id, None)
+        self._settled_bodies[external_task_id] = None
+        if len(self._settled_bodies) > _RECENTLY_SETTLED:
+            del self._settled_bodies[next(iter(self._settled_bodies))]
+
+    def _not_written(self) -> JournalError:
+        return self._error(
+            f"{len(self._unwritten)} entries recorded before this flush are not committed "
+            f"yet: {self._failure}",
+            self._failure,
+        )
+
+    def _error(self, reason: str, cause: BaseException | None) -> JournalError:
+        """A new error for each caller, chained to ``cause``: one exception object
+        raised to many callers would collect every raise's frames in its traceback."""
+        error = JournalError(f"journal {self.path}: {reason}")
+        error.__cause__ = cause
+        return error
+
+    def _refusal(self, cause: BaseException) -> JournalError:
+        if isinstance(cause, JournalInUseError):
+            error: JournalError = JournalInUseError(
+                cause.path, pid=cause.pid, host=cause.host, since=cause.since
+            )
+            error.__cause__ = cause
+            return error
+        return self._error(f"cannot be used: {cause}", cause)
+
+    def _refuse_forever(self, cause: BaseException, pending: list[_Operation]) -> None:
+        """Answer the operations left pending, and every later one, with an error of
+        its own chained to ``cause``, until the journal is closed."""
+        operations = pending
+        while True:
+            answers = _Answers()
+            closing = False
+            for op, _argument, reply in operations:
+                closing = closing or op in ("close", "abandon")
+                if reply is not None:
+                    answers.add(reply, error=self._refusal(cause))
+            answers.send()
+            if closing:
                 return
+            operations = self._take()
 
 
 _Settle = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
@@ -337,8 +671,6 @@ class _Answers:
 
     def add(self, reply: _Reply, value: Any = None, *, error: BaseException | None = None) -> None:
         loop, future = reply
-        if isinstance(error, sqlite3.Error):
-            error = OSError(f"journal: {error}")
         self._by_loop.setdefault(loop, []).append((future, value, error))
 
     def send(self) -> None:

@@ -13,8 +13,12 @@ after a crash, or adopting another process's tasks, reads the same entries.
 
 Writes are synchronous and never block (``record``); a durable implementation
 queues them and makes them durable in batches. ``flush`` is the barrier: once it
-returns, everything recorded before it survives a crash. The owner awaits it
-after recording an intent and before sending the create.
+returns, everything recorded before it survives a crash; while anything recorded
+before it is not durable (a failed commit), it raises instead, so the owner, which
+awaits it after recording an intent and before sending the create, never sends a
+create the ledger does not hold. A ledger that cannot work any more (it cannot be
+opened, its writer failed) raises from every call rather than leave one waiting,
+and ``close`` always returns.
 
 Entries never hold credentials: the request body is stored without a callback
 URL the receiver made (its path is a token; it is made again from the id).
@@ -118,7 +122,8 @@ class Ledger(Protocol):
         a durable ledger queues the write; :meth:`flush` waits for it."""
 
     async def flush(self) -> None:
-        """Return once every entry recorded so far is durable."""
+        """Return once every entry recorded so far is durable; raise (and keep
+        raising) while any of them is not."""
 
     async def get(self, external_task_id: str) -> LedgerEntry | None:
         """The entry for ``external_task_id``, if the ledger holds one."""
@@ -131,7 +136,7 @@ class Ledger(Protocol):
         created or uncertain. What ``client.resume()`` settles."""
 
     async def close(self) -> None:
-        """Flush and release the ledger's resources."""
+        """Flush and release the ledger's resources; always returns."""
 
 
 class MemoryLedger:

@@ -177,6 +177,20 @@ class Task:
 # field as the user spelled it and states Kling's rule.
 
 
+def _encodable(name: str, value: str) -> None:
+    """Text must be Unicode that UTF-8 can carry: a lone surrogate ("\\ud800", from
+    a mis-decoded file or name) is a legal Python str that neither Kling's JSON
+    nor the journal can store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValidationError(
+            name,
+            f"holds {value[error.start : error.end]!r} at position {error.start}, which is "
+            "not valid Unicode text (a lone surrogate)",
+        ) from None
+
+
 def _text(*, required: bool) -> Any:
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is None:
@@ -192,6 +206,7 @@ def _text(*, required: bool) -> Any:
                 attribute.name,
                 f"is {len(value)} characters; Kling accepts at most {MAX_PROMPT_LENGTH}",
             )
+        _encodable(attribute.name, value)
 
     return check
 
@@ -227,6 +242,7 @@ def _nonempty_string(_instance: object, attribute: attrs.Attribute[Any], value: 
         return
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(attribute.name, "must be a non-empty string")
+    _encodable(attribute.name, value)
 
 
 def _model_name(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -240,6 +256,8 @@ def _model_name(_instance: object, attribute: attrs.Attribute[Any], value: objec
 def _http_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not is_http_url(value):
         raise ValidationError(attribute.name, f"must be an http(s) URL; got {redacted_url(value)}")
+    if isinstance(value, str):
+        _encodable(attribute.name, value)
 
 
 def _optional_bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
