@@ -39,6 +39,8 @@ import attrs
 from redis.exceptions import RedisError
 
 HERE: Final = Path(__file__).resolve().parent
+#: A worker prints this once its startup (joining the account) is through.
+READY: Final = "NEMESIS-WORKER-READY"
 
 #: The fault kinds a schedule can combine (``two_apps`` is a topology: a second
 #: application, with its own Kling account, its own fake server and its own arq
@@ -92,6 +94,12 @@ class Schedule:
     def apps(self) -> tuple[str, ...]:
         """The applications sharing the Redis: ``a``, and ``b`` with ``two_apps``."""
         return ("a", "b") if "two_apps" in self.kinds else ("a",)
+
+    @property
+    def jobs_per_app(self) -> int:
+        """``jobs`` shared between the apps: the same load with a second app, so that
+        the deadline measures faults, not a doubled load."""
+        return max(1, self.jobs // len(self.apps))
 
     def job_n(self, app: str, number: int) -> int:
         """The ``n`` of one job: seeded, so a rerun asks for the same units."""
@@ -418,7 +426,7 @@ class WorkerSlot:
     generation: int = 0
     logs: list[Path] = attrs.field(factory=list)
     started_at: float = 0.0
-    #: Exits within a second of starting, in a row: the app refused to start.
+    #: Exits before the startup was through, in a row: the app is refused.
     quick_exits: int = 0
     #: Set while the nemesis holds it down (killed, restarting): not to be replaced.
     held: bool = False
@@ -427,7 +435,8 @@ class WorkerSlot:
 class WorkerPool:
     """The arq workers of one app, each ``python nemesis.py worker``, started with
     ``env`` and supervised: one that exits unasked is replaced, as a process
-    supervisor would, unless it keeps exiting at start (the app is refused)."""
+    supervisor would, unless it exits twice in a row before its startup is through
+    (the account refused the app: that reports its jobs)."""
 
     def __init__(self, app: str, count: int, env: Mapping[str, str], folder: Path) -> None:
         self.app = app
@@ -466,12 +475,17 @@ class WorkerPool:
             process = slot.process
             if slot.held or process is None or process.poll() is None:
                 continue
-            quick = time.monotonic() - slot.started_at < 3.0
-            slot.quick_exits = slot.quick_exits + 1 if quick else 0
+            slot.quick_exits = 0 if self.joined(slot) else slot.quick_exits + 1
             if slot.quick_exits < 2:
                 self.start(slot)
             else:
                 slot.process = None
+
+    @staticmethod
+    def joined(slot: WorkerSlot) -> bool:
+        """Whether the slot's latest process got through its startup (joined the account)."""
+        path = slot.logs[-1]
+        return path.exists() and READY in path.read_text(errors="replace")
 
     def signal(self, index: int, signum: int) -> None:
         """Send ``signum`` to worker ``index``'s current process."""
@@ -501,11 +515,17 @@ class WorkerPool:
         self.start(slot)
         slot.held = False
 
-    def stop_all(self) -> None:
-        """Stop every worker, this pool's processes only."""
-        for slot in self.slots:
-            if slot.process is not None:
-                ensure_stopped(slot.process)
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Stop every worker, this pool's processes only: all asked at once (SIGTERM),
+        then each waited for (SIGKILL after ``grace`` seconds)."""
+        running = [slot.process for slot in self.slots if slot.process is not None]
+        for process in running:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)
+                    process.terminate()
+        for process in running:
+            ensure_stopped(process, grace)
 
     def tail(self, lines: int = 12) -> str:
         """The last lines of each worker's logs with a traceback or a warning."""
@@ -584,13 +604,17 @@ def _task_duration(task: Any) -> float:
     return 1.5 + (zlib.crc32(str(task.prompt).encode()) % 250) / 100
 
 
+#: What :func:`_quietly` returns when Redis did not answer.
+UNANSWERED: Final = object()
+
+
 async def _quietly(awaitable: Any, timeout: float) -> Any:
-    """``awaitable``'s result, or ``None`` if Redis did not answer in ``timeout`` (paused,
-    restarting): the checker's reads must not fail a run."""
+    """``awaitable``'s result, or :data:`UNANSWERED` if Redis did not answer in
+    ``timeout`` (paused, restarting): the harness's reads must not fail a run."""
     try:
         return await asyncio.wait_for(awaitable, timeout)
     except (asyncio.TimeoutError, OSError, RedisError):
-        return None
+        return UNANSWERED
 
 
 async def run_schedule(
@@ -641,14 +665,23 @@ async def run_schedule(
                 capacity=told,
             )
             pools[app] = WorkerPool(app, schedule.workers, env, folder)
-        for pool in pools.values():
-            pool.start_all()
+        # The first app joins first: with a namespace bound to the account it joined
+        # with, the second app is the one to be refused.
+        pools["a"].start_all()
+        while not any(pools["a"].joined(slot) for slot in pools["a"].slots):
+            if time.monotonic() - started > 30:
+                raise RuntimeError("no worker of app a started in 30 s:\n" + pools["a"].tail())
+            pools["a"].supervise()
+            await asyncio.sleep(0.05)
+        for app, pool in pools.items():
+            if app != "a":
+                pool.start_all()
         arq_pool = await create_pool(
             RedisSettings.from_dsn(redis.url), default_queue_name="nemesis:a"
         )
         for app in schedule.apps:
             outcomes[app] = {}
-            for number in range(schedule.jobs):
+            for number in range(schedule.jobs_per_app):
                 job_id = f"{app}-{schedule.seed}-{number}"
                 prompt = f"{app}-job-{number}"
                 outcomes[app][job_id] = JobOutcome(job_id=job_id, prompt=prompt)
@@ -672,10 +705,12 @@ async def run_schedule(
             for app, waiting in pending.items():
                 if pools[app].refused:
                     waiting.clear()
-                for job_id in sorted(waiting)[:16]:
+                for job_id in sorted(waiting):
                     info = await _quietly(
-                        Job(job_id, arq_pool, _queue_name=f"nemesis:{app}").result_info(), 1.0
+                        Job(job_id, arq_pool, _queue_name=f"nemesis:{app}").result_info(), 0.5
                     )
+                    if info is UNANSWERED:
+                        break  # Redis is paused or restarting: next round
                     if info is None:
                         continue
                     waiting.discard(job_id)
@@ -684,12 +719,14 @@ async def run_schedule(
                 break
             await asyncio.sleep(0.1)
         seconds = time.monotonic() - zero
+        print(f"nemesis: first create {zero - started:.1f}s after start; jobs {seconds:.1f}s")
         if not nemesis.done():
             nemesis.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await nemesis
-        for process_pool in pools.values():
-            await asyncio.to_thread(process_pool.stop_all)
+        stopping = time.monotonic()
+        await asyncio.gather(*(asyncio.to_thread(pool.stop_all) for pool in pools.values()))
+        print(f"nemesis: workers stopped in {time.monotonic() - stopping:.1f}s")
         offset = time.time() - time.monotonic()
         logs = [_account_log(app, fake, schedule.quota, offset) for app, fake in fakes.items()]
         refused_apps = tuple(app for app, pool in pools.items() if pool.refused)
@@ -861,6 +898,13 @@ def run_worker() -> None:
         job_timeout=120,
         poll_delay=0.05,
     )
+    library_startup = settings["on_startup"]
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        await library_startup(ctx)
+        print(READY, flush=True)  # the supervisor's sign that this worker joined
+
+    settings["on_startup"] = startup
     run_arq_worker(settings)
 
 

@@ -45,19 +45,29 @@ from tests.scaleout.nemesis import (
 pytest.importorskip("arq", reason="the nemesis suite runs arq workers (the arq extra)")
 
 #: Fault kinds that break an invariant on the current code -> the review script in
-#: /work/shared/review/scaleout that shows the same defect. xfail(strict=False).
-KNOWN_VIOLATIONS: dict[str, str] = {}
+#: /work/shared/review/scaleout that shows the same defect. xfail(strict=False): remove
+#: an entry once its fix is merged. Measured at ccb3746 over 50 schedules (seeds
+#: 1000-1049): every failing schedule had one of these kinds.
+KNOWN_VIOLATIONS: dict[str, str] = {
+    # A worker's graceful shutdown (SIGTERM: arq cancels its jobs, on_shutdown closes
+    # the client) frees the units of tasks Kling still runs: 1303s (6 of 13 schedules
+    # with a rolling restart); once, the shared limiter then admitted nothing more (s15).
+    "rolling_restart": "s01",
+    # Both apps under the default namespace share one limiter and adopt each other's
+    # work: app a's creates re-sent on app b's account after a Redis pause.
+    "two_apps": "s10",
+}
 
 #: The seed of the learning-mode run (no faults: its load only).
 LEARNING_SEED = 21
 
-#: The short set CI runs: (seed, kinds).
+#: The short set CI runs: (seed, kinds), 12 jobs each.
 CI_SCHEDULES: list[tuple[int, tuple[str, ...]]] = [
-    (11, ("worker_pause",)),
-    (12, ("redis_restart", "worker_kill")),
-    (13, ("rolling_restart",)),
-    (14, ("redis_pause", "two_apps")),
+    (11, ("worker_kill", "worker_pause")),
+    (12, ("redis_pause", "redis_restart")),
+    (13, ("rolling_restart", "two_apps")),
 ]
+CI_JOBS = 12
 
 
 def _long_set() -> list[tuple[int, tuple[str, ...] | None]]:
@@ -74,8 +84,8 @@ def _replay() -> list[tuple[int, tuple[str, ...] | None]]:
     return [(int(seed), None if kinds is None else tuple(filter(None, kinds.split(","))))]
 
 
-def _param(seed: int, kinds: tuple[str, ...] | None, prefix: str) -> object:
-    schedule = make_schedule(seed, kinds)
+def _param(seed: int, kinds: tuple[str, ...] | None, prefix: str, **load: int) -> object:
+    schedule = make_schedule(seed, kinds, **load)
     known = sorted({KNOWN_VIOLATIONS[kind] for kind in schedule.kinds if kind in KNOWN_VIOLATIONS})
     marks = (
         [pytest.mark.xfail(reason=f"known violation: {', '.join(known)}", strict=False)]
@@ -101,7 +111,7 @@ def _assert_clean(report: RunReport) -> None:
 @pytest.mark.timeout(80)
 @pytest.mark.parametrize(
     "schedule",
-    [_param(seed, kinds, "ci") for seed, kinds in CI_SCHEDULES]
+    [_param(seed, kinds, "ci", jobs=CI_JOBS) for seed, kinds in CI_SCHEDULES]
     + [_param(seed, kinds, "long") for seed, kinds in _long_set()]
     + [_param(seed, kinds, "replay") for seed, kinds in _replay()],
 )
@@ -117,7 +127,7 @@ async def test_learning_mode_finishes_every_job(tmp_path: Path, redis_executable
     """Three workers told no capacity (``capacity=None``: learn it from 1303) against a
     quota of 6: every job finishes; the share of creates refused with 1303 is the
     price of learning, printed as a figure."""
-    schedule = make_schedule(LEARNING_SEED, (), quota=6)
+    schedule = make_schedule(LEARNING_SEED, (), quota=6, jobs=CI_JOBS)
     report = await run_schedule(schedule, tmp_path, redis_executable, capacity=None)
     print(
         f"learning mode: 1303 share {report.refusal_share:.1%} "
@@ -218,3 +228,19 @@ def test_a_seed_gives_one_schedule() -> None:
     assert pause.duration > 2 * make_schedule(3, ["redis_pause"]).lease  # beyond the lease
     with pytest.raises(ValueError, match="unknown fault kinds"):
         make_schedule(1, ["meteor"])
+
+
+@pytest.mark.timeout(60)
+async def test_the_checker_sees_an_over_commit_in_the_servers_log(
+    tmp_path: Path, redis_executable: str
+) -> None:
+    """The whole path from the fake's log to a violation, with a fault no library can
+    mend: workers told twice the real quota must be refused with 1303, and the report
+    must say so (so that a clean run above means something)."""
+    schedule = make_schedule(LEARNING_SEED, (), workers=2, jobs=8)
+    report = await run_schedule(
+        schedule, tmp_path, redis_executable, capacity=2 * schedule.quota, deadline=12.0
+    )
+    print(report.describe())
+    assert any(violation.startswith("[over-commit]") for violation in report.violations)
+    assert report.refusals >= 1
