@@ -578,6 +578,19 @@ class RunReport:
         """The share of create requests the fake refused with 1303."""
         return self.refusals / self.creates if self.creates else 0.0
 
+    def summary(self) -> dict[str, Any]:
+        """The run as plain data, for a long run's record."""
+        return {
+            "seed": self.schedule.seed,
+            "kinds": list(self.schedule.kinds),
+            "violations": list(self.violations),
+            "seconds": round(self.seconds, 1),
+            "creates": self.creates,
+            "refusals": self.refusals,
+            "other_errors": {str(code): times for code, times in self.other_errors.items()},
+            "peak": self.peak,
+        }
+
     def describe(self) -> str:
         """The failure report: schedule, violations, figures, how to replay it."""
         lines = [self.schedule.describe(), "violations:"]

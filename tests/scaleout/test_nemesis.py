@@ -12,6 +12,7 @@ reported; every job ended within a bounded time.
 CI runs :data:`CI_SCHEDULES` (one per fault kind, whole file within 90 s).
 ``KLING_NEMESIS_SCHEDULES=50`` adds that many schedules of one to three kinds drawn
 from seeds ``KLING_NEMESIS_FIRST_SEED`` (default 1000) onwards;
+``KLING_NEMESIS_RECORD=FILE`` appends each run's summary to FILE as a JSON line.
 ``KLING_NEMESIS_SEED=S`` (with ``KLING_NEMESIS_KINDS=a,b`` if the report named
 kinds) replays one, as every failure report says.
 
@@ -22,6 +23,7 @@ entry when the fix is merged.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +107,10 @@ def redis_executable() -> str:
 
 def _assert_clean(report: RunReport) -> None:
     print(report.describe())
+    record = os.environ.get("KLING_NEMESIS_RECORD")
+    if record:  # a long run keeps every report, the xfailed ones' too
+        with open(record, "a", encoding="utf-8") as file:
+            file.write(json.dumps(report.summary()) + "\n")
     assert not report.violations, "nemesis found violations:\n" + report.describe()
 
 
