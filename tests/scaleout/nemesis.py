@@ -603,6 +603,7 @@ class RunReport:
         lines.append(
             f"replay: KLING_NEMESIS_SEED={self.schedule.seed} "
             f"KLING_NEMESIS_KINDS={','.join(self.schedule.kinds)} "
+            f"KLING_NEMESIS_JOBS={self.schedule.jobs} "
             "python -m pytest tests/scaleout/test_nemesis.py -k replay -s"
         )
         if self.worker_logs:
@@ -891,7 +892,7 @@ def run_worker() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     base = RedisSettings.from_dsn(os.environ["REDIS_URL"])
-    redis_settings = attrs_evolve_settings(
+    redis_settings = _replaced(
         base,
         conn_timeout=2,
         conn_retries=30,
@@ -921,7 +922,7 @@ def run_worker() -> None:
     run_arq_worker(settings)
 
 
-def attrs_evolve_settings(settings: Any, **changes: Any) -> Any:
+def _replaced(settings: Any, **changes: Any) -> Any:
     """A copy of arq's ``RedisSettings`` (a dataclass) with ``changes``."""
     import dataclasses
 
