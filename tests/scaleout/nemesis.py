@@ -265,8 +265,9 @@ def check(
     - at most one task per job (a job's prompt is unique);
     - every task on the account of the app that created it;
     - every job finished (arq recorded the task's end, and the fake holds that task
-      ended so) or reported (arq recorded an error), unless its app was refused at
-      start (``refused_apps``: its workers exited with an error, which reports it).
+      ended so) or reported (arq recorded an error, and truly: no task exists for
+      it), unless its app was refused at start (``refused_apps``: its workers exited
+      with an error, which reports it).
     """
     violations: list[str] = []
     for log in logs:
@@ -299,12 +300,22 @@ def check(
                     f"account ({len(tasks)} tasks)"
                 )
     tasks_by_id = {task.task_id: (log.app, task) for log in logs for task in log.tasks}
+    tasks_by_prompt: dict[tuple[str, str], list[TaskRecord]] = {}
+    for log in logs:
+        for task in log.tasks:
+            tasks_by_prompt.setdefault((log.app, task.prompt), []).append(task)
     refused = set(refused_apps)
     for app, jobs in sorted(outcomes.items()):
         if app in refused:
             continue
         for job in jobs:
             if job.error is not None:
+                held = tasks_by_prompt.get((app, job.prompt))
+                if held:  # reported, but untruly: a task runs (or ran) for it
+                    violations.append(
+                        f"[misreported] app {app}: job {job.job_id} reported an error while "
+                        f"its account holds task {held[0].task_id} for it: {job.error[:120]}"
+                    )
                 continue  # reported
             if job.status is None:
                 violations.append(
