@@ -108,6 +108,8 @@ KNOWN_DEFECTS: Final[dict[str, str]] = {
     # c08: two settlers of one task (two resumes, or a resume beside a batch run)
     # both hold its units; one share is never given back.
     "resume_beside_resume_or_batch": "c08",
+    # c13: tasks the server no longer knows (404/1203) keep their units for ever.
+    "server_forgets_tasks": "c13",
 }
 
 _ENABLE = os.environ.get("KLING_MODEL_ENABLE", "")
@@ -728,6 +730,23 @@ class CreateLifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def fault_on_next_exchange(self, data: st.DataObject) -> None:
         self.inject(data.draw(st.sampled_from(FAULT_NAMES), label="fault"))
+
+    @precondition(enabled("server_forgets_tasks"))
+    @rule()
+    def server_forgets_tasks(self) -> None:
+        self.step("the server forgets every task (1203 to every get and list)")
+        self.server.inject("error", "any", code=1203, times=None)
+        try:
+            self.proc.run(
+                until(lambda: not self.proc.limiter.in_use), "units of forgotten tasks", limit=3.0
+            )
+        except Violation:
+            raise self.violation(
+                f"tasks the server no longer knows still hold {self.proc.limiter.in_use} units"
+            ) from None
+        finally:
+            self.server.clear_faults()
+            self.steps.append("  (every fault cleared)")
 
     @precondition(enabled("journal_write_failure"))
     @rule(
