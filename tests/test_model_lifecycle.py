@@ -702,22 +702,27 @@ class CreateLifecycle(RuleBasedStateMachine):
         self.step(f"a second process opens the journal and creates {uid}")
 
         async def intruder() -> Any:
-            journal = Journal(self.path)
-            client = Client(
-                api_key=API_KEY,
-                base_url=self.server.server.url,
-                polling=FAST_POLL,
-                retry=FAST_RETRY,
-                timeout=REQUEST_TIMEOUT,
-                journal=journal,
-            )
+            # The refusal may come from Journal(), Client() or the first write.
+            journal: Journal | None = None
+            client: Client | None = None
             try:
+                journal = Journal(self.path)
+                client = Client(
+                    api_key=API_KEY,
+                    base_url=self.server.server.url,
+                    polling=FAST_POLL,
+                    retry=FAST_RETRY,
+                    timeout=REQUEST_TIMEOUT,
+                    journal=journal,
+                )
                 return await client.images.generate(prompt=f"model {uid}")
             except Exception as error:
                 return error
             finally:
-                await client.close()
-                await journal.close()
+                for resource in (client, journal):
+                    if resource is not None:
+                        with contextlib.suppress(Exception):
+                            await resource.close()
 
         outcome = self.proc.run(intruder(), "a second process on the journal")
         if isinstance(outcome, TaskHandle):
