@@ -9,12 +9,13 @@ import attrs
 
 from ._http import Reply, error, format_seconds
 from ._options import Fault
+from ._validation import invalid
 
 _DEFAULT_GARBAGE: Final = (
     b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 )
 # Kinds that let the request act (a create really creates) before misbehaving.
-_ACTING: Final = frozenset(("error_after", "drop_after", "delay"))
+_ACTING: Final = frozenset(("error_after", "drop_after", "delay", "garbage_after", "exists"))
 _DROPPING: Final = frozenset(("drop", "drop_after"))
 
 
@@ -57,12 +58,28 @@ def fault_reply(fault: Fault, served: Reply | None) -> Reply | None:
         return served
     if fault.kind == "garbage":
         return _garbage(fault)
+    if fault.kind == "garbage_after":
+        assert served is not None
+        return _cut_short(fault, served)
+    if fault.kind == "exists":
+        # The answer a second, racing send of the same create gets: the task is
+        # there (this request made it), and the answer says only "exists".
+        exists = invalid("external_task_id", "external_task_id already exists")
+        return error(exists.code, fault.message or exists.message, http_status=fault.http_status)
     return error(
         fault.code,
         fault.message or f"simulated error {fault.code}",
         http_status=fault.http_status,
         retry_after=fault.retry_after,
     )
+
+
+def _cut_short(fault: Fault, served: Reply) -> Reply:
+    """The served answer unreadable: its first half (a proxy that stopped
+    streaming), or ``body``, with ``http_status`` (default 200: it looks fine)."""
+    body = fault.body if fault.body is not None else served.body[: len(served.body) // 2]
+    status = fault.http_status if fault.http_status is not None else 200
+    return Reply(status, body.encode() if isinstance(body, str) else body, None)
 
 
 def _garbage(fault: Fault) -> Reply:

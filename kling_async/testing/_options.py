@@ -34,7 +34,9 @@ Route = Literal["create", "get", "list", "download", "callback", "other"]
 FaultRoute = Literal["create", "get", "list", "download", "any"]
 """Which requests a :class:`Fault` applies to."""
 
-FaultKind = Literal["error", "error_after", "drop", "drop_after", "delay", "garbage"]
+FaultKind = Literal[
+    "error", "error_after", "drop", "drop_after", "delay", "garbage", "garbage_after", "exists"
+]
 """How a :class:`Fault` misbehaves; see :meth:`FakeKlingServer.inject`."""
 
 CallbackFormat = Literal["legacy", "legacy_without_task_info", "new_design"]
@@ -47,7 +49,7 @@ CreateAnswer = Literal["full", "task_id_only"]
 """What a successful create answers: see :class:`WireShapes`."""
 
 FAULT_KINDS: frozenset[str] = frozenset(
-    ("error", "error_after", "drop", "drop_after", "delay", "garbage")
+    ("error", "error_after", "drop", "drop_after", "delay", "garbage", "garbage_after", "exists")
 )
 FAULT_ROUTES: frozenset[str] = frozenset(("create", "get", "list", "download", "any"))
 

@@ -362,7 +362,12 @@ class FakeKlingServer:
         ``"drop"`` closes the connection without answering, before acting;
         ``"drop_after"`` acts and then closes without answering; ``"delay"``
         waits ``delay`` seconds and then answers normally; ``"garbage"`` answers
-        ``body`` (default an HTML error page) with ``http_status`` (default 502).
+        ``body`` (default an HTML error page) with ``http_status`` (default 502);
+        ``"garbage_after"`` acts and then answers ``body`` (default the real
+        answer cut in half) with ``http_status`` (default 200): an unreadable
+        success; ``"exists"`` acts and then answers 1201 "external_task_id
+        already exists" (``message`` to change it), as a send racing another
+        send of the same create is answered.
         ``delay`` also applies before any other kind.
 
         ``route`` (``"create"``, ``"get"``, ``"list"``, ``"download"`` or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -132,3 +133,39 @@ async def test_download_faults(api: Api) -> None:
     api.server.inject("error", route="download", code=5000)
     async with api.session.get(data["task_result"]["images"][0]["url"]) as response:
         assert response.status == 500
+
+
+async def test_garbage_after_creates_the_task_and_answers_an_unreadable_200(api: Api) -> None:
+    fault = api.server.inject("garbage_after", route="create")
+    url = api.server.url + f"/v1/{GEN}"
+    body = gen_body(external_task_id="cut-short")
+    async with api.session.post(url, json=body, headers={"Authorization": "Bearer t"}) as response:
+        assert response.status == 200
+        raw = await response.read()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    assert raw.startswith(b'{"code":0')  # the real answer, cut in half
+    assert api.server.task("cut-short").external_task_id == "cut-short"
+    record = api.server.requests_for("create")[0]
+    assert (record.http_status, record.code, record.fault) == (200, None, "garbage_after")
+    assert fault.exhausted
+    # Its own body and status, when given; a refused create is not acted on twice.
+    api.server.inject("garbage_after", route="create", body="<html>", http_status=502)
+    async with api.session.post(url, json=gen_body(), headers={"Authorization": "Bearer t"}) as r:
+        assert (r.status, await r.read()) == (502, b"<html>")
+    assert len(api.server.tasks) == 2
+
+
+async def test_exists_creates_the_task_and_answers_1201_already_exists(api: Api) -> None:
+    api.server.inject("exists", route="create")
+    status, first, _ = await api.create(GEN, gen_body(external_task_id="raced"))
+    assert (status, first["code"]) == (400, 1201)
+    assert first["message"].endswith("external_task_id already exists")
+    assert_envelope(first, 1201)
+    status, payload, _ = await api.get(GEN, "raced")
+    assert (status, payload["data"]["task_info"]["external_task_id"]) == (200, "raced")
+    # Once used up, a create is served normally; a real duplicate gets the same answer.
+    assert (await api.create(GEN, gen_body(external_task_id="fresh")))[0] == 200
+    again, duplicate, _ = await api.create(GEN, gen_body(external_task_id="fresh"))
+    assert (again, duplicate["code"], duplicate["message"]) == (400, 1201, first["message"])
+    assert len(api.server.tasks) == 2
