@@ -393,6 +393,12 @@ class Client:
             await journal.close()
 
     async def __aenter__(self) -> Client:
+        """Enter: the client's journal, if it has one, is opened and owned now, so
+        a journal another run holds is refused here (:class:`JournalInUseError`)
+        rather than at the first create."""
+        ledger = self._submissions.ledger
+        if isinstance(ledger, Journal):
+            await ledger.open()
         return self
 
     async def __aexit__(

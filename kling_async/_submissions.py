@@ -167,12 +167,15 @@ class _HeldUnits:
 
     limiter: Limiter
     units: int
+    #: Whether the limiter counted them as a created task's: a ``created()``
+    #: hook that raised did not, and the release must say the same.
+    counted_created: bool = True
     given_back: bool = False
 
     def give_back(self, _task: object = None) -> None:
         if not self.given_back:
             self.given_back = True
-            _quietly("release", self.limiter.release, self.units)
+            _quietly("release", self.limiter.release, self.units, created=self.counted_created)
 
 
 def _quietly(hook: str, call: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
@@ -512,8 +515,8 @@ class Submissions:
                 # first and holds its units: these were this create's own.
                 _quietly("release", limiter.release, submission.units, created=False)
             else:
-                _quietly("created", limiter.created, submission.units)
-                self._hold(state, limiter, submission.units)
+                counted = _quietly("created", limiter.created, submission.units)
+                self._hold(state, limiter, submission.units, counted_created=counted)
         handle = TaskHandle(self._tracker, state, request)
         if not submission.result.done():
             submission.result.set_result(handle)
@@ -536,14 +539,16 @@ class Submissions:
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
 
-    def _hold(self, state: TaskState, limiter: Limiter, units: int) -> bool:
+    def _hold(
+        self, state: TaskState, limiter: Limiter, units: int, *, counted_created: bool = True
+    ) -> bool:
         """The running task holds ``units`` until it ends, turns out gone, or the
         client closes; it is polled until then, so they come back. A task holds
         units once, whoever settles it: returns False, holding nothing, when it
         already holds some."""
         if state in self._held:
             return False
-        held = _HeldUnits(limiter, units)
+        held = _HeldUnits(limiter, units, counted_created)
         if state.terminal:
             held.give_back()
             return True

@@ -82,34 +82,8 @@ T = TypeVar("T")
 #: branch (the c-numbers are the reproductions in ../shared/review/core/README.md).
 #: Remove an entry once its fix is merged; the test must then pass with it.
 KNOWN_DEFECTS: Final[dict[str, str]] = {
-    # c01: a lone surrogate in a prompt kills the journal's writer thread: that
-    # generate(), every later one and close() hang.
-    "unstorable_prompt": "c01",
-    # c03: resume() while a create of the same client is on the wire re-sends it;
-    # the live create meets "already exists" and is told nothing was created.
-    "resume_during_create": "c03",
-    # c03: "1201 external_task_id already exists" for our own id is believed:
-    # "nothing was created", the journal row not_created, while the task runs.
-    "fault:exists": "c03",
-    # c04 (library side): a batch key is the request's position, so inserting or
-    # deleting a line re-creates every later line.
-    "edit:insert": "c04",
-    "edit:delete": "c04",
-    # c05: an unreadable HTTP 200 to a create that acted is settled not created.
-    "fault:garbage_after": "c05",
-    # c06: a failed journal commit; flush() reports success after it.
-    "journal_write_failure": "c06",
-    # c09: a second Journal on a file in use is not refused.
-    "second_process": "c09",
-    # c10: a Ledger.record() that raises hangs generate() for ever.
-    "raising_ledger": "c10",
-    # issue 24 (c10's sibling): a limiter's created() that raises hangs generate().
-    "raising_limiter": "c10",
-    # c08: two settlers of one task (two resumes, or a resume beside a batch run)
-    # both hold its units; one share is never given back.
-    "resume_beside_resume_or_batch": "c08",
-    # c13: tasks the server no longer knows (404/1203) keep their units for ever.
-    "server_forgets_tasks": "c13",
+    # rule or fault name -> the review script (../shared/review/core) of a defect
+    # it finds that is not fixed yet; empty since issue 24's fixes landed.
 }
 
 _ENABLE = os.environ.get("KLING_MODEL_ENABLE", "")
@@ -322,7 +296,7 @@ class Process:
         self.ended = False
 
     async def _client(self, server: ServerThread) -> Client:
-        return Client(
+        client = Client(
             api_key=API_KEY,
             base_url=server.server.url,
             polling=FAST_POLL,
@@ -331,6 +305,7 @@ class Process:
             max_concurrency=self.limiter,
             journal=self.journal,
         )
+        return await client.__aenter__()  # as `async with` does: the journal is owned now
 
     def run(self, work: Coroutine[Any, Any, T], what: str, limit: float = HANG) -> T:
         """Run ``work`` on this process's loop; a hang is a violation."""
