@@ -418,8 +418,8 @@ class Account:
         request = costs_request(start_time, end_time, resource_pack_name)
 
         async def paced() -> Any:
-            await self.pacer.turn()
-            return await self._transport.exchange(request)
+            async with self.pacer.turn():
+                return await self._transport.exchange(request)
 
         # Each attempt waits its turn, retries and a re-signed JWT's included:
         # a retry is a request too.

@@ -8,8 +8,9 @@ client's requests to an endpoint whose documentation asks for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -211,31 +212,37 @@ def parse_costs(envelope: Envelope) -> AccountCosts:
     return AccountCosts(packs=tuple(packs), raw=dict(data))
 
 
-def wait_before(last_start: float | None, now: float, interval: float) -> float:
+def wait_before(last_end: float | None, now: float, interval: float) -> float:
     """Seconds to wait so a request starts ``interval`` after the previous one
-    (started at ``last_start``, ``None`` if none): the pacing rule, pure."""
-    if last_start is None:
+    ended (at ``last_end``, ``None`` if none): the pacing rule, pure."""
+    if last_end is None:
         return 0.0
-    return max(0.0, last_start + interval - now)
+    return max(0.0, last_end + interval - now)
 
 
 class Pacer:
-    """Starts one request at a time, each ``interval`` seconds after the one
-    before (Kling's "QPS <= 1" for account costs), whoever calls: callers queue
-    on a lock instead of drawing 1302s."""
+    """One request at a time, each sent ``interval`` seconds after the one
+    before was answered (Kling's "QPS <= 1" for account costs), whoever calls:
+    callers queue instead of drawing 1302s. Counting from the answer, not the
+    send, keeps two requests a second apart on Kling's side too, however long
+    the first one took to arrive there."""
 
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
         self._lock: asyncio.Lock | None = None
-        self._last_start: float | None = None
+        self._last_end: float | None = None
 
-    async def turn(self) -> None:
-        """Wait for this caller's turn; the request may start when it returns."""
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """This caller's turn: send the request inside the ``async with``."""
         if self._lock is None:  # created on the running loop, not in __init__
             self._lock = asyncio.Lock()
         async with self._lock:
-            delay = wait_before(self._last_start, self._clock(), self.interval)
+            delay = wait_before(self._last_end, self._clock(), self.interval)
             if delay:
                 await asyncio.sleep(delay)
-            self._last_start = self._clock()
+            try:
+                yield
+            finally:
+                self._last_end = self._clock()

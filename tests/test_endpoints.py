@@ -472,3 +472,41 @@ async def test_account_costs_validates_its_times(client: Client) -> None:
     with pytest.raises(ValidationError) as caught:
         await client.account.costs(start_time=5, end_time=1)
     assert caught.value.field == "end_time"
+
+
+def test_both_callback_formats_read_series_into_one_task() -> None:
+    from kling_async._wire import parse_callback
+
+    legacy = parse_callback(
+        {
+            "task_id": "t",
+            "task_status": "succeed",
+            "task_result": {
+                "result_type": "series",
+                "series_images": [{"index": i, "url": f"u{i}"} for i in range(3)],
+            },
+        }
+    )
+    new_design = parse_callback(
+        {
+            "id": "t",
+            "status": "succeeded",
+            "outputs": [{"type": "image", "url": f"u{i}", "group_id": "g"} for i in range(3)],
+            "billing": [{"charge_type": "unit", "amount": "24", "package_type": "image"}],
+        }
+    )
+    assert legacy.series_images == new_design.series_images
+    assert [image.url for image in new_design.series_images] == ["u0", "u1", "u2"]
+    assert new_design.final_unit_deduction == "24"
+
+
+async def test_a_callback_delivers_a_series(server: FakeKlingServer) -> None:
+    receiver = kling_async.CallbackReceiver(secret="endpoints-test-secret-0123456789")
+    async with receiver.serve(), make_client(server, callbacks=receiver) as client:
+        handle = await client.images.omni_image(
+            prompt="p", model_name="kling-v3-omni", images=[URL], result_type="series",
+            series_amount=2,
+        )  # fmt: skip
+        task = await handle
+    assert len(task.series_images) == 2
+    assert server.callbacks
