@@ -28,7 +28,7 @@ from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter, Limiter
 from ._models import ImageResult, Task, TaskRequest
 from ._pricing import DEFAULT_PRICES, Estimate, PriceTable
-from ._resources import Images
+from ._resources import Account, Images
 from ._submissions import Submissions
 from ._tracking import Tracker
 from ._transport import Transport
@@ -178,6 +178,8 @@ class Client:
         )
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker, self._submissions)
+        #: The account's resource packs: ``costs``.
+        self.account = Account(self._transport)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -229,6 +231,7 @@ class Client:
         view._transport = self._transport.derived(timeout=checked, retry=retry)
         view._submissions = self._submissions.with_transport(view._transport)
         view.images = Images(view._transport, self._tracker, view._submissions)
+        view.account = Account(view._transport, self.account.pacer)
         view._view_of = self
         return view
 

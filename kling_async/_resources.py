@@ -4,27 +4,49 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import attrs
 
+from . import _request_bodies  # noqa: F401  (registers the new requests' wire bodies)
 from ._handle import USE_CLIENT_DEFAULT, TaskHandle, _UseClientDefault
-from ._image_input import ImageFile, ImageInput, read_image_file
+from ._image_input import ImageFile, ImageInput, encode_image, read_image_file
 from ._models import (
     AspectRatio,
     Endpoint,
+    ExpandRequest,
     ImageGenerationRequest,
     ImageModel,
     ImageReference,
     MultiImageRequest,
+    MultiShotRequest,
+    OmniAspectRatio,
+    OmniImageRequest,
+    OmniModel,
+    OmniResolution,
     Resolution,
+    ResultType,
+    SeriesAmount,
     Task,
     TaskRequest,
+    TryOnModel,
+    VirtualTryOnRequest,
     build_request,
     image_fields,
     unread_files,
 )
 from ._submissions import Submissions, new_external_task_id
+from ._sync_endpoints import (
+    COSTS,
+    AccountCosts,
+    ImageRecognition,
+    Pacer,
+    costs_request,
+    parse_costs,
+    parse_recognition,
+    recognize_request,
+)
 from ._tracking import Tracker
 from ._transport import Transport
 from ._wire import (
@@ -172,6 +194,119 @@ class Images:
             _reject_fields_beside(request, arguments, "multi_image")
         return await self.submit(request)
 
+    async def omni_image(
+        self,
+        request: OmniImageRequest | None = None,
+        /,
+        *,
+        prompt: str | None = None,
+        model_name: OmniModel | None = None,
+        images: Sequence[ImageInput] | None = None,
+        element_ids: Iterable[int] | None = None,
+        resolution: OmniResolution | None = None,
+        result_type: ResultType | None = None,
+        n: int | None = None,
+        series_amount: SeriesAmount | None = None,
+        aspect_ratio: OmniAspectRatio | None = None,
+        watermark: bool | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit an omni-image task (Kling Image O1, or 3.0 Omni with
+        ``model_name="kling-v3-omni"``) and return its handle.
+
+        Refer to ``images`` in the prompt as ``<<<image_1>>>``...; a series
+        (``result_type="series"``, 3.0 Omni) makes ``series_amount`` images (2-9
+        or ``"auto"``), all in ``task.images`` (and ``task.series_images``).
+        Pass an :class:`OmniImageRequest` or its fields as keywords, not both
+        (``TypeError``). Raises :class:`ValidationError` before sending anything
+        if a field, or a model/field combination Kling's capability map
+        excludes, is invalid.
+        """
+        arguments = locals()
+        if request is None:
+            request = await _build(OmniImageRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "omni_image")
+        return await self.submit(request)
+
+    async def expand(
+        self,
+        request: ExpandRequest | None = None,
+        /,
+        *,
+        image: ImageInput | None = None,
+        up_expansion_ratio: float | None = None,
+        down_expansion_ratio: float | None = None,
+        left_expansion_ratio: float | None = None,
+        right_expansion_ratio: float | None = None,
+        prompt: str | None = None,
+        n: int | None = None,
+        watermark: bool | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit an outpainting task (``images/editing/expand``) and return its handle.
+
+        The four ratios (0 to 2, multiples of the original's height for up and
+        down, of its width for left and right) are required; the result may be
+        at most 3 times the original's area. Pass an :class:`ExpandRequest` or
+        its fields as keywords, not both (``TypeError``).
+        """
+        arguments = locals()
+        if request is None:
+            request = await _build(ExpandRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "expand")
+        return await self.submit(request)
+
+    async def multi_shot(
+        self,
+        request: MultiShotRequest | None = None,
+        /,
+        *,
+        element_frontal_image: ImageInput | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit an AI multi-shot task (other angles of a subject from its
+        front view) and return its handle; the finished task has three sets of
+        three images, in ``task.images`` set by set."""
+        arguments = locals()
+        if request is None:
+            request = await _build(MultiShotRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "multi_shot")
+        return await self.submit(request)
+
+    async def virtual_try_on(
+        self,
+        request: VirtualTryOnRequest | None = None,
+        /,
+        *,
+        human_image: ImageInput | None = None,
+        cloth_image: ImageInput | None = None,
+        model_name: TryOnModel | None = None,
+        callback_url: str | None = None,
+        external_task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit a Kolors virtual try-on task (a person, a garment) and return its handle."""
+        arguments = locals()
+        if request is None:
+            request = await _build(VirtualTryOnRequest, _fields(arguments))
+        else:
+            _reject_fields_beside(request, arguments, "virtual_try_on")
+        return await self.submit(request)
+
+    async def recognize(self, image: ImageInput) -> ImageRecognition:
+        """Find the subject, head, face and clothing in ``image`` (Kling's
+        synchronous ``videos/image-recognize``): no task, the answer comes back
+        at once, with the client's retries and typed errors."""
+        encoded = encode_image(image, "image")
+        if isinstance(encoded, ImageFile):
+            encoded = await asyncio.to_thread(read_image_file, encoded, "image")
+        return parse_recognition(await self._transport.send(recognize_request(encoded)))
+
     async def submit(self, request: TaskRequest) -> TaskHandle:
         """Submit any task request; the endpoint follows from its type.
 
@@ -258,3 +393,34 @@ class Images:
         """
         state = self._tracker.state(Endpoint(endpoint), task_id)
         return TaskHandle(self._tracker, state)
+
+
+class Account:
+    """The account's resource packs. Reach it as ``client.account``."""
+
+    def __init__(self, transport: Transport, pacer: Pacer | None = None) -> None:
+        self._transport = transport
+        #: Shared by a client and its ``with_options`` copies: one pace per account.
+        self.pacer = pacer if pacer is not None else Pacer(COSTS.min_interval)
+
+    async def costs(
+        self,
+        *,
+        start_time: datetime | int,
+        end_time: datetime | int,
+        resource_pack_name: str | None = None,
+    ) -> AccountCosts:
+        """The resource packs active between ``start_time`` and ``end_time``
+        (datetimes or Unix milliseconds), optionally the one named
+        ``resource_pack_name``. Free to call; Kling asks for at most one call a
+        second, so concurrent callers are spaced that far apart here.
+        ``remaining_quantity`` lags up to 12 hours on Kling's side."""
+        request = costs_request(start_time, end_time, resource_pack_name)
+
+        async def paced() -> Any:
+            async with self.pacer.turn():
+                return await self._transport.exchange(request)
+
+        # Each attempt waits its turn, retries and a re-signed JWT's included:
+        # a retry is a request too.
+        return parse_costs(await self._transport._retrying_resigned(paced))

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent
+from ._endpoints import by_request_type
 from ._exceptions import (
     ClientClosedError,
     KlingError,
@@ -146,8 +147,9 @@ class Submission:
 
     @property
     def units(self) -> int:
-        """The task's share of the concurrency quota: its ``n``."""
-        return self.request.n
+        """The task's share of the concurrency quota, as its endpoint declares
+        (``n``; one per task; the most an ``auto`` series may produce)."""
+        return by_request_type(self.request).units.held(self.request)
 
     def admitted(self) -> None:
         """The create holds its units (or needs none) and goes to the wire; tell
@@ -280,11 +282,13 @@ class Submissions:
             look_up_first=look_up_first,
             on_admitted=on_admitted,
         )
-        if chosen is not None and chosen.capacity is not None and prepared.n > chosen.capacity:
+        units = submission.units
+        if chosen is not None and chosen.capacity is not None and units > chosen.capacity:
+            field = "n" if units == prepared.n else "series_amount"
             raise for_create(
                 ValidationError(
-                    "n",
-                    f"is {prepared.n}, more units than the account's max_concurrency of "
+                    field,
+                    f"needs {units} units, more than the account's max_concurrency of "
                     f"{chosen.capacity}: the task could never start",
                 ),
                 submission.external_task_id,
@@ -694,7 +698,7 @@ class Submissions:
             # id would race it. Follow that create's outcome instead.
             return _following(live, on_admitted)
         if request is None:
-            request = request_from_mapping(entry.body)
+            request = request_from_mapping(entry.body, endpoint=entry.endpoint)
         request = attrs.evolve(request, external_task_id=entry.external_task_id)
         return self.start(
             request,

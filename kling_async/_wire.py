@@ -130,6 +130,39 @@ def _image_at(value: Any, position: int) -> ImageResult:
     )
 
 
+#: AI multi-shot's image sets: ``{index, url_1, url_2, url_3}``, three angles a set.
+_SET_URLS = ("url_1", "url_2", "url_3")
+
+
+def _result_images(result: Mapping[str, Any]) -> tuple[tuple[ImageResult, ...], str | None]:
+    """Every image of a legacy ``task_result``, and its ``result_type`` if given.
+
+    One list whatever the endpoint: ``images``, or omni-image's
+    ``series_images`` for a series (Kling's example fills both arrays; the one
+    ``result_type`` names wins, else the non-empty one), and AI multi-shot's
+    sets flattened set by set (set ``i``'s ``url_k`` gets index ``3*i + k - 1``),
+    so downloads and stores need not know the result kind.
+    """
+    images = result.get("images") or ()
+    series = result.get("series_images") or ()
+    if not isinstance(images, (list, tuple)) or not isinstance(series, (list, tuple)):
+        raise ValueError("task_result.images and series_images must be lists")
+    result_type = result.get("result_type")
+    chosen = series if (result_type == "series" and series) or not images else images
+    read: list[ImageResult] = []
+    for position, image in enumerate(chosen):
+        if isinstance(image, Mapping) and "url" not in image and "url_1" in image:
+            base = _image_at({**image, "url": ""}, position).index * len(_SET_URLS)
+            read.extend(
+                _image_at({"index": base + offset, "url": image[key]}, 0)
+                for offset, key in enumerate(_SET_URLS)
+                if image.get(key) is not None
+            )
+        else:
+            read.append(_image_at(image, position))
+    return tuple(read), (result_type if isinstance(result_type, str) and result_type else None)
+
+
 def _structure_image(value: Any, _type: Any) -> ImageResult:
     # Alone, an image has no position: an index it lacks is 0.
     return _image_at(value, 0)
@@ -162,15 +195,14 @@ def _structure_task(value: Any, _type: Any) -> Task:
     result = value.get("task_result") or {}
     if not isinstance(info, Mapping) or not isinstance(result, Mapping):
         raise ValueError("task_info and task_result must be objects")
-    images = result.get("images") or ()
-    if not isinstance(images, (list, tuple)):
-        raise ValueError("task_result.images must be a list")
+    images, result_type = _result_images(result)
     return Task(
         task_id=task_id,
         status=TaskStatus(status),
         status_message=_optional_text(value.get("task_status_msg")) or None,
         # The hooks are called directly: this runs for every task of every poll.
-        images=tuple(_image_at(image, position) for position, image in enumerate(images)),
+        images=images,
+        result_type=result_type,
         external_task_id=_optional_text(info.get("external_task_id")) or None,
         created_at=_structure_millis(value.get("created_at"), datetime),
         updated_at=_structure_millis(value.get("updated_at"), datetime),
@@ -235,6 +267,9 @@ def _structure_new_design(value: Mapping[str, Any]) -> Task:
         if not isinstance(output, Mapping) or output.get("type", "image") == "image"
     ]
     units, balance = _billing(value.get("billing"))
+    # A series' images carry the group they belong to, as legacy answers say
+    # result_type "series": one Task reads both the same way.
+    grouped = any(isinstance(image, Mapping) and image.get("group_id") for image in images)
     return Task(
         task_id=task_id,
         status=TaskStatus(_NEW_DESIGN_STATUSES.get(status, status)),
@@ -245,6 +280,7 @@ def _structure_new_design(value: Mapping[str, Any]) -> Task:
         updated_at=_structure_millis(value.get("update_time"), datetime),
         final_unit_deduction=units,
         final_balance_deduction=balance,
+        result_type="series" if grouped else None,
         raw=value if type(value) is dict else dict(value),
     )
 
@@ -282,6 +318,8 @@ converter.register_unstructure_hook(
         Task,
         converter,
         images=override(unstruct_hook=lambda images: [converter.unstructure(i) for i in images]),
+        # Said only by the endpoints that have one (omni-image): left out otherwise.
+        result_type=override(omit_if_default=True),
         raw=override(omit=True),
     ),
 )

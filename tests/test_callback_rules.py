@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kling_async import CallbackReceiver, PollPolicy, Task, TaskHandle, TaskStatus
+from kling_async import CallbackReceiver, Endpoint, PollPolicy, Task, TaskHandle, TaskStatus
 from kling_async.testing import CallbackFaults, FakeKlingServer, FakeTask
 from tests.helpers import API_KEY, make_client
 
@@ -506,10 +506,10 @@ async def test_a_forged_terminal_callback_for_a_task_nobody_holds_never_reaches_
             make_client(server, callbacks=receiver, polling=CALLBACK_POLLING),
             make_client(server) as other_process,
         ):
-            # A task Kling never heard of: both endpoints answer 404.
+            # A task Kling never heard of: every endpoint answers 404.
             forged = callback_body("job-123", status="succeed")
             assert (await post(receiver.url_for("job-123"), forged))[0] == 200
-            await eventually(lambda: len(server.requests_for("get")) == 2)
+            await eventually(lambda: len(server.requests_for("get")) == len(Endpoint))
             # A task another process runs: Kling says it is still processing.
             handle = await other_process.images.generate(
                 prompt="p", external_task_id="job-7", callback_url=receiver.url_for("job-7")
@@ -520,7 +520,7 @@ async def test_a_forged_terminal_callback_for_a_task_nobody_holds_never_reaches_
                 handle.task, task_status="succeed", updated_at=now_ms(), task_result=evil
             )
             assert (await post(receiver.url_for("job-7"), forged))[0] == 200
-            await eventually(lambda: len(server.requests_for("get")) == 3)
+            await eventually(lambda: len(server.requests_for("get")) == len(Endpoint) + 1)
             await asyncio.sleep(0.05)
             assert [task.status for task in seen] == [TaskStatus.PROCESSING]
             # The genuine end is confirmed, and hooks get the task as Kling's API has it.

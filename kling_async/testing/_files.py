@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
+from ._endpoints import file_count, watermarks
 from ._http import Reply
 from ._options import ImageIndexing
 from ._png import encode_png, size_for_aspect_ratio
@@ -22,13 +23,13 @@ def result_images(origin: str, task: FakeTask, indexing: ImageIndexing) -> list[
     """``task_result.images`` of a succeeded ``task``, served from ``origin``."""
     base = f"{origin}{RESULTS_PATH}{task.task_id}/"
     images: list[dict[str, Any]] = []
-    for index in range(task.n):
+    for index in range(file_count(task.endpoint, task.n)):
         image: dict[str, Any] = {"url": f"{base}{index}.png"}
         if indexing == "index":
             image = {"index": index, **image}
         elif indexing == "id":
             image = {"id": "", **image}
-        if task.watermark:
+        if task.watermark and watermarks(task.endpoint):
             image["watermark_url"] = f"{base}{index}{_WATERMARK_SUFFIX}"
         images.append(image)
     return images
@@ -45,7 +46,7 @@ def serve_result(task: FakeTask | None, name: str, range_header: str | None) -> 
     if (
         index_text == name
         or not (index_text.isascii() and index_text.isdigit())
-        or int(index_text) >= len(task.images)
+        or int(index_text) >= file_count(task.endpoint, task.n)
     ):
         return _not_found()
     if watermark and not task.watermark:

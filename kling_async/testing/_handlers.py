@@ -19,6 +19,7 @@ import attrs
 
 from ._auth import Authenticator
 from ._callbacks import CallbackDispatcher, callback_body, webhook_signer
+from ._endpoints import SyncEndpoints, sync_path, units_of
 from ._faults import Faults, acts, fault_reply
 from ._files import RESULTS_PATH, serve_result
 from ._http import NOT_JSON, Reply, Request, error, ok
@@ -40,12 +41,16 @@ _OP_ROUTES: Final[Mapping[str, Route]] = {
     "list": "list",
     "download": "download",
     "callback": "callback",
+    # The synchronous endpoints: a recognition is a POST that costs units, a
+    # costs query a read; faults of those routes hit them too.
+    "sync_post": "create",
+    "sync_get": "get",
     "stats": "other",
     "task_list": "other",
     "other": "other",
 }
 # The operations faults may hit: the API and its files, never /_fake/.
-_FAULTABLE: Final = frozenset(("create", "get", "list", "download"))
+_FAULTABLE: Final = frozenset(("create", "get", "list", "download", "sync_post", "sync_get"))
 
 
 @attrs.frozen
@@ -70,6 +75,9 @@ def routing_of(method: str, raw_path: str, prefix: str) -> Routing:
     ``/`` still names one task.
     """
     v1 = prefix + "/v1/"
+    sync = sync_path(method, raw_path, prefix)
+    if sync is not None:
+        return Routing("sync_post" if method == "POST" else "sync_get", sync)
     if raw_path.startswith(v1):
         rest = raw_path[len(v1) :]
         for endpoint in ENDPOINTS:
@@ -123,6 +131,7 @@ class FakeApi:
     auth: Authenticator
     bucket: TokenBucket | None
     requests: list[RecordedRequest] = attrs.field(factory=list, init=False)
+    sync: SyncEndpoints = attrs.field(factory=SyncEndpoints, init=False)
     counts: dict[Route, int] = attrs.field(factory=lambda: dict.fromkeys(ROUTES, 0), init=False)
 
     @classmethod
@@ -242,6 +251,9 @@ class FakeApi:
             refusal = self.bucket.refusal()
         if refusal is not None:
             return refusal
+        if operation in ("sync_post", "sync_get"):
+            body = None if request.body is NOT_JSON else request.body
+            return self.sync.answer(endpoint, body, request.query, self.book.origin)
         if operation == "create":
             return self._create(endpoint, None if request.body is NOT_JSON else request.body)
         if operation == "get":
@@ -259,7 +271,7 @@ class FakeApi:
             return error(duplicate.code, duplicate.message)
         if self.options.quota_error is not None:
             return error(self.options.quota_error, "resource pack exhausted (simulated)")
-        refusal = self.quota.refusal(body.get("n") or 1)
+        refusal = self.quota.refusal(units_of(endpoint, body))
         if refusal is not None:
             return refusal
         task = self.book.create(endpoint, body, external)

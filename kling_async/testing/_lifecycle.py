@@ -10,6 +10,8 @@ from typing import Any
 import attrs
 
 from ._callbacks import CallbackDispatcher
+from ._endpoints import result_images as endpoint_images
+from ._endpoints import units_of
 from ._files import result_images
 from ._options import ServerOptions
 from ._protocol import ENDPOINTS
@@ -44,6 +46,11 @@ class TaskBook:
     _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
     _origin: str = attrs.field(default="", init=False)
 
+    @property
+    def origin(self) -> str:
+        """Where result files are served from (set by :meth:`open`)."""
+        return self._origin
+
     def open(self, origin: str, saved: list[FakeTask]) -> None:
         """Start on the running loop, serving result files from ``origin``, with
         the ``saved`` tasks of an earlier server (oldest first)."""
@@ -63,14 +70,13 @@ class TaskBook:
         while task_id in self.tasks:  # pragma: no cover - 96 random bits
             task_id = secrets.token_hex(12)
         now = self._now_ms()
-        n = body.get("n")
         callback_url = body.get("callback_url")
         task = FakeTask(
             task_id=task_id,
             endpoint=endpoint,
             external_task_id=external,
             body=body,
-            n=n if isinstance(n, int) else 1,
+            n=units_of(endpoint, body),
             created_at_ms=now,
             updated_at_ms=now,
             callback_url=callback_url if isinstance(callback_url, str) else None,
@@ -112,7 +118,8 @@ class TaskBook:
         self.order[task.endpoint].append(task)
 
     def _images(self, task: FakeTask) -> list[dict[str, Any]]:
-        return result_images(self._origin, task, self.options.shapes.image_index)
+        files = result_images(self._origin, task, self.options.shapes.image_index)
+        return endpoint_images(task.endpoint, files)
 
     def _schedule(self, task: FakeTask, elapsed: float = 0.0) -> None:
         """Start the task's timers; ``elapsed`` seconds of its life have passed."""

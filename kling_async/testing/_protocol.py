@@ -16,7 +16,11 @@ from typing import Final
 
 GENERATIONS: Final = "images/generations"
 MULTI_IMAGE: Final = "images/multi-image2image"
-ENDPOINTS: Final = (GENERATIONS, MULTI_IMAGE)
+OMNI_IMAGE: Final = "images/omni-image"
+EXPAND: Final = "images/editing/expand"
+MULTI_SHOT: Final = "general/ai-multi-shot"
+VIRTUAL_TRY_ON: Final = "images/kolors-virtual-try-on"
+ENDPOINTS: Final = (GENERATIONS, MULTI_IMAGE, OMNI_IMAGE, EXPAND, MULTI_SHOT, VIRTUAL_TRY_ON)
 
 SUCCESS_MESSAGE: Final = "SUCCEED"
 

@@ -8,6 +8,8 @@ from typing import Any, Final
 
 import attrs
 
+from ._endpoints import outputs, task_result
+
 __all__ = ["FakeTask"]
 
 TERMINAL_STATUSES = frozenset(("succeed", "failed"))
@@ -77,22 +79,16 @@ class FakeTask:
             "updated_at": self.updated_at_ms,
             "final_unit_deduction": self.final_unit_deduction,
             "watermark_info": {"enabled": self.watermark},
-            "task_result": {"images": self.images},
+            "task_result": task_result(self.endpoint, self.body, self.images),
         }
 
     def to_new_design(self) -> dict[str, Any]:
         """The task in the new-design callback format (``{id, status, outputs, ...}``)."""
-        outputs = []
-        for image in self.images:
-            output = {"type": "image", "url": image["url"]}
-            if "watermark_url" in image:
-                output["watermark_url"] = image["watermark_url"]
-            outputs.append(output)
         body: dict[str, Any] = {
             "id": self.task_id,
             "status": "succeeded" if self.status == "succeed" else self.status,
             "message": self.status_message,
-            "outputs": outputs,
+            "outputs": outputs(self.endpoint, self.body, self.images),
             "create_time": self.created_at_ms,
             "update_time": self.updated_at_ms,
         }

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from kling_async._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE, sniff_image
 
-from ._protocol import GENERATIONS
+from ._protocol import GENERATIONS, MULTI_IMAGE
 
 MAX_PROMPT = 2500
 MAX_REFERENCES = 10
@@ -114,16 +114,27 @@ def check_image(field: str, value: object) -> None:
         )
 
 
-def _check_common(body: Mapping[str, Any], models: Collection[str] | None) -> None:
+def check_model(body: Mapping[str, Any]) -> None:
+    """``model_name`` is given and a non-empty string."""
     model = _given(body, "model_name")
     if model is None:
         raise invalid("model_name", "is required")
     if not isinstance(model, str) or not model.strip():
         raise invalid("model_name", "must be a non-empty string")
+
+
+def _check_common(body: Mapping[str, Any], models: Collection[str] | None) -> None:
+    check_model(body)
+    check_options(body)
+
+
+def check_options(body: Mapping[str, Any], ratios: frozenset[str] = ASPECT_RATIOS) -> None:
+    """The fields most endpoints share: ``n``, ``aspect_ratio`` (one of
+    ``ratios``), ``watermark_info``, ``callback_url``, ``external_task_id``."""
     n = _given(body, "n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9):
         raise invalid("n", f"must be an integer between 1 and 9, got {n!r}")
-    _check_choice(body, "aspect_ratio", ASPECT_RATIOS)
+    _check_choice(body, "aspect_ratio", ratios)
     watermark = _given(body, "watermark_info")
     if watermark is not None and not (
         isinstance(watermark, dict)
@@ -198,6 +209,15 @@ def validate_create(endpoint: str, body: object, models: Collection[str] | None)
     :class:`Rejection` (1201 for a bad field, 1203 for a model outside ``models``)."""
     if not isinstance(body, dict):
         raise Rejection(1201, "invalid parameter: the request body must be a JSON object")
+    if endpoint not in (GENERATIONS, MULTI_IMAGE):
+        from ._endpoints import NEW_ENDPOINTS, validate_new  # it builds on this module
+
+        validate_new(endpoint, body)
+        model = body.get("model_name")
+        known = models is None or model is None or model in models
+        if NEW_ENDPOINTS[endpoint].has_model and not known:
+            raise Rejection(1203, f"model not found: {model}")
+        return body
     _check_common(body, models)
     if endpoint == GENERATIONS:
         _check_generation(body)
