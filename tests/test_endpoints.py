@@ -27,14 +27,11 @@ from kling_async import (
     UnitsRule,
     ValidationError,
     VirtualTryOnRequest,
-    by_cli_name,
-    by_mcp_name,
-    by_path,
-    by_request_type,
     declaration_for,
     declarations,
     request_from_mapping,
 )
+from kling_async._endpoints import by_cli_name, by_mcp_name, by_path, by_request_type
 from kling_async._resources import Images
 from kling_async._sync_endpoints import wait_before
 from kling_async.testing import FakeKlingServer

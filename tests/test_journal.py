@@ -125,9 +125,15 @@ async def test_a_journal_that_cannot_be_opened_refuses_every_create(tmp_path: Pa
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     async with FakeKlingServer(api_key=API_KEY) as server:
-        async with make_client(server, journal=blocker / "journal.db") as client:
+        with pytest.raises(kling_async.JournalError):  # async with: refused on entry
+            async with make_client(server, journal=blocker / "journal.db"):
+                pass
+        client = make_client(server, journal=blocker / "journal.db")  # without: at the create
+        try:
             with pytest.raises(kling_async.KlingError):
                 await client.images.generate(prompt="p")
+        finally:
+            await client.close()
         assert server.requests_for("create") == []  # no intent on record, nothing sent
 
 

@@ -364,13 +364,17 @@ async def test_two_journals_on_one_file_in_one_process_have_one_owner(tmp_path: 
 async def test_two_clients_on_one_journal_path_cannot_both_create(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     async with FakeKlingServer(api_key=API_KEY) as server:
-        async with (
-            make_client(server, journal=path) as first,
-            make_client(server, journal=path) as second,
-        ):
+        async with make_client(server, journal=path) as first:
             await first.images.generate(prompt="first")
-            with pytest.raises(kling_async.KlingError):
-                await second.images.generate(prompt="second")
+            with pytest.raises(kling_async.JournalInUseError):  # refused on entry
+                async with make_client(server, journal=path):
+                    pass
+            second = make_client(server, journal=path)  # without async with: at the create
+            try:
+                with pytest.raises(kling_async.KlingError):
+                    await second.images.generate(prompt="second")
+            finally:
+                await second.close()
         assert [r.body["prompt"] for r in server.requests_for("create")] == ["first"]
 
 
