@@ -363,7 +363,8 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
             assert {h.task_id: h._state.next_poll for h in handles[1:]} == {
                 h.task_id: plans[h.task_id] for h in handles[1:]
             }
-            assert due.next_poll != plans[due.task_id] and not due.polling
+            assert due.next_poll != plans[due.task_id]
+            assert not due.polling
 
             server.finish(handles[5].task_id)
             await sweep_for(due)  # one changed: only it is structured
