@@ -18,6 +18,7 @@ from ._batch import Batch, BatchRequests
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download, read_image
+from ._durations import DurationCache, DurationLearner, default_cache_path
 from ._exceptions import ConfigurationError
 from ._handle import TaskHandle
 from ._journal import Journal
@@ -83,6 +84,13 @@ class Client:
     ``journal``
         A path, or a :class:`Journal`: a durable SQLite ledger that
         :meth:`resume` reads after a crash (instead of ``ledger``).
+    ``durations_cache``
+        Where how long tasks took is kept between runs, so that a first round
+        is polled on the learned schedule: a file path, ``True`` (the default
+        place: ``$KLING_DURATIONS_CACHE``, else ``kling-async/durations.json``
+        in the user's cache directory, ``$XDG_CACHE_HOME`` respected), or
+        ``False`` for nowhere (``KLING_DURATIONS_CACHE=off`` says the same).
+        Read on first use, written on close; safe to delete.
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -105,6 +113,7 @@ class Client:
         callbacks: CallbackReceiver | None = None,
         ledger: Ledger | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
+        durations_cache: str | os.PathLike[str] | bool = True,
     ) -> None:
         self._created_at = _caller(self)
         if credentials is None:
@@ -130,7 +139,11 @@ class Client:
             retry=retry or RetryPolicy(),
             session=session,
         )
-        self._tracker = Tracker(self._transport, polling or PollPolicy())
+        self._tracker = Tracker(
+            self._transport,
+            polling or PollPolicy(),
+            DurationLearner(_durations_cache(durations_cache, self.base_url)),
+        )
         #: The receiver Kling's callbacks for this client's tasks arrive at, if any.
         self.callbacks = callbacks
         if callbacks is not None:
@@ -395,3 +408,11 @@ def _checked_settings(
             f"got {max_concurrency}"
         )
     return checked
+
+
+def _durations_cache(setting: str | os.PathLike[str] | bool, base_url: str) -> DurationCache | None:
+    """The cache of learned durations ``Client(durations_cache=...)`` asks for."""
+    if setting is False:
+        return None
+    path = default_cache_path() if setting is True else Path(setting)
+    return DurationCache.for_base_url(path, base_url) if path is not None else None
