@@ -7,7 +7,7 @@ journal), each entry with ``sdk``, ``ratio``, ``goal`` and ``met``, and
 :class:`Judged` records here, so the gate and the comparison do not care which.
 
 Only figures measured with default settings gate the run (``settings`` absent
-or ``DEFAULT``); TUNED rows are reported, not judged. A figure is worse than the
+or not ``TUNED: ...``); TUNED rows are reported, not judged. A figure is worse than the
 last recorded one when it moved the wrong way by more than its noise: a share
 of the recorded value, generous for timings on a shared VM, small for counts.
 """
@@ -62,7 +62,7 @@ def judged(benchmark: str, result: Mapping[str, Any]) -> Iterator[Judged]:
             value=value if isinstance(value, (int, float)) else None,
             lower_is_better=">=" not in goal,
             met=entry.get("met"),
-            default=settings is None or settings == "DEFAULT",
+            default=not str(settings or "").startswith("TUNED"),
         )
     for use, outcome in (result.get("uses") or {}).items():
         for name, check in (outcome.get("goals") or {}).items():

@@ -100,9 +100,8 @@ class Poller:
         self._tracker = tracker
         self._endpoint = endpoint
         self._policy = tracker.policy
-        self._active: set[TaskState] = set()
-        #: The same tasks by task_id: a list item is matched with one dict lookup.
-        self._by_id: dict[str, TaskState] = {}
+        #: The tasks polled, by task_id: a list item is matched with one lookup.
+        self._active: dict[str, TaskState] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sweeping = False
@@ -127,11 +126,10 @@ class Poller:
 
     def add(self, state: TaskState) -> None:
         """Start polling ``state`` (no-op if it is already polled)."""
-        if state in self._active:
+        if self._polls(state):
             return
         loop = asyncio.get_running_loop()
-        self._active.add(state)
-        self._by_id[state.task_id] = state
+        self._active[state.task_id] = state
         # A task the client has never seen is polled at once; one it just
         # created (or polled) waits its turn on the schedule.
         if state.latest is None or state.hurry:
@@ -146,7 +144,7 @@ class Poller:
     def replan(self, state: TaskState) -> None:
         """Plan ``state``'s next poll again: what is known about it changed (its
         kind became known after it was first scheduled)."""
-        if state not in self._active or state.polling or state.hurry or state.latest is None:
+        if not self._polls(state) or state.polling or state.hurry or state.latest is None:
             return
         now = asyncio.get_running_loop().time()
         state.interval = self._delay(state, now)
@@ -155,7 +153,7 @@ class Poller:
 
     def replan_all(self) -> None:
         """:meth:`replan` every task waiting for its next poll."""
-        for state in tuple(self._active):
+        for state in tuple(self._active.values()):
             self.replan(state)
 
     def hurry(self, state: TaskState) -> None:
@@ -164,7 +162,7 @@ class Poller:
         Nobody waiting yet (a callback that overtook its create), the state is
         marked so that the first wait polls it at once."""
         state.hurry = True
-        if state not in self._active:
+        if not self._polls(state):
             if not state.wanted:
                 return
             self.add(state)
@@ -191,9 +189,12 @@ class Poller:
 
     def discard(self, state: TaskState) -> None:
         """Stop polling ``state``; an in-flight poll still delivers its answer."""
-        self._active.discard(state)
-        if self._by_id.get(state.task_id) is state:
-            del self._by_id[state.task_id]
+        if self._polls(state):
+            del self._active[state.task_id]
+
+    def _polls(self, state: TaskState) -> bool:
+        """Whether ``state`` is among the tasks this poller polls."""
+        return self._active.get(state.task_id) is state
 
     async def close(self) -> None:
         """Stop the loop and every poll in flight."""
@@ -202,7 +203,6 @@ class Poller:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._active.clear()
-        self._by_id.clear()
 
     def _due_at(self, when: float) -> None:
         """Wake the runner if ``when`` comes before its own timer: most finished
@@ -264,7 +264,7 @@ class Poller:
             return math.inf  # the sweep under way wakes the runner when it ends
         next_due = math.inf
         due: list[TaskState] = []
-        for state in self._active:
+        for state in self._active.values():
             if state.polling:
                 continue
             when = state.next_poll
@@ -285,7 +285,7 @@ class Poller:
             # merge into a steady cadence of sweeps instead of one per task.
             near = [
                 state
-                for state in self._active
+                for state in self._active.values()
                 if not state.polling and now < state.next_poll <= now + state.interval / 2
             ]
             size, pages = self._page_plan()
@@ -343,7 +343,7 @@ class Poller:
     async def _poll(self, state: TaskState) -> None:
         try:
             async with self._slots:
-                if state not in self._active:  # nobody wants it any more
+                if not self._polls(state):  # nobody wants it any more
                     return
                 self.gets += 1
                 envelope = await self._tracker.transport.send(
@@ -420,7 +420,7 @@ class Poller:
             # that was neither keeps its plan: nothing it depends on moved, so
             # re-planning it would cost work per task in flight, not per change.
             polled = [state for state in due if state not in missing]
-            polled += [state for state in changed if not state.polling and state in self._active]
+            polled += [state for state in changed if not state.polling and self._polls(state)]
             self._reschedule(polled, sharing=found / max(read, 1))
             self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each
@@ -457,7 +457,7 @@ class Poller:
         position (1-based) of the deepest one, or 0.
         """
         deepest = found = 0
-        polled = self._by_id
+        polled = self._active
         for position, item in enumerate(items, offset + 1):
             # Only the tasks this poller polls: others' tasks, finished ones and
             # ones nobody waits for any more cost one failed lookup each.

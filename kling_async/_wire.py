@@ -165,9 +165,14 @@ def _structure_task(value: Any, _type: Any) -> Task:
     images = result.get("images") or ()
     if not isinstance(images, (list, tuple)):
         raise ValueError("task_result.images must be a list")
+    known_status = TaskStatus(status)
+    if type(value) is dict:
+        # The one shared string instead of the response's own copy: thousands
+        # of tasks in flight each keep their raw dict.
+        value["task_status"] = known_status.value
     return Task(
         task_id=task_id,
-        status=TaskStatus(status),
+        status=known_status,
         status_message=_optional_text(value.get("task_status_msg")) or None,
         # The hooks are called directly: this runs for every task of every poll.
         images=tuple(_image_at(image, position) for position, image in enumerate(images)),
