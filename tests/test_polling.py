@@ -373,3 +373,28 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
             for wait in waits:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_sweeps_decode_list_items_within_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every sweep decodes every task in flight, changed or not: without a bound,
+    # tasks polled often would cost CPU per task in flight at each sweep.
+    monkeypatch.setattr(polling, "SWEEP_ITEMS_PER_SECOND", 100)
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(20)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            await eventually(lambda: len(server.requests_for("list")) >= 1)
+            await asyncio.sleep(1.0)
+            poller = client._tracker._poller(handles[0].endpoint)
+            pages, items = len(server.requests_for("list")), poller.list_items
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+    # ~20 items a page: about one sweep each 0.2 s, where the schedule asks for
+    # one every 0.05 s; and no GET stood in for the sweeps held back.
+    assert items <= 100 * 1.0 + 2 * 40
+    assert pages <= 8
+    assert server.requests_for("get") == []
