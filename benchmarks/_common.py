@@ -37,6 +37,12 @@ __all__ = [
     "summarize_ms",
 ]
 
+# Every benchmark measures a first run unless it says otherwise: no durations
+# learned by earlier runs (the user's cache is neither read nor written; child
+# processes inherit this). A section that measures a run with a history gives
+# its client a cache file of its own (``Client(durations_cache=path)``).
+os.environ["KLING_DURATIONS_CACHE"] = "off"
+
 #: How long the fake may take to start listening before the benchmark gives up.
 START_TIMEOUT = 30.0
 #: How long it may take to stop on SIGTERM before it is killed.

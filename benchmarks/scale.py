@@ -14,6 +14,9 @@ describes it:
     client CPU per task lifecycle, both sides polling alike (TUNED);
 ``requests``
     requests and client CPU per completed task, 1,000 in flight (DEFAULT);
+``inflight``
+    client CPU, structurings and planned polls per task, 1,000 in flight,
+    3 s and 10 s tasks (DEFAULT, issue 26);
 ``utilisation``
     the account's quota used while a batch is queued (DEFAULT, and TUNED rows);
 ``memory``
@@ -46,7 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from _common import cancel_on_termination, machine_info, run_and_print
-from _scale import cpu, lag, memory, requests, submit, utilisation
+from _scale import cpu, inflight, lag, memory, requests, submit, utilisation
 from _scale.figures import Section
 from _scale.measure import SIDES, LogTally
 from _scale.params import Params, with_overrides
@@ -54,7 +57,7 @@ from _scale.params import Params, with_overrides
 #: Every section, in the order of the JSON's ``figures``.
 SECTIONS: dict[str, Section] = {
     module.SECTION.name: module.SECTION
-    for module in (cpu, requests, utilisation, memory, lag, submit)
+    for module in (cpu, requests, inflight, utilisation, memory, lag, submit)
 }
 #: The sections that measure each side in a child process (``--worker``).
 WORKERS = {name: section.worker for name, section in SECTIONS.items() if section.worker}

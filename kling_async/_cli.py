@@ -46,6 +46,7 @@ from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
 from ._batch import Batch, BatchItem, BatchResult
 from ._client import Client
 from ._config import ENV_BASE_URL
+from ._durations import user_cache_dir
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -164,15 +165,7 @@ def rerun_hint(arguments: Sequence[str], *, dropped: Sequence[str] = ()) -> str:
 def offline_state_file() -> Path:
     """Where the offline simulation keeps its tasks: the user's cache directory
     (``$XDG_CACHE_HOME``, else the platform's own), ``kling-async/offline-tasks.json``."""
-    if os.environ.get("XDG_CACHE_HOME"):
-        cache = Path(os.environ["XDG_CACHE_HOME"])
-    elif sys.platform == "win32":
-        cache = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        cache = Path.home() / "Library" / "Caches"
-    else:
-        cache = Path.home() / ".cache"
-    return cache / "kling-async" / "offline-tasks.json"
+    return user_cache_dir() / "kling-async" / "offline-tasks.json"
 
 
 class CommandError(Exception):

@@ -21,6 +21,7 @@ from ._batch import Batch, BatchRequests
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download, read_image
+from ._durations import DurationCache, DurationLearner, default_cache_path
 from ._exceptions import ConfigurationError
 from ._handle import TaskHandle
 from ._journal import Journal
@@ -94,6 +95,13 @@ class Client:
     ``prices``
         The :class:`PriceTable` that :meth:`estimate` prices requests with
         (default :data:`DEFAULT_PRICES`, Kling's published prices).
+    ``durations_cache``
+        Where how long tasks took is kept between runs, so that a first round
+        is polled on the learned schedule: a file path, ``True`` (the default
+        place: ``$KLING_DURATIONS_CACHE``, else ``kling-async/durations.json``
+        in the user's cache directory, ``$XDG_CACHE_HOME`` respected), or
+        ``False`` for nowhere (``KLING_DURATIONS_CACHE=off`` says the same).
+        Read on first use, written on close; safe to delete.
 
     No I/O happens in the constructor: the session is created on first use, on
     the running event loop. Use ``async with`` or ``await client.close()``.
@@ -117,6 +125,7 @@ class Client:
         ledger: Ledger | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
         prices: PriceTable = DEFAULT_PRICES,
+        durations_cache: str | os.PathLike[str] | bool = True,
     ) -> None:
         self._created_at = _caller(self)
         #: The prices :meth:`estimate` uses: Kling's published ones unless given.
@@ -147,7 +156,11 @@ class Client:
             retry=retry or RetryPolicy(),
             session=session,
         )
-        self._tracker = Tracker(self._transport, polling or PollPolicy())
+        self._tracker = Tracker(
+            self._transport,
+            polling or PollPolicy(),
+            DurationLearner(_durations_cache(durations_cache, self.base_url)),
+        )
         #: The receiver Kling's callbacks for this client's tasks arrive at, if any.
         self.callbacks = callbacks
         if callbacks is not None:
@@ -469,3 +482,11 @@ def _checked_settings(
             f"got {max_concurrency}"
         )
     return checked
+
+
+def _durations_cache(setting: str | os.PathLike[str] | bool, base_url: str) -> DurationCache | None:
+    """The cache of learned durations ``Client(durations_cache=...)`` asks for."""
+    if setting is False:
+        return None
+    path = default_cache_path() if setting is True else Path(setting)
+    return DurationCache.for_base_url(path, base_url) if path is not None else None

@@ -173,7 +173,9 @@ class CallbackOutcome(enum.Enum):
 class Tracker:
     """The registry of task states of one client, and the hub of their updates."""
 
-    def __init__(self, transport: Transport, policy: PollPolicy) -> None:
+    def __init__(
+        self, transport: Transport, policy: PollPolicy, durations: DurationLearner | None = None
+    ) -> None:
         self.transport = transport
         self.policy = policy
         self._states: weakref.WeakValueDictionary[tuple[Endpoint, str], TaskState] = (
@@ -189,7 +191,7 @@ class Tracker:
         self._pollers_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         #: How long this client's tasks took, for scheduling polls.
-        self.durations = DurationLearner()
+        self.durations = durations or DurationLearner()
         self._warned_silent_callbacks = False
         #: Told every accepted piece of news (the create's owner keeps a durable
         #: ledger current with it).
@@ -431,6 +433,7 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
+        self.durations.save()  # for the next run's first round
         await asyncio.gather(
             *(poller.close() for poller in self._current_pollers().values()),
             return_exceptions=True,

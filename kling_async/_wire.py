@@ -196,9 +196,14 @@ def _structure_task(value: Any, _type: Any) -> Task:
     if not isinstance(info, Mapping) or not isinstance(result, Mapping):
         raise ValueError("task_info and task_result must be objects")
     images, result_type = _result_images(result)
+    known_status = TaskStatus(status)
+    if type(value) is dict:
+        # The one shared string instead of the response's own copy: thousands
+        # of tasks in flight each keep their raw dict.
+        value["task_status"] = known_status.value
     return Task(
         task_id=task_id,
-        status=TaskStatus(status),
+        status=known_status,
         status_message=_optional_text(value.get("task_status_msg")) or None,
         # The hooks are called directly: this runs for every task of every poll.
         images=images,
@@ -588,8 +593,9 @@ def parse_task_list(envelope: Envelope) -> list[Task]:
 def task_id_of(data: Any) -> str | None:
     """The task_id of a raw task (an item of a list page), read without decoding
     the rest: a sweep skips the tasks nobody tracks at this cost."""
-    task_id = data.get("task_id") if isinstance(data, Mapping) else None
-    return task_id if isinstance(task_id, str) else None
+    # ``type() is dict`` first: what json.loads made, skipping the ABC check.
+    task_id = data.get("task_id") if type(data) is dict or isinstance(data, Mapping) else None
+    return task_id if type(task_id) is str or isinstance(task_id, str) else None
 
 
 def same_version(known: Mapping[str, Any], data: Any) -> bool:
@@ -597,7 +603,7 @@ def same_version(known: Mapping[str, Any], data: Any) -> bool:
     raw task last decoded) already holds: same status, same ``updated_at``.
     Then there is nothing to decode."""
     return (
-        isinstance(data, Mapping)
+        (type(data) is dict or isinstance(data, Mapping))
         and known.get("updated_at") == data.get("updated_at")
         and known.get("task_status") == data.get("task_status")
     )

@@ -318,3 +318,83 @@ async def test_no_warning_while_callbacks_arrive(
                 task = await handle
     assert task.status is TaskStatus.SUCCEED
     assert silence_warnings(caplog) == []
+
+
+# --- issue 26: work proportional to change, not to tasks in flight -----------------------
+
+
+async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every sweep reads every task in flight; before issue 26 each one it saw was
+    # planned again, changed or not, so a sweep cost work per task in flight.
+    structured: list[str] = []
+    parse = polling.parse_task
+
+    def counting_parse(envelope: Any) -> Any:
+        structured.append(envelope.data["task_id"])
+        return parse(envelope)
+
+    monkeypatch.setattr(polling, "parse_task", counting_parse)
+    # Polls far apart: nothing comes due on its own while the test drives sweeps.
+    policy = PollPolicy(initial_delay=60.0, max_delay=60.0, timeout=30.0, learn=False)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(12)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            await asyncio.sleep(0.1)  # every task is processing on the server now
+            poller = client._tracker._poller(handles[0].endpoint)
+            due = handles[0]._state
+
+            async def sweep_for(state: Any) -> None:
+                state.polling = True
+                await poller._sweep([state], *poller._page_plan())
+
+            await sweep_for(due)  # every task changed: submitted -> processing
+            assert sorted(structured) == sorted(h.task_id for h in handles)
+            assert {h.status for h in handles} == {TaskStatus.PROCESSING}
+            plans = {h.task_id: h._state.next_poll for h in handles}
+            structured.clear()
+
+            await sweep_for(due)  # nothing changed: only the due task is planned again
+            assert structured == []
+            assert {h.task_id: h._state.next_poll for h in handles[1:]} == {
+                h.task_id: plans[h.task_id] for h in handles[1:]
+            }
+            assert due.next_poll != plans[due.task_id]
+            assert not due.polling
+
+            server.finish(handles[5].task_id)
+            await sweep_for(due)  # one changed: only it is structured
+            assert structured == [handles[5].task_id]
+            assert (await waits[5]).status is TaskStatus.SUCCEED
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_sweeps_decode_list_items_within_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every sweep decodes every task in flight, changed or not: without a bound,
+    # tasks polled often would cost CPU per task in flight at each sweep.
+    monkeypatch.setattr(polling, "SWEEP_ITEMS_PER_SECOND", 100)
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(20)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            await eventually(lambda: len(server.requests_for("list")) >= 1)
+            await asyncio.sleep(1.0)
+            poller = client._tracker._poller(handles[0].endpoint)
+            pages, items = len(server.requests_for("list")), poller.list_items
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+    # ~20 items a page: about one sweep each 0.2 s, where the schedule asks for
+    # one every 0.05 s; and no GET stood in for the sweeps held back.
+    assert items <= 100 * 1.0 + 2 * 40
+    assert pages <= 8
+    assert server.requests_for("get") == []

@@ -32,6 +32,13 @@ class Params:
     # beat 1 / (1 + baseline polls per task), so <= 1/20 needs >= 20 polls a task.
     req_fast_baseline_interval: float = 0.4
     req_tuning_attempts: int = 3
+    # 2b. work per task in flight (issue 26), default settings, vs a 1 s loop
+    inflight_tasks: int = 1000
+    inflight_durations: str = "3,10"
+    inflight_processing_delay: float = 0.5
+    inflight_lifecycles: int = 2
+    inflight_rounds: int = 3
+    inflight_baseline_interval: float = 1.0
     # 3. quota utilisation, default settings; "2,10": 2 s tasks, then 10 s tasks
     util_durations: str = "2,10"
     util_tasks: str = "250,100"  # per duration
@@ -55,6 +62,7 @@ class Params:
     # hard limits, seconds
     timeout_cpu: float = 600.0
     timeout_requests: float = 600.0
+    timeout_inflight: float = 900.0
     timeout_utilisation: float = 900.0
     timeout_memory: float = 300.0
     timeout_lag: float = 300.0
@@ -72,6 +80,11 @@ class Params:
             req_baseline_interval=0.5,
             req_fast_baseline_interval=0.0,
             req_tuning_attempts=2,
+            inflight_tasks=200,
+            inflight_durations="2",
+            inflight_lifecycles=1,
+            inflight_rounds=1,
+            timeout_inflight=120.0,
             util_durations="0.5,2",
             util_tasks="150,60",
             util_baseline_tasks=60,

@@ -6,14 +6,23 @@ each of ``util_durations`` seconds (``util_tasks`` tasks each), and with callbac
 end of the batch (the last tasks run alone: a drain no scheduler can fill) and
 while requests were still queued (until the last create), the figure the goals
 judge. Baselines at the first duration: a semaphore of quota // 9 tasks, and
-create-and-retry-on-1303 with backoff."""
+create-and-retry-on-1303 with backoff.
+
+Every duration also gets a ``persisted`` run (issue 26): a first run of a new
+client, on a fresh fake, with the durations the polling run before it learned
+kept in its durations cache (re-scoped to the new fake's URL, as a second run
+of the same application against the same API would find them). The polling
+run itself is a first run without history: no cache, as the whole benchmark
+runs (``KLING_DURATIONS_CACHE=off``, set by ``_common``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from _baselines import CallbackFutures, RawKling, retry_on_1303_batch, semaphore_batch
@@ -23,10 +32,13 @@ import kling_async
 from _scale.figures import DEFAULT, Figure, Goal, Section, tuned, unmeasured
 from _scale.measure import progress, rounded, server_args, task_end_lag
 from _scale.params import API_KEY, PROMPT, Params
+from kling_async._durations import DurationCache
 
 #: The kinds of run: the SDK polling as users get it, the same with the limiter's
 #: fairness window set (TUNED) or with callbacks, and the two baselines.
 POLLING, TUNED_FAIRNESS, CALLBACKS = "polling", "tuned_fairness", "callbacks"
+#: The SDK polling as users get it on a second run: with the first run's durations.
+PERSISTED = "persisted"
 SEMAPHORE, RETRY_ON_1303 = "semaphore", "retry_on_1303"
 BASELINES = (SEMAPHORE, RETRY_ON_1303)
 
@@ -43,6 +55,7 @@ def plan(p: Params) -> list[tuple[str, float, int]]:
     runs: list[tuple[str, float, int]] = []
     for index, (duration, count) in enumerate(zip(durations_of(p), counts, strict=True)):
         runs.append((POLLING, duration, count))
+        runs.append((PERSISTED, duration, count))
         if p.util_tuned_fairness > 0:
             runs.append((TUNED_FAIRNESS, duration, count))
         if index == 0:
@@ -55,6 +68,8 @@ def run_name(kind: str, duration: float) -> str:
     label = f"{duration:g}s"
     if kind == TUNED_FAIRNESS:
         return f"sdk_{POLLING}_{label}_{TUNED_FAIRNESS}"
+    if kind == PERSISTED:
+        return f"sdk_{POLLING}_{label}_{PERSISTED}"
     return f"{'baseline' if kind in BASELINES else 'sdk'}_{kind}_{label}"
 
 
@@ -88,13 +103,30 @@ async def run(p: Params) -> dict[str, Any]:
             **more,
         }
 
+    folder = Path(tempfile.mkdtemp(prefix="kling-utilisation-"))
+    #: Per duration, the durations cache its polling run wrote and that run's URL.
+    learned: dict[float, tuple[Path, str]] = {}
+
     async def sdk_run(
-        duration: float, count: int, callbacks: bool, fairness: float | None = None
+        duration: float,
+        count: int,
+        callbacks: bool,
+        fairness: float | None = None,
+        persisted: bool = False,
     ) -> dict[str, Any]:
         async with (
             FakeServerProcess(*server_args(duration, p.util_processing_delay, *extra)) as fake,
             contextlib.AsyncExitStack() as stack,
         ):
+            cache: Path | bool = False
+            if persisted and duration in learned:
+                previous, url = learned[duration]
+                cache = folder / f"persisted-{duration:g}.json"
+                history = DurationCache.for_base_url(previous, url).load()
+                DurationCache.for_base_url(cache, fake.url).save(history)
+            elif not persisted and not callbacks and fairness is None:
+                cache = folder / f"learned-{duration:g}.json"  # what this run learns
+                learned[duration] = (cache, fake.url)
             receiver: kling_async.CallbackReceiver | None = None
             if callbacks:
                 receiver = kling_async.CallbackReceiver()
@@ -106,7 +138,11 @@ async def run(p: Params) -> dict[str, Any]:
                 limit = kling_async.ConcurrencyLimiter(quota, fairness_window=fairness)
             client = await stack.enter_async_context(
                 kling_async.Client(
-                    API_KEY, base_url=fake.url, max_concurrency=limit, callbacks=receiver
+                    API_KEY,
+                    base_url=fake.url,
+                    max_concurrency=limit,
+                    callbacks=receiver,
+                    durations_cache=cache,
                 )
             )
             requests = [
@@ -200,11 +236,15 @@ async def run(p: Params) -> dict[str, Any]:
             runs[name] = await raw_run(duration, kind)
         else:
             fairness = p.util_tuned_fairness if kind == TUNED_FAIRNESS else None
-            runs[name] = await sdk_run(duration, count, kind == CALLBACKS, fairness)
+            runs[name] = await sdk_run(
+                duration, count, kind == CALLBACKS, fairness, persisted=kind == PERSISTED
+            )
     return {
         "settings": {
             "sdk_polling": "Client(api_key, base_url=..., max_concurrency=quota): default "
             "PollPolicy, no callbacks",
+            "sdk_polling_persisted": "the same, a first run with the durations the polling "
+            "run learned in its durations cache (issue 26)",
             "sdk_callbacks": "the same with callbacks=CallbackReceiver() on loopback, confirm=True",
             "sdk_polling_tuned_fairness": "TUNED: max_concurrency=ConcurrencyLimiter(quota, "
             f"fairness_window={p.util_tuned_fairness}), all else default",
@@ -219,15 +259,23 @@ async def run(p: Params) -> dict[str, Any]:
 MAX_SHARE_1303 = 0.01
 
 
-def goal(duration: float) -> Goal:
+#: Issue 26: with 10 s tasks, a first run without history no worse than 0.933
+#: (the figure of 2026-12-02); with a persisted history, >= 95 % (issue 15's goal).
+NO_HISTORY_10S = 0.93
+
+
+def goal(duration: float, kind: str = PERSISTED) -> Goal:
     """Issue 15: the quota used while requests are queued, >= 90 % with 2 s tasks
-    and >= 95 % with 10 s tasks."""
+    and >= 95 % with 10 s tasks; issue 26: the 95 % on a run with a persisted
+    history, no worse than before on a first run without one."""
+    limit = 0.90
+    more = f"and 1303 share <= {MAX_SHARE_1303:g}"
+    if duration >= 10:
+        limit = 0.95 if kind != POLLING else NO_HISTORY_10S
+        if kind == POLLING:
+            more += " (issue 26: a first run without history, no worse than 0.933)"
     return Goal(
-        judges="sdk",
-        op=">=",
-        limit=0.95 if duration >= 10 else 0.90,
-        subject="sdk utilisation while queued",
-        more=f"and 1303 share <= {MAX_SHARE_1303:g}",
+        judges="sdk", op=">=", limit=limit, subject="sdk utilisation while queued", more=more
     )
 
 
@@ -238,7 +286,8 @@ def settings(kind: str, p: Params) -> str:
             f"ConcurrencyLimiter(quota, fairness_window={p.util_tuned_fairness}), polling default"
         )
     callbacks = ", CallbackReceiver" if kind == CALLBACKS else ""
-    return f"{DEFAULT} (max_concurrency=quota){callbacks}"
+    persisted = ", a persisted history" if kind == PERSISTED else ""
+    return f"{DEFAULT} (max_concurrency=quota){callbacks}{persisted}"
 
 
 def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
@@ -257,7 +306,7 @@ def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
     }
     found: list[Figure] = []
     for duration in durations:
-        for kind in (POLLING, CALLBACKS, TUNED_FAIRNESS):
+        for kind in (POLLING, PERSISTED, CALLBACKS, TUNED_FAIRNESS):
             name = run_name(kind, duration)
             if name not in result:
                 continue
@@ -272,7 +321,7 @@ def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
             found.append(
                 Figure(
                     name="utilisation_" + name.removeprefix("sdk_"),
-                    goal=goal(duration),
+                    goal=goal(duration, kind),
                     sdk=run["utilisation_while_queued"],
                     baseline=base.get("utilisation"),
                     settings=settings(kind, p),

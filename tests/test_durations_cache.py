@@ -1,0 +1,123 @@
+"""Learned durations kept between runs (issue 26): a first round polled on the
+learned schedule, a cache that is bounded, private to its API root, safe to
+delete or corrupt, and never written where tests or users did not say."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kling_async import PollPolicy, TaskStatus
+from kling_async._durations import (
+    MAX_CACHED_KINDS,
+    WINDOW,
+    DurationCache,
+    default_cache_path,
+)
+from kling_async._models import Endpoint
+from kling_async.testing import FakeKlingServer
+from tests.helpers import API_KEY, make_client
+
+#: The cold schedule polls every 0.05 s from the start; learning on, as by default.
+POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)
+
+
+async def learn_and_close(server: FakeKlingServer, cache: Path | bool, tasks: int = 4) -> None:
+    async with make_client(server, polling=POLICY, durations_cache=cache) as client:
+        for index in range(tasks):
+            await (await client.images.generate(prompt=f"learn {index}"))
+
+
+async def first_poll_after(server: FakeKlingServer, cache: Path | bool) -> float:
+    """Seconds from a new client's first create to the first poll of its task."""
+    async with make_client(server, polling=POLICY, durations_cache=cache) as client:
+        before = len(server.requests_for("get"))
+        handle = await client.images.generate(prompt="the first of a new run")
+        created = time.monotonic()
+        task = await handle
+    assert task.status is TaskStatus.SUCCEED
+    return server.requests_for("get")[before].arrived_at - created
+
+
+async def test_a_new_client_polls_its_first_round_on_what_the_last_run_learned(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "durations.json"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.4, processing_delay=0.01) as server:
+        await learn_and_close(server, cache)
+        assert cache.exists()
+        warm = await first_poll_after(server, cache)
+        cold = await first_poll_after(server, False)
+    # Nothing while it surely runs (its window opens ~0.35 s), where a client
+    # with no history polls at once on the cold schedule.
+    assert warm >= 0.3
+    assert cold < 0.2
+
+
+async def test_the_default_cache_is_in_the_user_cache_dir_and_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = tmp_path / "xdg" / "kling-async" / "durations.json"
+    assert default_cache_path() == default
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.1, processing_delay=0.01) as server:
+        monkeypatch.setenv("KLING_DURATIONS_CACHE", "off")
+        await learn_and_close(server, True, tasks=1)
+        assert not default.exists()
+        monkeypatch.delenv("KLING_DURATIONS_CACHE")
+        await learn_and_close(server, False, tasks=1)
+        assert not default.exists()
+        await learn_and_close(server, True, tasks=1)
+    assert default.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b"[1, 2]",
+        b'{"format": 1, "kinds": []}',
+        b"\xff\xfe\x00",
+        b'{"format": 1, "kinds": {"[1]": {"seconds": ["x"]}, "nonsense": 3}}',
+    ],
+)
+async def test_a_corrupt_cache_is_no_history_and_is_replaced(
+    tmp_path: Path, content: bytes
+) -> None:
+    cache = tmp_path / "durations.json"
+    cache.write_bytes(content)
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.1, processing_delay=0.01) as server:
+        await learn_and_close(server, cache, tasks=1)
+    recorded = json.loads(cache.read_text())
+    assert recorded["format"] == 1
+    assert len(recorded["kinds"]) == 1
+
+
+async def test_an_unwritable_cache_breaks_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.1, processing_delay=0.01) as server:
+        await learn_and_close(server, blocker / "durations.json", tasks=1)  # parent not a dir
+
+
+def test_the_cache_is_bounded_and_private_to_its_api_root(tmp_path: Path) -> None:
+    path = tmp_path / "durations.json"
+    ours = DurationCache.for_base_url(path, "http://user:secret@127.0.0.1:8080/kling")
+    theirs = DurationCache.for_base_url(path, "https://api.example.com")
+    kind = (Endpoint.GENERATIONS, "kling-v3", 1, None, 0)
+    theirs.save({kind: [5.0]})
+    ours.save({(Endpoint.GENERATIONS, f"model-{i}", 1, None, 0): [1.0] * 100 for i in range(250)})
+    assert "secret" not in path.read_text()
+    recorded = json.loads(path.read_text())["kinds"]
+    assert len(recorded) == MAX_CACHED_KINDS
+    assert all(len(entry["seconds"]) == WINDOW for entry in recorded.values())
+    assert theirs.load() == {}  # the least recently written went first
+    theirs.save({kind: [5.0, 6.0]})
+    assert theirs.load() == {kind: [5.0, 6.0]}
+    assert kind not in ours.load()
+    assert os.listdir(tmp_path) == ["durations.json"]  # no temporary left behind
