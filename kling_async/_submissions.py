@@ -167,6 +167,25 @@ class _HeldUnits:
             self.given_back = True
             self.limiter.release(self.units)
 
+    def hand_over(self) -> None:
+        """The client closes while the task runs: a shared limiter keeps its
+        units counted for another process to take over; any other gets them back."""
+        if not self.given_back:
+            self.given_back = True
+            hand_over = getattr(self.limiter, "hand_over", None)
+            if hand_over is not None:
+                hand_over(self.units)
+            else:
+                self.limiter.release(self.units)
+
+
+def _for_task(limiter: Limiter | None, external_task_id: str) -> Limiter | None:
+    """The limiter as one create and its task see it: a shared limiter
+    (``contrib.redis``) counts units per task, so it is told which task each
+    call is for; an in-process limiter is used as it is."""
+    for_task = getattr(limiter, "for_task", None)
+    return limiter if for_task is None else for_task(external_task_id)
+
 
 class Submissions:
     """The owner of every create of one client (see the module docstring)."""
@@ -244,6 +263,8 @@ class Submissions:
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
         prepared, receiver_callback = self.prepare(request)
+        assert prepared.external_task_id is not None
+        chosen = _for_task(chosen, prepared.external_task_id)
         submission = Submission(
             prepared,
             ledger=ledger if ledger is not None else self.ledger,
@@ -588,6 +609,7 @@ class Submissions:
         assert entry.task_id is not None
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
+        chosen = _for_task(chosen, entry.external_task_id)
         latest = None
         if entry.state is EntryState.TERMINAL and entry.status is not None:
             latest = entry_task(entry)
@@ -675,7 +697,7 @@ class Submissions:
             )
         held, self._held = self._held, {}
         for units in held.values():
-            units.give_back()
+            units.hand_over()
         try:
             await self.ledger.flush()
         except Exception as error:  # a broken ledger must not stop the client closing
