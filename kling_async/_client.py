@@ -161,6 +161,10 @@ class Client:
         )
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker, self._submissions)
+        # A shared ledger (contrib.redis) is bound to the Kling account it records for.
+        attach_client = getattr(ledger, "attach_client", None)
+        if attach_client is not None:
+            attach_client(self)
 
     def with_options(
         self,

@@ -243,7 +243,10 @@ class RedisAccount:
         credentials, never the credentials); a client of another account is
         refused with :class:`~kling_async.ConfigurationError`, so two apps with
         different accounts never adopt each other's work."""
-        fingerprint = credentials_fingerprint(client)
+        await self.bind_fingerprint(credentials_fingerprint(client))
+
+    async def bind_fingerprint(self, fingerprint: str) -> None:
+        """:meth:`bind`, given the fingerprint (:func:`credentials_fingerprint`)."""
         if self._bound == fingerprint:
             return
         key = self.key("account")

@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from redis.exceptions import RedisError
 
-from kling_async._exceptions import KlingError
+from kling_async._exceptions import ConfigurationError, KlingError
 from kling_async._ledger import EntryState, LedgerEntry
 from kling_async._wire import converter
 
 from . import _scripts
-from ._account import text
+from ._account import credentials_fingerprint, text
 
 if TYPE_CHECKING:
+    from kling_async._client import Client
+
     from ._account import RedisAccount
 
 __all__ = ["KeyReusedError", "RedisLedger", "request_digest"]
@@ -127,6 +129,10 @@ class RedisLedger:
         #: This process's unsettled entries as last recorded: re-asserted after
         #: Redis lost the account's state; dropped once settled.
         self._mine: dict[str, LedgerEntry] = {}
+        #: The Kling account of the client using this ledger (a fingerprint),
+        #: bound to the namespace before the first write.
+        self._fingerprint: str | None = None
+        self._refused: KlingError | None = None
         self._queued = 0
         self._written = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
@@ -141,6 +147,13 @@ class RedisLedger:
     def member(self) -> str:
         """This process's member id: the owner of the entries it records."""
         return self.account.member
+
+    def attach_client(self, client: Client) -> None:
+        """Called by ``Client(ledger=...)``: the namespace is bound to the
+        client's Kling account (a fingerprint of its credentials) before this
+        ledger writes anything; a namespace bound to another account refuses it."""
+        self._fingerprint = credentials_fingerprint(client)
+        self._start()
 
     # --- the Ledger protocol -----------------------------------------------------------
 
@@ -171,6 +184,8 @@ class RedisLedger:
         if self._written >= target:
             return
         self._start()
+        if self._refused is not None:
+            raise self._refused
         future = asyncio.get_running_loop().create_future()
         self._flushes.append((target, future))
         try:
@@ -318,8 +333,31 @@ class RedisLedger:
         self._wake.set()
         self._writer = loop.create_task(self._write_forever(), name="kling-redis-ledger")
 
+    async def _bind(self) -> bool:
+        """Bind the namespace to this ledger's Kling account; False if it is another's."""
+        retry = _RETRY_FIRST
+        while self._fingerprint is not None:
+            try:
+                await self.account.bind_fingerprint(self._fingerprint)
+                return True
+            except ConfigurationError as error:
+                logger.error("shared ledger refused: %s", error)
+                self._refused = error
+                for _target, future in self._flushes:
+                    if not future.done():
+                        future.set_exception(error)
+                self._flushes = []
+                return False
+            except RedisError as error:
+                logger.warning("shared ledger: Redis unreachable (%s); retrying", error)
+                await asyncio.sleep(retry)
+                retry = min(_RETRY_MAX, retry * 2)
+        return True
+
     async def _write_forever(self) -> None:
         assert self._wake is not None
+        if not await self._bind():
+            return
         retry = _RETRY_FIRST
         while True:
             await self._wake.wait()

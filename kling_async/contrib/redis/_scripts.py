@@ -105,9 +105,13 @@ end
 -- A member leaves (closing) or is reaped: its per-member state goes, its
 -- tasks stay counted as orphans until a survivor adopts them or orphan_ttl.
 local function drop_member(member)
+  local prefix_of = KEYS[1]:sub(1, -8)
   redis.call('ZREM', M, member)
   redis.call('HDEL', FENCE, member)
-  redis.call('HDEL', KEYS[1]:sub(1, -8) .. 'last', member)
+  redis.call('HDEL', prefix_of .. 'last', member)
+  if redis.call('SCARD', prefix_of .. 'owned:' .. member) == 0 then
+    redis.call('SREM', prefix_of .. 'owners', member)
+  end
   local flat = redis.call('HGETALL', HELD)
   for i = 1, #flat, 2 do
     local holder = parse(flat[i + 1])
