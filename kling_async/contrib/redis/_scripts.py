@@ -424,24 +424,28 @@ if #waiters > 0 then
             break
           end
         end
-        if blocked then
-          break  -- an older waiter (here or elsewhere) waited too long: nobody passes it
-        end
-        local fits = in_use + units <= limit
-        local alone = in_use == 0 and units > limit
-        if fits or alone then
-          if now < next_create then
-            wake = next_create - now
-            break
+        -- A waiter younger than one that waited too long (here or elsewhere)
+        -- is passed over, but the ones behind it are still looked at: the
+        -- starving one may be among them (a re-queued create goes first).
+        if not blocked then
+          local fits = in_use + units <= limit
+          local alone = in_use == 0 and units > limit
+          if fits or alone then
+            if now < next_create then
+              wake = next_create - now
+              break
+            end
+            in_use = in_use + units
+            hold(task, me, units, false)
+            redis.call('ZREM', F, key)
+            next_create = now + spacing
+            table.insert(admitted, id)
+          elseif age >= fairness then
+            redis.call('ZADD', F, 'NX', since, key)
+            table.insert(blockers, {key, since})
+            table.sort(blockers, function(a, b) return a[2] < b[2] end)
+            -- it has waited long enough: nobody younger passes it now
           end
-          in_use = in_use + units
-          hold(task, me, units, false)
-          redis.call('ZREM', F, key)
-          next_create = now + spacing
-          table.insert(admitted, id)
-        elseif age >= fairness then
-          redis.call('ZADD', F, 'NX', since, key)
-          break  -- it has waited long enough: nobody passes it now
         end
       end
     end
