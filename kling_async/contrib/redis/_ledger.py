@@ -272,6 +272,8 @@ class RedisLedger:
             return
         try:
             await asyncio.wait_for(self.flush(), self.account.close_timeout)
+        except KlingError as error:  # refused: the namespace is another account's
+            logger.warning("shared ledger closed unwritten: %s", error)
         except (TimeoutError, asyncio.TimeoutError):
             logger.warning(
                 "shared ledger closed with %d entries not written (Redis unreachable): %s",

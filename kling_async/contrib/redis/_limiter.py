@@ -461,13 +461,22 @@ class RedisLimiter:
                 with contextlib.suppress(RedisError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Apply what is queued (for at most ``timeout`` seconds), then stop.
-        Creates still waiting fail with :class:`RuntimeError`. Idempotent."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Apply what is queued (for at most ``timeout`` seconds, default the
+        account's ``close_timeout``), then stop; what could not be applied is
+        logged. Creates still waiting fail with :class:`RuntimeError`. Idempotent."""
         if self._closed:
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout)
+        try:
+            await asyncio.wait_for(
+                self.flush(), self.account.close_timeout if timeout is None else timeout
+            )
+        except asyncio.TimeoutError:
+            logger.warning(
+                "shared limiter closed with %d changes not applied (Redis unreachable): %s",
+                len(self._ops),
+                self._ops,
+            )
         self._closed = True
         for waiter in self._queue:
             if not waiter.future.done():
