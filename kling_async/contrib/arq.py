@@ -143,6 +143,8 @@ def worker_settings(
             client = client_factory(limiter, ledger)
         else:
             client = Client(max_concurrency=limiter, ledger=ledger, **options)
+        # The namespace is this Kling account's: a worker of another account is refused.
+        await shared.bind(client)
         ctx["kling_account"] = shared
         ctx["kling_client"] = client
         ctx["kling_adopter"] = shared.adopt(client)
@@ -201,6 +203,8 @@ async def _rerun_forever(account: RedisAccount) -> None:
 
 
 async def _rerun_dead_jobs(account: RedisAccount) -> None:
+    # Only workers that lost their fence (reaped while Redis served, or gone):
+    # a job whose worker still holds its fence may still be running there.
     redis = account.redis
     workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
     for raw in workers:
