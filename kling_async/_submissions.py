@@ -357,15 +357,20 @@ class Submissions:
             decision, task = await self._settle(submission, create, entry, limiter)
         except asyncio.CancelledError:
             # Given up while queued (abandon), or cut short by close().
-            self._give_back(submission, limiter)
-            if submission.phase is Phase.QUEUED and not submission.possibly_landed:
+            unsent = submission.phase is Phase.QUEUED and not submission.possibly_landed
+            self._give_back(submission, limiter, may_run=not unsent)
+            if unsent:
                 ledger.record(entry.moved(EntryState.NOT_CREATED, error="cancelled"))
                 self._fail(submission, None)
             else:
                 error = ClientClosedError("the client closed while the create was on the wire")
                 self._uncertain(submission, entry, error)
         except Exception as error:  # a bug must end the create, not hang its caller
-            self._give_back(submission, limiter)
+            self._give_back(
+                submission,
+                limiter,
+                may_run=submission.phase is not Phase.QUEUED or submission.possibly_landed,
+            )
             logger.exception("unexpected error in the create of %s", external_task_id)
             failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
             failure.__cause__ = error
@@ -379,7 +384,7 @@ class Submissions:
                 assert task is not None
                 self._attach(submission, entry, task, limiter)
             else:
-                self._give_back(submission, limiter)
+                self._give_back(submission, limiter, may_run=decision.step is Step.UNCERTAIN)
                 refusal = decision.error or KlingError("the create failed")
                 if decision.step is Step.UNCERTAIN:
                     self._uncertain(submission, entry, refusal)
@@ -558,10 +563,18 @@ class Submissions:
         else:
             future.cancel()
 
-    def _give_back(self, submission: Submission, limiter: Limiter | None) -> None:
+    def _give_back(
+        self, submission: Submission, limiter: Limiter | None, *, may_run: bool = False
+    ) -> None:
+        """Give the create's units back; one that ``may_run`` on Kling (uncertain)
+        is handed over instead by a shared limiter, which keeps its units counted."""
         if submission.holding and limiter is not None:
             submission.holding = False
-            limiter.release(submission.units, created=False)
+            hand_over = getattr(limiter, "hand_over", None)
+            if may_run and hand_over is not None:
+                hand_over(submission.units)
+            else:
+                limiter.release(submission.units, created=False)
 
     @staticmethod
     def _retrieved(future: asyncio.Future[TaskHandle]) -> None:

@@ -366,3 +366,21 @@ async def test_the_shared_limiter_learns_the_quota_and_admits_every_create(
 
             await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(30))), 30)
         assert len(server.tasks) == 30
+
+
+async def test_an_uncertain_create_keeps_its_units_counted(redis: Redis, account_name: str) -> None:
+    # Kling created the task but neither the answer nor a look-up got through:
+    # it may run, so its units stay counted (handed over) rather than freed.
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None) as server,
+        RedisAccount(redis, name=account_name) as account,
+    ):
+        limiter = account.limiter(8)
+        async with make_client(server, max_concurrency=limiter, ledger=account.ledger()) as client:
+            server.inject("drop_after", route="create", times=1)
+            server.inject("error", route="get", times=None, http_status=500)
+            with pytest.raises(Exception, match="may exist on Kling"):
+                await client.images.generate(prompt="p", n=3)
+            await limiter.flush()
+            assert len(server.tasks) == 1
+            assert list((await held(redis, account)).values()) == [("", 3, False)]
