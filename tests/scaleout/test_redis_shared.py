@@ -172,7 +172,7 @@ async def test_a_large_task_is_not_starved_by_small_ones_of_another_member(
 async def test_a_dead_members_units_count_until_adopted_or_orphan_ttl(
     redis: Redis, account_name: str
 ) -> None:
-    async with members(redis, account_name, 3, lease=0.3, orphan_ttl=1.0) as (dead, other, third):
+    async with members(redis, account_name, 3, lease=0.3, orphan_ttl=2.0) as (dead, other, third):
         doomed = dead.limiter(4)
         await doomed.acquire(3, task="t-dead")
         await doomed.close()
@@ -184,7 +184,7 @@ async def test_a_dead_members_units_count_until_adopted_or_orphan_ttl(
         await asyncio.sleep(0.8)  # lease over: its units are orphans, still counted
         assert not waiting.done()
         assert await held(redis, other) == {"t-dead": (dead.member, 3, False)}
-        await asyncio.wait_for(waiting, 3.0)  # the orphans expired
+        await asyncio.wait_for(waiting, 6.0)  # the orphans expired
         assert await held(redis, other) == {"t-new": (other.member, 2, False)}
 
         # Adoption moves a task's units: counted once; the rest is released.
