@@ -414,7 +414,10 @@ if #waiters > 0 then
         table.insert(admitted, id)
       elseif holder == nil then
         local blocked = false
-        local since = now - age
+        -- A waiter marked starving keeps the time it was marked with: its age,
+        -- measured again on this host's clock, drifts by milliseconds, and
+        -- waiters marked together must not block each other for it.
+        local since = tonumber(redis.call('ZSCORE', F, key)) or (now - age)
         for _, blocker in ipairs(blockers) do
           if blocker[2] >= since then
             break
