@@ -194,6 +194,11 @@ class Client:
         #: The account's resource packs: ``costs``.
         self.account = Account(self._transport)
 
+        # A shared ledger (contrib.redis) is bound to the Kling account it records for.
+        attach_client = getattr(ledger, "attach_client", None)
+        if attach_client is not None:
+            attach_client(self)
+
     @classmethod
     @contextlib.asynccontextmanager
     async def offline(cls, *, task_seconds: float = 2.0, **options: Any) -> AsyncIterator[Client]:

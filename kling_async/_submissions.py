@@ -179,6 +179,17 @@ class _HeldUnits:
             self.given_back = True
             _quietly("release", self.limiter.release, self.units, created=self.counted_created)
 
+    def hand_over(self) -> None:
+        """The client closes while the task runs: a shared limiter keeps its
+        units counted for another process to take over; any other gets them back."""
+        if not self.given_back:
+            self.given_back = True
+            hand_over = getattr(self.limiter, "hand_over", None)
+            if hand_over is not None:
+                _quietly("hand_over", hand_over, self.units)
+            else:
+                _quietly("release", self.limiter.release, self.units, created=self.counted_created)
+
 
 def _quietly(hook: str, call: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
     """Call a user-supplied ledger or limiter hook that must not strand a create
@@ -192,6 +203,14 @@ def _quietly(hook: str, call: Callable[..., object], *args: Any, **kwargs: Any) 
         logger.exception("%s.%s() failed; the create goes on", type(owner).__name__, hook)
         return False
     return True
+
+
+def _for_task(limiter: Limiter | None, external_task_id: str) -> Limiter | None:
+    """The limiter as one create and its task see it: a shared limiter
+    (``contrib.redis``) counts units per task, so it is told which task each
+    call is for; an in-process limiter is used as it is."""
+    for_task = getattr(limiter, "for_task", None)
+    return limiter if for_task is None else for_task(external_task_id)
 
 
 class Submissions:
@@ -274,6 +293,8 @@ class Submissions:
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
         prepared, receiver_callback = self.prepare(request)
+        assert prepared.external_task_id is not None
+        chosen = _for_task(chosen, prepared.external_task_id)
         submission = Submission(
             prepared,
             ledger=ledger if ledger is not None else self.ledger,
@@ -369,8 +390,9 @@ class Submissions:
             decision, task = await self._settle(submission, create, entry, limiter)
         except asyncio.CancelledError:
             # Given up while queued (abandon), or cut short by close().
-            self._give_back(submission, limiter)
-            if submission.phase is Phase.QUEUED and not submission.possibly_landed:
+            unsent = submission.phase is Phase.QUEUED and not submission.possibly_landed
+            self._give_back(submission, limiter, may_run=not unsent)
+            if unsent:
                 _quietly(
                     "record", ledger.record, entry.moved(EntryState.NOT_CREATED, error="cancelled")
                 )
@@ -379,7 +401,11 @@ class Submissions:
                 error = ClientClosedError("the client closed while the create was on the wire")
                 self._uncertain(submission, entry, error)
         except Exception as error:  # a bug, or a user's ledger or limiter failing
-            self._give_back(submission, limiter)
+            self._give_back(
+                submission,
+                limiter,
+                may_run=submission.phase is not Phase.QUEUED or submission.possibly_landed,
+            )
             logger.exception("unexpected error in the create of %s", external_task_id)
             failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
             failure.__cause__ = error
@@ -394,7 +420,7 @@ class Submissions:
                 assert task is not None
                 self._attach(submission, entry, task, limiter)
             else:
-                self._give_back(submission, limiter)
+                self._give_back(submission, limiter, may_run=decision.step is Step.UNCERTAIN)
                 refusal = decision.error or KlingError("the create failed")
                 if decision.step is Step.UNCERTAIN:
                     self._uncertain(submission, entry, refusal)
@@ -600,10 +626,18 @@ class Submissions:
         else:
             future.cancel()
 
-    def _give_back(self, submission: Submission, limiter: Limiter | None) -> None:
+    def _give_back(
+        self, submission: Submission, limiter: Limiter | None, *, may_run: bool = False
+    ) -> None:
+        """Give the create's units back; one that ``may_run`` on Kling (uncertain)
+        is handed over instead by a shared limiter, which keeps its units counted."""
         if submission.holding and limiter is not None:
             submission.holding = False
-            _quietly("release", limiter.release, submission.units, created=False)
+            hand_over = getattr(limiter, "hand_over", None)
+            if may_run and hand_over is not None:
+                _quietly("hand_over", hand_over, submission.units)
+            else:
+                _quietly("release", limiter.release, submission.units, created=False)
 
     @staticmethod
     def _retrieved(future: asyncio.Future[TaskHandle]) -> None:
@@ -666,6 +700,7 @@ class Submissions:
             )
             self._tracker.forget(state, gone_error(entry))
             return TaskHandle(self._tracker, state, request)
+        chosen = _for_task(chosen, entry.external_task_id)
         latest = None
         if entry.state is EntryState.TERMINAL and entry.status is not None:
             latest = entry_task(entry)
@@ -768,7 +803,7 @@ class Submissions:
             )
         held, self._held = self._held, {}
         for units in held.values():
-            units.give_back()
+            units.hand_over()
         try:
             await self.ledger.flush()
         except Exception as error:  # a broken ledger must not stop the client closing

@@ -19,7 +19,19 @@ tasks within the account's lease: polls them to their end and records their
 results. It also lets arq run the dead worker's jobs again at once (each
 worker keeps the ids of the jobs it runs in Redis); each finds its task in the
 ledger (by the job's id) and returns its result without creating anything.
+Only a worker that lost its fence (reaped while Redis served) counts as dead:
+a worker that merely looks late, or a Redis that paused, loses nothing, and a
+stalled worker that was reaped finds, when it runs again, the job's key
+reserved by the rerun and follows that task instead of creating one.
 ``worker_settings`` sets arq's ``on_job_start`` and ``after_job_end`` for this.
+
+The job timeout (default :data:`DEFAULT_JOB_TIMEOUT`, 1800 s) is a trade-off:
+a job arq handed to a worker that died before the job started is not known to
+be that worker's, so it runs again only when arq's in-progress mark expires
+(job timeout + 10 s); a shorter timeout recovers it sooner, but a job waiting
+longer than it for its task is cancelled and retried by arq (it follows the
+same task: nothing is created twice, but arq's ``max_tries``, 5 by default,
+bounds how long a task may take).
 """
 
 from __future__ import annotations
@@ -143,6 +155,8 @@ def worker_settings(
             client = client_factory(limiter, ledger)
         else:
             client = Client(max_concurrency=limiter, ledger=ledger, **options)
+        # The namespace is this Kling account's: a worker of another account is refused.
+        await shared.bind(client)
         ctx["kling_account"] = shared
         ctx["kling_client"] = client
         ctx["kling_adopter"] = shared.adopt(client)
@@ -201,6 +215,8 @@ async def _rerun_forever(account: RedisAccount) -> None:
 
 
 async def _rerun_dead_jobs(account: RedisAccount) -> None:
+    # Only workers that lost their fence (reaped while Redis served, or gone):
+    # a job whose worker still holds its fence may still be running there.
     redis = account.redis
     workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
     for raw in workers:

@@ -4,7 +4,9 @@ scale-out code (``kling_async.contrib.redis``)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -40,8 +42,11 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """``redis-server`` on 127.0.0.1 and a free port, with nothing saved to disk;
-    a context manager (or :meth:`start` / :meth:`stop`).
+    """``redis-server`` on 127.0.0.1 and a free port, with nothing saved to disk
+    (or, with ``appendonly=True``, an AOF fsynced every second, as production
+    should run it); a context manager (or :meth:`start` / :meth:`stop`).
+    :meth:`pause`, :meth:`resume` and :meth:`restart` play the faults a
+    deployment meets: a stalled server, a restart on the same port.
 
     ::
 
@@ -52,8 +57,9 @@ class RedisServer:
     (``apt-get install redis-server``).
     """
 
-    def __init__(self, executable: str | None = None) -> None:
+    def __init__(self, executable: str | None = None, *, appendonly: bool = False) -> None:
         self.executable = executable
+        self.appendonly = appendonly
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._folder: tempfile.TemporaryDirectory[str] | None = None
@@ -73,23 +79,49 @@ class RedisServer:
         self._folder = tempfile.TemporaryDirectory(prefix="kling-redis-")
         for _attempt in range(3):  # another program may take the port first
             self.port = _free_port()
-            self._process = subprocess.Popen(
-                [
-                    executable,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", self._folder.name,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            if self._wait_ready():
+            if self._launch(executable):
                 return
-            self._kill()
         raise RuntimeError("redis-server did not start")
+
+    def _launch(self, executable: str) -> bool:
+        assert self._folder is not None
+        self._process = subprocess.Popen(
+            [
+                executable,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "everysec",
+                "--dir", self._folder.name,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if self._wait_ready():
+            return True
+        self._kill()
+        return False
+
+    def pause(self) -> None:
+        """Stop the server's process (SIGSTOP): connections hang, as in a stall."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port and folder: what
+        it kept is what its persistence settings kept (nothing, by default)."""
+        executable = self.executable or find_redis_server()
+        assert executable is not None
+        self._kill()
+        if not self._launch(executable):
+            raise RuntimeError("redis-server did not start again")
 
     def _wait_ready(self) -> bool:
         assert self._process is not None
@@ -112,6 +144,8 @@ class RedisServer:
         if process is None:
             return
         if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)  # a paused server cannot stop
             process.terminate()
             try:
                 process.wait(5)

@@ -75,3 +75,25 @@ async def test_a_dead_workers_jobs_are_released_to_run_again(
         assert await redis.exists(in_progress_key_prefix + "job-1") == 0
         assert await redis.exists(in_progress_key_prefix + "job-2") == 0
         assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}
+
+
+async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
+    redis: Redis, account_name: str
+) -> None:
+    # A worker whose lease looks expired (Redis paused, or nobody reaped it
+    # yet) still holds its fence: its job may be running; it is not run again.
+    async with (
+        RedisAccount(redis, name=account_name, lease=0.2) as survivor,
+        RedisAccount(redis, name=account_name, lease=0.2) as stalled,
+    ):
+        assert stalled._renewer is not None
+        stalled._renewer.cancel()
+        await redis.zadd(survivor.key("members"), {stalled.member: 0})  # lease "expired"
+        await redis.sadd(survivor.key("arq-workers"), stalled.member)
+        await redis.sadd(survivor.key(f"arq-jobs:{stalled.member}"), "job-3")
+        await redis.set(in_progress_key_prefix + "job-3", b"1")
+        await _rerun_dead_jobs(survivor)
+        assert await redis.exists(in_progress_key_prefix + "job-3") == 1
+        await survivor.renew()  # a script reaps it: now it is dead
+        await _rerun_dead_jobs(survivor)
+        assert await redis.exists(in_progress_key_prefix + "job-3") == 0

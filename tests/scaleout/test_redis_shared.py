@@ -50,11 +50,18 @@ async def members(
         yield accounts
 
 
-async def total(redis: Redis, account: RedisAccount, *hashes: str) -> int:
-    values = []
-    for name in hashes:
-        values.extend(await redis.hvals(account.key(name)))
-    return sum(int(value) for value in values)
+async def held(redis: Redis, account: RedisAccount) -> dict[str, tuple[str, int, bool]]:
+    """What Redis counts, per task: its holder ('' when handed over), units, running."""
+    out = {}
+    for task, value in (await redis.hgetall(account.key("held"))).items():
+        holder, units, running = value.decode().rsplit("|", 2)
+        out[task.decode()] = (holder, int(units), running == "1")
+    return out
+
+
+async def total(redis: Redis, account: RedisAccount) -> int:
+    """Units Redis counts for the account, every holder's and the orphans'."""
+    return sum(units for _holder, units, _running in (await held(redis, account)).values())
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
@@ -102,7 +109,7 @@ async def test_members_share_one_quota_and_give_every_unit_back(
         assert stats["creates_rejected_concurrency"] == 0
         assert server.peak_units <= 8
         assert server.peak_units >= 6  # the two members together did fill the quota
-        assert await total(redis, a, "inuse", "running") == 0
+        assert await total(redis, a) == 0
         assert "units here" in repr(limiters[0])
 
 
@@ -165,39 +172,60 @@ async def test_a_large_task_is_not_starved_by_small_ones_of_another_member(
 async def test_a_dead_members_units_count_until_adopted_or_orphan_ttl(
     redis: Redis, account_name: str
 ) -> None:
-    async with members(redis, account_name, 3, lease=0.3, orphan_ttl=1.0) as (dead, other, third):
+    async with members(redis, account_name, 3, lease=0.3, orphan_ttl=2.0) as (dead, other, third):
         doomed = dead.limiter(4)
-        await doomed.acquire(3)
+        await doomed.acquire(3, task="t-dead")
         await doomed.close()
         assert dead._renewer is not None
         dead._renewer.cancel()  # the process stops renewing: it is dead
 
         survivor = other.limiter(4)
-        waiting = asyncio.create_task(survivor.acquire(2))
+        waiting = asyncio.create_task(survivor.acquire(2, task="t-new"))
         await asyncio.sleep(0.8)  # lease over: its units are orphans, still counted
         assert not waiting.done()
-        assert await total(redis, other, "orphan_inuse") == 3
-        await asyncio.wait_for(waiting, 3.0)  # the orphans expired
-        assert await total(redis, other, "inuse", "orphan_inuse") == 2
+        assert await held(redis, other) == {"t-dead": (dead.member, 3, False)}
+        await asyncio.wait_for(waiting, 6.0)  # the orphans expired
+        assert await held(redis, other) == {"t-new": (other.member, 2, False)}
 
-        # Adoption moves units instead: counted once, then the rest released.
+        # Adoption moves a task's units: counted once; the rest is released.
+        survivor.created(2, task="t-new")
+        await survivor.acquire(1, task="t-extra")
         taker = third.limiter(10)
-        await taker.acquire(1)
-        doomed_too = other.limiter(10)
-        doomed_too.created(2)
-        await doomed_too.flush()
         assert other._renewer is not None
         other._renewer.cancel()
         await asyncio.sleep(0.5)
-        await taker.acquire(1)  # a call that reaps the dead member
-        assert await total(redis, third, "orphan_inuse") == 2
-        taker.adopting(other.member).adopt(1)
+        await taker.acquire(1, task="t-taker")  # a call that reaps the dead member
+        assert await total(redis, third) == 4
+        taker.adopt(2, task="t-new")
         await taker.flush()
-        assert await total(redis, third, "inuse") == 3
-        assert await total(redis, third, "orphan_inuse") == 1
+        assert (await held(redis, third))["t-new"] == (third.member, 2, True)
+        assert await total(redis, third) == 4
         taker.release_orphans(other.member)
         await taker.flush()
-        assert await total(redis, third, "orphan_inuse", "orphan_running") == 0
+        assert await held(redis, third) == {
+            "t-new": (third.member, 2, True),
+            "t-taker": (third.member, 1, False),
+        }
+
+
+async def test_a_release_counts_only_for_the_tasks_holder_and_once(
+    redis: Redis, account_name: str
+) -> None:
+    # Per-task units: a member taken for dead whose task was adopted releases
+    # nothing it no longer holds, and a release repeated is a no-op.
+    async with members(redis, account_name, 2) as (first, second):
+        mine, theirs = first.limiter(8), second.limiter(8)
+        await mine.acquire(4, task="t1")
+        mine.created(4, task="t1")
+        theirs.adopt(4, task="t1")  # taken over (as an adopter does)
+        await theirs.flush()
+        mine.release(4, task="t1")
+        mine.release(4, task="t1")
+        await mine.flush()
+        assert await held(redis, first) == {"t1": (second.member, 4, True)}
+        theirs.release(4, task="t1")
+        await theirs.flush()
+        assert await total(redis, first) == 0
 
 
 async def test_a_call_retried_after_a_lost_answer_is_applied_once(
@@ -205,10 +233,10 @@ async def test_a_call_retried_after_a_lost_answer_is_applied_once(
 ) -> None:
     async with RedisAccount(redis, name=account_name) as account:
         limiter = account.limiter(5)
-        first = await limiter._call(1, [["adopt", 2]], [])
-        again = await limiter._call(1, [["adopt", 2]], [])
+        first = await limiter._call(1, [["1303", "", 1000]], [])
+        again = await limiter._call(1, [["1303", "", 1000]], [])
         assert first == again
-        assert int(await redis.hget(account.key("inuse"), account.member)) == 2
+        assert int(await redis.hget(account.key("limiter"), "rejected")) == 1
         await limiter.close()
 
 
@@ -312,13 +340,16 @@ async def test_a_survivor_adopts_a_dead_members_tasks_and_their_units(
             adopter = survivor.adopt(client, interval=0.1, on_adopted=note)
             await eventually(lambda: adopter.reattached == 2)
             await limiter.flush()
-            assert await total(redis, survivor, "inuse", "orphan_inuse") == 4  # counted once
+            assert await total(redis, survivor) == 4  # counted once
+            assert {holder for holder, _, _ in (await held(redis, survivor)).values()} == {
+                survivor.member
+            }
             assert limiter.in_use == 4
             for handle in handles:
                 server.finish(handle.task_id)
             await eventually(lambda: limiter.in_use == 0)
             await limiter.flush()
-            assert await total(redis, survivor, "inuse", "orphan_inuse") == 0
+            assert await total(redis, survivor) == 0
             assert len(adopted) == 1
             assert {e.external_task_id for e in adopted[0]} == {h.external_task_id for h in handles}
             ledger = client.ledger
@@ -462,8 +493,10 @@ def test_client_accepts_a_shared_limiter_without_io(redis_server: object) -> Non
     client = Client(API_KEY, max_concurrency=limiter)
     assert client.limiter is limiter
     assert "not started" in repr(account)
+    with pytest.raises(ConfigurationError, match="has a limiter already"):
+        account.limiter(3)
     with pytest.raises(ValueError, match="at least 1"):
-        account.limiter(0)
+        RedisAccount(Redis(), name="no-io").limiter(0)
     with pytest.raises(ValueError, match="member"):
         RedisAccount(Redis(), member="a|b")
     assert FAST_POLL is not None

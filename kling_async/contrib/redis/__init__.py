@@ -25,26 +25,45 @@ server (6.2 or later)::
 - :class:`CallbackFanIn`: a callback any replica receives reaches the one
   whose handle awaits it;
 - :func:`submit_once`: a request created at most once for a key, across
-  processes and reruns.
+  processes and reruns (the key reserved atomically; a key reused for another
+  request raises :class:`KeyReusedError`).
+
+Ownership is fenced (a token per member incarnation, checked by every script),
+units are counted per task, a gap in which Redis did not serve does not count
+against leases, and a Redis that lost the account's state is noticed (an epoch
+key). Redis must run with AOF (``appendonly yes``, ``appendfsync everysec`` or
+``always``) and ``maxmemory-policy noeviction``.
 """
 
-from ._account import DEFAULT_LEASE, DEFAULT_ORPHAN_TTL, RedisAccount
-from ._adopter import Adopter, submit_once
+from ._account import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_LEASE,
+    DEFAULT_ORPHAN_TTL,
+    RedisAccount,
+    credentials_fingerprint,
+)
+from ._adopter import Adopter, keyed_external_task_id, submit_once
 from ._fanin import CallbackFanIn
-from ._ledger import RedisLedger
-from ._limiter import RedisLimiter
+from ._ledger import KeyReusedError, RedisLedger, request_digest
+from ._limiter import RedisLimiter, TaskUnits
 from ._steps import Step, adoption_step, keyed_step
 
 __all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_LEASE",
     "DEFAULT_ORPHAN_TTL",
     "Adopter",
     "CallbackFanIn",
+    "KeyReusedError",
     "RedisAccount",
     "RedisLedger",
     "RedisLimiter",
     "Step",
+    "TaskUnits",
     "adoption_step",
+    "credentials_fingerprint",
+    "keyed_external_task_id",
     "keyed_step",
+    "request_digest",
     "submit_once",
 ]

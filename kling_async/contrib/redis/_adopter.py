@@ -4,11 +4,13 @@ processes."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 from redis.exceptions import RedisError
 
 from kling_async._exceptions import ConfigurationError, KlingError
@@ -16,8 +18,9 @@ from kling_async._handle import TaskHandle
 from kling_async._ledger import LedgerEntry, MemoryLedger
 from kling_async._models import TaskRequest
 from kling_async._submissions import CLIENT_LIMITER, Submission
+from kling_async._wire import create_request
 
-from ._ledger import RedisLedger
+from ._ledger import KeyReusedError, RedisLedger, request_digest
 from ._limiter import RedisLimiter
 from ._steps import Step, adoption_step, keyed_step
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 
     from ._account import RedisAccount
 
-__all__ = ["Adopter", "submit_once"]
+__all__ = ["Adopter", "keyed_external_task_id", "submit_once"]
 
 logger = logging.getLogger("kling_async")
 
@@ -44,11 +47,15 @@ class Adopter:
     - a task Kling created is re-attached and polled to its end, its units
       moved from the dead member's orphans to this process (Kling still
       counts them) and given back when it ends;
-    - a create that may or may not have landed is looked up by its
-      external_task_id, and sent again (same id) only if Kling has none.
+    - a create that may or may not have landed keeps its units (moved from
+      the dead member to this process: it may have landed), is looked up by
+      its external_task_id, and sent again (same id) only if Kling has none;
+      its units are freed only once it is known not to exist.
 
     Then the dead member's remaining units (of creates that never landed and
-    of tasks that had ended) are released. Results are recorded in the ledger,
+    of tasks that had ended) are released. Before its first pass it binds the
+    account to the client's Kling account (:meth:`RedisAccount.bind`): an
+    adopter of another Kling account never takes anything over. Results are recorded in the ledger,
     so a job or batch run again reads them. Start it with ``account.adopt(client)``.
     """
 
@@ -97,6 +104,11 @@ class Adopter:
             )
 
     async def _adopt_forever(self) -> None:
+        try:
+            await self.account.bind(self.client)
+        except ConfigurationError as error:
+            logger.error("adoption stopped: %s", error)
+            return
         while True:
             try:
                 await self.run_once()
@@ -110,6 +122,7 @@ class Adopter:
         """One pass: claim what dead members left, take it over; returns the
         handles of the re-attached tasks."""
         async with self._pass:
+            await self.account.bind(self.client)
             claimed = await self.ledger.claim()
             if not claimed:
                 return []
@@ -130,15 +143,20 @@ class Adopter:
         for entry in entries:
             try:
                 if adoption_step(entry) is Step.REATTACH:
-                    limiter: Any = (
-                        self.limiter.adopting(owner) if self.limiter is not None else CLIENT_LIMITER
-                    )
+                    limiter: Any = self.limiter if self.limiter is not None else CLIENT_LIMITER
                     handle = submissions.reattach(entry, ledger=self.ledger, limiter=limiter)
                     handles.append(handle)
                     self._follow(handle)
                     self.reattached += 1
                 else:
-                    submission = submissions.resume_entry(entry, ledger=self.ledger)
+                    if self.limiter is not None:
+                        # It may have landed: its units stay counted, now here;
+                        # the create owner's acquire finds them held already.
+                        self.limiter.hold(entry.units, task=entry.external_task_id)
+                    limiter = self.limiter if self.limiter is not None else CLIENT_LIMITER
+                    submission = submissions.resume_entry(
+                        entry, ledger=self.ledger, limiter=limiter
+                    )
                     self._follow_submission(submission)
                     settling += 1
                     self.settled += 1
@@ -188,6 +206,13 @@ async def _wait_quietly(handle: TaskHandle) -> None:
         return
 
 
+def keyed_external_task_id(account: RedisAccount, key: str) -> str:
+    """The external_task_id of the request under ``key``: derived from the key,
+    so two processes racing for one key send one id, and Kling's own duplicate
+    check backs up the reservation."""
+    return hashlib.sha256(f"kling-key\0{account.name}\0{key}".encode()).hexdigest()[:32]
+
+
 async def submit_once(
     client: Client,
     request: TaskRequest,
@@ -197,30 +222,63 @@ async def submit_once(
 ) -> TaskHandle:
     """Create ``request`` at most once for ``key``, across processes and reruns.
 
-    The client's ledger must be a :class:`RedisLedger`. The first call creates
-    the task, recording it under ``key``; a call with the same key, in this or
-    any process (an arq job run again after its worker died, say), finds the
-    entry and returns a handle on the same task: read back if it ended,
-    followed if a live process holds it, taken over if its process died,
-    looked up (and sent again, same external_task_id, only if Kling has none)
-    if its create may not have landed. Nothing is created twice.
+    The client's ledger must be a :class:`RedisLedger`. The first call reserves
+    the key and records the intent in one atomic step, then creates the task
+    (its external_task_id derived from the key); a call with the same key, in
+    this or any process (an arq job run again after its worker died, say),
+    finds the entry and returns a handle on the same task: read back if it
+    ended, followed if a live process holds it, taken over if its process
+    died, looked up (and sent again, same external_task_id, only if Kling has
+    none) if its create may not have landed. Nothing is created twice.
+
+    A key reused for a different request raises :class:`KeyReusedError` (a
+    hash of the request is stored with the key).
     """
     ledger = client.ledger
     if not isinstance(ledger, RedisLedger):
         raise ConfigurationError("submit_once needs Client(ledger=account.ledger())")
     account = ledger.account
+    await account.bind(client)
     submissions = client._submissions
     me = account.member
+    if request.external_task_id is None:
+        request = attrs.evolve(request, external_task_id=keyed_external_task_id(account, key))
+    body = dict(create_request(request).body or {})
+    digest = request_digest(body)
     while True:
         entry = await ledger.by_key(key)
+        if entry is None:
+            intent = LedgerEntry(
+                external_task_id=str(request.external_task_id),
+                endpoint=request.endpoint,
+                body={name: value for name, value in body.items() if name != "callback_url"}
+                if request.callback_url is None
+                else body,
+                units=request.n,
+                receiver_callback=request.callback_url is None
+                and submissions._receiver is not None,
+                key=key,
+                owner=me,
+            )
+            taken = await ledger.reserve(key, intent, digest)
+            if taken is None:
+                return await _settled(submissions.start(request, ledger=ledger, key=key), client)
+            _check_same_request(key, taken[1], digest)
+            entry = await ledger.get(taken[0])
+            if entry is None:
+                await asyncio.sleep(_WAIT_POLL)
+                continue
+        else:
+            reserved = await ledger.reserved(key)
+            if reserved is not None:
+                _check_same_request(key, reserved[1], digest)
         alive = True
-        if entry is not None and entry.owner is not None and entry.owner != me:
+        if entry.owner is not None and entry.owner != me:
             alive = await account.alive(entry.owner)
         step = keyed_step(entry, me=me, owner_alive=alive)
-        if step is Step.CREATE:
-            return await _settled(submissions.start(request, ledger=ledger, key=key), client)
+        if step is Step.CREATE:  # pragma: no cover - an entry was found
+            continue
         if step is Step.SETTLE:
-            assert entry is not None
             submission = submissions.resume_entry(entry, ledger=ledger, request=request)
             return await _settled(submission, client)
         if step is Step.ADOPT:
@@ -229,12 +287,19 @@ async def submit_once(
         if step is Step.WAIT:
             await asyncio.sleep(_WAIT_POLL)
             continue
-        assert entry is not None
         if step is Step.FOLLOW:
             # A live process holds it and its units: poll it, hold nothing,
             # record nothing (the holder records).
             return submissions.reattach(entry, ledger=MemoryLedger(), limiter=None, request=request)
         return submissions.reattach(entry, ledger=ledger, request=request)  # RESULT, REATTACH
+
+
+def _check_same_request(key: str, reserved_digest: str, digest: str) -> None:
+    if reserved_digest and reserved_digest != digest:
+        raise KeyReusedError(
+            f"key {key!r} was used for another request: its task is that request's. "
+            "Use a new key for a new request"
+        )
 
 
 async def _settled(submission: Submission, client: Client) -> TaskHandle:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Final
@@ -11,16 +11,19 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from redis.exceptions import RedisError
 
+from kling_async._exceptions import ConfigurationError, KlingError
 from kling_async._ledger import EntryState, LedgerEntry
 from kling_async._wire import converter
 
 from . import _scripts
-from ._account import text
+from ._account import credentials_fingerprint, text
 
 if TYPE_CHECKING:
+    from kling_async._client import Client
+
     from ._account import RedisAccount
 
-__all__ = ["RedisLedger"]
+__all__ = ["KeyReusedError", "RedisLedger", "request_digest"]
 
 logger = logging.getLogger("kling_async")
 
@@ -28,12 +31,32 @@ logger = logging.getLogger("kling_async")
 #: a job or a batch finds them, and a late report can still be read.
 DEFAULT_RETENTION: Final = 7 * 24 * 3600
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
+#: How long :meth:`RedisLedger.flush` waits for an unreachable Redis.
+DEFAULT_FLUSH_TIMEOUT: Final = 10.0
 #: Every field of an entry but its body (stored once, apart: it may be megabytes).
 _FIELDS: Final = tuple(field.name for field in attrs.fields(LedgerEntry) if field.name != "body")
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+#: Fields of a create body that say nothing about what is asked for.
+_NOT_THE_REQUEST: Final = ("external_task_id", "callback_url")
+
+
+def request_digest(body: Any) -> str:
+    """A hash of what a create asks for (its wire body, without its
+    external_task_id and callback URL): stored with a key, so a key reused
+    for a different request is told apart."""
+    asked = {name: value for name, value in dict(body).items() if name not in _NOT_THE_REQUEST}
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class KeyReusedError(KlingError, ValueError):
+    """A key was used again for a different request: the task under the key
+    is another request's. Use a new key for a new request."""
 
 
 def dump_entry(entry: LedgerEntry) -> str:
@@ -70,26 +93,46 @@ class RedisLedger:
 
     Writes never block: :meth:`record` queues, and one background task writes
     whatever has queued up in one script call. Settled entries are kept for
-    ``retention`` seconds (default 7 days). Bodies never hold a credential: the
-    create owner leaves out callback URLs the receiver made.
+    ``retention`` seconds (default 7 days); their request bodies (images
+    included) are dropped as soon as the create is settled. Bodies never hold
+    a credential: the create owner leaves out callback URLs the receiver made.
+    Writes are fenced: an entry a survivor claimed from this process (taken
+    for dead while stalled) is not written back by it. :meth:`flush` waits at
+    most ``flush_timeout`` seconds for an unreachable Redis, then raises
+    :class:`TimeoutError` (a create is then not sent: its intent is not durable).
     """
 
     records_results: Final = True
 
-    def __init__(self, account: RedisAccount, *, retention: float = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self,
+        account: RedisAccount,
+        *,
+        retention: float = DEFAULT_RETENTION,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+    ) -> None:
         self.account = account
         self.retention = int(retention)
+        self.flush_timeout = flush_timeout
         self._record = account.script(_scripts.RECORD)
+        self._reserve = account.script(_scripts.RESERVE)
         self._claim = account.script(_scripts.CLAIM)
         self._record_keys = [
-            *account.member_keys,
             account.key("unsettled"),
             account.key("owner"),
             account.key("owners"),
         ]
-        self._claim_keys = [*account.member_keys, account.key("owner"), account.key("owners")]
+        self._claim_keys = [account.key("owner"), account.key("owners")]
         self._queue: list[tuple[LedgerEntry, bool]] = []
+        #: Bodies written, of creates not settled yet (dropped once settled).
         self._bodies_written: set[str] = set()
+        #: This process's unsettled entries as last recorded: re-asserted after
+        #: Redis lost the account's state; dropped once settled.
+        self._mine: dict[str, LedgerEntry] = {}
+        #: The Kling account of the client using this ledger (a fingerprint),
+        #: bound to the namespace before the first write.
+        self._fingerprint: str | None = None
+        self._refused: KlingError | None = None
         self._queued = 0
         self._written = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
@@ -105,6 +148,13 @@ class RedisLedger:
         """This process's member id: the owner of the entries it records."""
         return self.account.member
 
+    def attach_client(self, client: Client) -> None:
+        """Called by ``Client(ledger=...)``: the namespace is bound to the
+        client's Kling account (a fingerprint of its credentials) before this
+        ledger writes anything; a namespace bound to another account refuses it."""
+        self._fingerprint = credentials_fingerprint(client)
+        self._start()
+
     # --- the Ledger protocol -----------------------------------------------------------
 
     def record(self, entry: LedgerEntry) -> None:
@@ -112,8 +162,15 @@ class RedisLedger:
         if self._closed:
             logger.debug("ledger closed; entry %s not written", entry.external_task_id)
             return
-        with_body = entry.external_task_id not in self._bodies_written
-        self._bodies_written.add(entry.external_task_id)
+        external_task_id = entry.external_task_id
+        with_body = external_task_id not in self._bodies_written
+        if entry.state.settled:
+            self._bodies_written.discard(external_task_id)
+            self._mine.pop(external_task_id, None)
+            with_body = False
+        else:
+            self._bodies_written.add(external_task_id)
+            self._mine[external_task_id] = entry
         self._queue.append((entry, with_body))
         self._queued += 1
         self._start()
@@ -121,14 +178,67 @@ class RedisLedger:
             self._wake.set()
 
     async def flush(self) -> None:
-        """Return once every entry recorded so far is written to Redis."""
+        """Return once every entry recorded so far is written to Redis; raise
+        :class:`TimeoutError` when Redis could not be reached for ``flush_timeout``."""
         target = self._queued
         if self._written >= target:
             return
         self._start()
+        if self._refused is not None:
+            raise self._refused
         future = asyncio.get_running_loop().create_future()
         self._flushes.append((target, future))
-        await future
+        try:
+            await asyncio.wait_for(future, self.flush_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the shared ledger could not be written for {self.flush_timeout:g} s "
+                "(Redis unreachable?)"
+            ) from None
+
+    def reassert(self) -> None:
+        """Redis lost the account's state: write this process's unsettled
+        entries again, bodies included (called by the account on a reset)."""
+        for entry in self._mine.values():
+            self._queue.append((entry, True))
+            self._queued += 1
+        self._start()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def reserve(self, key: str, entry: LedgerEntry, digest: str) -> tuple[str, str] | None:
+        """Reserve ``key`` for ``entry`` and write its intent, atomically:
+        ``None`` when this call reserved it, else the external_task_id and the
+        request digest already reserved under it."""
+        self._mine[entry.external_task_id] = entry
+        self._bodies_written.add(entry.external_task_id)
+        reply = await self.account.call(
+            self._reserve,
+            self._record_keys,
+            [
+                self.account.prefix,
+                key,
+                entry.external_task_id,
+                digest,
+                dump_entry(attrs.evolve(entry, owner=self.member)),
+                _json(dict(entry.body)),
+                entry.intended_at,
+            ],
+        )
+        if not reply:
+            return None
+        self._mine.pop(entry.external_task_id, None)
+        self._bodies_written.discard(entry.external_task_id)
+        reserved, _, digest_then = text(reply[0]).partition(" ")
+        return reserved, digest_then
+
+    async def reserved(self, key: str) -> tuple[str, str] | None:
+        """The external_task_id and request digest reserved under ``key``, if any."""
+        raw = await self.account.redis.get(self.account.key(f"k:{key}"))
+        if raw is None:
+            return None
+        reserved, _, digest = text(raw).partition(" ")
+        return reserved, digest
 
     async def get(self, external_task_id: str) -> LedgerEntry | None:
         redis = self.account.redis
@@ -140,8 +250,8 @@ class RedisLedger:
         return None if raw is None else load_entry(raw, body, owner)
 
     async def by_key(self, key: str) -> LedgerEntry | None:
-        external_task_id = await self.account.redis.get(self.account.key(f"k:{key}"))
-        return None if external_task_id is None else await self.get(text(external_task_id))
+        reserved = await self.reserved(key)
+        return None if reserved is None else await self.get(reserved[0])
 
     async def unsettled(self) -> list[LedgerEntry]:
         """What ``client.resume()`` settles here: the unsettled entries of dead
@@ -160,8 +270,16 @@ class RedisLedger:
         """Write what is queued, then stop. Idempotent."""
         if self._closed:
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.flush(), 10.0)
+        try:
+            await asyncio.wait_for(self.flush(), self.account.close_timeout)
+        except KlingError as error:  # refused: the namespace is another account's
+            logger.warning("shared ledger closed unwritten: %s", error)
+        except (TimeoutError, asyncio.TimeoutError):
+            logger.warning(
+                "shared ledger closed with %d entries not written (Redis unreachable): %s",
+                len(self._queue),
+                ", ".join(sorted({entry.external_task_id for entry, _ in self._queue})),
+            )
         self._closed = True
         if self._writer is not None:
             self._writer.cancel()
@@ -177,10 +295,8 @@ class RedisLedger:
         if given) for this process; return each with the member it came from.
         Atomic: two processes claiming at once never get the same entry."""
         await self.flush()
-        lease, orphan_ttl = self.account.ms
-        flat = await self._claim(
-            keys=self._claim_keys,
-            args=[self.account.prefix, self.member, lease, orphan_ttl, owner or ""],
+        flat = await self.account.call(
+            self._claim, self._claim_keys, [self.account.prefix, owner or ""]
         )
         pairs = [(text(flat[i]), text(flat[i + 1])) for i in range(0, len(flat), 2)]
         entries = await asyncio.gather(*(self.get(ext) for _owner, ext in pairs))
@@ -219,8 +335,31 @@ class RedisLedger:
         self._wake.set()
         self._writer = loop.create_task(self._write_forever(), name="kling-redis-ledger")
 
+    async def _bind(self) -> bool:
+        """Bind the namespace to this ledger's Kling account; False if it is another's."""
+        retry = _RETRY_FIRST
+        while self._fingerprint is not None:
+            try:
+                await self.account.bind_fingerprint(self._fingerprint)
+                return True
+            except ConfigurationError as error:
+                logger.error("shared ledger refused: %s", error)
+                self._refused = error
+                for _target, future in self._flushes:
+                    if not future.done():
+                        future.set_exception(error)
+                self._flushes = []
+                return False
+            except RedisError as error:
+                logger.warning("shared ledger: Redis unreachable (%s); retrying", error)
+                await asyncio.sleep(retry)
+                retry = min(_RETRY_MAX, retry * 2)
+        return True
+
     async def _write_forever(self) -> None:
         assert self._wake is not None
+        if not await self._bind():
+            return
         retry = _RETRY_FIRST
         while True:
             await self._wake.wait()
@@ -228,8 +367,8 @@ class RedisLedger:
             while self._queue:
                 batch = list(self._queue)
                 try:
-                    await self._write(batch)
-                except RedisError as error:
+                    await asyncio.wait_for(self._write(batch), max(1.0, self.account.lease))
+                except (RedisError, asyncio.TimeoutError) as error:
                     # The same writes are sent again: writing an entry twice is harmless.
                     logger.warning("shared ledger: Redis unreachable (%s); retrying", error)
                     await asyncio.sleep(retry)
@@ -250,14 +389,23 @@ class RedisLedger:
                     dump_entry(owned),
                     _json(dict(entry.body)) if with_body else "",
                     entry.key or "",
+                    request_digest(entry.body) if entry.key else "",
                     int(entry.state.settled),
                     entry.intended_at,
                 ]
             )
-        await self._record(
-            keys=self._record_keys,
-            args=[self.account.prefix, self.member, self.retention, _json(records)],
+        refused = await self.account.call(
+            self._record, self._record_keys, [self.account.prefix, self.retention, _json(records)]
         )
+        for raw in refused:
+            # A survivor claimed it while this process was taken for dead: it is theirs.
+            external_task_id = text(raw)
+            self._mine.pop(external_task_id, None)
+            logger.warning(
+                "entry %s was taken over by another member; not written by %s",
+                external_task_id,
+                self.member,
+            )
 
     def _settle_flushes(self) -> None:
         still = []

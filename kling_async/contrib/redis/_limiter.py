@@ -31,7 +31,7 @@ from ._account import text
 if TYPE_CHECKING:
     from ._account import RedisAccount
 
-__all__ = ["RedisLimiter"]
+__all__ = ["RedisLimiter", "TaskUnits"]
 
 logger = logging.getLogger("kling_async")
 
@@ -49,9 +49,18 @@ class _QueuedAcquire:
     """A create of this process waiting for its units in the shared queue."""
 
     id: str
+    task: str
     units: int
     future: asyncio.Future[None]
     since: float
+
+
+@attrs.define
+class _Held:
+    """Units this process holds for one task (or one create in flight)."""
+
+    units: int
+    running: bool = False
 
 
 class RedisLimiter:
@@ -68,9 +77,15 @@ class RedisLimiter:
     a stream of ``n=1`` tasks.
 
     Every decision is one Lua script (see ``_scripts.LIMITER``), so it is
-    atomic. Units are held under this process's lease (:class:`RedisAccount`):
-    a dead process's units stay counted until a survivor adopts its tasks or
-    the account's ``orphan_ttl`` passes. Pass it as ``Client(max_concurrency=...)``.
+    atomic. Units are held **per task** (its external_task_id: the create
+    owner names it through :meth:`for_task`), under this process's fenced
+    lease (:class:`RedisAccount`): a release is idempotent and only the task's
+    holder's counts, so a process that was taken for dead (and whose task a
+    survivor adopted) never frees units it no longer holds. A dead process's
+    units stay counted until a survivor adopts its tasks or the account's
+    ``orphan_ttl`` passes; a client that closes hands its running tasks over
+    (:meth:`hand_over`) instead of freeing them. Pass it as
+    ``Client(max_concurrency=...)``.
 
     Only :meth:`acquire` waits. ``release``, ``created``, ``observe`` and
     ``adopt`` queue their change and return; one background task applies the
@@ -111,13 +126,16 @@ class RedisLimiter:
         self._rng = rng or random.Random()
         self._script = account.script(_scripts.LIMITER)
         self._keys = [
-            *account.member_keys,
             account.key("limiter"),
             account.key("starving"),
             account.key("last"),
         ]
         self._channel = account.key("freed")
         self._ids = itertools.count()
+        #: What this process holds in Redis, per task: re-asserted after a reset.
+        self._held: dict[str, _Held] = {}
+        #: Tasks of calls that named none (the plain Limiter protocol), by units.
+        self._anonymous: dict[int, list[str]] = {}
         self._queue: deque[_QueuedAcquire] = deque()
         self._ops: list[_Op] = []
         self._queued = 0  # operations ever queued
@@ -149,7 +167,25 @@ class RedisLimiter:
 
     # --- the Limiter protocol ---------------------------------------------------------
 
-    async def acquire(self, units: int, *, first: bool = False) -> None:
+    def for_task(self, task: str) -> TaskUnits:
+        """This limiter for the create and the task of external_task_id
+        ``task``: every call names it, so its units are counted per task."""
+        return TaskUnits(self, task)
+
+    def _task(self, task: str | None, units: int, *, new: bool) -> str:
+        """The task a call is for; a call that names none (the plain Limiter
+        protocol) gets a name of its own, taken back by a release of as many units."""
+        if task is not None:
+            return task
+        pool = self._anonymous.setdefault(units, [])
+        if new or not pool:
+            name = f"{self.account.member}#{next(self._ids)}"
+            if new:
+                pool.append(name)
+            return name
+        return pool[0]
+
+    async def acquire(self, units: int, *, first: bool = False, task: str | None = None) -> None:
         """Wait until ``units`` may be held, then hold them (see the class docstring)."""
         if self._closed:
             raise RuntimeError("the limiter is closed")
@@ -157,6 +193,7 @@ class RedisLimiter:
         self._start()
         waiter = _QueuedAcquire(
             str(next(self._ids)),
+            self._task(task, units, new=True),
             units,
             asyncio.get_running_loop().create_future(),
             time.monotonic(),
@@ -171,59 +208,103 @@ class RedisLimiter:
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 # Admitted just as the caller gave up: nothing was created.
-                self.release(units, created=False)
+                self.release(units, created=False, task=waiter.task)
             else:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(waiter)
-                self._queue_op(["forget", 0, waiter.id])
+                self._queue_op(["forget", waiter.id])
             raise
 
-    def release(self, units: int, *, created: bool = True) -> None:
-        """Give back units: the task ended, or (``created=False``) its create failed."""
-        self.in_use -= units
-        if created:
-            self.running -= units
-        self._queue_op(["release", units, int(created)])
+    def release(self, units: int, *, created: bool = True, task: str | None = None) -> None:
+        """Give back units: the task ended, or (``created=False``) its create failed.
+        Idempotent per task; Redis ignores it when another member holds the task."""
+        name = self._task(task, units, new=False)
+        if task is None and name in self._anonymous.get(units, []):
+            self._anonymous[units].remove(name)
+        held = self._held.pop(name, None)
+        if held is not None:
+            self.in_use -= held.units
+            if held.running:
+                self.running -= held.units
+        self._queue_op(["release", name, int(created)])
 
-    def created(self, units: int) -> None:
+    def created(self, units: int, *, task: str | None = None) -> None:
         """A create of ``units`` succeeded: the limit may grow, the spacing relax."""
+        name = self._task(task, units, new=False)
         self.creates += 1
-        self.running += units
-        self._queue_op(["created", units])
+        held = self._held.get(name)
+        if held is not None and not held.running:
+            held.running = True
+            self.running += held.units
+        self._queue_op(["created", name])
+
+    def hand_over(self, units: int, *, task: str | None = None) -> None:
+        """The client closes while Kling still runs the task: its units stay
+        counted, held by nobody, until a survivor adopts it (or ``orphan_ttl``)."""
+        name = self._task(task, units, new=False)
+        held = self._held.pop(name, None)
+        if held is not None:
+            self.in_use -= held.units
+            if held.running:
+                self.running -= held.units
+        self._queue_op(["hand_over", name])
 
     def observe(self, error: KlingError) -> None:
         """Learn from a failed create: 1303 shrinks the limit, 1302 slows creates."""
         if isinstance(error, ConcurrencyLimitError):
             logger.info("concurrency quota full (1303): the account's limit shrinks")
-            self._queue_op(["1303", round(self._rng.uniform(1.0, 1.5) * 1000)])
+            self._queue_op(["1303", "", round(self._rng.uniform(1.0, 1.5) * 1000)])
         elif isinstance(error, RateLimitError):
-            self._queue_op(["1302", 0])
+            self._queue_op(["1302", ""])
 
-    def adopt(self, units: int) -> None:
+    def adopt(self, units: int, *, task: str | None = None) -> None:
         """Count the units of a task already running on Kling that this process
-        takes over (resumed after a restart)."""
-        self.in_use += units
-        self.running += units
-        self._queue_op(["adopt", units])
+        takes over (resumed after a restart, or a dead member's): held by a
+        dead member or by nobody, they move here, counted once."""
+        name = self._task(task, units, new=True)
+        self._note_held(name, units, running=True)
+        self._queue_op(["adopt", name, units])
+
+    def hold(self, units: int, *, task: str) -> None:
+        """Take over the units of a dead member's create that may have landed:
+        they stay counted (moved here) until it is known not to exist."""
+        self._note_held(task, units, running=False)
+        self._queue_op(["hold", task, units])
+
+    def _note_held(self, task: str, units: int, *, running: bool) -> None:
+        held = self._held.get(task)
+        if held is None:
+            self._held[task] = _Held(units, running)
+            self.in_use += units
+            if running:
+                self.running += units
+        elif running and not held.running:
+            held.running = True
+            self.running += held.units
 
     # --- adoption of a dead member's tasks -----------------------------------------------
 
-    def adopting(self, owner: str) -> _AdoptingLimiter:
-        """This limiter, for tasks taken over from the dead member ``owner``:
-        their units move from its orphans to this process instead of being
-        counted twice."""
-        return _AdoptingLimiter(self, owner)
+    def adopting(self, owner: str) -> RedisLimiter:
+        """This limiter, for tasks taken over from the dead member ``owner``
+        (kept for compatibility: units are counted per task, so taking a task
+        over moves its units whoever held them)."""
+        return self
 
-    def adopt_from(self, owner: str, units: int) -> None:
+    def adopt_from(self, owner: str, units: int, *, task: str | None = None) -> None:
         """Take over ``units`` of a running task of the dead member ``owner``."""
-        self.in_use += units
-        self.running += units
-        self._queue_op(["adopt_from", units, owner])
+        self.adopt(units, task=task)
 
     def release_orphans(self, owner: str) -> None:
-        """Every task of ``owner`` that still runs was taken over: what is left
-        of its units held tasks that ended or creates that never landed."""
-        self._queue_op(["release_orphans", 0, owner])
+        """Every task of the dead member ``owner`` that may still run was taken
+        over: what it still holds was for tasks that ended or creates that
+        never landed."""
+        self._queue_op(["release_orphans", owner])
+
+    def reassert(self) -> None:
+        """Redis lost the account's state: write again what this process holds
+        (called by the account when it notices the reset)."""
+        for task, held in self._held.items():
+            self._queue_op(["assert", task, held.units, int(held.running)])
 
     # --- the background task ---------------------------------------------------------------
 
@@ -290,7 +371,7 @@ class RedisLimiter:
             seq, ops, waiters = pending
             try:
                 reply = await self._call(seq, ops, waiters)
-            except RedisError as error:
+            except (RedisError, asyncio.TimeoutError) as error:
                 # Nothing was let through; the same call (same sequence number)
                 # is tried again, and Redis applies it at most once.
                 logger.warning("shared limiter: Redis unreachable (%s); retrying", error)
@@ -306,17 +387,13 @@ class RedisLimiter:
 
     async def _call(self, seq: int, ops: list[_Op], waiters: list[_QueuedAcquire]) -> list[Any]:
         now = time.monotonic()
-        lease, orphan_ttl = self.account.ms
         args: list[str | int | float] = [
-            self.account.member,
-            lease,
-            orphan_ttl,
             round(self.fairness_window * 1000),
             "" if self.capacity is None else self.capacity,
             str(seq),
             json.dumps(ops, separators=(",", ":")),
             json.dumps(
-                [[w.id, w.units, round((now - w.since) * 1000)] for w in waiters],
+                [[w.id, w.task, w.units, round((now - w.since) * 1000)] for w in waiters],
                 separators=(",", ":"),
             ),
             round(self.min_cooldown * 1000),
@@ -327,10 +404,13 @@ class RedisLimiter:
             UNKNOWN_CAPACITY_START,
         ]
         started = time.perf_counter()
-        reply = await self._script(keys=self._keys, args=args)
+        # Bounded: a connection that hangs (Redis stopped) is tried again.
+        reply = await asyncio.wait_for(
+            self.account.call(self._script, self._keys, args), max(1.0, self.account.lease)
+        )
         self.calls += 1
         self.call_seconds += time.perf_counter() - started
-        return list(reply)
+        return reply
 
     def _take(self, reply: list[Any], waiters: list[_QueuedAcquire]) -> float | None:
         """Admit what Redis admitted; return when to ask again by time alone."""
@@ -341,11 +421,11 @@ class RedisLimiter:
         by_id = {waiter.id: waiter for waiter in waiters}
         for raw in admitted:
             waiter = by_id[text(raw)]
-            self.in_use += waiter.units
+            self._note_held(waiter.task, waiter.units, running=False)
             with contextlib.suppress(ValueError):
                 self._queue.remove(waiter)
             if waiter.future.done():  # its caller gave up meanwhile: nothing was sent
-                self.release(waiter.units, created=False)
+                self.release(waiter.units, created=False, task=waiter.task)
             else:
                 waiter.future.set_result(None)
         wake_ms = int(wake)
@@ -381,13 +461,22 @@ class RedisLimiter:
                 with contextlib.suppress(RedisError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Apply what is queued (for at most ``timeout`` seconds), then stop.
-        Creates still waiting fail with :class:`RuntimeError`. Idempotent."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Apply what is queued (for at most ``timeout`` seconds, default the
+        account's ``close_timeout``), then stop; what could not be applied is
+        logged. Creates still waiting fail with :class:`RuntimeError`. Idempotent."""
         if self._closed:
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout)
+        try:
+            await asyncio.wait_for(
+                self.flush(), self.account.close_timeout if timeout is None else timeout
+            )
+        except asyncio.TimeoutError:
+            logger.warning(
+                "shared limiter closed with %d changes not applied (Redis unreachable): %s",
+                len(self._ops),
+                self._ops,
+            )
         self._closed = True
         for waiter in self._queue:
             if not waiter.future.done():
@@ -400,26 +489,33 @@ class RedisLimiter:
         self._settle_flushes()
 
 
-class _AdoptingLimiter:
-    """A :class:`RedisLimiter` seen by the tasks of one dead member being taken
-    over: :meth:`adopt` moves units from the dead member's orphans."""
+class TaskUnits:
+    """A :class:`RedisLimiter` seen by one create and its task: every call
+    names the task (its external_task_id), so Redis counts its units once,
+    releases them once, and moves them when the task is taken over."""
 
-    def __init__(self, limiter: RedisLimiter, owner: str) -> None:
+    def __init__(self, limiter: RedisLimiter, task: str) -> None:
         self._limiter = limiter
-        self._owner = owner
+        self.task = task
         self.capacity = limiter.capacity
 
+    def __repr__(self) -> str:
+        return f"<TaskUnits {self.task} of {self._limiter!r}>"
+
     async def acquire(self, units: int, *, first: bool = False) -> None:
-        await self._limiter.acquire(units, first=first)
+        await self._limiter.acquire(units, first=first, task=self.task)
 
     def release(self, units: int, *, created: bool = True) -> None:
-        self._limiter.release(units, created=created)
+        self._limiter.release(units, created=created, task=self.task)
 
     def created(self, units: int) -> None:
-        self._limiter.created(units)
+        self._limiter.created(units, task=self.task)
 
     def observe(self, error: KlingError) -> None:
         self._limiter.observe(error)
 
     def adopt(self, units: int) -> None:
-        self._limiter.adopt_from(self._owner, units)
+        self._limiter.adopt(units, task=self.task)
+
+    def hand_over(self, units: int) -> None:
+        self._limiter.hand_over(units, task=self.task)

@@ -1,4 +1,4 @@
-"""The Lua scripts behind the shared limiter and ledger.
+"""The Lua scripts behind the shared account, limiter and ledger.
 
 Every change to shared state is one script, so it is atomic: no other process
 sees half of it. Times are the Redis server's (``TIME``), never a host's clock,
@@ -6,40 +6,48 @@ so hosts whose clocks disagree still agree on leases and pauses. All keys of an
 account share one hash tag (``kling:{account}:...``), so the scripts also run
 on a Redis Cluster slot.
 
+Ownership is **fenced**: each member incarnation gets a token (``INCR``) when
+it joins; every script acting for a member checks the token first and answers
+``fenced`` when the member was reaped meanwhile (it joins again, as a new
+incarnation), or ``reset`` when the account's epoch key is gone (Redis lost its
+data: the members re-assert what they hold). Quota units are held **per task**
+(external_task_id), so a release is idempotent and never erases another task's
+units, and a task taken over by a survivor is counted once.
+
 Shared keys (``P`` is the account's prefix):
 
-``P members``           zset  member -> lease expiry (ms); a member missing or
-                              expired is dead
-``P inuse``, ``P running`` hash  member -> units it holds (all / of created tasks)
-``P orphan_inuse``, ``P orphan_running``, ``P orphan_deadline``
-                              a dead member's units: still counted (Kling still
-                              runs its tasks) until a survivor adopts them or
-                              the deadline passes
-``P limiter``           hash  the adaptive limit and its learning state
-``P starving``          zset  "member|waiter" -> since (ms): waiters that waited
-                              past the fairness window; nobody younger passes them
-``P last``              hash  member -> its last call's sequence number and
-                              reply, so a call retried after a lost answer is
-                              not applied twice
+``P epoch``             string  this incarnation of the account's state
+``P members``           zset    member -> lease expiry (ms); missing or expired: dead
+``P fence``             hash    member -> token of its live incarnation
+``P fence_seq``         string  the last token given
+``P heartbeat``         string  when Redis last ran a script of the account (ms)
+``P held``              hash    external_task_id -> "holder|units|running"
+``P orphan_deadline``   zset    external_task_id -> when a dead holder's task
+                                stops being counted (if nobody adopted it)
+``P limiter``           hash    the adaptive limit and its learning state
+``P starving``          zset    "member|waiter" -> since (ms)
+``P last``              hash    member -> its last limiter call's reply
+``P account``           string  fingerprint of the Kling credentials bound here
 ``P e:<id>``, ``P b:<id>`` the ledger entry (JSON) and its request body
-``P k:<key>``           the external_task_id recorded under a batch key
-``P unsettled``         zset  external_task_id -> intended_at
-``P owner``             hash  external_task_id -> member, for unsettled entries
-``P owned:<member>``    set   a member's unsettled external_task_ids
-``P owners``            set   members that own unsettled entries
+``P k:<key>``           "external_task_id digest" reserved under a key
+``P unsettled``         zset    external_task_id -> intended_at
+``P owner``             hash    external_task_id -> member, for unsettled entries
+``P owned:<member>``    set     a member's unsettled external_task_ids
+``P owners``            set     members that own unsettled entries
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["CLAIM", "LIMITER", "RECORD", "RENEW"]
+__all__ = ["CLAIM", "JOIN", "LIMITER", "RECORD", "RENEW", "RESERVE"]
 
-# Shared by every script: the clock, number helpers, and reaping dead members.
-# KEYS[1..6] are always members, inuse, running, orphan_inuse, orphan_running,
-# orphan_deadline.
+# Shared by every script. KEYS[1..6]: members, fence, held, orphan_deadline,
+# heartbeat, epoch. ARGV[1..5]: me, token, epoch, lease_ms, orphan_ttl_ms.
 _PRELUDE: Final = r"""
-local M, U, R, OU, OR, OD = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local M, FENCE, HELD, OD, BEAT, EPOCH = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local me, token, epoch = ARGV[1], ARGV[2], ARGV[3]
+local lease, orphan_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -47,79 +55,164 @@ local function n(value)
   return tonumber(value) or 0
 end
 
-local function hsum(key)
-  local total = 0
-  for _, value in ipairs(redis.call('HVALS', key)) do
-    total = total + n(value)
-  end
-  return total
+local function parse(value)
+  local holder, units, running = string.match(value, '^(.*)|(%d+)|(%d)$')
+  return holder, n(units), running == '1'
 end
 
-local function add(key, field, delta)
-  -- HINCRBY that never goes below zero: a release that lost a race with the
-  -- reaper must not make a member hold negative units.
-  local value = n(redis.call('HGET', key, field)) + delta
-  if value > 0 then
-    redis.call('HSET', key, field, value)
-  else
-    redis.call('HDEL', key, field)
+local function hold(task, holder, units, running)
+  redis.call('HSET', HELD, task, holder .. '|' .. units .. '|' .. (running and '1' or '0'))
+end
+
+local function alive(member)
+  if member == '' then
+    return false
+  end
+  local expiry = redis.call('ZSCORE', M, member)
+  return expiry ~= false and tonumber(expiry) >= now
+end
+
+-- Units held by every task (orphans included: Kling still counts them), and
+-- by the tasks Kling confirmed it created.
+local function sums()
+  local in_use, running = 0, 0
+  local flat = redis.call('HGETALL', HELD)
+  for i = 2, #flat, 2 do
+    local _, units, is_running = parse(flat[i])
+    in_use = in_use + units
+    if is_running then
+      running = running + units
+    end
+  end
+  return in_use, running
+end
+
+-- Death needs evidence: a gap in which Redis ran no script of the account
+-- (it was stopped, failing over, or unreachable) does not count against
+-- leases. Members alive when Redis last served get the gap back.
+local function credit_gap()
+  local beat = tonumber(redis.call('GET', BEAT))
+  if beat and now - beat > lease / 2 then
+    local gap = now - beat
+    local flat = redis.call('ZRANGEBYSCORE', M, beat, '+inf', 'WITHSCORES')
+    for i = 1, #flat, 2 do
+      redis.call('ZADD', M, tonumber(flat[i + 1]) + gap, flat[i])
+    end
+  end
+  redis.call('SET', BEAT, now)
+end
+
+-- A member leaves (closing) or is reaped: its per-member state goes, its
+-- tasks stay counted as orphans until a survivor adopts them or orphan_ttl.
+local function drop_member(member)
+  local prefix_of = KEYS[1]:sub(1, -8)
+  redis.call('ZREM', M, member)
+  redis.call('HDEL', FENCE, member)
+  redis.call('HDEL', prefix_of .. 'last', member)
+  if redis.call('SCARD', prefix_of .. 'owned:' .. member) == 0 then
+    redis.call('SREM', prefix_of .. 'owners', member)
+  end
+  local flat = redis.call('HGETALL', HELD)
+  for i = 1, #flat, 2 do
+    local holder = parse(flat[i + 1])
+    if holder == member then
+      redis.call('ZADD', OD, 'NX', now + orphan_ttl, flat[i])
+    end
   end
 end
 
--- Members whose lease ran out are dead: their units become orphans, still
--- counted (Kling still counts their tasks) until a survivor adopts the tasks
--- or orphan_ttl passes. Returns whether units were freed (orphans expired).
-local function reap(orphan_ttl)
+-- Reap members whose lease expired while Redis was serving; stop counting
+-- orphans nobody adopted within orphan_ttl. Returns whether units were freed.
+local function reap()
+  credit_gap()
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', M, '-inf', '(' .. now)) do
-    local inuse, running = n(redis.call('HGET', U, member)), n(redis.call('HGET', R, member))
-    if inuse > 0 or running > 0 then
-      add(OU, member, inuse)
-      add(OR, member, running)
-      redis.call('ZADD', OD, now + orphan_ttl, member)
+    drop_member(member)
+  end
+  local freed = false
+  for _, task in ipairs(redis.call('ZRANGEBYSCORE', OD, '-inf', '(' .. now)) do
+    local value = redis.call('HGET', HELD, task)
+    if value and not alive((parse(value))) then
+      redis.call('HDEL', HELD, task)
+      freed = true
     end
-    redis.call('HDEL', U, member)
-    redis.call('HDEL', R, member)
-    redis.call('ZREM', M, member)
+    redis.call('ZREM', OD, task)
   end
-  local expired = redis.call('ZRANGEBYSCORE', OD, '-inf', '(' .. now)
-  for _, member in ipairs(expired) do
-    redis.call('HDEL', OU, member)
-    redis.call('HDEL', OR, member)
-    redis.call('ZREM', OD, member)
-  end
-  return #expired > 0
+  return freed
 end
 
--- This member is alive. If it was taken for dead while stalled (its lease ran
--- out) and nobody adopted its units yet, it takes them back.
-local function renew(me, lease)
-  if redis.call('ZSCORE', M, me) == false then
-    local inuse, running = n(redis.call('HGET', OU, me)), n(redis.call('HGET', OR, me))
-    if inuse > 0 or running > 0 then
-      add(U, me, inuse)
-      add(R, me, running)
-    end
-    redis.call('HDEL', OU, me)
-    redis.call('HDEL', OR, me)
-    redis.call('ZREM', OD, me)
+-- 'ok', or why this member may not act: Redis lost the account's state
+-- ('reset'), or this incarnation was reaped ('fenced').
+local function standing()
+  if redis.call('GET', EPOCH) ~= epoch then
+    return 'reset'
   end
-  redis.call('ZADD', M, now + lease, me)
+  if redis.call('HGET', FENCE, me) ~= token then
+    return 'fenced'
+  end
+  return 'ok'
 end
 """
+
+JOIN: Final = (
+    _PRELUDE
+    + r"""
+-- KEYS[7]: limiter state. ARGV[6]: a fresh epoch, used if the account has none.
+-- A member id is unique among live members; a new incarnation gets a new token.
+local S = KEYS[7]
+reap()
+local reset = 0
+local current = redis.call('GET', EPOCH)
+if not current then
+  current = ARGV[6]
+  redis.call('SET', EPOCH, current)
+  if epoch ~= '' then
+    reset = 1
+  end
+elseif epoch ~= '' and epoch ~= current then
+  reset = 1
+end
+if reset == 1 then
+  -- Redis lost what the members held: admit nothing until every live member
+  -- had a lease's time to re-assert its tasks.
+  local quiet = n(redis.call('HGET', S, 'quiet_until'))
+  if quiet < now then
+    redis.call('HSET', S, 'quiet_until', now + lease)
+  end
+end
+local expiry = redis.call('ZSCORE', M, me)
+if expiry and tonumber(expiry) >= now and redis.call('HGET', FENCE, me) ~= token then
+  return {'taken'}
+end
+local new_token = tostring(redis.call('INCR', KEYS[1]:sub(1, -8) .. 'fence_seq'))
+redis.call('HSET', FENCE, me, new_token)
+redis.call('ZADD', M, now + lease, me)
+-- Tasks this member still holds are its own again, not orphans.
+local flat = redis.call('HGETALL', HELD)
+for i = 1, #flat, 2 do
+  if parse(flat[i + 1]) == me then
+    redis.call('ZREM', OD, flat[i])
+  end
+end
+return {'ok', new_token, current, reset}
+"""
+)
+"""Join (or join again): reply ``['ok', token, epoch, reset]`` or ``['taken']``."""
 
 RENEW: Final = (
     _PRELUDE
     + r"""
--- ARGV: me, lease_ms, orphan_ttl_ms, leave (1: this member is closing)
-local me, lease = ARGV[1], tonumber(ARGV[2])
-reap(tonumber(ARGV[3]))
-if ARGV[4] == '1' then
-  -- Closing: expire the lease now, so survivors adopt what is left at once.
-  redis.call('ZADD', M, 0, me)
-else
-  renew(me, lease)
+-- ARGV[6]: leave (1: this member is closing and hands its tasks over)
+reap()
+local status = standing()
+if status ~= 'ok' then
+  return {status}
 end
-return 1
+if ARGV[6] == '1' then
+  drop_member(me)
+else
+  redis.call('ZADD', M, now + lease, me)
+end
+return {'ok'}
 """
 )
 """Renew (or give up) a member's lease, reaping dead members on the way."""
@@ -128,31 +221,33 @@ LIMITER: Final = (
     _PRELUDE
     + r"""
 -- KEYS[7..9]: limiter state, starving waiters, last replies.
--- ARGV: me, lease_ms, orphan_ttl_ms, fairness_ms, capacity ('' = unknown),
---       seq, ops (JSON), waiters (JSON [[id, units, age_ms], ...]),
---       min_cooldown_ms, channel, max_cooldown_ms, max_spacing_ms,
---       first_spacing_ms, unknown_start
+-- ARGV: 6 fairness_ms, 7 capacity ('' = unknown), 8 seq, 9 ops (JSON),
+--       10 waiters (JSON [[id, task, units, age_ms], ...]), 11 min_cooldown_ms,
+--       12 channel, 13 max_cooldown_ms, 14 max_spacing_ms, 15 first_spacing_ms,
+--       16 unknown_start
 local S, F, LAST = KEYS[7], KEYS[8], KEYS[9]
-local me = ARGV[1]
-local seq = ARGV[6]
+local seq = ARGV[8]
+
+local freed = reap()
+local status = standing()
+if status ~= 'ok' then
+  return {status}
+end
+redis.call('ZADD', M, now + lease, me)
 
 -- A call retried after its answer was lost gets the first answer back.
 local last = redis.call('HGET', LAST, me)
 if last then
   local cached = cjson.decode(last)
-  if cached[1] == seq then
+  if cached[1] == token .. ':' .. seq then
     return cached[2]
   end
 end
 
-local lease, orphan_ttl, fairness = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local capacity = tonumber(ARGV[5])
-local min_cooldown, channel = tonumber(ARGV[9]), ARGV[10]
-local max_cooldown, max_spacing = tonumber(ARGV[11]), tonumber(ARGV[12])
-local first_spacing, unknown_start = tonumber(ARGV[13]), tonumber(ARGV[14])
-
-local freed = reap(orphan_ttl)
-renew(me, lease)
+local fairness, capacity = tonumber(ARGV[6]), tonumber(ARGV[7])
+local min_cooldown, channel = tonumber(ARGV[11]), ARGV[12]
+local max_cooldown, max_spacing = tonumber(ARGV[13]), tonumber(ARGV[14])
+local first_spacing, unknown_start = tonumber(ARGV[15]), tonumber(ARGV[16])
 
 local state = {}
 local flat = redis.call('HGETALL', S)
@@ -171,6 +266,7 @@ local successes, rejections = state.successes or 0, state.rejections or 0
 local resume_at, spacing = state.resume_at or 0, state.spacing or 0
 local next_create = state.next_create or 0
 local creates, rejected = state.creates or 0, state.rejected or 0
+local quiet_until = state.quiet_until or 0
 local limit_before = limit
 
 local function grow()
@@ -185,16 +281,30 @@ local function grow()
   limit = math.min(ceiling, grown)
 end
 
-for _, op in ipairs(cjson.decode(ARGV[7])) do
-  local kind, units = op[1], tonumber(op[2]) or 0
+local function held_by(task)
+  local value = redis.call('HGET', HELD, task)
+  if not value then
+    return nil
+  end
+  return parse(value)
+end
+
+for _, op in ipairs(cjson.decode(ARGV[9])) do
+  local kind, task = op[1], op[2]
   if kind == 'release' then
-    add(U, me, -units)
-    if op[3] == 1 then
-      add(R, me, -units)
+    -- Only the holder releases, once: a member whose task was adopted
+    -- meanwhile releases nothing it no longer owns.
+    local holder = held_by(task)
+    if holder == me or holder == '' then
+      redis.call('HDEL', HELD, task)
+      redis.call('ZREM', OD, task)
+      freed = true
     end
-    freed = true
   elseif kind == 'created' then
-    add(R, me, units)
+    local holder, units = held_by(task)
+    if holder == me then
+      hold(task, me, units, true)
+    end
     creates = creates + 1
     rejections = 0
     successes = successes + 1
@@ -210,97 +320,136 @@ for _, op in ipairs(cjson.decode(ARGV[7])) do
       end
     end
   elseif kind == '1303' then
+    local jitter = tonumber(op[3]) or 1000
     rejected = rejected + 1
     successes = 0
     ceiling_known = 1
-    -- The quota is full with what running tasks hold, everyone's and the
-    -- orphans' (Kling still counts those): that is all that may be counted on.
-    limit = math.max(1, hsum(R) + hsum(OR))
-    -- Creates already in flight when the first 1303 came are one wave: only a
-    -- 1303 to a create sent after the pause lengthens the next one.
+    -- The quota is full with what running tasks hold (orphans included:
+    -- Kling still counts those): that is all that may be counted on.
+    local _, running = sums()
+    limit = math.max(1, running)
+    -- Creates already in flight when the first 1303 came are one wave: only
+    -- a 1303 to a create sent after the pause lengthens the next one.
     if now >= resume_at then
       rejections = rejections + 1
       local cooldown = math.min(max_cooldown, min_cooldown * 2 ^ math.min(rejections - 1, 16))
-      resume_at = math.max(resume_at, now + math.floor(cooldown * units / 1000))
+      resume_at = math.max(resume_at, now + math.floor(cooldown * jitter / 1000))
     end
   elseif kind == '1302' then
     spacing = math.min(max_spacing, math.max(first_spacing, spacing * 2))
-  elseif kind == 'adopt' then
-    add(U, me, units)
-    add(R, me, units)
-  elseif kind == 'adopt_from' then
-    -- A survivor takes over a dead member's running task: its units move
-    -- from that member's orphans to the survivor, so they are counted once.
-    local owner = op[3]
-    add(OU, owner, -math.min(units, n(redis.call('HGET', OU, owner))))
-    add(OR, owner, -math.min(units, n(redis.call('HGET', OR, owner))))
-    add(U, me, units)
-    add(R, me, units)
+  elseif kind == 'adopt' or kind == 'hold' or kind == 'assert' then
+    -- adopt: a running task taken over; hold: a create taken over (it may
+    -- have landed: its units stay counted); assert: re-written after a reset.
+    local holder, units, running = held_by(task)
+    if holder == nil then
+      hold(task, me, tonumber(op[3]), kind == 'adopt' or op[4] == 1)
+    elseif kind ~= 'assert' or holder == me or not alive(holder) then
+      hold(task, me, units, running or kind == 'adopt')
+    end
+    redis.call('ZREM', OD, task)
+  elseif kind == 'hand_over' then
+    -- The client closes while Kling still runs the task: it stays counted,
+    -- held by nobody, for a survivor to adopt (or until orphan_ttl).
+    if held_by(task) == me then
+      local _, units, running = held_by(task)
+      hold(task, '', units, running)
+      redis.call('ZADD', OD, 'NX', now + orphan_ttl, task)
+    end
   elseif kind == 'release_orphans' then
-    -- The survivor took over every task of the dead member that still runs:
-    -- what is left of its units was never Kling's.
-    local owner = op[3]
-    redis.call('HDEL', OU, owner)
-    redis.call('HDEL', OR, owner)
-    redis.call('ZREM', OD, owner)
-    freed = true
+    -- A survivor took over every task of the dead member ``task`` that it
+    -- knew of: what that member still holds ended or never landed.
+    if not alive(task) then
+      local all = redis.call('HGETALL', HELD)
+      for i = 1, #all, 2 do
+        if parse(all[i + 1]) == task then
+          redis.call('HDEL', HELD, all[i])
+          redis.call('ZREM', OD, all[i])
+          freed = true
+        end
+      end
+    end
   elseif kind == 'forget' then
-    redis.call('ZREM', F, me .. '|' .. op[3])
+    redis.call('ZREM', F, me .. '|' .. task)
   end
 end
 
 local admitted = {}
 local wake = -1
-local waiters = cjson.decode(ARGV[8])
-local in_use = hsum(U) + hsum(OU)
-if #waiters > 0 then
-  -- Starving waiters of members that are gone block nobody.
-  local blockers = {}
-  local starving = redis.call('ZRANGE', F, 0, -1, 'WITHSCORES')
-  for i = 1, #starving, 2 do
-    local id = starving[i]
-    local owner = string.match(id, '^(.*)|[^|]*$')
-    if owner == nil or redis.call('ZSCORE', M, owner) == false then
-      redis.call('ZREM', F, id)
-    else
-      table.insert(blockers, {id, tonumber(starving[i + 1])})
-    end
+local waiters = cjson.decode(ARGV[10])
+local in_use, running_units = sums()
+-- Starving marks of this member's waiters that are no longer queued (admitted,
+-- cancelled, re-queued under a new id) block nobody.
+local queued = {}
+for _, waiter in ipairs(waiters) do
+  queued[me .. '|' .. waiter[1]] = true
+end
+local starving = redis.call('ZRANGE', F, 0, -1, 'WITHSCORES')
+local blockers = {}
+for i = 1, #starving, 2 do
+  local id = starving[i]
+  local owner = string.match(id, '^(.*)|[^|]*$')
+  if owner == nil or not alive(owner) or (owner == me and not queued[id]) then
+    redis.call('ZREM', F, id)
+  else
+    table.insert(blockers, {id, tonumber(starving[i + 1])})
   end
-  if now < resume_at then
+end
+if #waiters > 0 then
+  if now < quiet_until then
+    wake = quiet_until - now
+  elseif now < resume_at then
     wake = resume_at - now
   else
     for _, waiter in ipairs(waiters) do
-      local id, units, age = waiter[1], tonumber(waiter[2]), tonumber(waiter[3])
+      local id, task, units, age = waiter[1], waiter[2], tonumber(waiter[3]), tonumber(waiter[4])
       local key = me .. '|' .. id
-      local since = now - age
-      local blocked = false
-      for _, blocker in ipairs(blockers) do
-        if blocker[2] >= since then
-          break
-        end
-        if blocker[1] ~= key then
-          blocked = true
-          break
-        end
-      end
-      if blocked then
-        break  -- an older waiter (here or elsewhere) waited too long: nobody passes it
-      end
-      local fits = in_use + units <= limit
-      local alone = in_use == 0 and units > limit
-      if fits or alone then
-        if now < next_create then
-          wake = next_create - now
-          break
-        end
-        in_use = in_use + units
-        add(U, me, units)
+      local holder = held_by(task)
+      if holder ~= nil and (holder == me or not alive(holder)) then
+        -- Its units are held already (a create taken over, re-queued): they
+        -- become this member's, counted once.
+        local _, held_units, is_running = held_by(task)
+        hold(task, me, held_units, is_running)
+        redis.call('ZREM', OD, task)
         redis.call('ZREM', F, key)
-        next_create = now + spacing
         table.insert(admitted, id)
-      elseif age >= fairness then
-        redis.call('ZADD', F, 'NX', since, key)
-        break  -- it has waited long enough: nobody passes it now
+      elseif holder == nil then
+        local blocked = false
+        -- A waiter marked starving keeps the time it was marked with: its age,
+        -- measured again on this host's clock, drifts by milliseconds, and
+        -- waiters marked together must not block each other for it.
+        local since = tonumber(redis.call('ZSCORE', F, key)) or (now - age)
+        for _, blocker in ipairs(blockers) do
+          if blocker[2] >= since then
+            break
+          end
+          if blocker[1] ~= key then
+            blocked = true
+            break
+          end
+        end
+        -- A waiter younger than one that waited too long (here or elsewhere)
+        -- is passed over, but the ones behind it are still looked at: the
+        -- starving one may be among them (a re-queued create goes first).
+        if not blocked then
+          local fits = in_use + units <= limit
+          local alone = in_use == 0 and units > limit
+          if fits or alone then
+            if now < next_create then
+              wake = next_create - now
+              break
+            end
+            in_use = in_use + units
+            hold(task, me, units, false)
+            redis.call('ZREM', F, key)
+            next_create = now + spacing
+            table.insert(admitted, id)
+          elseif age >= fairness then
+            redis.call('ZADD', F, 'NX', since, key)
+            table.insert(blockers, {key, since})
+            table.sort(blockers, function(a, b) return a[2] < b[2] end)
+            -- it has waited long enough: nobody younger passes it now
+          end
+        end
       end
     end
   end
@@ -314,81 +463,134 @@ if freed or limit > limit_before then
   redis.call('PUBLISH', channel, me)
 end
 
-local reply = {limit, in_use, wake, creates, rejected, hsum(R) + hsum(OR)}
+local reply = {'ok', limit, in_use, wake, creates, rejected, running_units}
 for _, id in ipairs(admitted) do
   table.insert(reply, id)
 end
-redis.call('HSET', LAST, me, cjson.encode({seq, reply}))
+redis.call('HSET', LAST, me, cjson.encode({token .. ':' .. seq, reply}))
 return reply
 """
 )
 """Apply a member's queued limiter operations in order, then admit what fits of
-its waiting creates; reply ``[limit, units in use, wake in ms, creates, 1303s,
-running units, admitted waiter ids...]``."""
+its waiting creates; reply ``['ok', limit, units in use, wake in ms, creates,
+1303s, running units, admitted waiter ids...]``."""
 
-RECORD: Final = (
-    _PRELUDE
-    + r"""
--- KEYS[7..9]: unsettled, owner, owners. ARGV: prefix, me, retention_s, records
--- (JSON [[external_task_id, entry, body or '', key or '', settled, intended_at]])
-local UNS, OWN, OWNERS = KEYS[7], KEYS[8], KEYS[9]
-local prefix, me, retention = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for _, record in ipairs(cjson.decode(ARGV[4])) do
-  local id, entry, body, key = record[1], record[2], record[3], record[4]
+# Writing one ledger record; shared by RECORD and RESERVE. UNS, OWN, OWNERS
+# and prefix are set by the script.
+_WRITE: Final = r"""
+-- Returns false when the entry was claimed from this member (fenced out).
+local function write(id, entry, body, key, digest, settled, intended_at, retention)
   local e, b = prefix .. 'e:' .. id, prefix .. 'b:' .. id
   local previous = redis.call('HGET', OWN, id)
-  if previous then
+  if previous and previous ~= me then
+    if settled ~= 1 then
+      return false  -- a survivor took it over: it is theirs now
+    end
     redis.call('SREM', prefix .. 'owned:' .. previous, id)
   end
-  if record[5] == 1 then
-    -- Settled: nobody needs to act on it any more; kept for retention_s.
+  if key ~= '' then
+    -- The key is reserved once; it is never moved to another id.
+    redis.call('SET', prefix .. 'k:' .. key, id .. ' ' .. digest, 'NX')
+  end
+  if settled == 1 then
+    -- Settled: nobody needs to act on it any more; the body (megabytes of
+    -- images, maybe) goes now, the entry after retention_s.
     redis.call('ZREM', UNS, id)
     redis.call('HDEL', OWN, id)
+    redis.call('SREM', prefix .. 'owned:' .. me, id)
     redis.call('SET', e, entry, 'EX', retention)
-    if body ~= '' then
-      redis.call('SET', b, body, 'EX', retention)
-    else
-      redis.call('EXPIRE', b, retention)
-    end
+    redis.call('DEL', b)
     if key ~= '' then
-      redis.call('SET', prefix .. 'k:' .. key, id, 'EX', retention)
+      local reserved = redis.call('GET', prefix .. 'k:' .. key)
+      if reserved and string.sub(reserved, 1, #id) == id then
+        redis.call('EXPIRE', prefix .. 'k:' .. key, retention)
+      end
     end
   else
-    redis.call('ZADD', UNS, record[6], id)
+    redis.call('ZADD', UNS, intended_at, id)
     redis.call('HSET', OWN, id, me)
     redis.call('SADD', prefix .. 'owned:' .. me, id)
     redis.call('SADD', OWNERS, me)
     redis.call('SET', e, entry)
     if body ~= '' then
       redis.call('SET', b, body)
-    else
-      redis.call('PERSIST', b)
-    end
-    if key ~= '' then
-      redis.call('SET', prefix .. 'k:' .. key, id)
     end
   end
+  return true
 end
-return 1
+"""
+
+RECORD: Final = (
+    _PRELUDE
+    + r"""
+-- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 retention_s, 8 records
+-- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at]])
+local UNS, OWN, OWNERS = KEYS[7], KEYS[8], KEYS[9]
+local prefix, retention = ARGV[6], tonumber(ARGV[7])
+reap()
+local status = standing()
+if status ~= 'ok' then
+  return {status}
+end
+"""
+    + _WRITE
+    + r"""
+local refused = {'ok'}
+for _, r in ipairs(cjson.decode(ARGV[8])) do
+  if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention) then
+    table.insert(refused, r[1])
+  end
+end
+return refused
 """
 )
-"""Write a batch of ledger entries and keep the indexes of unsettled entries
-(by owner) current."""
+"""Write a batch of ledger entries, keeping the indexes of unsettled entries
+current; reply ``['ok', ids claimed by others...]``."""
+
+RESERVE: Final = (
+    _PRELUDE
+    + r"""
+-- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 key, 8 id, 9 digest,
+-- 10 entry, 11 body, 12 intended_at. Reserves the key and writes the intent in
+-- one step: of two members racing for a key, one creates, the other follows.
+local UNS, OWN, OWNERS = KEYS[7], KEYS[8], KEYS[9]
+local prefix = ARGV[6]
+reap()
+local status = standing()
+if status ~= 'ok' then
+  return {status}
+end
+"""
+    + _WRITE
+    + r"""
+local reserved = redis.call('GET', prefix .. 'k:' .. ARGV[7])
+if reserved then
+  return {'ok', reserved}
+end
+write(ARGV[8], ARGV[10], ARGV[11], ARGV[7], ARGV[9], 0, ARGV[12], 0)
+return {'ok'}
+"""
+)
+"""Reserve a key with its intent: ``['ok']``, or ``['ok', "id digest"]`` when
+another request reserved it first."""
 
 CLAIM: Final = (
     _PRELUDE
     + r"""
--- KEYS[7..8]: owner, owners. ARGV: prefix, me, lease_ms, orphan_ttl_ms, only
--- ('' for every dead member, else one member's id)
+-- KEYS[7..8]: owner, owners. ARGV: 6 prefix, 7 only ('' for every dead
+-- member, else one member's id)
 local OWN, OWNERS = KEYS[7], KEYS[8]
-local prefix, me, only = ARGV[1], ARGV[2], ARGV[5]
-reap(tonumber(ARGV[4]))
-renew(me, tonumber(ARGV[3]))
-local claimed = {}
+local prefix, only = ARGV[6], ARGV[7]
+reap()
+local status = standing()
+if status ~= 'ok' then
+  return {status}
+end
+redis.call('ZADD', M, now + lease, me)
+local claimed = {'ok'}
 for _, owner in ipairs(redis.call('SMEMBERS', OWNERS)) do
   local owned = prefix .. 'owned:' .. owner
-  if owner ~= me and redis.call('ZSCORE', M, owner) == false
-      and (only == '' or only == owner) then
+  if owner ~= me and not alive(owner) and (only == '' or only == owner) then
     -- A dead member's unsettled entries become this member's, all at once:
     -- two survivors never adopt the same task.
     for _, id in ipairs(redis.call('SMEMBERS', owned)) do
@@ -403,10 +605,10 @@ for _, owner in ipairs(redis.call('SMEMBERS', OWNERS)) do
     redis.call('SREM', OWNERS, owner)
   end
 end
-if #claimed > 0 then
+if #claimed > 1 then
   redis.call('SADD', OWNERS, me)
 end
 return claimed
 """
 )
-"""Claim the unsettled entries of dead members; reply ``[owner, id, owner, id, ...]``."""
+"""Claim the unsettled entries of dead members; reply ``['ok', owner, id, ...]``."""
