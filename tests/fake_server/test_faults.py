@@ -65,7 +65,9 @@ async def test_drop_after_creates_the_task_then_disconnects(
     with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
         await api.create(MULTI, multi_body(external_task_id="lost-answer"))
     status, payload, _ = await api.get(MULTI, "lost-answer")
-    assert (status, payload["data"]["task_status"]) == (200, "submitted")
+    # Created: still submitted, or already processing on a slow machine.
+    assert status == 200
+    assert payload["data"]["task_status"] in ("submitted", "processing")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
