@@ -1,5 +1,6 @@
 """What several test modules share: the test credentials, fast client policies, a
-client for the fake server, Kling's error families, clocks to inject, PNG checks.
+client for the fake server, Kling's error families, clocks to inject, PNG checks, and
+``eventually``, the one way a test waits for something to happen.
 
 Fixtures live in ``conftest.py``; plain names live here, imported as
 ``from tests.helpers import ...``, so that no test module imports another.
@@ -7,16 +8,19 @@ Fixtures live in ``conftest.py``; plain names live here, imported as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,31 @@ def make_client(server: FakeKlingServer, **options: object) -> Client:
     }
     settings.update(options)
     return Client(**settings)  # type: ignore[arg-type]
+
+
+async def eventually(
+    condition: Callable[[], object | Awaitable[object]],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.01,
+) -> None:
+    """Return as soon as ``condition()`` is true (awaited first if it returns an
+    awaitable); fail the test if it is still false after ``timeout`` seconds.
+
+    Tests wait on a record (the fake server's requests and tasks, a handle's
+    status, a counter) rather than sleep for a guessed time: the wait ends the
+    moment the record shows it, and a slow machine only makes it longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the condition never held within {timeout} s")
+        await asyncio.sleep(interval)
 
 
 #: Every Kling code with its HTTP status and the error class the SDK raises for it.

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from kling_async import CallbackReceiver, Endpoint, PollPolicy, Task, TaskHandle, TaskStatus
 from kling_async.testing import CallbackFaults, FakeKlingServer, FakeTask
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 # The safety-net poll is 30 s away: whatever resolves a task within a test's time
@@ -138,14 +138,6 @@ async def mounted(receiver: CallbackReceiver) -> tuple[web.AppRunner, str]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     receiver.public_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks/kling"
     return runner, receiver.public_url
-
-
-async def eventually(condition: Callable[[], object]) -> None:
-    for _ in range(500):  # 5 s at most
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("the condition never held")
 
 
 async def first_get_after(server: FakeKlingServer, task_id: str, since: float) -> float:

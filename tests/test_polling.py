@@ -17,7 +17,7 @@ from kling_async import _polling as polling
 from kling_async._durations import kind_of
 from kling_async._polling import Poller
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 #: Fast enough for tests, cold schedule included; learning on, as by default.
 POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)
@@ -44,13 +44,6 @@ class FlakyCredentials:
 def asked_one_by_one(server: FakeKlingServer) -> set[str]:
     """The task_ids the server was asked for with a single GET."""
     return {r.path.rsplit("/", 1)[-1] for r in server.requests_for("get")}
-
-
-async def eventually(condition: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not callable(condition) or not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
 
 
 # --- review defect r06: an unexpected error in a sweep strands no task --------------------

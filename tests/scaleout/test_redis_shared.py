@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,7 +32,7 @@ from kling_async.contrib.redis import (
     submit_once,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, make_client
+from tests.helpers import API_KEY, FAST_POLL, eventually, make_client
 
 SLOW_POLL = PollPolicy(initial_delay=5.0, max_delay=10.0, timeout=30.0, callback_delay=30.0)
 
@@ -55,18 +55,6 @@ async def total(redis: Redis, account: RedisAccount, *hashes: str) -> int:
     for name in hashes:
         values.extend(await redis.hvals(account.key(name)))
     return sum(int(value) for value in values)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def body(external_task_id: str) -> dict[str, Any]:
