@@ -11,7 +11,11 @@ import attrs
 import pytest
 
 import kling_async
-from kling_async import ImageResult, NotFoundError, TaskStatus
+from kling_async import (
+    ImageResult,
+    NotFoundError,
+    TaskStatus,
+)
 from kling_async.testing import FakeKlingServer
 from tests.helpers import assert_valid_png
 
@@ -227,3 +231,32 @@ async def test_read_gives_an_image_s_bytes_without_touching_the_disk(
         await client.read(f"{server.origin}/results/gone/0.png")
     with pytest.raises(ValueError, match="ImageResult"):
         await client.read(image.url, watermarked=True)
+
+
+# --- overwrites and extensions (mutation tests dl02, dl07) ----------------------------------------
+
+
+async def test_a_failed_overwrite_keeps_the_old_file(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task_done = await (await client.images.generate(prompt="p"))
+    [path] = await client.download(task_done, tmp_path)
+    before = path.read_bytes()
+    server.inject("garbage", route="download", http_status=404, times=None)
+    with pytest.raises(NotFoundError):
+        await client.download(task_done, tmp_path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+async def test_file_extension_follows_the_url(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task_done = await (await client.images.generate(prompt="p"))
+    url = task_done.images[0].url
+    renamed = [kling_async.ImageResult(index=0, url=url + "?as=photo.jpg")]
+    assert (await client.download(renamed, tmp_path))[0].suffix == ".png"  # path, not query
+    cdn = [kling_async.ImageResult(index=3, url=f"{server.origin}/results/x/3.jpeg")]
+    with pytest.raises(NotFoundError):
+        await client.download(cdn, tmp_path)
+    assert not (tmp_path / "3.jpg").exists()
