@@ -20,9 +20,9 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kling_async import (
     APIError,
@@ -40,6 +40,8 @@ from kling_async import (
     ServerError,
 )
 from kling_async.testing import FakeKlingServer
+
+T = TypeVar("T")
 
 API_KEY = "sk-test-0123456789"
 FAST_POLL = PollPolicy(initial_delay=0.02, max_delay=0.1, timeout=10.0)
@@ -81,6 +83,13 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"the condition never held within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def as_generator(iterator: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """``iterator``, checked to be the async generator it is, for ``contextlib.aclosing``
+    (the library promises an ``AsyncIterator``; its iterators are generators)."""
+    assert isinstance(iterator, AsyncGenerator), iterator
+    return iterator
 
 
 #: Every Kling code with its HTTP status and the error class the SDK raises for it.

@@ -172,7 +172,7 @@ async def test_secrets_never_appear_in_reprs_errors_logs_or_the_journal(
                 await client.images.generate(prompt="q")
             texts = [repr(client), repr(handle), repr(task), repr(credentials)]
             texts += [str(caught.value), repr(caught.value), caught.value.message]
-            used_tokens = {r.authorization.removeprefix("Bearer ") for r in server.requests}
+            used_tokens = {(r.authorization or "").removeprefix("Bearer ") for r in server.requests}
     texts += [record.getMessage() for record in caplog.records]
     texts.append(repr(StaticToken(API_KEY)))
     journal_bytes = b"".join(p.read_bytes() for p in tmp_path.iterdir())

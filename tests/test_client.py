@@ -36,7 +36,9 @@ from tests.helpers import (
     API_KEY,
     FAST_POLL,
     FAST_RETRY,
+    as_generator,
     assert_valid_png,
+    eventually,
     fake_server_process,
     make_client,
 )
@@ -159,9 +161,8 @@ async def test_cancelling_the_waiter_stops_polling() -> None:
         async with make_client(server) as client:
             handle = await client.images.generate(prompt="slow")
             waiter = asyncio.create_task(handle.wait())
-            await asyncio.sleep(0.3)
+            await eventually(lambda: len(server.requests_for("get")) >= 2)
             polls_before = len(server.requests_for("get"))
-            assert polls_before >= 2
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -211,7 +212,7 @@ async def test_refresh_is_one_get_and_feeds_waiters(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     handle = await client.images.generate(prompt="p")
-    await asyncio.sleep(0.2)
+    await eventually(lambda: server.tasks[handle.task_id].status == "succeed")
     task = await handle.refresh()
     assert task.status is TaskStatus.SUCCEED
     assert len(server.requests_for("get")) == 1
@@ -280,8 +281,8 @@ async def test_close_ends_pending_waits_and_is_idempotent() -> None:
         client = make_client(server)
         handle = await client.images.generate(prompt="slow")
         waiter = asyncio.create_task(handle.wait())
-        iterator = asyncio.create_task(anext(handle.updates().__aiter__()))
-        await asyncio.sleep(0.05)
+        iterator = asyncio.ensure_future(anext(handle.updates().__aiter__()))
+        await eventually(iterator.done)  # both are waiting on the handle by now
         await client.close()
         with pytest.raises(ClientClosedError, match="attach"):
             await waiter
@@ -315,7 +316,7 @@ async def test_updates_can_be_closed_early(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     handle = await client.images.generate(prompt="p")
-    async with contextlib.aclosing(handle.updates()) as updates:
+    async with contextlib.aclosing(as_generator(handle.updates())) as updates:
         async for _ in updates:
             break
     state = client._tracker.find(Endpoint.GENERATIONS, handle.task_id)
@@ -486,7 +487,7 @@ async def test_stale_and_same_time_earlier_updates_do_not_roll_back() -> None:
         make_client(server) as client,
     ):
         handle = await client.images.generate(prompt="p")
-        await asyncio.sleep(0.05)
+        await eventually(lambda: server.tasks[handle.task_id].status == "processing")
         current = await handle.refresh()
         assert current.status is TaskStatus.PROCESSING
         stamp = int(current.raw["updated_at"])

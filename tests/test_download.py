@@ -17,7 +17,7 @@ from kling_async import (
     TaskStatus,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import assert_valid_png
+from tests.helpers import assert_valid_png, eventually
 
 
 async def test_downloads_every_image_as_real_png_named_by_task_and_index(
@@ -107,11 +107,11 @@ async def test_watermarked_copies_and_bare_image_lists(
     bare = await client.download(task.images, tmp_path / "bare", concurrency=1)
     assert [p.name for p in bare] == ["0.png", "1.png"]
     assert marked[0].read_bytes() != bare[0].read_bytes()
-    plain = await (await client.images.generate(prompt="p"))
+    unmarked = await (await client.images.generate(prompt="p"))
     with pytest.raises(ValueError, match="watermarked"):
-        await client.download(plain, tmp_path, watermarked=True)
+        await client.download(unmarked, tmp_path, watermarked=True)
     with pytest.raises(ValueError, match="concurrency"):
-        await client.download(plain, tmp_path, concurrency=0)
+        await client.download(unmarked, tmp_path, concurrency=0)
 
 
 async def test_a_handle_without_a_result_cannot_be_downloaded(
@@ -161,11 +161,8 @@ async def test_a_cancelled_download_leaves_nothing_running_or_half_written(
     task = await (await client.images.generate(prompt="p", n=2))
     server.inject("delay", route="download", delay=0.5, times=2)
     job = asyncio.ensure_future(client.download(task, tmp_path))
-    for _ in range(200):  # until both requests are in; their answers are slow
-        if len(server.requests_for("download")) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert len(server.requests_for("download")) == 2
+    # Until both requests are in; their answers are slow.
+    await eventually(lambda: len(server.requests_for("download")) == 2)
     assert list(tmp_path.iterdir())  # the partial files being written
     job.cancel()
     with pytest.raises(asyncio.CancelledError):

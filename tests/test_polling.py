@@ -16,6 +16,7 @@ from kling_async import CallbackReceiver, ImageGenerationRequest, PollPolicy, Ta
 from kling_async import _polling as polling
 from kling_async._durations import kind_of
 from kling_async._polling import Poller
+from kling_async._wire import parse_task
 from kling_async.testing import CallbackFaults, FakeKlingServer
 from tests.helpers import API_KEY, eventually, make_client
 
@@ -322,7 +323,7 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
     # Every sweep reads every task in flight; before issue 26 each one it saw was
     # planned again, changed or not, so a sweep cost work per task in flight.
     structured: list[str] = []
-    parse = polling.parse_task
+    parse = parse_task
 
     def counting_parse(envelope: Any) -> Any:
         structured.append(envelope.data["task_id"])

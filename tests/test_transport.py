@@ -23,7 +23,7 @@ from kling_async import (
     TaskStatus,
     TransportError,
 )
-from kling_async.testing import FakeKlingServer, RateLimit
+from kling_async.testing import FakeKlingServer, FaultKind, RateLimit
 from tests.helpers import API_KEY, make_client
 
 # --- retried ---------------------------------------------------------------------
@@ -161,7 +161,7 @@ async def test_a_duplicate_external_task_id_returns_the_task_it_names(
 
 @pytest.mark.parametrize("kind", ["drop_after", "error_after"])
 async def test_ambiguous_create_failure_finds_the_task_instead_of_recreating(
-    kind: str, client: kling_async.Client, server: FakeKlingServer
+    kind: FaultKind, client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     server.inject(kind, route="create", code=5000, times=1)
     handle = await client.images.generate(prompt="p")

@@ -67,11 +67,11 @@ async def test_a_dead_workers_jobs_are_released_to_run_again(
     redis: Redis, account_name: str
 ) -> None:
     async with RedisAccount(redis, name=account_name, lease=0.2) as survivor:
-        await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)
-        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")
+        await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)  # type: ignore[misc]  # redis-py: reply or awaitable
+        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")  # type: ignore[misc]  # redis-py: reply or awaitable
         await redis.set(in_progress_key_prefix + "job-1", b"1")
         await redis.set(in_progress_key_prefix + "job-2", b"1")
         await _rerun_dead_jobs(survivor)
         assert await redis.exists(in_progress_key_prefix + "job-1") == 0
         assert await redis.exists(in_progress_key_prefix + "job-2") == 0
-        assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}
+        assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}  # type: ignore[misc]  # redis-py: reply or awaitable
