@@ -1,5 +1,6 @@
 """What several test modules share: the test credentials, fast client policies, a
-client for the fake server, Kling's error families, clocks to inject, PNG checks.
+client for the fake server, Kling's error families, clocks to inject, PNG checks, and
+``eventually``, the one way a test waits for something to happen.
 
 Fixtures live in ``conftest.py``; plain names live here, imported as
 ``from tests.helpers import ...``, so that no test module imports another.
@@ -7,18 +8,21 @@ Fixtures live in ``conftest.py``; plain names live here, imported as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kling_async import (
     APIError,
@@ -37,6 +41,8 @@ from kling_async import (
 )
 from kling_async.testing import FakeKlingServer
 
+T = TypeVar("T")
+
 API_KEY = "sk-test-0123456789"
 FAST_POLL = PollPolicy(initial_delay=0.02, max_delay=0.1, timeout=10.0)
 FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=4, max_elapsed=10.0)
@@ -52,6 +58,38 @@ def make_client(server: FakeKlingServer, **options: object) -> Client:
     }
     settings.update(options)
     return Client(**settings)  # type: ignore[arg-type]
+
+
+async def eventually(
+    condition: Callable[[], object | Awaitable[object]],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.01,
+) -> None:
+    """Return as soon as ``condition()`` is true (awaited first if it returns an
+    awaitable); fail the test if it is still false after ``timeout`` seconds.
+
+    Tests wait on a record (the fake server's requests and tasks, a handle's
+    status, a counter) rather than sleep for a guessed time: the wait ends the
+    moment the record shows it, and a slow machine only makes it longer.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the condition never held within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def as_generator(iterator: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """``iterator``, checked to be the async generator it is, for ``contextlib.aclosing``
+    (the library promises an ``AsyncIterator``; its iterators are generators)."""
+    assert isinstance(iterator, AsyncGenerator), iterator
+    return iterator
 
 
 #: Every Kling code with its HTTP status and the error class the SDK raises for it.

@@ -10,7 +10,12 @@ import jwt
 import pytest
 
 import kling_async
-from kling_async import AuthenticationError, ConfigurationError, JWTCredentials, StaticToken
+from kling_async import (
+    AuthenticationError,
+    ConfigurationError,
+    JWTCredentials,
+    StaticToken,
+)
 from kling_async._auth import resolve_credentials
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, Clock, TickingClock, make_client
@@ -167,7 +172,7 @@ async def test_secrets_never_appear_in_reprs_errors_logs_or_the_journal(
                 await client.images.generate(prompt="q")
             texts = [repr(client), repr(handle), repr(task), repr(credentials)]
             texts += [str(caught.value), repr(caught.value), caught.value.message]
-            used_tokens = {r.authorization.removeprefix("Bearer ") for r in server.requests}
+            used_tokens = {(r.authorization or "").removeprefix("Bearer ") for r in server.requests}
     texts += [record.getMessage() for record in caplog.records]
     texts.append(repr(StaticToken(API_KEY)))
     journal_bytes = b"".join(p.read_bytes() for p in tmp_path.iterdir())
@@ -196,3 +201,28 @@ async def test_transport_errors_carry_no_aiohttp_exception_with_the_request_head
     for caught in (dropped, refused):
         assert caught.value.__cause__ is None
         assert caught.value.__context__ is None
+
+
+# --- re-signing (mutation tests exc25, aut08) -----------------------------------------------------
+
+
+async def test_not_yet_valid_token_is_resigned_once() -> None:
+    credentials = JWTCredentials("ak", SECRET, clock=TickingClock(time.time()))
+    async with (
+        FakeKlingServer(access_key="ak", secret_key=SECRET) as server,
+        make_client(server, api_key=None, credentials=credentials) as client,
+    ):
+        server.inject("error", route="create", code=1003, times=1)
+        await client.images.generate(prompt="p")
+    first, second = server.requests_for("create")
+    assert (first.code, second.code) == (1003, 0)
+    assert first.authorization != second.authorization
+
+
+async def test_a_static_token_is_not_resent_on_expiry(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    server.inject("error", route="create", code=1004, times=None)
+    with pytest.raises(AuthenticationError):
+        await client.images.generate(prompt="p")
+    assert len(server.requests_for("create")) == 1

@@ -12,6 +12,7 @@ import pytest
 
 import kling_async
 from kling_async import (
+    BatchResult,
     ConcurrencyLimiter,
     ContentPolicyError,
     ImageGenerationRequest,
@@ -21,7 +22,13 @@ from kling_async import (
     TaskStatus,
 )
 from kling_async.testing import FakeKlingServer, FakeTask
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, as_generator, eventually, make_client
+
+
+def prompt_of(result: BatchResult) -> str:
+    """The prompt of a result's request (every request here is an image generation)."""
+    assert isinstance(result.request, ImageGenerationRequest)
+    return result.request.prompt
 
 
 def requests(count: int, *, n: int = 1, prefix: str = "p") -> list[ImageGenerationRequest]:
@@ -55,7 +62,7 @@ async def test_results_come_in_completion_order_with_their_inputs() -> None:
         assert result.task is not None
         assert result.handle is not None
         assert result.task.task_id == result.handle.task_id
-        assert result.request.prompt == ("slow", "medium", "quick")[result.index]
+        assert prompt_of(result) == ("slow", "medium", "quick")[result.index]
         assert result.request.external_task_id == result.handle.external_task_id
 
 
@@ -113,7 +120,7 @@ async def test_a_large_task_is_not_starved_in_a_batch() -> None:
         batch_requests.append(ImageGenerationRequest(prompt="large", n=9))
         batch_requests += requests(60, prefix="b")
         async with make_client(server, max_concurrency=fast_limiter(10)) as client:
-            order = [r.request.prompt async for r in client.batch(batch_requests)]
+            order = [prompt_of(r) async for r in client.batch(batch_requests)]
     assert server.peak_units <= 10
     # It waits at most the fairness window for room, not for the 60 behind it.
     assert order.index("large") < 30
@@ -206,7 +213,7 @@ async def test_breaking_out_stops_submitting_and_leaves_tasks_attached(
         limiter = fast_limiter(5)
         async with make_client(server, max_concurrency=limiter) as client:
             batch = client.batch(requests(40))
-            async with contextlib.aclosing(batch.__aiter__()) as results:
+            async with contextlib.aclosing(as_generator(batch.__aiter__())) as results:
                 async for _ in results:
                     break
             creates = len(server.requests_for("create"))
@@ -222,11 +229,7 @@ async def test_breaking_out_stops_submitting_and_leaves_tasks_attached(
             assert len(server.requests_for("create")) == creates
             # The running tasks are still polled, so their units come back.
             await asyncio.gather(*(handle.wait() for handle in pending))
-            for _ in range(50):
-                if limiter.in_use == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert limiter.in_use == 0
+            await eventually(lambda: limiter.in_use == 0)
     assert any("still running on Kling" in record.getMessage() for record in caplog.records)
 
 
@@ -234,10 +237,12 @@ async def test_breaking_out_while_creates_are_on_the_wire_loses_no_task() -> Non
     async with FakeKlingServer(api_key=API_KEY, task_duration=0.2) as server:
         async with make_client(server, max_concurrency=fast_limiter(5)) as client:
             batch = client.batch(requests(20))
-            async with contextlib.aclosing(batch.__aiter__()) as results:
+            async with contextlib.aclosing(as_generator(batch.__aiter__())) as results:
                 async for _ in results:
                     server.inject("delay", route="create", delay=0.3, times=None)
-                    await asyncio.sleep(0.1)  # the next creates are on the wire now
+                    sent = len(server.requests_for("create"))
+                    # The next creates are on the wire now, their answers slow.
+                    await eventually(lambda: len(server.requests_for("create")) > sent)  # noqa: B023
                     break
             await asyncio.sleep(0.4)  # any create cut short would have landed by now
             on_kling = {task.external_task_id for task in server.tasks.values()}

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from kling_async import CallbackReceiver, Endpoint, PollPolicy, Task, TaskHandle, TaskStatus
 from kling_async.testing import CallbackFaults, FakeKlingServer, FakeTask
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 # The safety-net poll is 30 s away: whatever resolves a task within a test's time
@@ -138,14 +138,6 @@ async def mounted(receiver: CallbackReceiver) -> tuple[web.AppRunner, str]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     receiver.public_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks/kling"
     return runner, receiver.public_url
-
-
-async def eventually(condition: Callable[[], object]) -> None:
-    for _ in range(500):  # 5 s at most
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("the condition never held")
 
 
 async def first_get_after(server: FakeKlingServer, task_id: str, since: float) -> float:
@@ -297,13 +289,12 @@ async def test_a_poll_answer_older_than_a_callback_does_not_undo_it(
                     statuses.append(task.status)
 
             watcher = asyncio.create_task(watch())
-            await asyncio.sleep(0.01)
+            await eventually(lambda: statuses == [TaskStatus.SUBMITTED])
             processing = task_payload(handle.task, task_status="processing", updated_at=now_ms())
             assert (await post(receiver.url_for(str(handle.external_task_id)), processing))[
                 0
             ] == 200
-            await asyncio.sleep(0.3)  # several of those polls
-            assert len(server.requests_for("get")) >= 2
+            await eventually(lambda: len(server.requests_for("get")) >= 2)  # several polls
             assert handle.status is TaskStatus.PROCESSING
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -451,11 +442,14 @@ async def test_a_failing_hook_is_logged_and_the_callback_still_acknowledged(
     seen = recording_hook(receiver)
     with caplog.at_level(logging.ERROR, logger="kling_async"):
         status, _ = await receiver.handle(path_of(receiver, "x"), callback_body("x"))
-        await asyncio.sleep(0.05)
+
+        def failures() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "on_update hook failed" in r.getMessage()]
+
+        await eventually(lambda: len(failures()) == 2)
     assert status == 200
     assert seen == [("t-1", "processing")]  # the hooks after a broken one still run
-    failures = [r for r in caplog.records if "on_update hook failed" in r.getMessage()]
-    assert [str(r.exc_info[1]) for r in failures if r.exc_info] == [
+    assert [str(r.exc_info[1]) for r in failures() if r.exc_info] == [
         "sync hook broke",
         "async hook broke",
     ]
@@ -729,9 +723,13 @@ async def test_aiohttp_sub_app_honours_a_max_body_size_above_aiohttps_default() 
 
 async def test_serve_forgets_the_address_it_filled_in() -> None:
     receiver = CallbackReceiver(secret=SECRET)
+
+    def public_url() -> str | None:
+        return receiver.public_url  # read afresh: serving sets and clears it
+
     async with receiver.serve() as first:
-        assert receiver.public_url == first
-    assert receiver.public_url is None  # that port is gone: no URLs pointing at it
+        assert public_url() == first
+    assert public_url() is None  # that port is gone: no URLs pointing at it
     async with receiver.serve() as second:
         assert receiver.url_for("x").startswith(second)
 

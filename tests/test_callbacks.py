@@ -211,6 +211,7 @@ async def test_callback_tokens_stay_out_of_reprs_and_errors(
     async with make_client(server, callbacks=receiver, polling=CALLBACK_POLLING) as client:
         handle = await client.images.generate(prompt="p", external_task_id="ext-r")
         token = receiver.token_for("ext-r")
+        assert handle.request is not None
         assert handle.request.callback_url == receiver.url_for("ext-r")  # sent in full
         assert token not in repr(handle.request)
         assert token not in repr(handle)

@@ -47,7 +47,7 @@ from kling_async import (
     TaskHandle,
 )
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, as_generator
 
 pytestmark = pytest.mark.chaos
 
@@ -128,7 +128,7 @@ async def run_batch(
 ) -> kling_async.Batch:
     batch = client.batch(batch_requests)
     with contextlib.suppress(KlingError):  # the client closing under it ends it early
-        async with contextlib.aclosing(batch.__aiter__()) as results:
+        async with contextlib.aclosing(as_generator(batch.__aiter__())) as results:
             async for result in results:
                 caller.results.append(result)
                 if len(caller.results) and stop_after and batch.finished >= stop_after:
@@ -217,7 +217,7 @@ async def test_chaos(seed: int, caplog: pytest.LogCaptureFixture) -> None:
         for batch in batches:
             known |= {h.external_task_id for h in batch.handles if h.external_task_id}
             known |= set(batch.uncertain)
-        on_server = {task.external_task_id for task in server.tasks.values()}
+        on_server = {str(task.external_task_id) for task in server.tasks.values()}
         lost = on_server - known
         assert not lost, [
             (
@@ -260,7 +260,7 @@ async def test_chaos(seed: int, caplog: pytest.LogCaptureFixture) -> None:
     await asyncio.sleep(0)
     assert not unretrieved, unretrieved[:3]
 
-    faults = Counter()
+    faults: Counter[str] = Counter()
     for fault in server.faults:
         faults[f"{fault.kind} {fault.code if fault.kind.startswith('error') else ''}".strip()] += (
             fault.hits

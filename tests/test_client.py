@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
+import json
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,17 +23,22 @@ from kling_async import (
     ImageGenerationRequest,
     MultiImageRequest,
     NotFoundError,
+    PollPolicy,
+    Task,
     TaskFailedError,
     TaskStatus,
     TaskTimeoutError,
     ValidationError,
 )
+from kling_async._tracking import TaskState
 from kling_async.testing import FakeKlingServer
 from tests.helpers import (
     API_KEY,
     FAST_POLL,
     FAST_RETRY,
+    as_generator,
     assert_valid_png,
+    eventually,
     fake_server_process,
     make_client,
 )
@@ -151,9 +161,8 @@ async def test_cancelling_the_waiter_stops_polling() -> None:
         async with make_client(server) as client:
             handle = await client.images.generate(prompt="slow")
             waiter = asyncio.create_task(handle.wait())
-            await asyncio.sleep(0.3)
+            await eventually(lambda: len(server.requests_for("get")) >= 2)
             polls_before = len(server.requests_for("get"))
-            assert polls_before >= 2
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -203,7 +212,7 @@ async def test_refresh_is_one_get_and_feeds_waiters(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     handle = await client.images.generate(prompt="p")
-    await asyncio.sleep(0.2)
+    await eventually(lambda: server.tasks[handle.task_id].status == "succeed")
     task = await handle.refresh()
     assert task.status is TaskStatus.SUCCEED
     assert len(server.requests_for("get")) == 1
@@ -272,8 +281,8 @@ async def test_close_ends_pending_waits_and_is_idempotent() -> None:
         client = make_client(server)
         handle = await client.images.generate(prompt="slow")
         waiter = asyncio.create_task(handle.wait())
-        iterator = asyncio.create_task(anext(handle.updates().__aiter__()))
-        await asyncio.sleep(0.05)
+        iterator = asyncio.ensure_future(anext(handle.updates().__aiter__()))
+        await eventually(iterator.done)  # both are waiting on the handle by now
         await client.close()
         with pytest.raises(ClientClosedError, match="attach"):
             await waiter
@@ -307,7 +316,7 @@ async def test_updates_can_be_closed_early(
     client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     handle = await client.images.generate(prompt="p")
-    async with contextlib.aclosing(handle.updates()) as updates:
+    async with contextlib.aclosing(as_generator(handle.updates())) as updates:
         async for _ in updates:
             break
     state = client._tracker.find(Endpoint.GENERATIONS, handle.task_id)
@@ -432,3 +441,110 @@ async def test_the_library_runs_offline_against_an_embedded_simulation(tmp_path:
         async with kling_async.Client(base_url=server.url) as keyless:
             with pytest.raises(kling_async.ConfigurationError, match=r"Client\.offline\(\)"):
                 await keyless.images.generate(prompt="p")
+
+
+# --- what counts as news, and handles that end (mutation tests trk01-04, hdl10, pol03-05) ---------
+
+
+def envelope_body(data: Any) -> bytes:
+    return json.dumps({"code": 0, "message": "SUCCEED", "request_id": "r", "data": data}).encode()
+
+
+def at(millis: int) -> datetime:
+    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+
+
+def task(status: str, updated: int) -> Task:
+    return Task(task_id="t", status=TaskStatus(status), updated_at=at(updated), raw={"u": updated})
+
+
+def test_is_news_rules() -> None:
+    state = TaskState(Endpoint.GENERATIONS, "t", latest=task("processing", 1000))
+    assert state.is_news(task("processing", 1001))  # newer
+    assert not state.is_news(task("processing", 1000))  # duplicate
+    assert not state.is_news(task("submitted", 999))  # stale
+    assert not state.is_news(task("submitted", 1000))  # earlier stage, same millisecond
+    assert state.is_news(task("succeed", 1000))  # later stage, same millisecond
+    state.latest = task("succeed", 1000)
+    assert not state.is_news(task("processing", 5000))  # nothing after a terminal state
+    assert not state.is_news(task("failed", 6000))
+
+
+async def test_a_terminal_task_stays_terminal(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    handle = await client.images.generate(prompt="p")
+    done = await handle
+    later = dict(done.raw, task_status="processing", updated_at=int(time.time() * 1000) + 60_000)
+    server.inject("garbage", route="get", http_status=200, body=envelope_body(later))
+    await handle.refresh()
+    assert handle.status is TaskStatus.SUCCEED
+
+
+async def test_stale_and_same_time_earlier_updates_do_not_roll_back() -> None:
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None, processing_delay=0.01) as server,
+        make_client(server) as client,
+    ):
+        handle = await client.images.generate(prompt="p")
+        await eventually(lambda: server.tasks[handle.task_id].status == "processing")
+        current = await handle.refresh()
+        assert current.status is TaskStatus.PROCESSING
+        stamp = int(current.raw["updated_at"])
+        for updated in (stamp - 1000, stamp):
+            older = dict(current.raw, task_status="submitted", updated_at=updated)
+            server.inject("garbage", route="get", http_status=200, body=envelope_body(older))
+            await handle.refresh()
+            assert handle.status is TaskStatus.PROCESSING
+
+
+async def test_updates_raise_errors_that_end_polling(client: kling_async.Client) -> None:
+    with pytest.raises(NotFoundError):
+        [task async for task in client.images.attach("nope").updates()]
+
+
+async def test_updates_raise_when_the_client_closes() -> None:
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None) as server:
+        client = make_client(server)
+        handle = await client.images.generate(prompt="p")
+
+        async def drain() -> list[Task]:
+            return [task async for task in handle.updates()]
+
+        draining = asyncio.create_task(drain())
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(ClientClosedError):
+            await draining
+
+
+async def test_an_unexpected_bug_while_polling_ends_the_wait(
+    client: kling_async.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = await client.images.generate(prompt="p")
+
+    def broken(_: object) -> Task:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("kling_async._polling.parse_task", broken)
+    with pytest.raises(kling_async.KlingError, match="bug"):
+        await handle.wait(timeout=5)
+
+
+async def test_no_poll_before_the_first_delay_and_gaps_grow_with_age() -> None:
+    policy = PollPolicy(initial_delay=0.05, multiplier=3.0, max_delay=0.4, jitter=0.0, timeout=10)
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None) as server,
+        make_client(server, polling=policy) as client,
+    ):
+        handle = await client.images.generate(prompt="p")
+        with pytest.raises(kling_async.TaskTimeoutError):
+            await handle.wait(timeout=0.03)
+        assert server.requests_for("get") == []
+        with pytest.raises(kling_async.TaskTimeoutError):
+            await handle.wait(timeout=1.2)
+        times = [r.arrived_at for r in server.requests_for("get")]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert len(gaps) >= 3
+    assert gaps[-1] > gaps[0] * 1.5  # older task, longer gap
+    assert max(gaps) <= 0.4 + 0.1  # never beyond max_delay

@@ -28,7 +28,7 @@ from kling_async import (
 )
 from kling_async._ledger import EntryState, LedgerEntry, MemoryLedger
 from kling_async.testing import FakeKlingServer, WireShapes
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 
 def requests(count: int, prefix: str = "p") -> list[ImageGenerationRequest]:
@@ -54,7 +54,9 @@ async def test_break_inside_async_with_client_loses_no_created_task() -> None:
             batch = client.batch(requests(40))
             async for _result in batch:
                 server.inject("delay", route="create", delay=0.3, times=None)
-                await asyncio.sleep(0.1)  # more creates are on the wire now
+                sent = len(server.requests_for("create"))
+                # More creates are on the wire now, their answers slow.
+                await eventually(lambda: len(server.requests_for("create")) > sent)  # noqa: B023
                 break
         # the client is closed here, by `async with`
         assert len(on_kling(server)) > 5
@@ -70,7 +72,7 @@ async def test_close_during_a_create_lets_it_settle() -> None:
         server.inject("delay", route="create", delay=0.3)
         client = make_client(server)
         create = asyncio.ensure_future(client.images.generate(prompt="a fox"))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: server.requests_for("create"))  # on the wire, answer slow
         await client.close()
         handle = await create
         assert handle.task_id in server.tasks
@@ -90,7 +92,7 @@ async def test_close_during_a_batch_attaches_every_created_task() -> None:
 
         server.inject("delay", route="create", delay=0.3, times=None)
         run = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.1)
+        await eventually(lambda: server.requests_for("create"))  # on the wire, answers slow
         await client.close()
         with pytest.raises(ClientClosedError):
             await run
@@ -100,10 +102,11 @@ async def test_close_during_a_batch_attaches_every_created_task() -> None:
 
 async def test_close_drops_creates_still_waiting_for_units() -> None:
     async with FakeKlingServer(api_key=API_KEY, task_duration=5.0) as server:
-        client = make_client(server, max_concurrency=fast_limiter(1))
+        limiter = fast_limiter(1)
+        client = make_client(server, max_concurrency=limiter)
         first = await client.images.generate(prompt="holds the only unit")
         waiting = asyncio.ensure_future(client.images.generate(prompt="waits"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: limiter.waiting == 1)
         await client.close()
         with pytest.raises(ClientClosedError) as caught:
             await waiting
@@ -213,9 +216,17 @@ async def test_cancelling_generate_on_the_wire_keeps_the_task_attached(
         async with make_client(server, max_concurrency=2) as client:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.images.generate(prompt="a fox", n=2), 0.1)
-            await asyncio.sleep(0.25)  # the create settles in the background
+            # The create settles in the background, and says so.
+            await eventually(
+                lambda: any(
+                    task_id in r.getMessage()
+                    for r in caplog.records
+                    if r.levelno == logging.WARNING
+                    for task_id in server.tasks
+                )
+            )
             (task,) = server.tasks.values()
-            assert client.limiter is not None
+            assert isinstance(client.limiter, ConcurrencyLimiter)
             assert client.limiter.in_use == 2  # held until the task ends
             warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
             assert any(task.task_id in w and str(task.external_task_id) in w for w in warnings)
@@ -234,7 +245,7 @@ async def test_cancelling_generate_while_it_waits_for_units_sends_nothing() -> N
             await first
             await asyncio.sleep(0.1)
             assert len(server.requests_for("create")) == 1
-            assert client.limiter is not None
+            assert isinstance(client.limiter, ConcurrencyLimiter)
             assert client.limiter.in_use == 0
 
 

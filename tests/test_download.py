@@ -11,9 +11,13 @@ import attrs
 import pytest
 
 import kling_async
-from kling_async import ImageResult, NotFoundError, TaskStatus
+from kling_async import (
+    ImageResult,
+    NotFoundError,
+    TaskStatus,
+)
 from kling_async.testing import FakeKlingServer
-from tests.helpers import assert_valid_png
+from tests.helpers import assert_valid_png, eventually
 
 
 async def test_downloads_every_image_as_real_png_named_by_task_and_index(
@@ -103,11 +107,11 @@ async def test_watermarked_copies_and_bare_image_lists(
     bare = await client.download(task.images, tmp_path / "bare", concurrency=1)
     assert [p.name for p in bare] == ["0.png", "1.png"]
     assert marked[0].read_bytes() != bare[0].read_bytes()
-    plain = await (await client.images.generate(prompt="p"))
+    unmarked = await (await client.images.generate(prompt="p"))
     with pytest.raises(ValueError, match="watermarked"):
-        await client.download(plain, tmp_path, watermarked=True)
+        await client.download(unmarked, tmp_path, watermarked=True)
     with pytest.raises(ValueError, match="concurrency"):
-        await client.download(plain, tmp_path, concurrency=0)
+        await client.download(unmarked, tmp_path, concurrency=0)
 
 
 async def test_a_handle_without_a_result_cannot_be_downloaded(
@@ -157,11 +161,8 @@ async def test_a_cancelled_download_leaves_nothing_running_or_half_written(
     task = await (await client.images.generate(prompt="p", n=2))
     server.inject("delay", route="download", delay=0.5, times=2)
     job = asyncio.ensure_future(client.download(task, tmp_path))
-    for _ in range(200):  # until both requests are in; their answers are slow
-        if len(server.requests_for("download")) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert len(server.requests_for("download")) == 2
+    # Until both requests are in; their answers are slow.
+    await eventually(lambda: len(server.requests_for("download")) == 2)
     assert list(tmp_path.iterdir())  # the partial files being written
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -227,3 +228,32 @@ async def test_read_gives_an_image_s_bytes_without_touching_the_disk(
         await client.read(f"{server.origin}/results/gone/0.png")
     with pytest.raises(ValueError, match="ImageResult"):
         await client.read(image.url, watermarked=True)
+
+
+# --- overwrites and extensions (mutation tests dl02, dl07) ----------------------------------------
+
+
+async def test_a_failed_overwrite_keeps_the_old_file(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task_done = await (await client.images.generate(prompt="p"))
+    [path] = await client.download(task_done, tmp_path)
+    before = path.read_bytes()
+    server.inject("garbage", route="download", http_status=404, times=None)
+    with pytest.raises(NotFoundError):
+        await client.download(task_done, tmp_path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+async def test_file_extension_follows_the_url(
+    client: kling_async.Client, server: FakeKlingServer, tmp_path: Path
+) -> None:
+    task_done = await (await client.images.generate(prompt="p"))
+    url = task_done.images[0].url
+    renamed = [kling_async.ImageResult(index=0, url=url + "?as=photo.jpg")]
+    assert (await client.download(renamed, tmp_path))[0].suffix == ".png"  # path, not query
+    cdn = [kling_async.ImageResult(index=3, url=f"{server.origin}/results/x/3.jpeg")]
+    with pytest.raises(NotFoundError):
+        await client.download(cdn, tmp_path)
+    assert not (tmp_path / "3.jpg").exists()

@@ -41,8 +41,9 @@ from tests.imagedata import png
 
 URL = "https://example.com/a.png"
 URL2 = "https://example.com/b.png"
-# Kling's own example ratios: 100x100 at 3x the area, 16:9.
-RATIOS = {
+# Kling's own example ratios: 100x100 at 3x the area, 16:9. (Any: they are spread as keyword
+# arguments beside fields of other types.)
+RATIOS: dict[str, Any] = {
     "up_expansion_ratio": 0.1495,
     "down_expansion_ratio": 0.1495,
     "left_expansion_ratio": 0.6547,
@@ -148,7 +149,11 @@ INVALID: list[tuple[Callable[[], object], str, str]] = [
     (lambda: OmniImageRequest(prompt="<<<image_1>>>"), "prompt", "no images"),
     (lambda: OmniImageRequest(prompt="<<<element_1>>>", images=[URL]), "prompt", "element_ids"),
     (lambda: OmniImageRequest(prompt="p", resolution="4k"), "resolution", "1k, 2k"),
-    (lambda: OmniImageRequest(prompt="p", resolution="8k"), "resolution", "1k, 2k, 4k"),
+    (
+        lambda: OmniImageRequest(prompt="p", resolution="8k"),  # type: ignore[arg-type]  # invalid on purpose
+        "resolution",
+        "1k, 2k, 4k",
+    ),
     (lambda: OmniImageRequest(prompt="p", result_type="series"), "result_type", "kling-v3-omni"),
     (lambda: OmniImageRequest(prompt="p", series_amount=3), "series_amount", "series"),
     (
@@ -170,7 +175,11 @@ INVALID: list[tuple[Callable[[], object], str, str]] = [
         "2 and 9",
     ),
     (lambda: OmniImageRequest(prompt="p", model_name="kling-v3-omni"), "aspect_ratio", "auto"),
-    (lambda: OmniImageRequest(prompt="p", aspect_ratio="5:4"), "aspect_ratio", "auto"),
+    (
+        lambda: OmniImageRequest(prompt="p", aspect_ratio="5:4"),  # type: ignore[arg-type]  # invalid on purpose
+        "aspect_ratio",
+        "auto",
+    ),
     (lambda: OmniImageRequest(prompt="p", images=[URL] * 6, element_ids=[1] * 5), "images", "10"),
     (lambda: OmniImageRequest(prompt=""), "prompt", "empty"),
     (
@@ -240,7 +249,7 @@ async def test_an_invalid_request_sends_nothing(server: FakeKlingServer, client:
     with pytest.raises(ValidationError):
         await client.images.expand(image=URL, **{**RATIOS, "down_expansion_ratio": 1.0})
     with pytest.raises(TypeError):
-        await client.images.expand(ExpandRequest(image=URL, **RATIOS), n=2)  # type: ignore[call-overload]
+        await client.images.expand(ExpandRequest(image=URL, **RATIOS), n=2)
     assert server.requests_for("create") == []
 
 

@@ -7,7 +7,6 @@ secret. Each test runs the SDK against them over loopback.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -26,7 +25,7 @@ from kling_async import (
 )
 from kling_async._wire import Envelope, parse_created
 from kling_async.testing import CallbackFaults, FakeKlingServer, WireShapes
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 SECRET = "callback-secret-0123456789abcdef"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"webhook-key-0123456789abcdefghij").decode()
@@ -153,7 +152,7 @@ async def test_duplicated_signed_deliveries_are_acknowledged_and_heard_once() ->
             )
             await handle
             await server.flush_callbacks()
-            await asyncio.sleep(0.1)
+            await eventually(lambda: len(seen) >= 2)
         await receiver.close()
         assert len(server.callbacks) == 4
         assert all(r.http_status == 200 for r in server.callbacks)

@@ -23,7 +23,7 @@ from kling_async import (
 )
 from kling_async._models import Endpoint
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, as_generator, eventually, make_client
 
 
 def entry(
@@ -249,11 +249,7 @@ async def test_resumed_running_tasks_hold_their_units(tmp_path: Path) -> None:
             (handle,) = await client.resume()
             assert limiter.in_use == 4
             await handle
-            for _ in range(50):
-                if limiter.in_use == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert limiter.in_use == 0
+            await eventually(lambda: limiter.in_use == 0)
 
 
 # --- batches that resume ----------------------------------------------------------------
@@ -270,7 +266,7 @@ async def test_a_batch_run_again_skips_what_is_done_and_creates_nothing_twice(
     async with FakeKlingServer(api_key=API_KEY, task_duration=0.2) as server:
         async with make_client(server, max_concurrency=ConcurrencyLimiter(4)) as client:
             first = client.batch(prompts(12), journal=path, name="prompts.jsonl")
-            async with contextlib.aclosing(first.__aiter__()) as results:
+            async with contextlib.aclosing(as_generator(first.__aiter__())) as results:
                 async for _ in results:
                     if first.finished == 3:
                         break  # like Ctrl-C: some done, some running, some never sent
@@ -278,12 +274,12 @@ async def test_a_batch_run_again_skips_what_is_done_and_creates_nothing_twice(
         assert 3 <= created_first < 12
 
         async with make_client(server, max_concurrency=ConcurrencyLimiter(4)) as client:
-            results = await client.batch(prompts(12), journal=path, name="prompts.jsonl").collect()
-        assert [r.index for r in results] == list(range(12))
-        assert all(r.ok for r in results)
-        assert sum(r.resumed for r in results) >= 3
+            resumed = await client.batch(prompts(12), journal=path, name="prompts.jsonl").collect()
+        assert [r.index for r in resumed] == list(range(12))
+        assert all(r.ok for r in resumed)
+        assert sum(r.resumed for r in resumed) >= 3
         assert len(server.tasks) == 12  # one task per line
-        assert sorted(t.prompt for t in server.tasks.values()) == sorted(
+        assert sorted(str(t.prompt) for t in server.tasks.values()) == sorted(
             f"line {i}" for i in range(12)
         )
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kling_async import ConcurrencyLimiter, ConcurrencyLimitError, RateLimitError, ServerError
-from tests.helpers import Clock
+from tests.helpers import Clock, eventually
 
 QUOTA_FULL = ConcurrencyLimitError("full", code=1303, http_status=429)
 TOO_FAST = RateLimitError("slow down", code=1302, http_status=429)
@@ -43,7 +43,7 @@ async def test_a_waiter_is_admitted_when_units_come_back() -> None:
     limiter = ConcurrencyLimiter(3)
     await limiter.acquire(3)
     waiter = asyncio.create_task(limiter.acquire(2))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: limiter.waiting == 1)  # queued
     assert not waiter.done()
     limiter.release(3)
     await asyncio.wait_for(waiter, 1)
@@ -55,7 +55,7 @@ async def test_small_tasks_may_pass_a_large_one_only_within_the_fairness_window(
     limiter = ConcurrencyLimiter(10, fairness_window=0.2, clock=clock)
     await limiter.acquire(5)
     large = asyncio.create_task(limiter.acquire(9))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: limiter.waiting == 1)  # queued
     assert await admitted(limiter, 2)  # fits beside the waiting 9: may pass it for now
     clock.now += 0.25
     assert not await admitted(limiter, 1)  # the 9 has waited long enough: nobody passes
@@ -97,7 +97,7 @@ async def test_a_task_larger_than_the_limit_runs_alone() -> None:
     assert limiter.limit < 9
     await limiter.acquire(2)
     big = asyncio.create_task(limiter.acquire(9))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: limiter.waiting == 1)  # queued
     assert not big.done()
     limiter.release(2)
     await asyncio.wait_for(big, 1)
@@ -117,7 +117,7 @@ async def test_cancelled_waiters_leave_the_queue_and_keep_nothing() -> None:
     limiter = ConcurrencyLimiter(2)
     await limiter.acquire(2)
     waiter = asyncio.create_task(limiter.acquire(1))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: limiter.waiting == 1)  # queued
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter

@@ -122,8 +122,9 @@ async def test_tools_are_listed_with_schemas_generated_from_the_request_models()
         assert properties["model_name"]["default"] == attrs.fields_dict(cls)["model_name"].default
         assert properties["timeout"]["default"] == 50
         assert all(prop.get("description") for prop in properties.values())
-        assert listed[name].annotations is not None
-        assert listed[name].annotations.read_only_hint is False
+        annotations = listed[name].annotations
+        assert annotations is not None
+        assert annotations.read_only_hint is False
     generate = listed["generate_image"].input_schema["properties"]
     assert generate["prompt"]["maxLength"] == MAX_PROMPT_LENGTH
     assert generate["prompt"]["minLength"] == 1
@@ -238,10 +239,10 @@ async def test_a_create_that_outlasts_its_timeout_returns_the_task_id_and_get_ta
             assert running["task_id"] in running["next_step"]
             assert "get_task" in running["next_step"]
 
-            progress: list[tuple[float, float | None, str | None]] = []
+            notes: list[tuple[float, float | None, str | None]] = []
 
-            async def note(value: float, total: float | None, message: str | None) -> None:
-                progress.append((value, total, message))
+            async def note(progress: float, total: float | None, message: str | None) -> None:
+                notes.append((progress, total, message))
 
             # No kind given: the server remembers the task is a generate_image one.
             picked_up = await session.call_tool(
@@ -256,8 +257,8 @@ async def test_a_create_that_outlasts_its_timeout_returns_the_task_id_and_get_ta
     assert done["status"] == "succeed"
     assert len(done["images"]) == 1
     assert_valid_png(Path(done["paths"][0]))
-    assert progress, "get_task waited without a progress notification"
-    assert all(running["task_id"] in (message or "") for _, _, message in progress)
+    assert notes, "get_task waited without a progress notification"
+    assert all(running["task_id"] in (message or "") for _, _, message in notes)
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
@@ -265,10 +266,10 @@ async def test_a_waiting_create_sends_progress_notifications(mode: str) -> None:
     async with fake_kling() as kling:
         args, env = online(kling)
         async with mcp_server(*args, env=env, mode=mode) as session:
-            progress: list[tuple[float, float | None, str | None]] = []
+            notes: list[tuple[float, float | None, str | None]] = []
 
-            async def note(value: float, total: float | None, message: str | None) -> None:
-                progress.append((value, total, message))
+            async def note(progress: float, total: float | None, message: str | None) -> None:
+                notes.append((progress, total, message))
 
             result = await session.call_tool(
                 "generate_image",
@@ -277,11 +278,11 @@ async def test_a_waiting_create_sends_progress_notifications(mode: str) -> None:
             )
     assert result.is_error is False, text_of(result)
     task_id = data_of(result)["task_id"]
-    assert len(progress) >= 2, progress
-    assert progress[0] == (0.0, 20.0, f"task {task_id} created on Kling")
-    values = [value for value, _, _ in progress]
+    assert len(notes) >= 2, notes
+    assert notes[0] == (0.0, 20.0, f"task {task_id} created on Kling")
+    values = [value for value, _, _ in notes]
     assert values == sorted(set(values)), "progress must increase with every notification"
-    for value, total, message in progress[1:]:
+    for value, total, message in notes[1:]:
         assert total == 20.0
         assert 0 < value <= 20
         assert re.fullmatch(rf"task {task_id}: (submitted|processing) \(\d+s\)", message or "")
@@ -517,10 +518,10 @@ async def test_streamable_http_on_loopback() -> None:
             assert line, "the server exited before serving"
             found = re.search(r"http://127\.0\.0\.1:\d+/mcp", line)
             url = found.group(0) if found else None
-        progress: list[float] = []
+        notes: list[float] = []
 
-        async def note(value: float, _total: float | None, _message: str | None) -> None:
-            progress.append(value)
+        async def note(progress: float, total: float | None, message: str | None) -> None:
+            notes.append(progress)
 
         async with Client(url, read_timeout_seconds=60) as session:
             assert {tool.name for tool in (await session.list_tools()).tools} == TOOLS
@@ -530,7 +531,7 @@ async def test_streamable_http_on_loopback() -> None:
         assert result.is_error is False, text_of(result)
         assert data_of(result)["status"] == "succeed"
         assert data_of(result)["offline_simulation"] is True
-        assert progress[0] == 0.0
+        assert notes[0] == 0.0
     finally:
         process.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(process.wait(), 30)
@@ -603,13 +604,13 @@ async def test_progress_never_reports_an_end_that_the_result_reports(
     monkeypatch: pytest.MonkeyPatch, status: TaskStatus, notified: bool
 ) -> None:
     monkeypatch.setattr(_mcp, "PROGRESS_INTERVAL", 0.02)
-    progress: list[str | None] = []
+    notes: list[str | None] = []
 
-    async def note(_value: float, _total: float | None, message: str | None = None) -> None:
-        progress.append(message)
+    async def note(progress: float, total: float | None = None, message: str | None = None) -> None:
+        notes.append(message)
 
     task = await _mcp._follow(cast(TaskHandle, _HandleSeen(status, delay=0.15)), 5, note)
     assert task is not None
     assert task.status is TaskStatus.SUCCEED
-    assert bool(progress) is notified, progress
-    assert all(f": {status} (" in (message or "") for message in progress)
+    assert bool(notes) is notified, notes
+    assert all(f": {status} (" in (message or "") for message in notes)

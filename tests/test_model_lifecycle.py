@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import sqlite3
 import sys
@@ -74,7 +75,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY
+from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, as_generator, eventually
 
 T = TypeVar("T")
 
@@ -138,12 +139,6 @@ def describe(outcome: object) -> str:
     if isinstance(outcome, KlingError):
         return f"{type(outcome).__name__} ({outcome.external_task_id}: {outcome.create_outcome})"
     return f"{type(outcome).__name__}"
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition()`` holds (the caller bounds the wait)."""
-    while not condition():  # noqa: ASYNC110 - state of other objects, no event to wait on
-        await asyncio.sleep(0.01)
 
 
 def enabled(name: str) -> Callable[[Any], bool]:
@@ -324,7 +319,10 @@ class Process:
     def quiesce(self) -> None:
         """Let every create in flight settle (a cancelled caller's too)."""
 
-        self.run(until(lambda: not self.live_creates()), "a create in flight (never settled)")
+        self.run(
+            eventually(lambda: not self.live_creates(), timeout=math.inf),
+            "a create in flight (never settled)",
+        )
 
     def crash(self) -> None:
         """Stop as SIGKILL stops a process: its loop is never run again (every await
@@ -546,7 +544,7 @@ class CreateLifecycle(RuleBasedStateMachine):
         batch = self.proc.client.batch(requests, journal=self.proc.journal, name=BATCH_NAME)
         seen = 0
         try:
-            async with contextlib.aclosing(aiter(batch)) as results:
+            async with contextlib.aclosing(as_generator(aiter(batch))) as results:
                 async for result in results:
                     if result.handle is not None:
                         self.took(result.handle, "batch")
@@ -722,7 +720,9 @@ class CreateLifecycle(RuleBasedStateMachine):
         self.server.inject("error", "any", code=1203, times=None)
         try:
             self.proc.run(
-                until(lambda: not self.proc.limiter.in_use), "units of forgotten tasks", limit=3.0
+                eventually(lambda: not self.proc.limiter.in_use, timeout=math.inf),
+                "units of forgotten tasks",
+                limit=3.0,
             )
         except Violation:
             raise self.violation(
@@ -863,7 +863,11 @@ class CreateLifecycle(RuleBasedStateMachine):
             time.sleep(0.02)
 
         try:
-            self.proc.run(until(lambda: not self.proc.limiter.in_use), "units back", limit=3.0)
+            self.proc.run(
+                eventually(lambda: not self.proc.limiter.in_use, timeout=math.inf),
+                "units back",
+                limit=3.0,
+            )
         except Violation:
             raise self.violation(
                 f"every task ended, but the limiter still holds {self.proc.limiter.in_use} "

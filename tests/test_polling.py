@@ -16,8 +16,9 @@ from kling_async import CallbackReceiver, ImageGenerationRequest, PollPolicy, Ta
 from kling_async import _polling as polling
 from kling_async._durations import kind_of
 from kling_async._polling import Poller
+from kling_async._wire import parse_task
 from kling_async.testing import CallbackFaults, FakeKlingServer
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 #: Fast enough for tests, cold schedule included; learning on, as by default.
 POLICY = PollPolicy(initial_delay=0.05, max_delay=1.0, timeout=10.0)
@@ -44,13 +45,6 @@ class FlakyCredentials:
 def asked_one_by_one(server: FakeKlingServer) -> set[str]:
     """The task_ids the server was asked for with a single GET."""
     return {r.path.rsplit("/", 1)[-1] for r in server.requests_for("get")}
-
-
-async def eventually(condition: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not callable(condition) or not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
 
 
 # --- review defect r06: an unexpected error in a sweep strands no task --------------------
@@ -329,7 +323,7 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
     # Every sweep reads every task in flight; before issue 26 each one it saw was
     # planned again, changed or not, so a sweep cost work per task in flight.
     structured: list[str] = []
-    parse = polling.parse_task
+    parse = parse_task
 
     def counting_parse(envelope: Any) -> Any:
         structured.append(envelope.data["task_id"])

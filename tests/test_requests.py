@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from kling_async import ImageGenerationRequest, MultiImageRequest, ValidationError
+import kling_async
+from kling_async import (
+    ImageGenerationRequest,
+    MultiImageRequest,
+    ValidationError,
+)
+from kling_async._image_input import sniff_image
 from kling_async._resources import read_image_files
 from kling_async._wire import request_body
 from tests.imagedata import jpeg, png
@@ -338,3 +344,57 @@ def test_request_from_mapping_names_bad_fields(data: Any, field: str) -> None:
     with pytest.raises(ValidationError) as caught:
         request_from_mapping(data)
     assert caught.value.field == field
+
+
+# --- images given as paths, the JPEG parser, field rules (mutation test img24) --------------------
+
+
+def test_images_given_as_paths_are_checked(tmp_path: Path) -> None:
+    small = tmp_path / "small.png"
+    small.write_bytes(png(100, 100))
+    with pytest.raises(ValidationError) as caught:
+        read_image_files(ImageGenerationRequest(prompt="p", image=small))
+    assert caught.value.field == "image"
+    assert "300" in caught.value.rule
+
+
+def test_jpeg_parser_branches() -> None:
+    # A DHT table (FFC4) and fill bytes (FF FF) before the frame header.
+    dht = b"\xff\xc4" + (6).to_bytes(2, "big") + bytes(4)
+    frame = b"\xff\xc0" + (17).to_bytes(2, "big") + b"\x08" + (500).to_bytes(2, "big")
+    frame += (700).to_bytes(2, "big") + b"\x03" + bytes(9)
+    info = sniff_image(b"\xff\xd8" + dht + b"\xff" + frame)
+    assert info is not None
+    assert (info.format, info.width, info.height) == ("jpeg", 700, 500)
+    assert sniff_image(b"\xff\xd8\xff\xd0" + frame) is not None  # a marker without a length
+    assert sniff_image(b"\xff\xd8" + frame[:6]) is None  # cut off inside the frame header
+    assert sniff_image(b"\xff\xd8\x00\x00") is None  # not a marker
+    assert sniff_image(b"\x89PNG\r\n\x1a\n" + bytes(4) + b"IDAT" + bytes(8)) is None
+    assert sniff_image(jpeg(640, 480)) is not None
+
+
+def test_exactly_ten_megabytes_is_accepted() -> None:
+    data = png(400, 400)
+    data += bytes(10 * 1024 * 1024 - len(data))
+    ImageGenerationRequest(prompt="p", image=data)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"watermark": 1}, "watermark"),
+        ({"callback_url": "https:///x"}, "callback_url"),
+        ({"element_ids": [-1]}, "element_ids[0]"),
+        ({"element_ids": [True]}, "element_ids[0]"),
+        ({"image": "aGVsbG8!"}, "image"),
+    ],
+)
+def test_more_field_rules(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        read_image_files(ImageGenerationRequest(prompt="p", **fields))
+    assert caught.value.field == field
+
+
+def test_subject_images_must_be_a_list() -> None:
+    with pytest.raises(ValidationError, match="list"):
+        kling_async.MultiImageRequest(subject_images="a.png")

@@ -10,7 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kling_async import ImageGenerationRequest, MultiImageRequest, PollPolicy
+from kling_async import (
+    ImageGenerationRequest,
+    MultiImageRequest,
+    PollPolicy,
+)
 from kling_async._durations import HALF_LIFE, MIN_KIND_SAMPLES, WINDOW, DurationLearner, kind_of
 from kling_async._models import Endpoint
 from kling_async._schedule import Durations, next_delay, overdue_age, poll_delay
@@ -260,3 +264,17 @@ def test_old_evidence_decays() -> None:
     forgotten = learner.durations(GEN, None)
     assert forgotten is not None
     assert forgotten.end < 5.0  # the 10 s ones are gone
+
+
+# --- PollPolicy's delay (mutation test pol04) -----------------------------------------------------
+
+
+def test_poll_policy_delay_arithmetic() -> None:
+    policy = PollPolicy(
+        initial_delay=1.0, multiplier=1.5, max_delay=10.0, jitter=0.1, rng=random.Random(4)
+    )
+    for age, base in ((0, 1.0), (1, 1.0), (4, 2.0), (10, 5.0), (100, 10.0), (1e300, 10.0)):
+        for _ in range(20):
+            assert base * 0.9 <= policy.delay(age) <= base * 1.1
+    with pytest.raises(ValueError, match="positive"):
+        PollPolicy(initial_delay=0)

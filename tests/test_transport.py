@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 
@@ -22,7 +23,7 @@ from kling_async import (
     TaskStatus,
     TransportError,
 )
-from kling_async.testing import FakeKlingServer, RateLimit
+from kling_async.testing import FakeKlingServer, FaultKind, RateLimit
 from tests.helpers import API_KEY, make_client
 
 # --- retried ---------------------------------------------------------------------
@@ -160,7 +161,7 @@ async def test_a_duplicate_external_task_id_returns_the_task_it_names(
 
 @pytest.mark.parametrize("kind", ["drop_after", "error_after"])
 async def test_ambiguous_create_failure_finds_the_task_instead_of_recreating(
-    kind: str, client: kling_async.Client, server: FakeKlingServer
+    kind: FaultKind, client: kling_async.Client, server: FakeKlingServer
 ) -> None:
     server.inject(kind, route="create", code=5000, times=1)
     handle = await client.images.generate(prompt="p")
@@ -316,3 +317,59 @@ async def test_rate_limit_error_is_raised_when_retries_run_out(server: FakeKling
         with pytest.raises(RateLimitError):
             await c.images.generate(prompt="p")
     assert len(server.requests_for("create")) == 2
+
+
+# --- idempotent creates, bodiless and oversized answers, retry waits (trn02, trn04, exc) -------
+
+
+async def test_duplicate_external_id_after_ambiguity_is_looked_up_again(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    server.inject("error_after", route="create", code=5000, times=1)
+    server.inject("error", route="get", code=1203, times=1)  # the first lookup races
+    handle = await client.images.generate(prompt="p")
+    assert len(server.tasks) == 1
+    assert handle.task_id in server.tasks
+    assert [r.code for r in server.requests_for("create")] == [5000, 1201]
+
+
+async def test_ambiguity_is_remembered_across_tries(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    server.inject("drop_after", route="create", times=1)
+    server.inject("error", route="get", code=1203, times=1)
+    server.inject("error", route="create", code=1302, times=1)
+    handle = await client.images.generate(prompt="p")
+    assert len(server.tasks) == 1
+    assert handle.task_id in server.tasks
+
+
+async def test_a_bodiless_429_is_sent_once(
+    client: kling_async.Client, server: FakeKlingServer
+) -> None:
+    server.inject("garbage", route="get", http_status=429, times=None)
+    with pytest.raises(APIError):
+        await client.images.get("x")
+    assert len(server.requests_for("get")) == 1
+
+
+async def test_oversized_responses_are_refused(
+    client: kling_async.Client, server: FakeKlingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kling_async._transport.MAX_RESPONSE_BYTES", 1000)
+    server.inject("garbage", route="get", http_status=200, body=b"x" * 5000, times=None)
+    with pytest.raises(TransportError, match="limit"):
+        await client.images.get("x")
+
+
+def test_retry_policy_waits_grow_and_honour_retry_after() -> None:
+    policy = RetryPolicy(initial_delay=0.5, max_delay=4.0, rng=random.Random(1))
+    waits = policy.waits()
+    next(waits)
+    plain = ServerError("boom", code=5000, http_status=500)
+    seen = [waits.send(plain) for _ in range(6)]
+    for attempt, wait in enumerate(seen):
+        ceiling = min(4.0, 0.5 * 2**attempt)
+        assert ceiling / 2 <= wait <= ceiling
+    hinted = kling_async.RateLimitError("slow", code=1302, http_status=429, retry_after=7.5)
+    assert waits.send(hinted) == 7.5  # exact: neither jittered nor capped

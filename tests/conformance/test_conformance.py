@@ -11,7 +11,6 @@ each is in the manifest beside it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from aiohttp import web
 
 import kling_async
 from kling_async import CallbackReceiver, Client, Endpoint, PollPolicy, RetryPolicy, Task
+from tests.helpers import eventually
 
 HERE = Path(__file__).parent
 CORPUS = json.loads((HERE / "corpus.json").read_text(encoding="utf-8"))["payloads"]
@@ -48,7 +48,8 @@ MINIMAL: dict[str, dict[str, Any]] = {
 
 
 def payload(entry: Mapping[str, Any]) -> bytes:
-    return (HERE / "payloads" / entry["file"]).read_bytes()
+    name: str = entry["file"]
+    return (HERE / "payloads" / name).read_bytes()
 
 
 def by_kind(*kinds: str) -> list[Any]:
@@ -288,10 +289,7 @@ async def test_a_documented_terminal_callback_is_confirmed_against_a_documented_
             url = receiver.url_for(callback["url_external_task_id"])
             async with session.post(url, data=payload(callback)) as response:
                 assert response.status == 200
-        for _ in range(200):
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: seen)
     await receiver.close()
     assert stub.seen == [("GET", "/v1/images/generations/string")]
     assert len(seen) == 1

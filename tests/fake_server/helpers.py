@@ -8,7 +8,6 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -95,13 +94,6 @@ class Api:
                 return dict(payload["data"])
             assert time.monotonic() < deadline, payload
             await asyncio.sleep(0.01)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def assert_envelope(payload: Any, code: int) -> None:

@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from kling_async.testing import CallbackFaults
+from tests.helpers import eventually
 
-from .helpers import GEN, Api, Receiver, eventually
+from .helpers import GEN, Api, Receiver
 
 
 async def test_callbacks_delivered_on_every_status_change(

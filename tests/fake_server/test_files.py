@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 import kling_async
-from kling_async._models import ASPECT_RATIOS
+from kling_async._models import ASPECT_RATIOS, AspectRatio
 from kling_async.testing._files import byte_range
 from kling_async.testing._png import encode_png, size_for_aspect_ratio
 from tests.helpers import png_chunks
@@ -93,7 +93,7 @@ def test_byte_ranges(header: str, expected: tuple[int, int] | None) -> None:
 
 
 @pytest.mark.parametrize("aspect_ratio", ASPECT_RATIOS)
-def test_every_placeholder_can_be_fed_back_as_an_input_image(aspect_ratio: str) -> None:
+def test_every_placeholder_can_be_fed_back_as_an_input_image(aspect_ratio: AspectRatio) -> None:
     """A first output must be usable as the next request's input: Kling refuses
     images under 300 px on a side, and so does the SDK's validation."""
     width, height = size_for_aspect_ratio(aspect_ratio)

@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from kling_async.testing import FakeTask
+from tests.helpers import eventually
 
-from .helpers import GEN, MULTI, Api, eventually
+from .helpers import GEN, MULTI, Api
 
 
 async def test_lifecycle_runs_on_timers(serve: Callable[..., Awaitable[Api]]) -> None:

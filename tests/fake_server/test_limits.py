@@ -10,9 +10,9 @@ import pytest
 
 from kling_async.testing import FakeKlingServer, RateLimit
 from kling_async.testing._quota import TokenBucket, UnitQuota
-from tests.helpers import Clock
+from tests.helpers import Clock, eventually
 
-from .helpers import GEN, MULTI, Api, eventually, gen_body
+from .helpers import GEN, MULTI, Api, gen_body
 
 
 async def test_concurrency_quota_is_n_weighted_and_released(

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 
 from kling_async.testing import FakeKlingServer
+from tests.helpers import eventually
 
-from .helpers import AUTH, GEN, MULTI, Api, Receiver, eventually, gen_body
+from .helpers import AUTH, GEN, MULTI, Api, Receiver, gen_body
 
 
 async def test_requests_are_recorded(api: Api) -> None:

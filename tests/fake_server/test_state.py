@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from kling_async import Endpoint, TaskStatus
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, assert_valid_png, make_client
+from tests.helpers import API_KEY, assert_valid_png, eventually, make_client
 from tests.imagedata import png
 
 
@@ -20,7 +19,7 @@ async def test_a_later_server_knows_the_tasks_of_an_earlier_one(tmp_path: Path) 
         async with make_client(first) as client:
             done = await (await client.images.generate(prompt="p", n=2, watermark=True))
             failed = await client.images.generate(prompt="[fail] p", external_task_id="mine-1")
-            await asyncio.sleep(0.1)
+            await eventually(lambda: first.tasks[failed.task_id].status == "failed")
             multi = await (
                 await client.images.multi_image(subject_images=[png(400, 400)], prompt="m")
             )

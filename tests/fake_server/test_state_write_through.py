@@ -8,12 +8,18 @@ import asyncio
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 from kling_async import Client, TaskStatus
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, FAST_RETRY, fake_server_process, make_client
+from tests.helpers import (
+    API_KEY,
+    FAST_POLL,
+    FAST_RETRY,
+    eventually,
+    fake_server_process,
+    make_client,
+)
 
 
 def client_for(url: str) -> Client:
@@ -60,15 +66,13 @@ async def test_a_change_no_answer_follows_is_written_within_moments(tmp_path: Pa
     ) as server:
         async with make_client(server) as client:
             handle = await client.images.generate(prompt="p")
+
         # Nobody asks any more: the task's timer ends it, and the file follows.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        def saved_statuses() -> list[str]:
             saved = json.loads(state.read_text(encoding="utf-8"))["tasks"]
-            if [t["status"] for t in saved if t["task_id"] == handle.task_id] == ["succeed"]:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"the ended task is not in the file: {saved}")
+            return [t["status"] for t in saved if t["task_id"] == handle.task_id]
+
+        await eventually(lambda: saved_statuses() == ["succeed"])
 
 
 async def test_writes_replace_the_file_whole(tmp_path: Path) -> None:

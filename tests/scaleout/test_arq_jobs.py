@@ -67,14 +67,14 @@ async def test_a_dead_workers_jobs_are_released_to_run_again(
     redis: Redis, account_name: str
 ) -> None:
     async with RedisAccount(redis, name=account_name, lease=0.2) as survivor:
-        await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)
-        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")
+        await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)  # type: ignore[misc]  # redis-py: reply or awaitable
+        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")  # type: ignore[misc]  # redis-py: reply or awaitable
         await redis.set(in_progress_key_prefix + "job-1", b"1")
         await redis.set(in_progress_key_prefix + "job-2", b"1")
         await _rerun_dead_jobs(survivor)
         assert await redis.exists(in_progress_key_prefix + "job-1") == 0
         assert await redis.exists(in_progress_key_prefix + "job-2") == 0
-        assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}
+        assert await redis.smembers(survivor.key("arq-workers")) == {survivor.member.encode()}  # type: ignore[misc]  # redis-py: reply or awaitable
 
 
 async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
@@ -89,8 +89,8 @@ async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
         assert stalled._renewer is not None
         stalled._renewer.cancel()
         await redis.zadd(survivor.key("members"), {stalled.member: 0})  # lease "expired"
-        await redis.sadd(survivor.key("arq-workers"), stalled.member)
-        await redis.sadd(survivor.key(f"arq-jobs:{stalled.member}"), "job-3")
+        await redis.sadd(survivor.key("arq-workers"), stalled.member)  # type: ignore[misc]  # redis-py: reply or awaitable
+        await redis.sadd(survivor.key(f"arq-jobs:{stalled.member}"), "job-3")  # type: ignore[misc]  # redis-py: reply or awaitable
         await redis.set(in_progress_key_prefix + "job-3", b"1")
         await _rerun_dead_jobs(survivor)
         assert await redis.exists(in_progress_key_prefix + "job-3") == 1

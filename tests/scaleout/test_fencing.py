@@ -21,8 +21,8 @@ from kling_async.contrib.redis import (
     submit_once,
 )
 from kling_async.testing import FakeKlingServer, RedisServer
-from tests.helpers import API_KEY, make_client
-from tests.scaleout.test_redis_shared import eventually, held, members, total
+from tests.helpers import API_KEY, eventually, make_client
+from tests.scaleout.test_redis_shared import held, members, total
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ async def test_the_lua_script_agrees_with_the_pure_rules(
         await limiter._call(2, ops, [])
         stored = {
             key.decode(): float(value)
-            for key, value in (await redis.hgetall(account.key("limiter"))).items()
+            for key, value in (await redis.hgetall(account.key("limiter"))).items()  # type: ignore[misc]  # redis-py: reply or awaitable
         }
         await limiter.close()
     assert stored["limit"] == expected.limit

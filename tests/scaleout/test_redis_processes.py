@@ -236,7 +236,7 @@ async def test_a_worker_killed_mid_batch_loses_no_task_and_its_tasks_are_adopted
     deadline = time.monotonic() + 30
     held: set[bytes] = set()
     while time.monotonic() < deadline:
-        held = await redis.smembers(owned)
+        held = await redis.smembers(owned)  # type: ignore[misc]  # redis-py: reply or awaitable
         created = [await redis.get(f"kling:{{{account_name}}}:e:{ext.decode()}") for ext in held]
         if len(held) >= 3 and any(b'"created"' in raw for raw in created if raw):
             break

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,7 +32,7 @@ from kling_async.contrib.redis import (
     submit_once,
 )
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, FAST_POLL, make_client
+from tests.helpers import API_KEY, FAST_POLL, eventually, make_client
 
 SLOW_POLL = PollPolicy(initial_delay=5.0, max_delay=10.0, timeout=30.0, callback_delay=30.0)
 
@@ -53,7 +53,7 @@ async def members(
 async def held(redis: Redis, account: RedisAccount) -> dict[str, tuple[str, int, bool]]:
     """What Redis counts, per task: its holder ('' when handed over), units, running."""
     out = {}
-    for task, value in (await redis.hgetall(account.key("held"))).items():
+    for task, value in (await redis.hgetall(account.key("held"))).items():  # type: ignore[misc]  # redis-py: reply or awaitable
         holder, units, running = value.decode().rsplit("|", 2)
         out[task.decode()] = (holder, int(units), running == "1")
     return out
@@ -62,18 +62,6 @@ async def held(redis: Redis, account: RedisAccount) -> dict[str, tuple[str, int,
 async def total(redis: Redis, account: RedisAccount) -> int:
     """Units Redis counts for the account, every holder's and the orphans'."""
     return sum(units for _holder, units, _running in (await held(redis, account)).values())
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def body(external_task_id: str) -> dict[str, Any]:
@@ -131,9 +119,9 @@ async def test_an_unknown_quota_is_learned_from_1303_by_every_member(
         stats = server.stats()
         assert stats["tasks"] == 30  # a 1303 is waited out, never created twice
         assert 1 <= stats["creates_rejected_concurrency"] <= 8
-        learned = int(await redis.hget(a.key("limiter"), "limit"))
+        learned = int(await redis.hget(a.key("limiter"), "limit"))  # type: ignore[misc]  # redis-py: reply or awaitable
         assert learned <= 6
-        rejected = int(await redis.hget(a.key("limiter"), "rejected"))
+        rejected = int(await redis.hget(a.key("limiter"), "rejected"))  # type: ignore[misc]  # redis-py: reply or awaitable
         assert rejected == stats["creates_rejected_concurrency"]  # every member's, counted once
 
 
@@ -236,7 +224,7 @@ async def test_a_call_retried_after_a_lost_answer_is_applied_once(
         first = await limiter._call(1, [["1303", "", 1000]], [])
         again = await limiter._call(1, [["1303", "", 1000]], [])
         assert first == again
-        assert int(await redis.hget(account.key("limiter"), "rejected")) == 1
+        assert int(await redis.hget(account.key("limiter"), "rejected")) == 1  # type: ignore[misc]  # redis-py: reply or awaitable
         await limiter.close()
 
 
@@ -425,7 +413,7 @@ async def test_a_callback_received_by_one_replica_resolves_a_handle_in_another(
             message = await spy.get_message(ignore_subscribe_messages=True, timeout=0.1)
             if message is not None:
                 messages.append(message["data"])
-        await spy.aclose()
+        await spy.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         assert front_in.forwarded >= 1
         assert back_in.delivered >= 1
         assert isinstance(front_in, CallbackFanIn)
@@ -450,9 +438,9 @@ async def assert_no_secret_in_redis(
         if kind == "string":
             dump.append(await redis.get(key))
         elif kind == "hash":
-            dump.extend(v for pair in (await redis.hgetall(key)).items() for v in pair)
+            dump.extend(v for pair in (await redis.hgetall(key)).items() for v in pair)  # type: ignore[misc]  # redis-py: reply or awaitable
         elif kind == "set":
-            dump.extend(await redis.smembers(key))
+            dump.extend(await redis.smembers(key))  # type: ignore[misc]  # redis-py: reply or awaitable
         elif kind == "zset":
             dump.extend(await redis.zrange(key, 0, -1))
         dump.append(key)
