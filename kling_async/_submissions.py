@@ -43,6 +43,7 @@ from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_s
 from ._endpoints import by_request_type
 from ._exceptions import (
     ClientClosedError,
+    ConfigurationError,
     KlingError,
     NotFoundError,
     TaskNotFoundError,
@@ -206,6 +207,13 @@ class Submissions:
         receiver: CallbackReceiver | None = None,
         limiter: Limiter | None = None,
     ) -> None:
+        if not hasattr(ledger, "records_results"):
+            # Read after a create lands, when failing would strand its handle.
+            raise ConfigurationError(
+                f"{type(ledger).__name__} is not a complete Ledger: it must declare "
+                "records_results (False unless the client should keep its entries "
+                "current with task results), or subclass kling_async.Ledger"
+            )
         self._transport = transport
         self._tracker = tracker
         self._receiver = receiver
@@ -538,7 +546,7 @@ class Submissions:
 
     def _follow_in(self, ledger: Ledger, state: TaskState, entry: LedgerEntry) -> None:
         """Keep ``entry`` current with the task's news, when the ledger wants results."""
-        if getattr(ledger, "records_results", False):
+        if ledger.records_results:
             state.entry, state.ledger = entry, ledger
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
