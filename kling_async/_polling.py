@@ -98,6 +98,7 @@ class Poller:
 
     def __init__(self, tracker: Tracker, endpoint: Endpoint) -> None:
         self._tracker = tracker
+        self._transport = tracker.transport  # the tracker's, whose news it gathers
         self._endpoint = endpoint
         self._policy = tracker.policy
         #: The tasks polled, by task_id: a list item is matched with one lookup.
@@ -331,12 +332,7 @@ class Poller:
 
     def _take(self, state: TaskState, task: Task) -> None:
         """Publish what a poll said about ``state``."""
-        if state.latest is None and task.created_at is not None:
-            # Attached by id: its age counts from when Kling created it, not
-            # from when this client first heard of it.
-            running = max(0.0, time.time() - task.created_at.timestamp())
-            state.first_seen = time.monotonic() - running
-        self._tracker.publish(state, task)
+        self._tracker.publish_polled(state, task)
 
     # --- single GETs ------------------------------------------------------------
 
@@ -346,9 +342,7 @@ class Poller:
                 if not self._polls(state):  # nobody wants it any more
                     return
                 self.gets += 1
-                envelope = await self._tracker.transport.send(
-                    get_request(self._endpoint, state.task_id)
-                )
+                envelope = await self._transport.send(get_request(self._endpoint, state.task_id))
             if not _unchanged(state, envelope.data):
                 self.parsed += 1
                 self._take(state, parse_task(envelope))
@@ -381,9 +375,7 @@ class Poller:
             for page in range(1, pages + EXTRA_SWEEP_PAGES + 1):
                 async with self._slots:
                     self.list_pages += 1
-                    envelope = await self._tracker.transport.send(
-                        list_request(self._endpoint, page, size)
-                    )
+                    envelope = await self._transport.send(list_request(self._endpoint, page, size))
                 items = list_items(envelope)
                 read += 1
                 items_read += len(items)
