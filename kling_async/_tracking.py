@@ -30,7 +30,7 @@ from ._exceptions import (
     means_task_unknown,
 )
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
-from ._polling import Poller
+from ._polling import Poller, PollPlan
 from ._schedule import Durations
 from ._wire import get_request, parse_task
 
@@ -92,14 +92,10 @@ class TaskState:
     #: What changes its duration (see _durations.Kind); None when unknown, e.g.
     #: a task attached by id: then its endpoint's durations apply.
     kind: Kind | None = attrs.field(default=None, init=False, repr=False)
-    #: Poll again as soon as possible (a terminal callback came).
-    hurry: bool = attrs.field(default=False, init=False, repr=False)
-    #: A poll of this task is in flight.
-    polling: bool = attrs.field(default=False, init=False, repr=False)
     first_seen: float = attrs.field(factory=time.monotonic, init=False, repr=False)
-    #: Loop time of the next poll, set when polling starts, and the gap before it.
-    next_poll: float = attrs.field(default=0.0, init=False, repr=False)
-    interval: float = attrs.field(default=0.0, init=False, repr=False)
+    #: The poller's schedule of the task (``_polling.PollPlan``): the poller's
+    #: own slot, which nothing else reads or writes.
+    poll_plan: PollPlan | None = attrs.field(default=None, init=False, repr=False)
     #: ``latest`` came from a callback, not from Kling's API.
     untrusted: bool = attrs.field(default=False, init=False, repr=False)
 
