@@ -48,7 +48,7 @@ from ._models import Endpoint, Task
 from ._tracking import CallbackOutcome, Tracker, is_newer
 from ._urls import is_http_url, redacted_url
 from ._webhooks import SignatureError, WebhookVerifier
-from ._wire import get_request, parse_callback, parse_task
+from ._wire import parse_callback
 
 __all__ = ["CallbackReceiver", "UpdateHook"]
 
@@ -514,13 +514,12 @@ async def _look_up(trackers: tuple[Tracker, ...], external_task_id: str) -> Task
     for tracker in trackers:
         for endpoint in Endpoint:
             try:
-                envelope = await tracker.transport.send(get_request(endpoint, external_task_id))
+                return await tracker.fetch(endpoint, external_task_id)
             except NotFoundError:
                 continue
             except KlingError as failure:  # e.g. this client was closed: try the next
                 error = failure
                 break
-            return parse_task(envelope)
     if error is not None:
         raise error
     return None

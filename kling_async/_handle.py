@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._exceptions import KlingError, TaskFailedError, TaskTimeoutError
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
-from ._wire import get_request, parse_task
 
 if TYPE_CHECKING:
     from ._tracking import TaskState, Tracker
@@ -116,8 +115,7 @@ class TaskHandle:
 
     async def refresh(self) -> Task:
         """Fetch the task once now (one GET) and return it; waiters see the result too."""
-        envelope = await self._tracker.transport.send(get_request(self.endpoint, self.task_id))
-        task = parse_task(envelope)
+        task = await self._tracker.fetch(self.endpoint, self.task_id)
         self._tracker.publish(self._state, task)
         return self._state.latest or task
 

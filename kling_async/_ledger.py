@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 
@@ -112,10 +112,18 @@ class Ledger(Protocol):
     (the default), :class:`~kling_async.Journal` (SQLite), the Redis ledger of
     ``kling_async.contrib.redis``.
 
-    A ledger whose class sets ``records_results = True`` is also kept current with
-    each task's status changes, results and downloads (a durable ledger wants
-    them for ``resume()``; the in-memory one does not).
+    Every member below is one callers rely on; a ledger that is not a subclass
+    declares them all, :attr:`records_results` included.
     """
+
+    @property
+    def records_results(self) -> bool:
+        """Whether the create's owner also keeps the ledger's entries current
+        with each task's status changes, results and downloads: True for a
+        durable ledger (``resume()`` wants them); False, the default, for one
+        that only tracks creates until they settle, as :class:`MemoryLedger`.
+        A plain class attribute declares it (``records_results: Final = True``)."""
+        return False
 
     def record(self, entry: LedgerEntry) -> None:
         """Insert or replace the entry for ``entry.external_task_id``. Never blocks:
@@ -147,6 +155,9 @@ class MemoryLedger:
     dropped: what stays are creates in progress and uncertain ones, which is what
     ``close()`` reports and :meth:`unsettled` lists.
     """
+
+    #: Created tasks are the tracker's business, not this ledger's.
+    records_results: Final = False
 
     def __init__(self) -> None:
         self._entries: dict[str, LedgerEntry] = {}

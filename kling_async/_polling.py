@@ -93,11 +93,43 @@ PAGE_MARGIN = 8
 SWEEP_ITEMS_PER_SECOND = 4000
 
 
+class PollPlan:
+    """The poller's schedule of one task, in the task state's ``poll_plan``
+    slot: only this module reads or writes it. Made on the task's first poll
+    plan, and kept when it stops being polled, so a task polled again later
+    keeps its turn. Slotted: thousands are held."""
+
+    __slots__ = ("hurry", "interval", "next_poll", "polling")
+
+    def __init__(self) -> None:
+        #: Poll again as soon as possible (a terminal callback came).
+        self.hurry = False
+        #: A poll of this task is in flight.
+        self.polling = False
+        #: Loop time of the next poll, set when polling starts (0.0: never
+        #: planned), and the gap before it.
+        self.next_poll = 0.0
+        self.interval = 0.0
+
+    def start(self) -> None:
+        """A poll of the task goes out: it answers any hurry."""
+        self.polling, self.hurry = True, False
+
+
+def _plan(state: TaskState) -> PollPlan:
+    """``state``'s schedule, made on first use."""
+    plan = state.poll_plan
+    if plan is None:
+        plan = state.poll_plan = PollPlan()
+    return plan
+
+
 class Poller:
     """Polls the tasks of one endpoint that the tracker says are wanted."""
 
     def __init__(self, tracker: Tracker, endpoint: Endpoint) -> None:
         self._tracker = tracker
+        self._transport = tracker.transport  # the tracker's, whose news it gathers
         self._endpoint = endpoint
         self._policy = tracker.policy
         #: The tasks polled, by task_id: a list item is matched with one lookup.
@@ -130,26 +162,30 @@ class Poller:
             return
         loop = asyncio.get_running_loop()
         self._active[state.task_id] = state
+        plan = _plan(state)
         # A task the client has never seen is polled at once; one it just
         # created (or polled) waits its turn on the schedule.
-        if state.latest is None or state.hurry:
-            state.next_poll = loop.time()
-        elif state.next_poll == 0.0:
-            state.interval = self._delay(state, loop.time())
-            state.next_poll = loop.time() + state.interval
+        if state.latest is None or plan.hurry:
+            plan.next_poll = loop.time()
+        elif plan.next_poll == 0.0:
+            plan.interval = self._delay(state, loop.time())
+            plan.next_poll = loop.time() + plan.interval
         if self._runner is None:
             self._runner = loop.create_task(self._run(), name=f"kling-poll-{self._endpoint.value}")
-        self._due_at(state.next_poll)
+        self._due_at(plan.next_poll)
 
     def replan(self, state: TaskState) -> None:
         """Plan ``state``'s next poll again: what is known about it changed (its
         kind became known after it was first scheduled)."""
-        if not self._polls(state) or state.polling or state.hurry or state.latest is None:
+        if not self._polls(state):
+            return
+        plan = _plan(state)
+        if plan.polling or plan.hurry or state.latest is None:
             return
         now = asyncio.get_running_loop().time()
-        state.interval = self._delay(state, now)
-        state.next_poll = now + state.interval
-        self._due_at(state.next_poll)
+        plan.interval = self._delay(state, now)
+        plan.next_poll = now + plan.interval
+        self._due_at(plan.next_poll)
 
     def replan_all(self) -> None:
         """:meth:`replan` every task waiting for its next poll."""
@@ -161,20 +197,21 @@ class Poller:
         a poll already in flight may predate it, so another follows that one.
         Nobody waiting yet (a callback that overtook its create), the state is
         marked so that the first wait polls it at once."""
-        state.hurry = True
+        plan = _plan(state)
+        plan.hurry = True
         if not self._polls(state):
             if not state.wanted:
                 return
             self.add(state)
-        if not state.polling:
+        if not plan.polling:
             now = asyncio.get_running_loop().time()
             if self._in_confirmation_burst(now) and len(self._active) >= LIST_THRESHOLD:
                 if self._gather_at <= now:
                     self._gather_at = now + CONFIRM_GATHER
-                state.next_poll = self._gather_at
+                plan.next_poll = self._gather_at
             else:
-                state.next_poll = now
-            self._due_at(state.next_poll)
+                plan.next_poll = now
+            self._due_at(plan.next_poll)
 
     def _in_confirmation_burst(self, now: float) -> bool:
         """Count one more confirmation; whether they come fast enough to fill a sweep.
@@ -265,9 +302,11 @@ class Poller:
         next_due = math.inf
         due: list[TaskState] = []
         for state in self._active.values():
-            if state.polling:
+            plan = state.poll_plan
+            assert plan is not None  # made when the task was added
+            if plan.polling:
                 continue
-            when = state.next_poll
+            when = plan.next_poll
             if when <= now:
                 due.append(state)
             elif when < next_due:
@@ -275,7 +314,7 @@ class Poller:
         if not due:
             return next_due
         sweeping = self._sweeps and len(self._active) >= MIN_SWEEP
-        if sweeping and now < self._next_sweep_at and not any(state.hurry for state in due):
+        if sweeping and now < self._next_sweep_at and not any(_plan(state).hurry for state in due):
             # Over the item budget: the due tasks wait for the next sweep
             # rather than go out one GET each (a confirmation does not wait).
             return self._next_sweep_at
@@ -283,22 +322,23 @@ class Poller:
             # A sweep reads as deep as its oldest due task, so it takes along
             # every task at least halfway to its next poll: scattered due times
             # merge into a steady cadence of sweeps instead of one per task.
-            near = [
-                state
-                for state in self._active.values()
-                if not state.polling and now < state.next_poll <= now + state.interval / 2
-            ]
+            near: list[TaskState] = []
+            for state in self._active.values():
+                plan = state.poll_plan
+                assert plan is not None  # made when the task was added
+                if not plan.polling and now < plan.next_poll <= now + plan.interval / 2:
+                    near.append(state)
             size, pages = self._page_plan()
             wanted = len(due) + len(near)
             if wanted >= max(MIN_SWEEP, pages * (1 + size / ITEMS_PER_REQUEST)):
                 due += near
                 self._sweeping = True
                 for state in due:
-                    state.polling, state.hurry = True, False
+                    _plan(state).start()
                 self._spawn(self._sweep(due, size, pages))
                 return math.inf
         for state in due:
-            state.polling, state.hurry = True, False
+            _plan(state).start()
             self._spawn(self._poll(state))
         return next_due
 
@@ -321,22 +361,18 @@ class Poller:
         now = asyncio.get_running_loop().time()
         earliest = math.inf
         for state in states:
-            state.polling = False
+            plan = _plan(state)
+            plan.polling = False
             if state.expects_callbacks and not state.heard:
                 self._check_callbacks(state)
-            state.interval = 0.0 if state.hurry else self._delay(state, now, sharing)
-            state.next_poll = now + state.interval
-            earliest = min(earliest, state.next_poll)
+            plan.interval = 0.0 if plan.hurry else self._delay(state, now, sharing)
+            plan.next_poll = now + plan.interval
+            earliest = min(earliest, plan.next_poll)
         self._due_at(earliest)
 
     def _take(self, state: TaskState, task: Task) -> None:
         """Publish what a poll said about ``state``."""
-        if state.latest is None and task.created_at is not None:
-            # Attached by id: its age counts from when Kling created it, not
-            # from when this client first heard of it.
-            running = max(0.0, time.time() - task.created_at.timestamp())
-            state.first_seen = time.monotonic() - running
-        self._tracker.publish(state, task)
+        self._tracker.publish_polled(state, task)
 
     # --- single GETs ------------------------------------------------------------
 
@@ -346,9 +382,7 @@ class Poller:
                 if not self._polls(state):  # nobody wants it any more
                     return
                 self.gets += 1
-                envelope = await self._tracker.transport.send(
-                    get_request(self._endpoint, state.task_id)
-                )
+                envelope = await self._transport.send(get_request(self._endpoint, state.task_id))
             if not _unchanged(state, envelope.data):
                 self.parsed += 1
                 self._take(state, parse_task(envelope))
@@ -381,9 +415,7 @@ class Poller:
             for page in range(1, pages + EXTRA_SWEEP_PAGES + 1):
                 async with self._slots:
                     self.list_pages += 1
-                    envelope = await self._tracker.transport.send(
-                        list_request(self._endpoint, page, size)
-                    )
+                    envelope = await self._transport.send(list_request(self._endpoint, page, size))
                 items = list_items(envelope)
                 read += 1
                 items_read += len(items)
@@ -420,7 +452,9 @@ class Poller:
             # that was neither keeps its plan: nothing it depends on moved, so
             # re-planning it would cost work per task in flight, not per change.
             polled = [state for state in due if state not in missing]
-            polled += [state for state in changed if not state.polling and self._polls(state)]
+            polled += [
+                state for state in changed if not _plan(state).polling and self._polls(state)
+            ]
             self._reschedule(polled, sharing=found / max(read, 1))
             self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each

@@ -34,6 +34,7 @@ import copy
 import enum
 import logging
 import secrets
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,6 +44,7 @@ from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_s
 from ._endpoints import by_request_type
 from ._exceptions import (
     ClientClosedError,
+    ConfigurationError,
     KlingError,
     NotFoundError,
     TaskNotFoundError,
@@ -191,6 +193,15 @@ class _HeldUnits:
                 _quietly("release", self.limiter.release, self.units, created=self.counted_created)
 
 
+@attrs.define(eq=False)
+class _LedgerBinding:
+    """The ledger entry of a created task, in a ledger that records results:
+    kept current with the task's news (see ``Submissions._note``)."""
+
+    entry: LedgerEntry
+    ledger: Ledger
+
+
 def _quietly(hook: str, call: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
     """Call a user-supplied ledger or limiter hook that must not strand a create
     (``Ledger.record``, ``Limiter.created``/``release``/``observe``): whatever it
@@ -225,6 +236,13 @@ class Submissions:
         receiver: CallbackReceiver | None = None,
         limiter: Limiter | None = None,
     ) -> None:
+        if not hasattr(ledger, "records_results"):
+            # Read after a create lands, when failing would strand its handle.
+            raise ConfigurationError(
+                f"{type(ledger).__name__} is not a complete Ledger: it must declare "
+                "records_results (False unless the client should keep its entries "
+                "current with task results), or subclass kling_async.Ledger"
+            )
         self._transport = transport
         self._tracker = tracker
         self._receiver = receiver
@@ -235,6 +253,12 @@ class Submissions:
         # caller start two with one id), for resume() to leave alone.
         self._live_ids: dict[str, Submission] = {}
         self._held: dict[TaskState, _HeldUnits] = {}
+        # The ledger entry each created task is followed in, for ledgers that
+        # record results; weak, as the tracker holds its states: a task nobody
+        # holds any more is followed no further (downloads come after its end).
+        self._bindings: weakref.WeakKeyDictionary[TaskState, _LedgerBinding] = (
+            weakref.WeakKeyDictionary()
+        )
         self._closing = False
         self._origin: Submissions | None = None  # the owner a with_transport view shares
         tracker.on_news = self._note
@@ -532,7 +556,7 @@ class Submissions:
             latest=task,
             external_task_id=submission.external_task_id,
         )
-        state.expects_callbacks = submission.receiver_callback
+        self._tracker.expect_callbacks(state, submission.receiver_callback)
         created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
         # The task exists: whatever the ledger or limiter raise from here on,
         # the caller gets its handle (the failures are logged).
@@ -564,8 +588,8 @@ class Submissions:
 
     def _follow_in(self, ledger: Ledger, state: TaskState, entry: LedgerEntry) -> None:
         """Keep ``entry`` current with the task's news, when the ledger wants results."""
-        if getattr(ledger, "records_results", False):
-            state.entry, state.ledger = entry, ledger
+        if ledger.records_results:
+            self._bindings[state] = _LedgerBinding(entry, ledger)
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
 
@@ -648,9 +672,10 @@ class Submissions:
 
     def _note(self, state: TaskState, task: Task) -> None:
         """Keep a durable ledger's entry current with the task's status and results."""
-        entry, ledger = state.entry, state.ledger
-        if entry is None or ledger is None or entry.state.settled:
+        binding = self._bindings.get(state)
+        if binding is None or binding.entry.state.settled:
             return
+        entry = binding.entry
         if entry.status == task.status.value and not task.is_terminal:
             return
         moved = entry.moved(
@@ -659,25 +684,25 @@ class Submissions:
             images=task.images,
             error=task.status_message if task.is_terminal else None,
         )
-        state.entry = moved
-        _quietly("record", ledger.record, moved)
+        binding.entry = moved
+        _quietly("record", binding.ledger.record, moved)
 
     def _note_gone(self, state: TaskState, error: TaskNotFoundError) -> None:
         """Settle a durable ledger's entry for a task Kling no longer knows."""
-        entry, ledger = state.entry, state.ledger
-        if entry is None or ledger is None or entry.state.settled:
+        binding = self._bindings.get(state)
+        if binding is None or binding.entry.state.settled:
             return
-        moved = entry.moved(EntryState.GONE, error=error.message)
-        state.entry = moved
-        _quietly("record", ledger.record, moved)
+        binding.entry = binding.entry.moved(EntryState.GONE, error=error.message)
+        _quietly("record", binding.ledger.record, binding.entry)
 
     def note_downloaded(self, task_id: str, paths: list[str]) -> None:
         """Record in a durable ledger which files hold the task's images."""
         for endpoint in Endpoint:
             state = self._tracker.find(endpoint, task_id)
-            if state is not None and state.entry is not None and state.ledger is not None:
-                state.entry = state.entry.moved(state.entry.state, downloaded=tuple(paths))
-                _quietly("record", state.ledger.record, state.entry)
+            binding = self._bindings.get(state) if state is not None else None
+            if binding is not None:
+                binding.entry = binding.entry.moved(binding.entry.state, downloaded=tuple(paths))
+                _quietly("record", binding.ledger.record, binding.entry)
 
     # --- resuming -----------------------------------------------------------------------
 
@@ -707,7 +732,9 @@ class Submissions:
         state = self._tracker.state(
             entry.endpoint, entry.task_id, latest=latest, external_task_id=entry.external_task_id
         )
-        state.expects_callbacks = entry.receiver_callback and self._receiver is not None
+        self._tracker.expect_callbacks(
+            state, entry.receiver_callback and self._receiver is not None
+        )
         self._follow_in(ledger if ledger is not None else self.ledger, state, entry)
         # Count the units first: a limiter whose adopt() fails holds none, and
         # the task must not give back what was never counted.

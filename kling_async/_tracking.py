@@ -30,11 +30,11 @@ from ._exceptions import (
     means_task_unknown,
 )
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
-from ._polling import Poller
+from ._polling import Poller, PollPlan
 from ._schedule import Durations
+from ._wire import get_request, parse_task
 
 if TYPE_CHECKING:
-    from ._ledger import Ledger, LedgerEntry
     from ._transport import Transport
 
 
@@ -92,19 +92,12 @@ class TaskState:
     #: What changes its duration (see _durations.Kind); None when unknown, e.g.
     #: a task attached by id: then its endpoint's durations apply.
     kind: Kind | None = attrs.field(default=None, init=False, repr=False)
-    #: Poll again as soon as possible (a terminal callback came).
-    hurry: bool = attrs.field(default=False, init=False, repr=False)
-    #: A poll of this task is in flight.
-    polling: bool = attrs.field(default=False, init=False, repr=False)
     first_seen: float = attrs.field(factory=time.monotonic, init=False, repr=False)
-    #: Loop time of the next poll, set when polling starts, and the gap before it.
-    next_poll: float = attrs.field(default=0.0, init=False, repr=False)
-    interval: float = attrs.field(default=0.0, init=False, repr=False)
+    #: The poller's schedule of the task (``_polling.PollPlan``): the poller's
+    #: own slot, which nothing else reads or writes.
+    poll_plan: PollPlan | None = attrs.field(default=None, init=False, repr=False)
     #: ``latest`` came from a callback, not from Kling's API.
     untrusted: bool = attrs.field(default=False, init=False, repr=False)
-    #: The create's ledger entry and its ledger, when the ledger records results.
-    entry: LedgerEntry | None = attrs.field(default=None, init=False, repr=False)
-    ledger: Ledger | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.external_task_id is None and self.latest is not None:
@@ -216,6 +209,12 @@ class Tracker:
             if poller is not None:
                 poller.replan(state)
 
+    def expect_callbacks(self, state: TaskState, expected: bool) -> None:
+        """Note whether Kling will POST ``state``'s updates to this client's
+        callback receiver (the create asked it to): its polls are then only a
+        slow safety net."""
+        state.expects_callbacks = expected
+
     def callbacks_silent(self, state: TaskState) -> None:
         """A poll found ``state``'s task changed long ago and not one callback
         came for it: say so, once per client, since until their tasks are
@@ -255,6 +254,12 @@ class Tracker:
             self.publish(state, latest)
         return state
 
+    async def fetch(self, endpoint: Endpoint, task_id: str) -> Task:
+        """Ask Kling for a task once (one GET, by its task_id or its
+        external_task_id), publishing nothing: the caller decides what the
+        answer is worth (a refresh publishes it, a callback checks it)."""
+        return parse_task(await self.transport.send(get_request(endpoint, task_id)))
+
     def find(self, endpoint: Endpoint, task_id: str) -> TaskState | None:
         """The state of a task some handle of this client holds, if any."""
         return self._states.get((endpoint, task_id))
@@ -286,6 +291,15 @@ class Tracker:
         if task.is_terminal:
             self._finished(state, task)
         return True
+
+    def publish_polled(self, state: TaskState, task: Task) -> bool:
+        """:meth:`publish` what a poll of Kling's API said about ``state``."""
+        if state.latest is None and task.created_at is not None:
+            # Attached by id: its age counts from when Kling created it, not
+            # from when this client first heard of it.
+            running = max(0.0, time.time() - task.created_at.timestamp())
+            state.first_seen = time.monotonic() - running
+        return self.publish(state, task)
 
     def _finished(self, state: TaskState, task: Task) -> None:
         self._poller(state.endpoint).discard(state)

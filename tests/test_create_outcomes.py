@@ -426,3 +426,66 @@ async def test_waiting_again_on_a_gone_task_gets_a_fresh_error(tmp_path: Path) -
     assert max(depth) == depth[-1] < 10  # no traceback grows with each wait
     assert errors[-1].task_id == handle.task_id
     assert errors[-1].external_task_id == handle.external_task_id
+
+
+# --- issue 27: the Ledger protocol declares all that callers rely on -------------------------
+
+
+class BareLedger(MemoryLedger):
+    """A ledger that only tracks creates, from kling_async.Ledger's defaults."""
+
+
+class DurableMemory(MemoryLedger):
+    """A ledger that asks to be kept current with results (records_results)."""
+
+    records_results = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[LedgerEntry] = []
+
+    def record(self, entry: LedgerEntry) -> None:
+        self.seen.append(entry)
+        super().record(entry)
+
+
+class Undeclared:
+    """A structural ledger that leaves out records_results."""
+
+    def record(self, entry: LedgerEntry) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def get(self, external_task_id: str) -> LedgerEntry | None:
+        return None
+
+    async def by_key(self, key: str) -> LedgerEntry | None:
+        return None
+
+    async def unsettled(self) -> list[LedgerEntry]:
+        return []
+
+    async def close(self) -> None: ...
+
+
+def test_every_ledger_declares_whether_it_records_results() -> None:
+    assert kling_async.Ledger.records_results.__doc__  # documented on the protocol
+    assert MemoryLedger.records_results is False
+    assert BareLedger.records_results is False
+    assert Journal.records_results is True
+
+
+def test_a_ledger_without_records_results_is_refused_up_front(server: FakeKlingServer) -> None:
+    with pytest.raises(kling_async.ConfigurationError, match="records_results"):
+        make_client(server, ledger=Undeclared())  # type: ignore[arg-type]
+
+
+async def test_a_ledger_that_records_results_sees_the_terminal_status(
+    server: FakeKlingServer,
+) -> None:
+    ledger = DurableMemory()
+    async with make_client(server, ledger=ledger) as client:
+        handle = await client.images.generate(prompt="a lighthouse")
+        await asyncio.wait_for(handle, STEP)
+    assert [entry.state for entry in ledger.seen][-1] is EntryState.TERMINAL
+    assert ledger.seen[-1].status == "succeed"

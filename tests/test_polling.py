@@ -343,22 +343,22 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
             due = handles[0]._state
 
             async def sweep_for(state: Any) -> None:
-                state.polling = True
+                polling._plan(state).polling = True
                 await poller._sweep([state], *poller._page_plan())
 
             await sweep_for(due)  # every task changed: submitted -> processing
             assert sorted(structured) == sorted(h.task_id for h in handles)
             assert {h.status for h in handles} == {TaskStatus.PROCESSING}
-            plans = {h.task_id: h._state.next_poll for h in handles}
+            plans = {h.task_id: polling._plan(h._state).next_poll for h in handles}
             structured.clear()
 
             await sweep_for(due)  # nothing changed: only the due task is planned again
             assert structured == []
-            assert {h.task_id: h._state.next_poll for h in handles[1:]} == {
+            assert {h.task_id: polling._plan(h._state).next_poll for h in handles[1:]} == {
                 h.task_id: plans[h.task_id] for h in handles[1:]
             }
-            assert due.next_poll != plans[due.task_id]
-            assert not due.polling
+            assert polling._plan(due).next_poll != plans[due.task_id]
+            assert not polling._plan(due).polling
 
             server.finish(handles[5].task_id)
             await sweep_for(due)  # one changed: only it is structured
