@@ -337,6 +337,27 @@ class Settings:
             else {"type": type(error).__name__}
         )
         record["message"] = self.describe(error)
+        if isinstance(error, TaskTimeoutError):
+            # The task runs on: what a script needs to come back to it, as fields.
+            record["task_id"] = error.handle.task_id
+            record["status"] = str(error.handle.status or TaskStatus.SUBMITTED)
+        return record
+
+    def timed_out_record(self, error: TaskTimeoutError) -> dict[str, Any]:
+        """A task still running when ``--timeout`` ran out, for ``--json`` stdout:
+        its latest known state, and the command that checks on it later."""
+        handle = error.handle
+        latest = handle.task
+        record: dict[str, Any] = (
+            latest.to_dict()
+            if latest is not None
+            else {"task_id": handle.task_id, "status": str(TaskStatus.SUBMITTED)}
+        )
+        record["timed_out"] = True
+        record["next_step"] = (
+            f"the task keeps running; check it with: kling-async status{self.multi_flag} "
+            f"{handle.task_id}"
+        )
         return record
 
     @property
@@ -368,7 +389,13 @@ class Settings:
                 if self.multi
                 else "A multi-image task is found only with --multi-image."
             )
-            return f"{text} Check the task id, --model and --base-url. {other}"
+            # Only the flags this command has: status and download take no --model.
+            checks = (
+                "the task id, --model and --base-url"
+                if self.flags
+                else "the task id and --base-url"
+            )
+            return f"{text} Check {checks}. {other}"
         if isinstance(error, AuthenticationError):
             if self.api_key and not self.api_key_from_env:
                 advice = "Check the key given with --api-key."
@@ -483,6 +510,24 @@ def _writable_directory(out: Path) -> None:
         ) from None
 
 
+def _writable_results(path: Path) -> None:
+    """Check that the results file can be written (it is rewritten through a
+    temporary file beside it, then appended to) before anything is sent: a run
+    must not create tasks whose records it cannot keep."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".kling-async-check-"):
+            pass
+        if path.exists():
+            with path.open("a", encoding="utf-8"):
+                pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CommandError(
+            f"cannot write results to {path}: {reason}; nothing was sent", usage=True
+        ) from None
+
+
 async def _save_images(
     settings: Settings, client: Client, task: Task, out: Path, watermarked: bool
 ) -> list[Path]:
@@ -512,7 +557,12 @@ async def _generate_and_save(
         settings.submitted.append(handle.task_id)
         if not settings.as_json:
             settings.stderr.print(f"submitted task {handle.task_id}")
-        task = await _follow(settings, handle, timeout)
+        try:
+            task = await _follow(settings, handle, timeout)
+        except TaskTimeoutError as error:
+            if settings.as_json:
+                click.echo(json.dumps(settings.timed_out_record(error)))
+            raise
         watermarked = bool(request.watermark)
         paths = await _save_images(settings, client, task, out, watermarked) if out else []
     if settings.as_json:
@@ -1391,10 +1441,9 @@ def batch(
         )
         return
     results_path = results_path or out / "results.jsonl"
-    if no_download:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-    else:
+    if not no_download:
         _writable_directory(out)
+    _writable_results(results_path)
     journal = (results_path.parent if no_download else out) / JOURNAL_NAME
     if fresh:
         Journal.discard(journal)  # refused while another run works on it

@@ -1,0 +1,70 @@
+"""The CLI in a new user's hands, round two (issue 28): hints that name only flags the
+command has, ``--json`` timeouts as data, results files checked before anything is sent,
+and the frictions of the offline simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from kling_async._cli import main
+
+FAST = ["--mock-task-seconds", "0.1"]
+
+
+def invoke(*args: str, **env: str) -> Result:
+    return CliRunner(env={"COLUMNS": "200", **env}).invoke(main, list(args))
+
+
+# --- defect 2: a not-found hint names only the flags the command has --------------------
+
+
+def test_a_task_not_found_by_status_or_download_does_not_advise_a_model_flag(
+    tmp_path: Path,
+) -> None:
+    for args in (["status", "nope123"], ["download", "nope123", "--out", str(tmp_path)]):
+        result = invoke(*FAST, *args)
+        assert result.exit_code == 1, result.output
+        assert "Check the task id and --base-url." in result.stderr
+        assert "--model" not in result.stderr
+
+
+# --- defect 3: a --json timeout gives the task id and status as fields ------------------
+
+
+def test_a_json_timeout_gives_the_task_id_and_status_as_fields(tmp_path: Path) -> None:
+    result = invoke(
+        "--mock-task-seconds", "30", "--json", "generate", "p", "--timeout", "0.2",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    record = json.loads(result.stdout)
+    assert record["task_id"]
+    assert record["status"] in ("submitted", "processing")
+    assert record["timed_out"] is True
+    assert f"kling-async status {record['task_id']}" in record["next_step"]
+    error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
+    assert error["task_id"] == record["task_id"]
+    assert error["status"] == record["status"]
+
+
+# --- defect 5: an unwritable --results is refused before anything is sent ---------------
+
+
+def test_an_unwritable_results_file_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    requests = tmp_path / "p.jsonl"
+    requests.write_text('"a lighthouse"\n', encoding="utf-8")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    results = blocker / "r.jsonl"
+    for extra in ([], ["--no-download"]):
+        out = [] if extra else ["--out", str(tmp_path / "images")]
+        result = invoke(*FAST, "batch", str(requests), *out, "--results", str(results), *extra)
+        assert result.exit_code == 2, result.output
+        assert f"cannot write results to {results}: " in result.stderr
+        assert result.stderr.rstrip().endswith("; nothing was sent")
+        assert ".partial" not in result.stderr
+        assert "OFFLINE" not in result.stderr  # no server was even started
+        assert result.stderr.strip().count("\n") == 0
