@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
+from kling_async import Client, ConfigurationError, ImageGenerationRequest, Journal
 from kling_async._cli import main
+from kling_async.testing import FakeKlingServer
 
 FAST = ["--mock-task-seconds", "0.1"]
 
@@ -68,3 +71,32 @@ def test_an_unwritable_results_file_is_refused_before_anything_is_sent(tmp_path:
         assert ".partial" not in result.stderr
         assert "OFFLINE" not in result.stderr  # no server was even started
         assert result.stderr.strip().count("\n") == 0
+
+
+# --- defect 4: an intent that never reached the wire is "not sent", always -------------
+
+
+async def run_batch(url: str, journal: Path, requests: list[ImageGenerationRequest]) -> None:
+    async with Client(base_url=url, journal=journal) as client:
+        async for _result in client.batch(requests, name="prompts"):
+            pass
+
+
+async def test_a_journaled_batch_without_credentials_says_not_sent_on_every_run(
+    server: FakeKlingServer, tmp_path: Path
+) -> None:
+    """Nothing reaches Kling without a key: no run may call the create "uncertain"
+    or say that the task may exist, and the journal never holds it as sent."""
+    journal = tmp_path / "kling-journal.db"
+    requests = [ImageGenerationRequest(prompt="a red fox")]
+    for _run in range(2):
+        with pytest.raises(ConfigurationError) as raised:  # a setting to fix: the batch stops
+            await run_batch(server.url, journal, requests)
+        assert raised.value.create_outcome == "nothing was sent"
+        assert "may exist" not in str(raised.value)
+        ledger = Journal(journal)
+        try:
+            assert await ledger.unsettled() == []
+        finally:
+            await ledger.close()
+    assert sum(server.stats()["requests"].values()) == 0
