@@ -718,8 +718,25 @@ def _out_for(out: Path, no_download: bool) -> Path | None:
     return out
 
 
+class _VerboseHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """``-v``'s output: the ``kling_async`` records, on whatever ``sys.stderr``
+    is when each is emitted (a test runner swaps it between commands)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
 def _debug_logging() -> None:
-    logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    """``-v``: the library's own debug lines on stderr, and only those. The root
+    logger is left alone: at DEBUG it would print asyncio's selector notices and
+    every other library's chatter, which say nothing about Kling."""
+    library = logging.getLogger("kling_async")
+    library.setLevel(logging.DEBUG)
+    if not any(isinstance(handler, _VerboseHandler) for handler in library.handlers):
+        handler = _VerboseHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        library.addHandler(handler)
 
 
 # --- commands ------------------------------------------------------------------
@@ -1261,13 +1278,22 @@ class _BatchRun:
         assert self.out is not None
         async with self._saving:
             try:
-                return await client.download(task, self.out)
+                return await self._download(client, task, result.request)
             except (KlingError, OSError):
                 if not result.resumed:
                     raise
             # Read back from the journal, its URLs may be stale: ask Kling again.
             fresh = await client.images.get(task.task_id, endpoint=result.request.endpoint)
-            return await client.download(fresh, self.out)
+            return await self._download(client, fresh, result.request)
+
+    async def _download(self, client: Client, task: Task, request: TaskRequest) -> list[Path]:
+        """The images, and the watermarked copies when the line asked for them
+        (``watermark_info``), as ``generate --watermark`` saves them."""
+        assert self.out is not None
+        paths = await client.download(task, self.out)
+        if request.watermark:
+            paths += await client.download(task, self.out, watermarked=True)
+        return paths
 
 
 def _result_status(result: BatchResult) -> str:

@@ -5,6 +5,8 @@ and the frictions of the offline simulation."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from click.testing import CliRunner, Result
 from kling_async import Client, ConfigurationError, ImageGenerationRequest, Journal
 from kling_async._cli import main
 from kling_async.testing import FakeKlingServer
+from tests.helpers import clean_env
 
 FAST = ["--mock-task-seconds", "0.1"]
 
@@ -100,3 +103,45 @@ async def test_a_journaled_batch_without_credentials_says_not_sent_on_every_run(
         finally:
             await ledger.close()
     assert sum(server.stats()["requests"].values()) == 0
+
+
+# --- friction 11: the offline notice once, on stderr; -v is the library's lines ---------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kling_async", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+
+
+def test_verbose_shows_kling_async_lines_once_notice_and_no_asyncio_noise() -> None:
+    result = run_cli("-v", *FAST, "--json", "generate", "p", "--no-download")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "succeed"  # stdout is the record alone
+    assert result.stderr.count("OFFLINE SIMULATION") == 1
+    assert "DEBUG kling_async: POST /v1/images/generations" in result.stderr
+    assert "asyncio" not in result.stderr
+
+
+# --- friction 14: a batch line with watermark_info saves the watermarked copies ---------
+
+
+def test_a_batch_line_with_watermark_info_saves_the_watermarked_copies(tmp_path: Path) -> None:
+    requests = tmp_path / "p.jsonl"
+    line = {"prompt": "p", "n": 2, "watermark_info": {"enabled": True}}
+    requests.write_text(json.dumps(line) + '\n"plain"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    result = invoke(*FAST, "batch", str(requests), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    marked, plain = (json.loads(text) for text in (out / "results.jsonl").read_text().splitlines())
+    task_id = marked["task_id"]
+    assert sorted(Path(path).name for path in marked["paths"]) == sorted(
+        [f"{task_id}_{i}.png" for i in (0, 1)] + [f"{task_id}_{i}_watermarked.png" for i in (0, 1)]
+    )
+    assert all(Path(path).exists() for path in marked["paths"])
+    assert [Path(path).name for path in plain["paths"]] == [f"{plain['task_id']}_0.png"]
