@@ -38,7 +38,6 @@ from rich.progress import (
     Progress,
     SpinnerColumn,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -1122,10 +1121,27 @@ def _read_requests(
     return requests, invalid
 
 
+def _pace(done: int, resumed: int, total: int, elapsed: float) -> tuple[str, str]:
+    """The rate (per second) and time left of a batch run, from this run's work
+    only: lines read back from an earlier run's journal end at once, and would
+    make the run look many times faster than it is."""
+    worked = max(done - resumed, 0)
+    rate = worked / max(elapsed, 1e-6)
+    left = total - done
+    if left <= 0:
+        return f"{rate:.1f}", "0:00:00"
+    if worked == 0:
+        return f"{rate:.1f}", "-:--:--"
+    seconds = round(left / rate)
+    return f"{rate:.1f}", f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class _BatchProgress:
     """The live progress display of ``kling-async batch`` (on stderr)."""
 
-    def __init__(self, settings: Settings, total: int) -> None:
+    def __init__(
+        self, settings: Settings, total: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -1133,24 +1149,30 @@ class _BatchProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed · {task.fields[running]} running"),
             TextColumn("· {task.fields[rate]}/s"),
-            TimeRemainingColumn(),
+            # Not rich's own estimate: it would count the lines an earlier run finished.
+            TextColumn("[cyan]{task.fields[eta]}"),
             console=settings.stderr,
             disable=settings.as_json,
         )
+        self.total = total
         self.task = self.progress.add_task(
-            "generating", total=total, failed=0, running=0, rate="0.0"
+            "generating", total=total, failed=0, running=0, rate="0.0", eta="-:--:--"
         )
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
 
-    def update(self, batch: Batch, done: int, failed: int) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
+    def update(self, batch: Batch, done: int, failed: int, resumed: int = 0) -> None:
+        """Show ``done`` of the lines ended (``resumed`` of them read back from an
+        earlier run), ``failed`` of them failed."""
+        rate, eta = _pace(done, resumed, self.total, self.clock() - self.started)
         self.progress.update(
             self.task,
             completed=done,
             failed=failed,
             # Created and not ended, on Kling: not the requests still queued here.
             running=len(batch.pending),
-            rate=f"{done / elapsed:.1f}",
+            rate=rate,
+            eta=eta,
         )
 
 
@@ -1229,18 +1251,18 @@ class _BatchRun:
                 job = asyncio.create_task(self._finish(client, result))
                 self._jobs.add(job)
                 job.add_done_callback(self._jobs.discard)
-                self.display.update(batch, self.succeeded + self.failed, self.failed)
+                self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             # Records and images of results already out, even when interrupted.
             await asyncio.gather(*self._jobs, return_exceptions=True)
-            self.display.update(batch, self.succeeded + self.failed, self.failed)
+            self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
 
     async def _refresh(self, batch: Batch) -> None:
         # Between results too: tasks go in flight long before the first ends.
         while True:
-            self.display.update(batch, self.succeeded + self.failed, self.failed)
+            self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
             await asyncio.sleep(0.5)
 
     async def _finish(self, client: Client, result: BatchResult) -> None:

@@ -4,16 +4,19 @@ and the frictions of the offline simulation."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner, Result
+from rich.console import Console
 
 from kling_async import Client, ConfigurationError, ImageGenerationRequest, Journal
-from kling_async._cli import main
+from kling_async._cli import Settings, _BatchProgress, main
 from kling_async.testing import FakeKlingServer
 from tests.helpers import clean_env
 
@@ -145,3 +148,38 @@ def test_a_batch_line_with_watermark_info_saves_the_watermarked_copies(tmp_path:
     )
     assert all(Path(path).exists() for path in marked["paths"])
     assert [Path(path).name for path in plain["paths"]] == [f"{plain['task_id']}_0.png"]
+
+
+# --- friction 15: rate and ETA count this run's work; the table fits 80 columns ---------
+
+
+def test_a_resumed_run_s_rate_and_eta_count_only_this_run_s_work() -> None:
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    settings = Settings(
+        api_key=None,
+        base_url=None,
+        mock=False,
+        as_json=False,
+        verbose=False,
+        mock_task_seconds=0.1,
+        stderr=console,
+    )
+    now = [100.0]
+    display = _BatchProgress(settings, total=100, clock=lambda: now[0])
+    now[0] += 10  # 90 lines read back from the journal at once, 5 made in 10 s
+    display.update(SimpleNamespace(pending=[]), done=95, failed=0, resumed=90)  # type: ignore[arg-type]
+    console.print(display.progress.get_renderable())
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "95/100" in shown
+    assert "· 0.5/s" in shown
+    assert "0:00:10" in shown  # 5 lines left at 0.5/s
+
+
+def test_the_status_table_fits_80_columns(tmp_path: Path) -> None:
+    created = invoke(*FAST, "--json", "generate", "[fail] p", "--no-download")
+    task_id = json.loads(created.stderr.strip().splitlines()[-1])["error"]["task_id"]
+    shown = invoke(*FAST, "status", task_id, COLUMNS="80")
+    assert shown.exit_code == 0, shown.output
+    assert task_id in shown.stdout
+    assert "Content review failed" in " ".join(shown.stdout.split())
+    assert max(len(line.rstrip()) for line in shown.stdout.splitlines()) <= 80
