@@ -1048,7 +1048,13 @@ def _resolved_images(data: dict[str, Any], folder: Path) -> dict[str, Any]:
             return value
         candidate = folder / value
         try:
-            return str(candidate) if candidate.exists() else value
+            if candidate.exists():
+                return str(candidate)
+            if ("/" in value or "." in value) and not Path(value).exists():
+                # Meant as a file and found nowhere: reported where the file's
+                # folder says it is, as the documentation promises.
+                return str(candidate.absolute())
+            return value
         except (OSError, ValueError):  # e.g. a name too long: base64, not a path
             return value
 

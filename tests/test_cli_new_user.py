@@ -183,3 +183,46 @@ def test_the_status_table_fits_80_columns(tmp_path: Path) -> None:
     assert task_id in shown.stdout
     assert "Content review failed" in " ".join(shown.stdout.split())
     assert max(len(line.rstrip()) for line in shown.stdout.splitlines()) <= 80
+
+
+# --- friction 12: "did you mean", resolved image paths ----------------------------------
+
+
+def test_unknown_fields_get_a_did_you_mean(tmp_path: Path) -> None:
+    requests = tmp_path / "p.jsonl"
+    lines = [
+        {"prompt": "p", "aspectratio": "1:1"},
+        {"prompt": "p", "subject_image": "a.png"},
+        {"prompt": "p", "subject_images": ["a.png"], "subject_image": "a.png"},
+    ]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    result = invoke(*FAST, "batch", str(requests), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    expected = [
+        "line 1: invalid aspectratio: is not a field of ImageGenerationRequest "
+        "(did you mean aspect_ratio?)",
+        "line 2: invalid subject_image: is not a field of ImageGenerationRequest "
+        "(did you mean subject_images, of a multi-image request?)",
+        "line 3: invalid subject_image: is not a field of MultiImageRequest "
+        "(did you mean subject_images?)",
+    ]
+    for line in expected:
+        assert line in result.stderr
+
+
+def test_a_missing_image_names_the_path_it_was_looked_for_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*FAST, "generate", "p", "--image", "shots/cat.png")
+    assert result.exit_code == 2, result.output
+    assert f"image file shots/cat.png does not exist (looked for {tmp_path}/shots/cat.png)" in (
+        result.stderr
+    )
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    requests = folder / "p.jsonl"
+    requests.write_text('{"prompt": "p", "image": "cat.png"}\n', encoding="utf-8")
+    batch = invoke(*FAST, "batch", "jobs/p.jsonl", "--out", "out")
+    assert batch.exit_code == 1, batch.output
+    assert f"image file {folder}/cat.png does not exist" in batch.stderr  # the file's folder
