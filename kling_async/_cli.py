@@ -951,13 +951,14 @@ def _print_tasks(settings: Settings, tasks: Sequence[Task]) -> None:
     if settings.as_json:
         for task in tasks:
             click.echo(json.dumps(_task_record(task)))
-        return
     if not tasks:
+        # Said on stderr, with --json too: an empty stdout alone reads as a failure.
         settings.stderr.print(
             "no multi-image tasks found (text-to-image tasks are listed without --multi-image)"
             if settings.multi
             else "no text-to-image tasks found (multi-image tasks are listed with --multi-image)"
         )
+    if settings.as_json or not tasks:
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # The id is what a user copies: never cut or wrapped, whatever the width.

@@ -226,3 +226,10 @@ def test_a_missing_image_names_the_path_it_was_looked_for_at(
     batch = invoke(*FAST, "batch", "jobs/p.jsonl", "--out", "out")
     assert batch.exit_code == 1, batch.output
     assert f"image file {folder}/cat.png does not exist" in batch.stderr  # the file's folder
+
+
+def test_list_with_no_tasks_says_so_with_json_too() -> None:
+    result = invoke(*FAST, "--json", "list")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # JSON lines: none
+    assert "no text-to-image tasks found" in result.stderr
