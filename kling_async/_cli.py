@@ -38,7 +38,6 @@ from rich.progress import (
     Progress,
     SpinnerColumn,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -337,6 +336,27 @@ class Settings:
             else {"type": type(error).__name__}
         )
         record["message"] = self.describe(error)
+        if isinstance(error, TaskTimeoutError):
+            # The task runs on: what a script needs to come back to it, as fields.
+            record["task_id"] = error.handle.task_id
+            record["status"] = str(error.handle.status or TaskStatus.SUBMITTED)
+        return record
+
+    def timed_out_record(self, error: TaskTimeoutError) -> dict[str, Any]:
+        """A task still running when ``--timeout`` ran out, for ``--json`` stdout:
+        its latest known state, and the command that checks on it later."""
+        handle = error.handle
+        latest = handle.task
+        record: dict[str, Any] = (
+            latest.to_dict()
+            if latest is not None
+            else {"task_id": handle.task_id, "status": str(TaskStatus.SUBMITTED)}
+        )
+        record["timed_out"] = True
+        record["next_step"] = (
+            f"the task keeps running; check it with: kling-async status{self.multi_flag} "
+            f"{handle.task_id}"
+        )
         return record
 
     @property
@@ -368,7 +388,13 @@ class Settings:
                 if self.multi
                 else "A multi-image task is found only with --multi-image."
             )
-            return f"{text} Check the task id, --model and --base-url. {other}"
+            # Only the flags this command has: status and download take no --model.
+            checks = (
+                "the task id, --model and --base-url"
+                if self.flags
+                else "the task id and --base-url"
+            )
+            return f"{text} Check {checks}. {other}"
         if isinstance(error, AuthenticationError):
             if self.api_key and not self.api_key_from_env:
                 advice = "Check the key given with --api-key."
@@ -483,6 +509,24 @@ def _writable_directory(out: Path) -> None:
         ) from None
 
 
+def _writable_results(path: Path) -> None:
+    """Check that the results file can be written (it is rewritten through a
+    temporary file beside it, then appended to) before anything is sent: a run
+    must not create tasks whose records it cannot keep."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=".kling-async-check-"):
+            pass
+        if path.exists():
+            with path.open("a", encoding="utf-8"):
+                pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CommandError(
+            f"cannot write results to {path}: {reason}; nothing was sent", usage=True
+        ) from None
+
+
 async def _save_images(
     settings: Settings, client: Client, task: Task, out: Path, watermarked: bool
 ) -> list[Path]:
@@ -512,7 +556,12 @@ async def _generate_and_save(
         settings.submitted.append(handle.task_id)
         if not settings.as_json:
             settings.stderr.print(f"submitted task {handle.task_id}")
-        task = await _follow(settings, handle, timeout)
+        try:
+            task = await _follow(settings, handle, timeout)
+        except TaskTimeoutError as error:
+            if settings.as_json:
+                click.echo(json.dumps(settings.timed_out_record(error)))
+            raise
         watermarked = bool(request.watermark)
         paths = await _save_images(settings, client, task, out, watermarked) if out else []
     if settings.as_json:
@@ -668,8 +717,25 @@ def _out_for(out: Path, no_download: bool) -> Path | None:
     return out
 
 
+class _VerboseHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """``-v``'s output: the ``kling_async`` records, on whatever ``sys.stderr``
+    is when each is emitted (a test runner swaps it between commands)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
 def _debug_logging() -> None:
-    logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    """``-v``: the library's own debug lines on stderr, and only those. The root
+    logger is left alone: at DEBUG it would print asyncio's selector notices and
+    every other library's chatter, which say nothing about Kling."""
+    library = logging.getLogger("kling_async")
+    library.setLevel(logging.DEBUG)
+    if not any(isinstance(handler, _VerboseHandler) for handler in library.handlers):
+        handler = _VerboseHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        library.addHandler(handler)
 
 
 # --- commands ------------------------------------------------------------------
@@ -885,13 +951,14 @@ def _print_tasks(settings: Settings, tasks: Sequence[Task]) -> None:
     if settings.as_json:
         for task in tasks:
             click.echo(json.dumps(_task_record(task)))
-        return
     if not tasks:
+        # Said on stderr, with --json too: an empty stdout alone reads as a failure.
         settings.stderr.print(
             "no multi-image tasks found (text-to-image tasks are listed without --multi-image)"
             if settings.multi
             else "no text-to-image tasks found (multi-image tasks are listed with --multi-image)"
         )
+    if settings.as_json or not tasks:
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # The id is what a user copies: never cut or wrapped, whatever the width.
@@ -982,7 +1049,13 @@ def _resolved_images(data: dict[str, Any], folder: Path) -> dict[str, Any]:
             return value
         candidate = folder / value
         try:
-            return str(candidate) if candidate.exists() else value
+            if candidate.exists():
+                return str(candidate)
+            if ("/" in value or "." in value) and not Path(value).exists():
+                # Meant as a file and found nowhere: reported where the file's
+                # folder says it is, as the documentation promises.
+                return str(candidate.absolute())
+            return value
         except (OSError, ValueError):  # e.g. a name too long: base64, not a path
             return value
 
@@ -1055,10 +1128,27 @@ def _read_requests(
     return requests, invalid
 
 
+def _pace(done: int, resumed: int, total: int, elapsed: float) -> tuple[str, str]:
+    """The rate (per second) and time left of a batch run, from this run's work
+    only: lines read back from an earlier run's journal end at once, and would
+    make the run look many times faster than it is."""
+    worked = max(done - resumed, 0)
+    rate = worked / max(elapsed, 1e-6)
+    left = total - done
+    if left <= 0:
+        return f"{rate:.1f}", "0:00:00"
+    if worked == 0:
+        return f"{rate:.1f}", "-:--:--"
+    seconds = round(left / rate)
+    return f"{rate:.1f}", f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class _BatchProgress:
     """The live progress display of ``kling-async batch`` (on stderr)."""
 
-    def __init__(self, settings: Settings, total: int) -> None:
+    def __init__(
+        self, settings: Settings, total: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -1066,24 +1156,30 @@ class _BatchProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed · {task.fields[running]} running"),
             TextColumn("· {task.fields[rate]}/s"),
-            TimeRemainingColumn(),
+            # Not rich's own estimate: it would count the lines an earlier run finished.
+            TextColumn("[cyan]{task.fields[eta]}"),
             console=settings.stderr,
             disable=settings.as_json,
         )
+        self.total = total
         self.task = self.progress.add_task(
-            "generating", total=total, failed=0, running=0, rate="0.0"
+            "generating", total=total, failed=0, running=0, rate="0.0", eta="-:--:--"
         )
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
 
-    def update(self, batch: Batch, done: int, failed: int) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
+    def update(self, batch: Batch, done: int, failed: int, resumed: int = 0) -> None:
+        """Show ``done`` of the lines ended (``resumed`` of them read back from an
+        earlier run), ``failed`` of them failed."""
+        rate, eta = _pace(done, resumed, self.total, self.clock() - self.started)
         self.progress.update(
             self.task,
             completed=done,
             failed=failed,
             # Created and not ended, on Kling: not the requests still queued here.
             running=len(batch.pending),
-            rate=f"{done / elapsed:.1f}",
+            rate=rate,
+            eta=eta,
         )
 
 
@@ -1162,18 +1258,18 @@ class _BatchRun:
                 job = asyncio.create_task(self._finish(client, result))
                 self._jobs.add(job)
                 job.add_done_callback(self._jobs.discard)
-                self.display.update(batch, self.succeeded + self.failed, self.failed)
+                self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             # Records and images of results already out, even when interrupted.
             await asyncio.gather(*self._jobs, return_exceptions=True)
-            self.display.update(batch, self.succeeded + self.failed, self.failed)
+            self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
 
     async def _refresh(self, batch: Batch) -> None:
         # Between results too: tasks go in flight long before the first ends.
         while True:
-            self.display.update(batch, self.succeeded + self.failed, self.failed)
+            self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
             await asyncio.sleep(0.5)
 
     async def _finish(self, client: Client, result: BatchResult) -> None:
@@ -1211,13 +1307,22 @@ class _BatchRun:
         assert self.out is not None
         async with self._saving:
             try:
-                return await client.download(task, self.out)
+                return await self._download(client, task, result.request)
             except (KlingError, OSError):
                 if not result.resumed:
                     raise
             # Read back from the journal, its URLs may be stale: ask Kling again.
             fresh = await client.images.get(task.task_id, endpoint=result.request.endpoint)
-            return await client.download(fresh, self.out)
+            return await self._download(client, fresh, result.request)
+
+    async def _download(self, client: Client, task: Task, request: TaskRequest) -> list[Path]:
+        """The images, and the watermarked copies when the line asked for them
+        (``watermark_info``), as ``generate --watermark`` saves them."""
+        assert self.out is not None
+        paths = await client.download(task, self.out)
+        if request.watermark:
+            paths += await client.download(task, self.out, watermarked=True)
+        return paths
 
 
 def _result_status(result: BatchResult) -> str:
@@ -1391,10 +1496,9 @@ def batch(
         )
         return
     results_path = results_path or out / "results.jsonl"
-    if no_download:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-    else:
+    if not no_download:
         _writable_directory(out)
+    _writable_results(results_path)
     journal = (results_path.parent if no_download else out) / JOURNAL_NAME
     if fresh:
         Journal.discard(journal)  # refused while another run works on it

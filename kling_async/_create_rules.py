@@ -49,8 +49,10 @@ from ._exceptions import (
     APIError,
     AuthenticationError,
     ConcurrencyLimitError,
+    ConfigurationError,
     InvalidRequestError,
     KlingError,
+    TransportError,
     is_ambiguous,
     is_retryable,
 )
@@ -92,6 +94,15 @@ def may_have_landed(error: KlingError) -> bool:
     """Whether a create that met ``error`` may have created its task: the one
     place that decides ambiguity (see the module docstring)."""
     return is_ambiguous(error) or is_unreadable_success(error) or claims_existing_id(error)
+
+
+def never_sent(error: KlingError) -> bool:
+    """Whether a request that met ``error`` never reached Kling: the client
+    refused to send it (missing or unusable credentials, a setting aiohttp
+    rejects) or no connection was ever made. Kling cannot have acted on it."""
+    if isinstance(error, ConfigurationError):
+        return True
+    return isinstance(error, TransportError) and not error.may_have_reached_server
 
 
 class Step(enum.Enum):

@@ -225,7 +225,10 @@ def read_image_file(image: ImageFile, field: str) -> WireImage:
     except FileNotFoundError:
         given = image.given.strip()
         if "/" in given or os.sep in given or "." in given or "\\" in given:
-            raise ValidationError(field, f"image file {path} does not exist") from None
+            # A relative path is looked for from the working directory: say where,
+            # which is rarely where the user thought.
+            where = "" if path.is_absolute() else f" (looked for {path.absolute()})"
+            raise ValidationError(field, f"image file {path} does not exist{where}") from None
         raise ValidationError(
             field,
             f"{given!r} is not an http(s) URL, an existing file, or base64 JPEG or PNG data",

@@ -9,6 +9,7 @@ flat; nested wire shapes get a flat Python spelling (``element_ids`` for
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import re
@@ -739,11 +740,39 @@ def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
     known = {field.name for field in attrs.fields(cls)}
     for key in given:
         if key not in known:
-            raise ValidationError(str(key), f"is not a field of {cls.__name__}")
+            rule = f"is not a field of {cls.__name__}{_did_you_mean(str(key), cls)}"
+            raise ValidationError(str(key), rule)
     for field in attrs.fields(cls):
         if field.default is attrs.NOTHING and field.name not in given:
             raise ValidationError(field.name, "is required")
     return cls(**given)
+
+
+def _did_you_mean(name: str, cls: type[TaskRequest]) -> str:
+    """``" (did you mean X?)"`` for a misspelt field (``aspectratio``), or one of
+    another request's (``subject_image`` for a multi-image request's
+    ``subject_images``), naming that request by its command; else ``""``."""
+    from ._endpoints import declarations  # they build on this module
+
+    def spelling(field: str) -> str:
+        return field.replace("_", "").lower()
+
+    def closest(fields: Collection[str]) -> str | None:
+        spelt = {spelling(field): field for field in fields}
+        matches = difflib.get_close_matches(spelling(name), spelt, n=1, cutoff=0.8)
+        return spelt[matches[0]] if matches else None
+
+    own = closest([field.name for field in attrs.fields(cls)])
+    if own is not None:
+        return f" (did you mean {own}?)"
+    for declaration in declarations():
+        other = declaration.request_type
+        if other is cls:
+            continue
+        found = closest([field.name for field in attrs.fields(other)])
+        if found is not None:
+            return f" (did you mean {found}, of a {declaration.cli_name} request?)"
+    return ""
 
 
 def _whole(value: object) -> object:

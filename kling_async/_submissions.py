@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent
+from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent, never_sent
 from ._endpoints import by_request_type
 from ._exceptions import (
     ClientClosedError,
@@ -112,6 +112,7 @@ class Submission:
         "look_up_first",
         "phase",
         "possibly_landed",
+        "reached_kling",
         "receiver_callback",
         "request",
         "result",
@@ -143,6 +144,8 @@ class Submission:
         self.unwatched = False  # its caller was cancelled: only the log will tell
         self.holding = False  # the create's units are held in its limiter
         self.possibly_landed = False
+        #: Whether any request of this create (a send or a lookup) reached Kling.
+        self.reached_kling = False
         self.uncertain = False  # settled without knowing whether Kling has the task
         self.runner: asyncio.Task[None] | None = None
         self._on_admitted = on_admitted
@@ -451,7 +454,11 @@ class Submissions:
                 else:
                     moved = entry.moved(EntryState.NOT_CREATED, error=str(refusal))
                     _quietly("record", ledger.record, moved)
-                    outcome = "Kling has no such task: nothing was created"
+                    outcome = (
+                        "Kling has no such task: nothing was created"
+                        if submission.reached_kling
+                        else "nothing was sent"
+                    )
                     self._fail(submission, for_create(refusal, external_task_id, outcome))
         finally:
             self._tracker.created(external_task_id)
@@ -491,6 +498,7 @@ class Submissions:
             if decision.step is Step.SEND:
                 submission.phase = Phase.ON_THE_WIRE
                 task, error = await self._ask(create)
+                submission.reached_kling |= error is None or not never_sent(error)
                 if error is not None and limiter is not None:
                     _quietly("observe", limiter.observe, error)
                 decision = after_sent(
@@ -502,6 +510,7 @@ class Submissions:
                     _log_retry(submission, error, decision)
             elif decision.step is Step.LOOKUP:
                 task, error = await self._ask(lookup)
+                submission.reached_kling |= error is None or not never_sent(error)
                 found: bool | KlingError = task is not None or (
                     False if isinstance(error, NotFoundError) else error or False
                 )
@@ -767,7 +776,11 @@ class Submissions:
             limiter=limiter,
             ledger=ledger,
             key=entry.key,
-            look_up_first=True,
+            # Not created (refused, confirmed absent, or never sent): nothing can
+            # have landed, so there is nothing to look up; sent again as a fresh
+            # create it says what happens now ("nothing was sent" without a key),
+            # never "cannot tell" about a create that never reached Kling.
+            look_up_first=entry.state is not EntryState.NOT_CREATED,
             on_admitted=on_admitted,
         )
 
