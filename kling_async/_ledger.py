@@ -156,8 +156,9 @@ class MemoryLedger:
     ``close()`` reports and :meth:`unsettled` lists.
     """
 
-    #: Created tasks are the tracker's business, not this ledger's.
-    records_results: Final = False
+    #: Created tasks are the tracker's business, not this ledger's (a subclass
+    #: that wants results kept current says True).
+    records_results: bool = False
 
     def __init__(self) -> None:
         self._entries: dict[str, LedgerEntry] = {}

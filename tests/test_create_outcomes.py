@@ -477,7 +477,7 @@ def test_every_ledger_declares_whether_it_records_results() -> None:
 
 def test_a_ledger_without_records_results_is_refused_up_front(server: FakeKlingServer) -> None:
     with pytest.raises(kling_async.ConfigurationError, match="records_results"):
-        make_client(server, ledger=Undeclared())  # type: ignore[arg-type]
+        make_client(server, ledger=Undeclared())
 
 
 async def test_a_ledger_that_records_results_sees_the_terminal_status(
