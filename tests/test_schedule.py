@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 from kling_async import ImageGenerationRequest, MultiImageRequest, PollPolicy
 from kling_async import _endpoints as _endpoints_module
 from kling_async._durations import (
+    DEFAULT_PRIOR,
     HALF_LIFE,
     MIN_KIND_SAMPLES,
     PRIORS,
     WINDOW,
     DurationLearner,
     kind_of,
+    prior_for,
 )
 from kling_async._endpoints import by_request_type, declarations
 from kling_async._models import (
@@ -367,9 +369,12 @@ def test_a_task_attached_without_a_request_learns_and_borrows_under_its_duration
 
 def test_every_declared_endpoint_has_a_documented_prior() -> None:
     for declaration in declarations():
-        prior = PRIORS[declaration.duration_key, None]
+        prior = prior_for(declaration.duration_key, None)
         assert prior.earliest > 0
         assert "no task durations" in prior.source  # honest about where it comes from
+    # The table names today's endpoints; one declared later gets the default.
+    assert {key for key, _ in PRIORS} == {d.duration_key for d in declarations()}
+    assert prior_for("videos/text2video", None) is DEFAULT_PRIOR
 
 
 @given(
