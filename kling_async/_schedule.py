@@ -180,7 +180,7 @@ def next_delay(
 
     ``durations`` is what was learned about tasks like it (``None`` or a
     :class:`Prior`: nothing yet, the cold schedule applies; with a prior, no
-    poll before its ``earliest`` end, deferred by at most
+    poll before its ``earliest`` end (jittered), deferred by at most
     :data:`PRIOR_STRETCH` times ``initial_delay``); ``sharing`` how many tasks the request
     that polls it serves (1 for a GET, more for a list page); ``noise`` a draw
     in [-1, 1] that jitters gaps which would otherwise fall in lockstep.
@@ -192,8 +192,10 @@ def next_delay(
             return cold
         # Gaps only ever lengthen (a poll the cold schedule would make is
         # skipped while the task cannot have ended), so polls never get more.
+        # Jittered as the cold gaps are: a batch created at once would
+        # otherwise poll in lockstep, all just before a task ending at the bound.
         earliest = min(durations.earliest, PRIOR_STRETCH * policy.initial_delay)
-        return max(cold, earliest - age)
+        return max(cold, (earliest - age) * jitter)
     floor = max(
         MIN_LEARNED_GAP,
         min(policy.min_gap * durations.median, (durations.end - durations.start) / WINDOW_POLLS),
