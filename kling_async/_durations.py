@@ -3,9 +3,15 @@
 Kling stamps every task with ``created_at`` and ``updated_at``; the difference
 on a terminal task is its true duration, whatever the network did, also for a
 task this client only attached to. Durations depend on what was asked for, so
-they are kept per *kind* of task: the endpoint, the model, ``n``, the
-resolution and the number of reference images. A kind with too few finished
-tasks borrows what its endpoint as a whole has learned.
+they are kept per *kind* of task, which the endpoint's declaration defines
+(``_endpoints``): its ``duration_key`` and its ``duration_features`` of the
+request (model, images asked for, resolution, reference inputs). A kind with
+too few finished tasks borrows what its duration key as a whole has learned; a
+task attached by id (no request) uses that pool from the start.
+
+Before any task of a duration key has ended, and with no history kept, a
+:class:`~kling_async._schedule.Prior` from :data:`PRIORS` shapes the cold
+schedule (see there for what its numbers are, and are not).
 
 Old evidence decays: each duration's weight halves with every
 :data:`HALF_LIFE` newer ones of its kind, and only the latest :data:`WINDOW`
@@ -32,40 +38,81 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ._models import Endpoint, ImageGenerationRequest, MultiImageRequest, TaskRequest
-from ._schedule import Durations
+from ._endpoints import by_request_type, declaration_for
+from ._models import Endpoint, TaskRequest
+from ._schedule import Durations, Prior
 
 logger = logging.getLogger("kling_async")
 
 Kind = tuple[Hashable, ...]
-"""What changes how long a task takes: (endpoint, model, n, resolution, references)."""
+"""What changes how long a task takes: its declaration's ``duration_key``, then
+the ``duration_features`` of its request (model, n, resolution, references)."""
 
-#: Durations kept per kind (and per endpoint): the most recent ones.
+#: Durations kept per kind (and per duration key): the most recent ones.
 WINDOW = 64
 #: A duration weighs half as much once this many newer ones of its kind came.
 HALF_LIFE = 16
 #: Finished tasks a kind needs before its own distribution is used rather
-#: than its endpoint's.
+#: than its duration key's.
 MIN_KIND_SAMPLES = 3
-#: While an endpoint has this few durations, each one reshapes its distribution.
+#: While a duration key has this few durations, each one reshapes its distribution.
 EARLY_SAMPLES = 3
+
+#: Where the priors come from: nowhere better, and the docs say so.
+_PRIOR_SOURCE = (
+    "conservative lower bound: Kling documents no task durations and the SDK has no "
+    "measurements of real tasks to cite"
+)
+#: What is assumed about each duration key (and, where given, model) before a
+#: task of it has ended: a task is not expected to end younger than ``earliest``.
+#: Kling's reference gives no durations, and the fake server's timings are
+#: test settings, not evidence, so each number is a *lower bound* chosen to be
+#: safe rather than a typical duration: 2 s, below what any of these endpoints
+#: (a diffusion model behind a queue, then an upload) can plausibly take. A
+#: lower bound of the fastest model, ``n`` and resolution holds for slower ones
+#: too, so the table needs no entry per ``n`` or resolution. At default settings
+#: it only skips the cold schedule's first poll (1 s); the first finished task of
+#: the key replaces it with what was learned (``docs/performance.md``).
+PRIORS: Mapping[tuple[str, str | None], Prior] = {
+    (key, None): Prior(earliest=2.0, source=_PRIOR_SOURCE)
+    for key in (
+        "images/generations",
+        "images/multi-image2image",
+        "images/omni-image",
+        "images/editing/expand",
+        "general/ai-multi-shot",
+        "images/kolors-virtual-try-on",
+    )
+}
+#: The prior of a duration key the table does not name (an endpoint declared
+#: later): the same conservative bound, so a new endpoint needs no entry here.
+DEFAULT_PRIOR = Prior(earliest=2.0, source=_PRIOR_SOURCE)
+
+
+def prior_for(key: str, kind: Kind | None) -> Prior:
+    """The prior of tasks of ``kind`` (``None``: of the duration key ``key`` as a whole)."""
+    model = kind[1] if kind is not None and len(kind) > 1 else None
+    if isinstance(model, str) and (key, model) in PRIORS:
+        return PRIORS[key, model]
+    return PRIORS.get((key, None), DEFAULT_PRIOR)
 
 
 def kind_of(request: TaskRequest) -> Kind:
-    """The kind of task ``request`` creates, for learning its duration."""
-    if isinstance(request, ImageGenerationRequest):
-        references = len(request.element_ids) + (request.image is not None)
-        resolution = request.resolution
-    elif isinstance(request, MultiImageRequest):
-        references = (
-            len(request.subject_images)
-            + (request.scene_image is not None)
-            + (request.style_image is not None)
-        )
-        resolution = None
-    else:  # a request type added later: learn it per endpoint and model
-        references, resolution = 0, None
-    return (request.endpoint, request.model_name, request.n, resolution, references)
+    """The kind of task ``request`` creates, for learning its duration: what its
+    endpoint's declaration says the duration depends on."""
+    try:
+        declaration = by_request_type(request)
+    except KeyError:  # an undeclared request type: learn it per endpoint and model
+        return (request.endpoint.value, request.model_name, request.n, None, 0)
+    return (declaration.duration_key, *declaration.duration_features(request))
+
+
+def duration_key_of(endpoint: Endpoint) -> str:
+    """The duration key of ``endpoint``'s tasks, also of one attached by id."""
+    try:
+        return declaration_for(endpoint).duration_key
+    except KeyError:
+        return str(endpoint.value)
 
 
 class _Evidence:
@@ -96,13 +143,13 @@ class _Evidence:
 
 
 class DurationLearner:
-    """Durations of finished tasks per kind and per endpoint, with decay;
+    """Durations of finished tasks per kind and per duration key, with decay;
     seeded from ``cache`` on first use, when there is one."""
 
     def __init__(self, cache: DurationCache | None = None) -> None:
         self._kinds: dict[Kind, _Evidence] = {}
         self._interned: dict[Kind, Kind] = {}
-        self._endpoints: dict[Endpoint, _Evidence] = {}
+        self._pools: dict[str, _Evidence] = {}  # per duration key
         self._everything = _Evidence()
         self._cache = cache
         self._unread = cache is not None  # read on first use: no I/O in constructors
@@ -115,7 +162,7 @@ class DurationLearner:
         for kind, durations in self._cache.load().items():
             kind = self._interned.setdefault(kind, kind)
             own = self._kinds.setdefault(kind, _Evidence())
-            pooled = self._endpoints.setdefault(kind[0], _Evidence())  # type: ignore[arg-type]
+            pooled = self._pools.setdefault(_pool_of(None, kind), _Evidence())
             for seconds in durations:
                 own.add(seconds)
                 pooled.add(seconds)
@@ -137,9 +184,10 @@ class DurationLearner:
         return self._interned.setdefault(kind, kind)
 
     def observe(self, endpoint: Endpoint, kind: Kind | None, seconds: float) -> bool:
-        """Learn that a task of ``kind`` (``None``: unknown) took ``seconds``.
+        """Learn that a task of ``endpoint`` and ``kind`` (``None``: unknown,
+        e.g. attached by id) took ``seconds``.
 
-        Returns whether this changed much what is known: one of the endpoint's
+        Returns whether this changed much what is known: one of the duration key's
         first few durations, or the one that gives its kind a distribution of
         its own. Polls planned before are then worth planning again.
         """
@@ -151,22 +199,26 @@ class DurationLearner:
             own = self._kinds.setdefault(kind, _Evidence())
             own.add(seconds)
             telling = len(own) == MIN_KIND_SAMPLES
-        pooled = self._endpoints.setdefault(endpoint, _Evidence())
+        pooled = self._pools.setdefault(_pool_of(endpoint, kind), _Evidence())
         pooled.add(seconds)
         self._everything.add(seconds)
         return telling or len(pooled) <= EARLY_SAMPLES
 
-    def durations(self, endpoint: Endpoint, kind: Kind | None) -> Durations | None:
-        """What is known about tasks of ``kind``: its own distribution once it
-        has enough finished tasks, else its endpoint's; ``None`` if nothing."""
+    def durations(self, endpoint: Endpoint, kind: Kind | None) -> Durations | Prior:
+        """What is known about tasks of ``endpoint`` and ``kind``: its own
+        distribution once it has enough finished tasks, else its duration
+        key's; before any of them ended, :func:`prior_for` the key and kind."""
         if self._unread:
             self._read_cache()
         if kind is not None:
             own = self._kinds.get(kind)
-            if own is not None and len(own) >= MIN_KIND_SAMPLES:
-                return own.durations()
-        pooled = self._endpoints.get(endpoint)
-        return pooled.durations() if pooled is not None else None
+            mature = own.durations() if own is not None and len(own) >= MIN_KIND_SAMPLES else None
+            if mature is not None:
+                return mature
+        key = _pool_of(endpoint, kind)
+        pooled = self._pools.get(key)
+        learned = pooled.durations() if pooled is not None else None
+        return learned if learned is not None else prior_for(key, kind)
 
     @property
     def typical(self) -> float | None:
@@ -175,6 +227,20 @@ class DurationLearner:
             self._read_cache()
         durations = self._everything.durations()
         return durations.median if durations is not None else None
+
+
+def _pool_of(endpoint: Endpoint | None, kind: Kind | None) -> str:
+    """The duration key whose pool a task of ``kind`` (or, unknown, of
+    ``endpoint``) learns into and borrows from."""
+    if kind is not None:
+        return _key_text(kind[0])
+    assert endpoint is not None
+    return duration_key_of(endpoint)
+
+
+def _key_text(key: Hashable) -> str:
+    # A kind made before duration keys (or by hand) may start with an Endpoint.
+    return key.value if isinstance(key, Endpoint) else str(key)
 
 
 # --- kept between runs ---------------------------------------------------------------
@@ -230,9 +296,10 @@ class DurationCache:
         return cls(path, f"{parts.scheme}://{parts.hostname}{port}{parts.path}")
 
     def _key(self, kind: Kind) -> str:
-        endpoint, *rest = kind
-        value = endpoint.value if isinstance(endpoint, Endpoint) else endpoint
-        return json.dumps([self.scope, value, *rest])
+        # The duration key is the endpoint's path today: files written before
+        # kinds were derived from the declarations read the same.
+        key, *rest = kind
+        return json.dumps([self.scope, _key_text(key), *rest])
 
     def _read_file(self) -> dict[str, object]:
         try:
@@ -260,13 +327,18 @@ class DurationCache:
         # Entries this version cannot read are dropped, whoever wrote them.
         kinds = {k: v for k, v in self._read_file().items() if _parse_entry(k, v) is not None}
         now = round(time.time(), 3)
+        fresh: set[str] = set()
         for kind, durations in recent.items():
             if durations:
-                kinds[self._key(kind)] = {"seconds": list(durations)[-WINDOW:], "at": now}
+                key = self._key(kind)
+                kinds[key] = {"seconds": list(durations)[-WINDOW:], "at": now}
+                fresh.add(key)
 
-        def written(item: tuple[str, object]) -> float:
+        def written(item: tuple[str, object]) -> tuple[float, bool]:
             at = item[1].get("at") if isinstance(item[1], dict) else None
-            return float(at) if isinstance(at, (int, float)) else 0.0
+            # What this save writes goes before what another wrote in the same
+            # millisecond: the clock alone cannot order them.
+            return (float(at) if isinstance(at, (int, float)) else 0.0, item[0] in fresh)
 
         kept = dict(sorted(kinds.items(), key=written, reverse=True)[:MAX_CACHED_KINDS])
         text = json.dumps({"format": CACHE_FORMAT, "kinds": kept}, separators=(",", ":"))
@@ -290,10 +362,12 @@ def _parse_entry(key: str, entry: object) -> tuple[str, Kind, list[float]] | Non
     """The scope, kind and durations of one entry of the file; ``None`` when it
     is not one this version wrote."""
     try:
-        scope, endpoint, *rest = json.loads(key)
-        if not isinstance(scope, str) or not isinstance(entry, dict):
+        scope, duration_key, *rest = json.loads(key)
+        if not all(isinstance(part, str) for part in (scope, duration_key)):
             return None
-        kind: Kind = (Endpoint(endpoint), *rest)
+        if not isinstance(entry, dict):
+            return None
+        kind: Kind = (duration_key, *rest)
         durations = [
             float(seconds)
             for seconds in entry["seconds"][-WINDOW:]

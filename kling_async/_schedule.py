@@ -24,8 +24,10 @@ it may be more frequent: ``chance`` shrinks with the number of tasks a request
 serves, down to ``PollPolicy.sweep_chance``.
 
 With nothing learned yet the schedule is the one the SDK always had
-(``PollPolicy.initial_delay`` growing to ``max_delay``): a cold start is never
-worse than before.
+(``PollPolicy.initial_delay`` growing to ``max_delay``), shaped by a
+:class:`Prior` when there is one: no poll before the earliest end the prior
+allows for such tasks. A prior only ever lengthens the cold schedule's gaps, so
+a cold start never polls more than before; the first finished task replaces it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ SHORTEST = 0.001
 #: in at least this many polls: a narrow one (tasks that all take about as
 #: long) is then polled closely, and the end is caught soon after it comes.
 WINDOW_POLLS = 2
+#: A prior defers a task's first poll to at most this many times
+#: ``PollPolicy.initial_delay``: a policy with a short one says its tasks may
+#: end sooner than Kling's (a fake server in tests, a caching gateway).
+PRIOR_STRETCH = 2.0
 
 
 def _pad(value: float, samples: int, spread: float) -> float:
@@ -149,9 +155,22 @@ class Durations:
         return before + (after - before) * (fraction - low) / (high - low)
 
 
+@attrs.frozen(kw_only=True)
+class Prior:
+    """What is assumed about tasks of a kind before any has been seen to end.
+
+    ``earliest`` is an age (seconds) before which such a task is not expected
+    to have ended: a lower bound, not a typical duration. ``source`` says where
+    the number comes from (shown in the docs, and in logs at debug level).
+    """
+
+    earliest: float = attrs.field(validator=attrs.validators.ge(0.0))
+    source: str
+
+
 def next_delay(
     age: float,
-    durations: Durations | None,
+    durations: Durations | Prior | None,
     policy: PollPolicy,
     *,
     sharing: float = 1.0,
@@ -159,14 +178,24 @@ def next_delay(
 ) -> float:
     """Seconds from now until the next poll of a task ``age`` seconds old.
 
-    ``durations`` is what was learned about tasks like it (``None``: nothing
-    yet, the cold schedule applies); ``sharing`` how many tasks the request
+    ``durations`` is what was learned about tasks like it (``None`` or a
+    :class:`Prior`: nothing yet, the cold schedule applies; with a prior, no
+    poll before its ``earliest`` end (jittered), deferred by at most
+    :data:`PRIOR_STRETCH` times ``initial_delay``); ``sharing`` how many tasks the request
     that polls it serves (1 for a GET, more for a list page); ``noise`` a draw
     in [-1, 1] that jitters gaps which would otherwise fall in lockstep.
     """
     jitter = 1.0 + policy.jitter * max(-1.0, min(1.0, noise))
-    if durations is None:
-        return policy.base_delay(age) * jitter
+    if durations is None or isinstance(durations, Prior):
+        cold = policy.base_delay(age) * jitter
+        if durations is None:
+            return cold
+        # Gaps only ever lengthen (a poll the cold schedule would make is
+        # skipped while the task cannot have ended), so polls never get more.
+        # Jittered as the cold gaps are: a batch created at once would
+        # otherwise poll in lockstep, all just before a task ending at the bound.
+        earliest = min(durations.earliest, PRIOR_STRETCH * policy.initial_delay)
+        return max(cold, (earliest - age) * jitter)
     floor = max(
         MIN_LEARNED_GAP,
         min(policy.min_gap * durations.median, (durations.end - durations.start) / WINDOW_POLLS),
@@ -183,18 +212,18 @@ def next_delay(
     return min(policy.max_delay, max(floor, gap))
 
 
-def overdue_age(durations: Durations | None, policy: PollPolicy) -> float:
+def overdue_age(durations: Durations | Prior | None, policy: PollPolicy) -> float:
     """The age from which a task whose callbacks are expected counts as overdue:
     ``overdue_factor`` times the typical duration and past every duration seen
-    (``callback_delay`` while nothing is learned)."""
-    if durations is None:
+    (``callback_delay`` while nothing is learned, a prior included)."""
+    if durations is None or isinstance(durations, Prior):
         return policy.callback_delay
     return max(policy.overdue_factor * durations.median, durations.end)
 
 
 def poll_delay(
     age: float,
-    durations: Durations | None,
+    durations: Durations | Prior | None,
     policy: PollPolicy,
     *,
     callbacks: bool = False,

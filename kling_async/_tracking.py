@@ -31,7 +31,7 @@ from ._exceptions import (
 )
 from ._models import Endpoint, Task, TaskRequest, TaskStatus
 from ._polling import Poller, PollPlan
-from ._schedule import Durations
+from ._schedule import Durations, Prior
 from ._wire import get_request, parse_task
 
 if TYPE_CHECKING:
@@ -197,8 +197,9 @@ class Tracker:
         """The median duration of this client's recent tasks, in seconds."""
         return self.durations.typical
 
-    def durations_for(self, state: TaskState) -> Durations | None:
-        """What is known about how long tasks like ``state``'s take."""
+    def durations_for(self, state: TaskState) -> Durations | Prior:
+        """What is known (or, before any ended, assumed) about how long tasks
+        like ``state``'s take."""
         return self.durations.durations(state.endpoint, state.kind)
 
     def classify(self, state: TaskState, request: TaskRequest) -> None:

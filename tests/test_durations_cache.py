@@ -16,9 +16,11 @@ from kling_async._durations import (
     MAX_CACHED_KINDS,
     WINDOW,
     DurationCache,
+    DurationLearner,
     default_cache_path,
 )
 from kling_async._models import Endpoint
+from kling_async._schedule import PRIOR_STRETCH, Durations
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, make_client
 
@@ -109,9 +111,9 @@ def test_the_cache_is_bounded_and_private_to_its_api_root(tmp_path: Path) -> Non
     path = tmp_path / "durations.json"
     ours = DurationCache.for_base_url(path, "http://user:secret@127.0.0.1:8080/kling")
     theirs = DurationCache.for_base_url(path, "https://api.example.com")
-    kind = (Endpoint.GENERATIONS, "kling-v3", 1, None, 0)
+    kind = ("images/generations", "kling-v3", 1, None, 0)
     theirs.save({kind: [5.0]})
-    ours.save({(Endpoint.GENERATIONS, f"model-{i}", 1, None, 0): [1.0] * 100 for i in range(250)})
+    ours.save({("images/generations", f"model-{i}", 1, None, 0): [1.0] * 100 for i in range(250)})
     assert "secret" not in path.read_text()
     recorded = json.loads(path.read_text())["kinds"]
     assert len(recorded) == MAX_CACHED_KINDS
@@ -121,3 +123,39 @@ def test_the_cache_is_bounded_and_private_to_its_api_root(tmp_path: Path) -> Non
     assert theirs.load() == {kind: [5.0, 6.0]}
     assert kind not in ours.load()
     assert os.listdir(tmp_path) == ["durations.json"]  # no temporary left behind
+
+
+def test_a_file_written_before_duration_keys_reads_the_same(tmp_path: Path) -> None:
+    # Kinds then began with the Endpoint member; the file held its path, which
+    # is the endpoint's duration key: the learned history survives the change.
+    cache = DurationCache(tmp_path / "durations.json", "http://127.0.0.1")
+    cache.save({(Endpoint.OMNI_IMAGE, "kling-image-o1", 1, "2k", 1): [12.0, 14.0]})
+    assert cache.load() == {("images/omni-image", "kling-image-o1", 1, "2k", 1): [12.0, 14.0]}
+    learner = DurationLearner(cache)
+    learned = learner.durations(Endpoint.OMNI_IMAGE, None)  # e.g. a task attached by id
+    assert isinstance(learned, Durations)
+    assert 12.0 < learned.median < 14.0
+
+
+async def test_with_no_history_the_prior_defers_the_first_poll_not_the_end(
+    tmp_path: Path,
+) -> None:
+    """Issue 26: a cold start uses the endpoint's prior. The first poll waits for
+    the earliest end it allows (here PRIOR_STRETCH initial delays: a policy of
+    0.1 s says tasks are short), where the cold schedule alone polled at 0.1 s;
+    the task is still found as soon as the cold schedule would have found it."""
+    policy = PollPolicy(initial_delay=0.1, max_delay=1.0, jitter=0.0, timeout=10.0)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=0.35, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy, durations_cache=False) as client:
+            handle = await client.images.generate(prompt="a first task, no history")
+            created = time.monotonic()
+            task = await handle
+            found = time.monotonic()
+        polls = [request.arrived_at - created for request in server.requests_for("get")]
+    assert task.status is TaskStatus.SUCCEED
+    assert polls[0] >= PRIOR_STRETCH * 0.1 - 0.01  # not at 0.1 s: no task can have ended
+    # Cold polls were due at 0.1, 0.2, 0.3, 0.45: the prior drops the first only.
+    assert len(polls) <= 3
+    assert found - created < 0.6

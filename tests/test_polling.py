@@ -16,6 +16,7 @@ from kling_async import CallbackReceiver, ImageGenerationRequest, PollPolicy, Ta
 from kling_async import _polling as polling
 from kling_async._durations import kind_of
 from kling_async._polling import Poller
+from kling_async._schedule import Durations
 from kling_async._wire import parse_task
 from kling_async.testing import CallbackFaults, FakeKlingServer
 from tests.helpers import API_KEY, eventually, make_client
@@ -163,7 +164,7 @@ async def test_once_tasks_of_a_kind_finished_the_next_is_not_polled_while_it_sur
             for index in range(3):  # a handful of the same kind
                 await (await client.images.generate(prompt=f"learn {index}"))
             durations = client._tracker.durations_for(cold._state)
-            assert durations is not None
+            assert isinstance(durations, Durations)
             assert durations.median == pytest.approx(0.4, abs=0.05)
             before = len(server.requests_for("get"))
             handle = await client.images.generate(prompt="learned")

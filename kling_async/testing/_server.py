@@ -17,6 +17,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ._adapter import make_app
+from ._endpoints import COSTS_PATH, RECOGNIZE_PATH
 from ._handlers import FakeApi
 from ._options import (
     CallbackFaults,
@@ -37,6 +38,19 @@ from ._tasks import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeTask
 __all__ = ["DEFAULT_FAILURE_MESSAGE", "FAIL_MARKER", "FakeKlingServer"]
 
 HOST: Final = "127.0.0.1"
+#: What ``inject(endpoint=...)`` may name: every task endpoint, and the
+#: synchronous ones (image recognition, account costs).
+FAULT_ENDPOINTS: Final = (*ENDPOINTS, RECOGNIZE_PATH, COSTS_PATH)
+
+
+def fault_endpoint(given: str) -> str:
+    """The endpoint a fault for ``given`` matches: a task endpoint's or a
+    synchronous endpoint's path, with or without its leading ``/`` and
+    ``/v1/`` (``"/v1/videos/image-recognize"``, ``"account/costs"``)."""
+    relative = given.removeprefix("/").removeprefix("v1/")
+    if relative not in FAULT_ENDPOINTS:
+        raise ValueError(f"unknown endpoint {given!r}; one of {FAULT_ENDPOINTS}")
+    return relative
 
 
 class FakeKlingServer:
@@ -371,8 +385,10 @@ class FakeKlingServer:
         ``delay`` also applies before any other kind.
 
         ``route`` (``"create"``, ``"get"``, ``"list"``, ``"download"`` or
-        ``"any"``) and ``endpoint`` (e.g. ``"images/generations"``) pick the
-        requests; ``times`` how many it applies to (``None``: no end);
+        ``"any"``) and ``endpoint`` (e.g. ``"images/generations"``, or a
+        synchronous endpoint's path: ``"/v1/videos/image-recognize"``,
+        ``"/account/costs"``, whose requests count as the ``"create"`` and
+        ``"get"`` routes) pick the requests; ``times`` how many it applies to (``None``: no end);
         ``probability`` the chance it applies to each (seeded by ``seed``).
         Faults are tried in injection order and at most one applies per request.
         They come before authentication and rate limiting; ``/_fake/`` is exempt.
@@ -381,8 +397,8 @@ class FakeKlingServer:
         itself when the connection drops, so one ``"drop"`` of a get is
         invisible to an aiohttp client: use ``times=2`` or more to see it.
         """
-        if endpoint is not None and endpoint not in ENDPOINTS:
-            raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
+        if endpoint is not None:
+            endpoint = fault_endpoint(endpoint)
         fault = Fault(
             kind=kind,
             route=route,
