@@ -214,22 +214,48 @@ async def _rerun_forever(account: RedisAccount) -> None:
             logger.warning("cannot release the jobs of dead workers: %s", error)
 
 
+#: Release a dead worker's jobs in one step: its job set is read, the jobs' arq
+#: in-progress marks deleted and the set dropped atomically, and only while the
+#: worker has no fence (it did not join again meanwhile). Read and delete apart,
+#: a survivor that read the set before another survivor released it deleted,
+#: after the fact, the mark of a job a worker had just started again: arq then
+#: started that job a second time in the same worker, whose bookkeeping fails
+#: the job with ``KeyError(job_id)`` although its task runs. The marks are arq's
+#: keys, not declared: arq runs on one Redis (no Cluster), as this module does.
+#: KEYS: workers set, the worker's jobs set, fence hash; ARGV: worker, mark prefix.
+RELEASE_DEAD_WORKER_JOBS: Final = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  return -1
+end
+local jobs = redis.call('SMEMBERS', KEYS[2])
+for _, job in ipairs(jobs) do
+  redis.call('DEL', ARGV[2] .. job)
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+return #jobs
+"""
+
+
 async def _rerun_dead_jobs(account: RedisAccount) -> None:
     # Only workers that lost their fence (reaped while Redis served, or gone):
     # a job whose worker still holds its fence may still be running there.
     redis = account.redis
+    release = account.script(RELEASE_DEAD_WORKER_JOBS)
     workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
     for raw in workers:
         worker = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if worker == account.member or await account.alive(worker):
+        if worker == account.member:
             continue
-        jobs = await redis.smembers(_jobs_key(account, worker))  # type: ignore[misc]
-        marks = [
-            in_progress_key_prefix + (job.decode() if isinstance(job, bytes) else str(job))
-            for job in jobs
-        ]
-        if marks:
-            await redis.delete(*marks)
-            logger.warning("worker %s is gone: its %d jobs run again", worker, len(marks))
-        await redis.delete(_jobs_key(account, worker))
-        await redis.srem(account.key("arq-workers"), worker)  # type: ignore[misc]
+        released = int(
+            await release(
+                keys=[
+                    account.key("arq-workers"),
+                    _jobs_key(account, worker),
+                    account.key("fence"),
+                ],
+                args=[worker, in_progress_key_prefix],
+            )
+        )
+        if released > 0:
+            logger.warning("worker %s is gone: its %d jobs run again", worker, released)

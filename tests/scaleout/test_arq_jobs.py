@@ -97,3 +97,42 @@ async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
         await survivor.renew()  # a script reaps it: now it is dead
         await _rerun_dead_jobs(survivor)
         assert await redis.exists(in_progress_key_prefix + "job-3") == 0
+
+
+async def test_a_late_survivor_does_not_release_a_job_that_started_again(
+    redis: Redis, account_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two survivors release a dead worker's jobs. The late one read the dead
+    # worker's job set, then the early one released the jobs and a worker started
+    # job-1 again (its arq mark set anew), then the late one deleted the marks it
+    # had read: arq started job-1 a second time in the same worker, which failed it
+    # with KeyError('job-1') while its task ran (nemesis seeds 3036, 3039).
+    mark = in_progress_key_prefix + "job-1"
+    async with (
+        RedisAccount(redis, name=account_name, lease=0.2) as late,
+        RedisAccount(redis, name=account_name, lease=0.2) as early,
+    ):
+        await redis.sadd(late.key("arq-workers"), "dead-worker")
+        await redis.sadd(late.key("arq-jobs:dead-worker"), "job-1")
+        await redis.set(mark, b"1")
+        started_again = False
+
+        async def start_again() -> None:
+            nonlocal started_again
+            started_again = True
+            await _rerun_dead_jobs(early)
+            assert await redis.exists(mark) == 0  # released once
+            await redis.set(mark, b"1")  # a worker picked job-1 up again
+
+        real_delete = redis.delete
+
+        async def delete_after_the_early_release(*names: str | bytes) -> int:
+            if not started_again and any(str(name) == mark for name in names):
+                await start_again()
+            return await real_delete(*names)
+
+        monkeypatch.setattr(redis, "delete", delete_after_the_early_release)
+        await _rerun_dead_jobs(late)
+        if not started_again:  # the late pass released atomically: the early one comes after
+            await start_again()
+        assert await redis.exists(mark) == 1
