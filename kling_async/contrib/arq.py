@@ -165,12 +165,19 @@ def worker_settings(
 
     async def job_started(ctx: dict[str, Any]) -> None:
         shared: RedisAccount = ctx["kling_account"]
-        await shared.redis.sadd(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
-        await shared.redis.sadd(shared.key("arq-workers"), shared.member)  # type: ignore[misc]
+        job_id = str(ctx["job_id"])
+        async with shared.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(_jobs_key(shared, shared.member), job_id)
+            pipe.hset(shared.key("arq-job-runner"), job_id, shared.member)
+            pipe.sadd(shared.key("arq-workers"), shared.member)
+            await pipe.execute()
 
     async def job_recorded(ctx: dict[str, Any]) -> None:
         shared: RedisAccount = ctx["kling_account"]
-        await shared.redis.srem(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
+        await shared.script(JOB_RECORDED)(
+            keys=[_jobs_key(shared, shared.member), shared.key("arq-job-runner")],
+            args=[str(ctx["job_id"]), shared.member],
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         client: Client | None = ctx.get("kling_client")
@@ -222,18 +229,37 @@ async def _rerun_forever(account: RedisAccount) -> None:
 #: started that job a second time in the same worker, whose bookkeeping fails
 #: the job with ``KeyError(job_id)`` although its task runs. The marks are arq's
 #: keys, not declared: arq runs on one Redis (no Cluster), as this module does.
-#: KEYS: workers set, the worker's jobs set, fence hash; ARGV: worker, mark prefix.
+#: A job is released only if the dead worker was the last to start it (the
+#: runner hash): its set can name jobs it no longer runs (cancelled at a
+#: shutdown while Redis paused, its removal lost) that another worker runs now.
+#: KEYS: workers set, the worker's jobs set, fence hash, runner hash;
+#: ARGV: worker, mark prefix.
 RELEASE_DEAD_WORKER_JOBS: Final = """
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   return -1
 end
-local jobs = redis.call('SMEMBERS', KEYS[2])
-for _, job in ipairs(jobs) do
-  redis.call('DEL', ARGV[2] .. job)
+local released = 0
+for _, job in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', KEYS[4], job) == ARGV[1] then
+    redis.call('DEL', ARGV[2] .. job)
+    redis.call('HDEL', KEYS[4], job)
+    released = released + 1
+  end
 end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[1], ARGV[1])
-return #jobs
+return released
+"""
+
+
+#: A job ended here: out of this worker's set, and out of the runner hash unless
+#: another worker started it since. KEYS: jobs set, runner hash; ARGV: job, worker.
+JOB_RECORDED: Final = """
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
 """
 
 
@@ -253,6 +279,7 @@ async def _rerun_dead_jobs(account: RedisAccount) -> None:
                     account.key("arq-workers"),
                     _jobs_key(account, worker),
                     account.key("fence"),
+                    account.key("arq-job-runner"),
                 ],
                 args=[worker, in_progress_key_prefix],
             )

@@ -69,6 +69,9 @@ async def test_a_dead_workers_jobs_are_released_to_run_again(
     async with RedisAccount(redis, name=account_name, lease=0.2) as survivor:
         await redis.sadd(survivor.key("arq-workers"), "dead-worker", survivor.member)
         await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-1", "job-2")
+        await redis.hset(
+            survivor.key("arq-job-runner"), mapping={"job-1": "dead-worker", "job-2": "dead-worker"}
+        )
         await redis.set(in_progress_key_prefix + "job-1", b"1")
         await redis.set(in_progress_key_prefix + "job-2", b"1")
         await _rerun_dead_jobs(survivor)
@@ -91,6 +94,7 @@ async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
         await redis.zadd(survivor.key("members"), {stalled.member: 0})  # lease "expired"
         await redis.sadd(survivor.key("arq-workers"), stalled.member)
         await redis.sadd(survivor.key(f"arq-jobs:{stalled.member}"), "job-3")
+        await redis.hset(survivor.key("arq-job-runner"), "job-3", stalled.member)
         await redis.set(in_progress_key_prefix + "job-3", b"1")
         await _rerun_dead_jobs(survivor)
         assert await redis.exists(in_progress_key_prefix + "job-3") == 1
@@ -114,6 +118,7 @@ async def test_a_late_survivor_does_not_release_a_job_that_started_again(
     ):
         await redis.sadd(late.key("arq-workers"), "dead-worker")
         await redis.sadd(late.key("arq-jobs:dead-worker"), "job-1")
+        await redis.hset(late.key("arq-job-runner"), "job-1", "dead-worker")
         await redis.set(mark, b"1")
         started_again = False
 
@@ -123,6 +128,7 @@ async def test_a_late_survivor_does_not_release_a_job_that_started_again(
             await _rerun_dead_jobs(early)
             assert await redis.exists(mark) == 0  # released once
             await redis.set(mark, b"1")  # a worker picked job-1 up again
+            await redis.hset(early.key("arq-job-runner"), "job-1", early.member)
 
         real_delete = redis.delete
 
@@ -136,3 +142,28 @@ async def test_a_late_survivor_does_not_release_a_job_that_started_again(
         if not started_again:  # the late pass released atomically: the early one comes after
             await start_again()
         assert await redis.exists(mark) == 1
+
+
+async def test_a_job_a_dead_worker_no_longer_runs_is_not_released(
+    redis: Redis, account_name: str
+) -> None:
+    # The dead worker's set still names job-4: cancelled at its shutdown while
+    # Redis paused, the removal was lost; arq ran it again on a live worker. Its
+    # mark deleted, arq started it a second time in that worker, which failed it
+    # with KeyError('job-4') while its task ran (nemesis seed 3043).
+    async with (
+        RedisAccount(redis, name=account_name, lease=0.2) as survivor,
+        RedisAccount(redis, name=account_name, lease=0.2) as runner,
+    ):
+        await redis.sadd(survivor.key("arq-workers"), "dead-worker", runner.member)
+        await redis.sadd(survivor.key("arq-jobs:dead-worker"), "job-4", "job-5")
+        await redis.sadd(survivor.key(f"arq-jobs:{runner.member}"), "job-4")
+        await redis.hset(
+            survivor.key("arq-job-runner"), mapping={"job-4": runner.member, "job-5": "dead-worker"}
+        )
+        await redis.set(in_progress_key_prefix + "job-4", b"1")
+        await redis.set(in_progress_key_prefix + "job-5", b"1")
+        await _rerun_dead_jobs(survivor)
+        assert await redis.exists(in_progress_key_prefix + "job-4") == 1  # runs on `runner`
+        assert await redis.exists(in_progress_key_prefix + "job-5") == 0
+        assert await redis.smembers(survivor.key("arq-jobs:dead-worker")) == set()
