@@ -165,12 +165,19 @@ def worker_settings(
 
     async def job_started(ctx: dict[str, Any]) -> None:
         shared: RedisAccount = ctx["kling_account"]
-        await shared.redis.sadd(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
-        await shared.redis.sadd(shared.key("arq-workers"), shared.member)  # type: ignore[misc]
+        job_id = str(ctx["job_id"])
+        async with shared.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(_jobs_key(shared, shared.member), job_id)
+            pipe.hset(shared.key("arq-job-runner"), job_id, shared.member)
+            pipe.sadd(shared.key("arq-workers"), shared.member)
+            await pipe.execute()
 
     async def job_recorded(ctx: dict[str, Any]) -> None:
         shared: RedisAccount = ctx["kling_account"]
-        await shared.redis.srem(_jobs_key(shared, shared.member), str(ctx["job_id"]))  # type: ignore[misc]
+        await shared.script(JOB_RECORDED)(
+            keys=[_jobs_key(shared, shared.member), shared.key("arq-job-runner")],
+            args=[str(ctx["job_id"]), shared.member],
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         client: Client | None = ctx.get("kling_client")
@@ -214,22 +221,68 @@ async def _rerun_forever(account: RedisAccount) -> None:
             logger.warning("cannot release the jobs of dead workers: %s", error)
 
 
+#: Release a dead worker's jobs in one step: its job set is read, the jobs' arq
+#: in-progress marks deleted and the set dropped atomically, and only while the
+#: worker has no fence (it did not join again meanwhile). Read and delete apart,
+#: a survivor that read the set before another survivor released it deleted,
+#: after the fact, the mark of a job a worker had just started again: arq then
+#: started that job a second time in the same worker, whose bookkeeping fails
+#: the job with ``KeyError(job_id)`` although its task runs. The marks are arq's
+#: keys, not declared: arq runs on one Redis (no Cluster), as this module does.
+#: A job is released only if the dead worker was the last to start it (the
+#: runner hash): its set can name jobs it no longer runs (cancelled at a
+#: shutdown while Redis paused, its removal lost) that another worker runs now.
+#: KEYS: workers set, the worker's jobs set, fence hash, runner hash;
+#: ARGV: worker, mark prefix.
+RELEASE_DEAD_WORKER_JOBS: Final = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  return -1
+end
+local released = 0
+for _, job in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', KEYS[4], job) == ARGV[1] then
+    redis.call('DEL', ARGV[2] .. job)
+    redis.call('HDEL', KEYS[4], job)
+    released = released + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+return released
+"""
+
+
+#: A job ended here: out of this worker's set, and out of the runner hash unless
+#: another worker started it since. KEYS: jobs set, runner hash; ARGV: job, worker.
+JOB_RECORDED: Final = """
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+
 async def _rerun_dead_jobs(account: RedisAccount) -> None:
     # Only workers that lost their fence (reaped while Redis served, or gone):
     # a job whose worker still holds its fence may still be running there.
     redis = account.redis
+    release = account.script(RELEASE_DEAD_WORKER_JOBS)
     workers = await redis.smembers(account.key("arq-workers"))  # type: ignore[misc]
     for raw in workers:
         worker = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if worker == account.member or await account.alive(worker):
+        if worker == account.member:
             continue
-        jobs = await redis.smembers(_jobs_key(account, worker))  # type: ignore[misc]
-        marks = [
-            in_progress_key_prefix + (job.decode() if isinstance(job, bytes) else str(job))
-            for job in jobs
-        ]
-        if marks:
-            await redis.delete(*marks)
-            logger.warning("worker %s is gone: its %d jobs run again", worker, len(marks))
-        await redis.delete(_jobs_key(account, worker))
-        await redis.srem(account.key("arq-workers"), worker)  # type: ignore[misc]
+        released = int(
+            await release(
+                keys=[
+                    account.key("arq-workers"),
+                    _jobs_key(account, worker),
+                    account.key("fence"),
+                    account.key("arq-job-runner"),
+                ],
+                args=[worker, in_progress_key_prefix],
+            )
+        )
+        if released > 0:
+            logger.warning("worker %s is gone: its %d jobs run again", worker, released)

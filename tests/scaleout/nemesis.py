@@ -41,6 +41,8 @@ from redis.exceptions import RedisError
 HERE: Final = Path(__file__).resolve().parent
 #: A worker prints this once its startup (joining the account) is through.
 READY: Final = "NEMESIS-WORKER-READY"
+#: What a worker the account refused writes (the namespace bound to another account).
+REFUSAL: Final = "kling_async.ConfigurationError: the Redis namespace"
 
 #: The fault kinds a schedule can combine (``two_apps`` is a topology: a second
 #: application, with its own Kling account, its own fake server and its own arq
@@ -477,8 +479,20 @@ class WorkerPool:
 
     @property
     def refused(self) -> bool:
-        """Whether every worker keeps exiting at start (the account refused the app)."""
-        return all(slot.quick_exits >= 2 for slot in self.slots)
+        """Whether the account refused the app: every worker keeps exiting at start,
+        or its latest process wrote the refusal (a ``ConfigurationError`` before it
+        joined). The log decides as soon as it is written: on a loaded machine the
+        second start of a refused worker may end after the deadline, and the
+        verdict must not depend on that."""
+        return all(slot.quick_exits >= 2 or self.refused_at_start(slot) for slot in self.slots)
+
+    @staticmethod
+    def refused_at_start(slot: WorkerSlot) -> bool:
+        """Whether the slot's latest process was refused before it joined."""
+        if not slot.logs or not slot.logs[-1].exists():
+            return False
+        text = slot.logs[-1].read_text(errors="replace")
+        return READY not in text and REFUSAL in text
 
     def supervise(self) -> None:
         """Replace the workers that exited unasked (call it often)."""

@@ -106,6 +106,46 @@ async def test_an_adopter_keeps_the_units_of_a_create_that_may_have_landed(
             assert await held(redis, survivor) == {"in-flight": (survivor.member, 4, True)}
 
 
+async def test_an_adopted_create_that_never_had_units_waits_for_room(
+    redis: Redis, account_name: str
+) -> None:
+    # The dead member recorded its intent but was still queued for units (the
+    # quota was full): its create was never sent. The adopter held units for it
+    # all the same, so the create it sent again was admitted past the quota and
+    # refused with 1303 (nemesis seed 3032: 4 such creates on a full quota).
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None, concurrency_limit=8) as server,
+        members(redis, account_name, 2, lease=0.3) as (dead, survivor),
+    ):
+        limiter = survivor.limiter(8)
+        async with make_client(server, max_concurrency=limiter, ledger=survivor.ledger()) as client:
+            running = [await client.images.generate(prompt=f"r{i}", n=4) for i in range(2)]
+            dead_ledger = dead.ledger()
+            dead_ledger.record(
+                LedgerEntry(
+                    external_task_id="queued",
+                    endpoint=Endpoint.GENERATIONS,
+                    body={"prompt": "q", "n": 4, "external_task_id": "queued"},
+                    units=4,
+                    state=EntryState.INTENDED,
+                )
+            )
+            await dead_ledger.flush()
+            _stall(dead)
+            await asyncio.sleep(0.5)
+            adopter = survivor.adopt(client, interval=0.05)
+            await eventually(lambda: adopter.settled == 1)
+            await asyncio.sleep(0.3)
+            await limiter.flush()
+            codes = [request.code for request in server.requests_for("create")]
+            assert 1303 not in codes  # it waits for room instead of being refused
+            assert await total(redis, survivor) == 8
+            server.finish(running[0].task_id)
+            await eventually(lambda: len(server.tasks) == 3)
+        assert server.peak_units == 8
+        assert 1303 not in [request.code for request in server.requests_for("create")]
+
+
 # --- a stalled member is fenced (s03) --------------------------------------------------------
 
 

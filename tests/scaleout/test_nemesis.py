@@ -33,12 +33,15 @@ import pytest
 
 from kling_async.testing import find_redis_server
 from tests.scaleout.nemesis import (
+    READY,
+    REFUSAL,
     AccountLog,
     JobOutcome,
     Refusal,
     RunReport,
     Schedule,
     TaskRecord,
+    WorkerPool,
     check,
     make_schedule,
     peak_in_flight,
@@ -260,3 +263,24 @@ async def test_the_checker_sees_an_over_commit_in_the_servers_log(
     print(report.describe())
     assert any(violation.startswith("[over-commit]") for violation in report.violations)
     assert report.refusals >= 1
+
+
+def test_an_app_whose_workers_wrote_the_refusal_is_refused(tmp_path: Path) -> None:
+    # Seed 3029 under a load of 17: app b's second workers wrote the refusal
+    # after the last look at their exits, and b's jobs counted as lost.
+    pool = WorkerPool("b", 2, {}, tmp_path)
+    for slot in pool.slots:
+        slot.quick_exits = 1
+        slot.logs.append(tmp_path / f"worker-b{slot.index}-2.log")
+    pool.slots[0].logs[-1].write_text(f"Traceback ...\n{REFUSAL} 'default' belongs to ...\n")
+    pool.slots[1].logs[-1].write_text("starting\n")
+    assert not refused(pool)
+    pool.slots[1].logs[-1].write_text(f"{REFUSAL} 'default' belongs to another Kling account\n")
+    assert refused(pool)
+    pool.slots[1].logs[-1].write_text(f"{READY}\n{REFUSAL}\n")  # it joined: not refused
+    assert not refused(pool)
+
+
+def refused(pool: WorkerPool) -> bool:
+    """``pool.refused`` read afresh (a property a type checker would narrow)."""
+    return pool.refused

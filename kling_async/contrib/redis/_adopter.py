@@ -50,7 +50,9 @@ class Adopter:
     - a create that may or may not have landed keeps its units (moved from
       the dead member to this process: it may have landed), is looked up by
       its external_task_id, and sent again (same id) only if Kling has none;
-      its units are freed only once it is known not to exist.
+      its units are freed only once it is known not to exist. A create the
+      dead member was still queued for (it held no units: never sent) is sent
+      again through admission, waiting for room like any create.
 
     Then the dead member's remaining units (of creates that never landed and
     of tasks that had ended) are released. Before its first pass it binds the

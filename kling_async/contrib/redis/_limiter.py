@@ -267,7 +267,9 @@ class RedisLimiter:
 
     def hold(self, units: int, *, task: str) -> None:
         """Take over the units of a dead member's create that may have landed:
-        they stay counted (moved here) until it is known not to exist."""
+        they stay counted (moved here) until it is known not to exist. Redis
+        moves only units the dead member held: a create it was still queued
+        for was never sent, and waits for room again when it is sent."""
         self._note_held(task, units, running=False)
         self._queue_op(["hold", task, units])
 

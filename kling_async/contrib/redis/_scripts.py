@@ -342,7 +342,13 @@ for _, op in ipairs(cjson.decode(ARGV[9])) do
     -- have landed: its units stay counted); assert: re-written after a reset.
     local holder, units, running = held_by(task)
     if holder == nil then
-      hold(task, me, tonumber(op[3]), kind == 'adopt' or op[4] == 1)
+      -- A create taken over whose member held no units for it was still
+      -- queued for them: never sent, it cannot have landed. It is sent again
+      -- through admission like any create; units held for it here would admit
+      -- it past the quota.
+      if kind ~= 'hold' then
+        hold(task, me, tonumber(op[3]), kind == 'adopt' or op[4] == 1)
+      end
     elseif kind ~= 'assert' or holder == me or not alive(holder) then
       hold(task, me, units, running or kind == 'adopt')
     end
