@@ -119,7 +119,7 @@ def _assert_clean(report: RunReport) -> None:
     assert not report.violations, "nemesis found violations:\n" + report.describe()
 
 
-@pytest.mark.timeout(80)
+@pytest.mark.timeout(170)  # a run and, for liveness only, one more
 @pytest.mark.parametrize(
     "schedule",
     [_param(seed, kinds, "ci", jobs=CI_JOBS) for seed, kinds in CI_SCHEDULES]
@@ -129,9 +129,23 @@ def _assert_clean(report: RunReport) -> None:
 async def test_schedule_breaks_no_invariant(
     schedule: Schedule, tmp_path: Path, redis_executable: str
 ) -> None:
-    """One schedule: its faults break none of the invariants ``nemesis.check`` states."""
+    """One schedule: its faults break none of the invariants ``nemesis.check`` states.
+
+    A run whose only violations are liveness ones ([lost], [unbounded]: a job not
+    done within the wall-clock bound) runs once more before it fails: on a machine
+    loaded by other work the bound measures the machine. Safety violations
+    (over-commit, two tasks for a key, a wrong account, a misreport) fail at once.
+    """
     report = await run_schedule(schedule, tmp_path, redis_executable)
+    if report.violations and all(_liveness(violation) for violation in report.violations):
+        print(f"liveness only, running once more:\n{report.describe()}")
+        report = await run_schedule(schedule, tmp_path / "again", redis_executable)
     _assert_clean(report)
+
+
+def _liveness(violation: str) -> bool:
+    """Whether a violation is about time (a job not done in the bound), not safety."""
+    return violation.startswith(("[lost]", "[unbounded]"))
 
 
 @pytest.mark.timeout(80)
