@@ -488,11 +488,12 @@ class WorkerPool:
 
     @staticmethod
     def refused_at_start(slot: WorkerSlot) -> bool:
-        """Whether the slot's latest process was refused before it joined."""
-        if not slot.logs or not slot.logs[-1].exists():
-            return False
-        text = slot.logs[-1].read_text(errors="replace")
-        return READY not in text and REFUSAL in text
+        """Whether one of the slot's processes was refused before it joined, and
+        none of them joined: a replacement still starting (its log not written
+        yet) does not undo its predecessor's refusal."""
+        texts = [path.read_text(errors="replace") for path in slot.logs if path.exists()]
+        joined = any(READY in text for text in texts)
+        return not joined and any(REFUSAL in text for text in texts)
 
     def supervise(self) -> None:
         """Replace the workers that exited unasked (call it often)."""
