@@ -38,6 +38,8 @@ from typing import Any, Final
 import attrs
 from redis.exceptions import RedisError
 
+from kling_async.testing._redis import _free_port as free_port
+
 HERE: Final = Path(__file__).resolve().parent
 #: A worker prints this once its startup (joining the account) is through.
 READY: Final = "NEMESIS-WORKER-READY"
@@ -341,14 +343,6 @@ def check(
 # --- the processes ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def ensure_stopped(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
     """Stop ``process`` (this one only, by its id): continued if paused, then
     SIGTERM, then SIGKILL after ``grace`` seconds."""
@@ -373,7 +367,7 @@ class PersistentRedis:
         self.executable = executable
         self.folder = folder
         self.appendfsync = appendfsync
-        self.port = free_port()
+        self.port = free_port()  # the one RedisServer uses
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 

@@ -526,13 +526,12 @@ local function write(id, entry, body, key, digest, settled, intended_at, retenti
 end
 """
 
-RECORD: Final = (
-    _PRELUDE
-    + r"""
--- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 retention_s, 8 records
--- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at]])
+# What RECORD and RESERVE do first: the ledger's keys, the member's standing
+# (reaped, fenced out or not), then the one-record writer.
+_LEDGER_STEP: Final = (
+    r"""
 local UNS, OWN, OWNERS = KEYS[7], KEYS[8], KEYS[9]
-local prefix, retention = ARGV[6], tonumber(ARGV[7])
+local prefix = ARGV[6]
 reap()
 local status = standing()
 if status ~= 'ok' then
@@ -540,7 +539,17 @@ if status ~= 'ok' then
 end
 """
     + _WRITE
+)
+
+RECORD: Final = (
+    _PRELUDE
     + r"""
+-- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 retention_s, 8 records
+-- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at]])
+"""
+    + _LEDGER_STEP
+    + r"""
+local retention = tonumber(ARGV[7])
 local refused = {'ok'}
 for _, r in ipairs(cjson.decode(ARGV[8])) do
   if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention) then
@@ -559,15 +568,8 @@ RESERVE: Final = (
 -- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 key, 8 id, 9 digest,
 -- 10 entry, 11 body, 12 intended_at. Reserves the key and writes the intent in
 -- one step: of two members racing for a key, one creates, the other follows.
-local UNS, OWN, OWNERS = KEYS[7], KEYS[8], KEYS[9]
-local prefix = ARGV[6]
-reap()
-local status = standing()
-if status ~= 'ok' then
-  return {status}
-end
 """
-    + _WRITE
+    + _LEDGER_STEP
     + r"""
 local reserved = redis.call('GET', prefix .. 'k:' .. ARGV[7])
 if reserved then
