@@ -56,8 +56,9 @@ from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import Limiter
 from ._models import Task, TaskRequest, TaskStatus
+from ._records import records
 from ._resources import ready
-from ._wire import converter, request_body
+from ._wire import request_body
 
 if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
@@ -143,8 +144,8 @@ class BatchResult:
             "ok": self.ok,
             "task_id": task_id or (self.task.task_id if self.task is not None else None),
             "external_task_id": self.request.external_task_id,
-            "task": converter.unstructure(self.task, Task | None),
-            "error": converter.unstructure(self.error, KlingError | None),
+            "task": records.unstructure(self.task, Task | None),
+            "error": records.unstructure(self.error, KlingError | None),
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

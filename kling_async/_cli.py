@@ -74,9 +74,9 @@ from ._models import (
     build_request,
     request_from_mapping,
 )
+from ._records import records
 from ._resources import read_image_files
 from ._urls import url_scheme
-from ._wire import converter
 
 __all__: list[str] = []
 
@@ -331,7 +331,7 @@ class Settings:
     def error_record(self, error: BaseException) -> dict[str, Any]:
         """``error`` as JSON-ready data, with the CLI's wording as the message."""
         record: dict[str, Any] = (
-            converter.unstructure(error, KlingError)
+            records.unstructure(error, KlingError)
             if isinstance(error, KlingError)
             else {"type": type(error).__name__}
         )

@@ -53,7 +53,7 @@ if sys.platform != "win32":
 
 from ._exceptions import JournalError, JournalInUseError
 from ._ledger import EntryState, LedgerEntry
-from ._wire import converter
+from ._records import records
 
 __all__ = ["Journal"]
 
@@ -149,7 +149,7 @@ def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
         entry.state.value,
         entry.task_id,
         entry.status,
-        _json([converter.unstructure(image) for image in entry.images]) if entry.images else "[]",
+        _json([records.unstructure(image) for image in entry.images]) if entry.images else "[]",
         entry.error,
         int(entry.receiver_callback),
         entry.key,
@@ -165,7 +165,7 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     for column in _JSON_COLUMNS:
         data[column] = json.loads(data[column] or "{}")
     data["receiver_callback"] = bool(data["receiver_callback"])
-    return converter.structure(data, LedgerEntry)
+    return records.structure(data, LedgerEntry)
 
 
 class _Ownership:

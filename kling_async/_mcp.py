@@ -72,8 +72,8 @@ from ._models import (
     TaskStatus,
     _whole,
 )
+from ._records import records
 from ._version import __version__
-from ._wire import converter
 
 if TYPE_CHECKING:
     from ._cli import Settings
@@ -707,7 +707,7 @@ def _error_record(error: BaseException, description: str) -> dict[str, Any]:
     the invalid field; the failed task; the create's external_task_id."""
     if not isinstance(error, KlingError):
         return {"type": type(error).__name__, "message": description}
-    record: dict[str, Any] = converter.unstructure(error, KlingError)
+    record: dict[str, Any] = records.unstructure(error, KlingError)
     record["message"] = description
     if isinstance(error, APIError):
         record["kling_message"] = error.message

@@ -193,9 +193,9 @@ class Task:
         said (omni-image). ``raw`` is left out: it is already plain data (Kling's
         own dict).
         """
-        from ._wire import converter  # the one converter; _wire builds on this module
+        from ._records import records  # _records builds on this module
 
-        data: dict[str, Any] = converter.unstructure(self)
+        data: dict[str, Any] = records.unstructure(self)
         return data
 
     def to_json(self, *, indent: int | None = None) -> str:

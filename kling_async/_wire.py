@@ -20,7 +20,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from ._exceptions import APIError, KlingError, TaskFailedError, ValidationError, error_class_for
+from ._exceptions import APIError, error_class_for
 from ._models import (
     BalanceDeduction,
     Endpoint,
@@ -38,7 +38,8 @@ MAX_PAGE_NUMBER = 1000
 _SNIPPET_LENGTH = 200
 
 converter = cattrs.Converter()
-"""The package's one converter: request models to JSON bodies, JSON to tasks."""
+"""Kling's wire: request models to JSON bodies, JSON answers to tasks. Plain data
+for users and stores (``to_dict``, the journal, the Redis ledger) is ``_records``' own."""
 
 
 def _watermark_info(enabled: bool | None) -> dict[str, bool] | None:
@@ -294,43 +295,6 @@ _register_request_hooks()
 converter.register_structure_hook(datetime, _structure_millis)
 converter.register_structure_hook(ImageResult, _structure_image)
 converter.register_structure_hook(Task, _structure_task)
-
-
-# --- plain data for users to store (Task.to_dict, BatchResult.to_dict) -------------
-
-
-def _unstructure_error(error: KlingError) -> dict[str, Any]:
-    """An error as JSON-ready data: its type and message, and the fields a
-    caller would act on (Kling's code and request_id, the invalid field, the
-    failed task's id)."""
-    record: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, APIError):
-        record.update(code=error.code, request_id=error.request_id, http_status=error.http_status)
-    elif isinstance(error, ValidationError):
-        record.update(field=error.field, rule=error.rule)
-    elif isinstance(error, TaskFailedError):
-        record["task_id"] = error.task.task_id
-    return record
-
-
-# JSON-ready: datetimes as ISO 8601 strings (with their UTC offset), the status as
-# Kling's word, images as a list; ``raw`` is left out (it is Kling's own dict).
-converter.register_unstructure_hook(datetime, datetime.isoformat)
-converter.register_unstructure_hook(TaskStatus, lambda status: status.value)
-converter.register_unstructure_hook(
-    Task,
-    make_dict_unstructure_fn(
-        Task,
-        converter,
-        images=override(unstruct_hook=lambda images: [converter.unstructure(i) for i in images]),
-        # Said only by the endpoints that have one (omni-image): left out otherwise.
-        result_type=override(omit_if_default=True),
-        raw=override(omit=True),
-    ),
-)
-converter.register_unstructure_hook_func(
-    lambda cls: isinstance(cls, type) and issubclass(cls, KlingError), _unstructure_error
-)
 
 
 # --- requests -------------------------------------------------------------------

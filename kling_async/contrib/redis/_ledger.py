@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from kling_async._exceptions import ConfigurationError, KlingError
 from kling_async._ledger import EntryState, LedgerEntry
-from kling_async._wire import converter
+from kling_async._records import records
 
 from . import _scripts
 from ._account import credentials_fingerprint, text
@@ -61,7 +61,7 @@ class KeyReusedError(KlingError, ValueError):
 
 def dump_entry(entry: LedgerEntry) -> str:
     """The entry as JSON, without its body (stored once, apart)."""
-    data = converter.unstructure(entry)
+    data = records.unstructure(entry)
     return _json({name: data[name] for name in _FIELDS})
 
 
@@ -72,7 +72,7 @@ def load_entry(raw: Any, body: Any, owner: Any = None) -> LedgerEntry:
     data["body"] = json.loads(text(body)) if body else {}
     if owner:
         data["owner"] = text(owner)
-    entry: LedgerEntry = converter.structure(data, LedgerEntry)
+    entry: LedgerEntry = records.structure(data, LedgerEntry)
     return entry
 
 
