@@ -19,6 +19,6 @@ batch runner). What the CLI shares with the MCP server is in ``_frontend``.
 from __future__ import annotations
 
 from . import batch, create, lookup, serve  # noqa: F401  (each registers its commands)
-from .group import main
+from .group import main as main  # kling_async.cli runs it
 
-__all__ = ["main"]
+__all__: list[str] = []

@@ -15,7 +15,7 @@ from kling_async._config import ENV_BASE_URL
 
 from .session import Settings, guarded
 
-__all__ = ["command", "main"]
+__all__: list[str] = []
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -36,7 +36,7 @@ from kling_async._urls import url_scheme
 
 from .session import CommandError, Settings
 
-__all__ = ["JOURNAL_NAME", "BatchJob", "BatchProgress", "read_requests", "run_batch"]
+__all__: list[str] = []
 
 JOURNAL_NAME = "kling-journal.db"
 

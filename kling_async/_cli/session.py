@@ -48,7 +48,7 @@ from kling_async._frontend import describe as describe_any
 from kling_async._models import Endpoint, TaskStatus
 from kling_async._pricing import DEFAULT_PRICES, PriceTable
 
-__all__ = ["CommandError", "Settings", "current", "guarded", "rerun_hint"]
+__all__: list[str] = []
 
 T = TypeVar("T")
 
