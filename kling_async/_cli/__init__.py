@@ -9,8 +9,8 @@ simulation keeps its tasks in the user's cache directory, so ``status``,
 
 Along its seams: ``group`` (the group and its global options), ``options``
 (options several commands take, and a task command's, derived from its request
-model), ``session`` (the parsed settings, the run with its signal handling, and
-the wording of failures), one module per command group (``create``: a command
+model), ``session`` (the parsed settings, the run with its signal handling),
+``wording`` (failures in the CLI's words), one module per command group (``create``: a command
 per task endpoint, derived from the declarations; ``lookup``: status, list,
 download, resume; ``batch``; ``serve``: mcp), and ``runner`` (the resumable
 batch runner). What the CLI shares with the MCP server is in ``_frontend``.

@@ -19,7 +19,8 @@ from kling_async._frontend import save_images as save
 from kling_async._handle import TaskHandle
 from kling_async._models import Task, TaskStatus
 
-from .session import CommandError, Settings, endpoint_flag, endpoint_kind
+from .session import CommandError, Settings
+from .wording import endpoint_flag, endpoint_kind
 
 __all__: list[str] = []
 

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -25,17 +24,7 @@ from rich.markup import escape
 from kling_async._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
 from kling_async._batch import Batch
 from kling_async._client import Client
-from kling_async._endpoints import declaration_for
-from kling_async._exceptions import (
-    APIError,
-    AuthenticationError,
-    ConcurrencyLimitError,
-    KlingError,
-    NotFoundError,
-    TaskNotFoundError,
-    TaskTimeoutError,
-    ValidationError,
-)
+from kling_async._exceptions import KlingError, TaskTimeoutError, ValidationError
 from kling_async._frontend import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -44,15 +33,14 @@ from kling_async._frontend import (
     Connection,
     error_record,
 )
-from kling_async._frontend import describe as describe_any
 from kling_async._models import Endpoint, TaskStatus
 from kling_async._pricing import DEFAULT_PRICES, PriceTable
+
+from .wording import Wording, endpoint_flag
 
 __all__: list[str] = []
 
 T = TypeVar("T")
-
-_INDEXED_FIELD = re.compile(r"(\w+)\[(\d+)\]")
 
 #: Options whose value is a credential, and the environment variable that can
 #: carry it instead: a hint that shows the command line never shows their values.
@@ -102,23 +90,6 @@ class CommandError(Exception):
     def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
-
-
-def endpoint_flag(endpoint: Endpoint) -> str:
-    """The flag that points ``status``, ``list`` and ``download`` at ``endpoint``'s
-    tasks, with a leading space (``""`` for text-to-image, the default)."""
-    if endpoint is Endpoint.GENERATIONS:
-        return ""
-    if endpoint is Endpoint.MULTI_IMAGE:
-        return " --multi-image"
-    return f" --endpoint {declaration_for(endpoint).cli_name}"
-
-
-def endpoint_kind(endpoint: Endpoint) -> str:
-    """The endpoint's tasks in a word: ``text-to-image``, ``multi-image``, ``omni-image``."""
-    if endpoint is Endpoint.GENERATIONS:
-        return "text-to-image"
-    return declaration_for(endpoint).cli_name
 
 
 @attrs.define(kw_only=True)
@@ -247,19 +218,12 @@ class Settings:
 
     def describe(self, error: BaseException) -> str:
         """``error`` in the CLI's words: flags and commands, not Python calls."""
-        if isinstance(error, ValidationError):
-            return f"invalid {self._flag(error.field)}: {error.rule}; nothing was sent"
-        if isinstance(error, TaskTimeoutError):
-            task_id = error.handle.task_id
-            return (
-                f"task {task_id} did not finish within {error.timeout:g}s; it keeps running: "
-                f"check it later with: kling-async status{self.multi_flag} {task_id}"
-            )
-        if isinstance(error, APIError):
-            return self._describe_api_error(error)
-        if isinstance(error, UnicodeError):
-            return f"cannot decode text: {error}"
-        return describe_any(error)
+        return Wording(
+            flags=self.flags,
+            endpoint=self.endpoint,
+            key_given=bool(self.api_key),
+            key_from_env=self.api_key_from_env,
+        ).describe(error)
 
     def error_record(self, error: BaseException) -> dict[str, Any]:
         """``error`` as JSON-ready data, with the CLI's wording as the message."""
@@ -286,60 +250,6 @@ class Settings:
     def multi_flag(self) -> str:
         """The flag that finds this command's tasks (``" --multi-image"``, ...), for advice."""
         return endpoint_flag(self.endpoint)
-
-    def _flag(self, field: str) -> str:
-        if self.flags is None:
-            return field
-        indexed = _INDEXED_FIELD.fullmatch(field)
-        if indexed is not None:
-            name, position = indexed.groups()
-            return f"{self.flags.get(name, name)} #{int(position) + 1}"
-        return self.flags.get(field, field)
-
-    def _describe_api_error(self, error: APIError) -> str:
-        text = str(error)
-        if error.hint and text.endswith(error.hint):
-            text = text[: -len(error.hint)].rstrip()
-        if isinstance(error, TaskNotFoundError):
-            return (
-                f"{text} It is settled as gone and will not be created again. If it should "
-                "exist, check --base-url and the key; else run the request again (a new task)."
-            )
-        if isinstance(error, NotFoundError):
-            # Only the flags this command has: status and download take no --model.
-            checks = (
-                "the task id, --model and --base-url"
-                if self.flags
-                else "the task id and --base-url"
-            )
-            return f"{text} Check {checks}. {self._elsewhere()}"
-        if isinstance(error, AuthenticationError):
-            if self.api_key and not self.api_key_from_env:
-                advice = "Check the key given with --api-key."
-            elif self.api_key:
-                advice = f"Check {ENV_API_KEY}."
-            else:
-                advice = (
-                    f"Check {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}, and that this machine's clock "
-                    "is right (the token they sign is only valid for a while)."
-                )
-            return f"{text} {advice}"
-        if isinstance(error, ConcurrencyLimitError):
-            return (
-                f"{text} Wait for running tasks to end, or run requests through "
-                "kling-async batch --concurrency N to queue them."
-            )
-        return str(error)
-
-    def _elsewhere(self) -> str:
-        """Where a task of another endpoint is found (Kling keeps them apart)."""
-        if self.endpoint is Endpoint.GENERATIONS:
-            return (
-                "A multi-image task is found only with --multi-image. Another endpoint's "
-                "task only with --endpoint NAME."
-            )
-        flag = "--multi-image" if self.endpoint is Endpoint.MULTI_IMAGE else "--endpoint"
-        return f"A text-to-image task is found only without {flag}."
 
 
 async def _awaited(
