@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -296,15 +298,52 @@ def test_kling_error_to_dict_is_the_export_form(error: KlingError) -> None:
     assert json.loads(json.dumps(error.to_dict())) == error.to_dict()
 
 
-def test_the_cli_does_not_import_the_mcp_server() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, kling_async._cli, kling_async._frontend; "
-        "print(sorted(m for m in sys.modules if m in ('kling_async._mcp', 'mcp')))"
-    )
+@pytest.mark.parametrize(
+    ("imported", "absent"),
+    [
+        ("kling_async._cli", ("kling_async._mcp", "mcp")),
+        ("kling_async._mcp", ("kling_async._cli",)),
+        ("kling_async._frontend", ("kling_async._cli", "kling_async._mcp", "click", "mcp")),
+    ],
+)
+def test_neither_front_end_imports_the_other(imported: str, absent: tuple[str, ...]) -> None:
+    code = f"import sys, {imported}; print(sorted(m for m in sys.modules if m in {absent!r}))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_batch_runs_a_line_of_every_endpoint_and_a_rerun_creates_none(
+    image: Path, tmp_path: Path
+) -> None:
+    lines = [
+        json.dumps(
+            {
+                "endpoint": declaration.cli_name,
+                **with_image(declaration, EXAMPLES[declaration.mcp_name], image),
+            }
+        )
+        for declaration in declarations()
+    ]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with threaded_server() as server:
+        online = ("--api-key", API_KEY, "--base-url", server.url, "--json", "batch")
+        first = invoke(*online, str(requests), "--out", str(out))
+        again = invoke(*online, str(requests), "--out", str(out))
+        creates = server.requests_for("create")
+    assert first.exit_code == 0, first.output
+    assert again.exit_code == 0, again.output
+    assert sorted(request.endpoint for request in creates) == sorted(
+        declaration.endpoint.value for declaration in declarations()
+    )
+    records = [json.loads(text) for text in (out / "results.jsonl").read_text().splitlines()]
+    assert [record["line"] for record in records] == list(range(1, len(lines) + 1))
+    for record in records:
+        assert record["status"] == "succeed", record
+        assert record["paths"]
+        for path in record["paths"]:
+            assert_valid_png(Path(path))
+    assert all(json.loads(text).get("resumed") for text in again.stdout.splitlines())
