@@ -336,7 +336,7 @@ def test_batch_runs_a_line_of_every_endpoint_and_a_rerun_creates_none(
         creates = server.requests_for("create")
     assert first.exit_code == 0, first.output
     assert again.exit_code == 0, again.output
-    assert sorted(request.endpoint for request in creates) == sorted(
+    assert sorted(request.endpoint or "" for request in creates) == sorted(
         declaration.endpoint.value for declaration in declarations()
     )
     records = [json.loads(text) for text in (out / "results.jsonl").read_text().splitlines()]
