@@ -79,6 +79,17 @@ class KlingError(Exception):
     #: else ``None``.
     create_outcome: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The error as plain, JSON-ready data, e.g. for a results file or a log.
+
+        Always ``type`` (the class name) and ``message``; beside them the fields
+        a caller acts on: Kling's ``code``, ``request_id`` and ``http_status``
+        for an :class:`APIError`, ``field`` and ``rule`` for a
+        :class:`ValidationError`, the ``task_id`` of a :class:`TaskFailedError`.
+        Nothing secret is in it: messages never carry credentials.
+        """
+        return {"type": type(self).__name__, "message": str(self)}
+
 
 class ValidationError(KlingError, ValueError):
     """A request field breaks one of Kling's rules; raised before anything is sent.
@@ -91,6 +102,10 @@ class ValidationError(KlingError, ValueError):
         self.field = field
         self.rule = rule
         super().__init__(f"{field}: {rule}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`KlingError.to_dict`, with the ``field`` and its ``rule``."""
+        return {**super().to_dict(), "field": self.field, "rule": self.rule}
 
 
 class ConfigurationError(KlingError, ValueError):
@@ -177,6 +192,10 @@ class TaskFailedError(KlingError):
         reason = task.status_message or "no reason given"
         super().__init__(f"task {task.task_id} failed: {reason}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`KlingError.to_dict`, with the failed task's ``task_id``."""
+        return {**super().to_dict(), "task_id": self.task.task_id}
+
 
 class TaskTimeoutError(KlingError, TimeoutError):
     """A wait ran out before the task finished. The task keeps running and the
@@ -238,6 +257,16 @@ class APIError(KlingError):
         self.retry_after = retry_after
         self.body = body
         super().__init__(self._render())
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`KlingError.to_dict`, with Kling's ``code``, ``request_id`` and
+        the ``http_status`` (each ``None`` when Kling did not say)."""
+        return {
+            **super().to_dict(),
+            "code": self.code,
+            "request_id": self.request_id,
+            "http_status": self.http_status,
+        }
 
     def _render(self) -> str:
         head = f"[{self.code}] {self.message}" if self.code is not None else self.message

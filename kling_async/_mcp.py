@@ -1,12 +1,14 @@
 """``kling-async mcp``: Kling image generation as tools for AI agents (the ``mcp`` extra).
 
-An MCP server, on the official ``mcp`` SDK's low-level ``Server``, with five
-tools over one :class:`~kling_async.Client`: ``generate_image``, ``multi_image``,
-``get_task``, ``list_tasks`` and ``download_task``. Agents get what services
+An MCP server, on the official ``mcp`` SDK's low-level ``Server``, over one
+:class:`~kling_async.Client`: one create tool per task endpoint, derived from
+its declaration (``generate_image``, ``multi_image``, ``omni_image``,
+``expand_image``, ``multi_shot``, ``virtual_try_on``), and ``get_task``,
+``list_tasks``, ``download_task`` and ``estimate``. Agents get what services
 get: requests validated by the request models (an invalid field is named and
 nothing is sent), creates that are never repeated (each goes through
-``client.images.generate``/``multi_image``, so the create owner and the ledger
-settle a lost answer by lookup), and the account's concurrency quota.
+``client.images.submit``, so the create owner and the ledger settle a lost
+answer by lookup), and the account's concurrency quota.
 
 The low-level server rather than the decorator API, because the tools' input
 schemas are generated here from the request models (their fields, types,
@@ -22,14 +24,10 @@ import logging
 import signal
 import socket
 import sys
-import types as pytypes
-import typing
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
-
-import attrs
+from typing import Any, Final, Protocol
 
 try:
     import mcp.types as mcp_types
@@ -43,8 +41,8 @@ except ImportError as error:  # only without the extra: say which extra, not whi
         "'.[mcp]' in the kling-async checkout, or pip install mcp"
     ) from error
 
-from ._auth import ENV_API_KEY
 from ._client import Client
+from ._endpoints import EndpointDeclaration, by_mcp_name, declarations
 from ._exceptions import (
     APIError,
     KlingError,
@@ -53,31 +51,23 @@ from ._exceptions import (
     TaskTimeoutError,
     ValidationError,
 )
-from ._handle import TaskHandle
-from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE, ImageFile
-from ._models import (
-    ASPECT_RATIOS,
-    IMAGE_REFERENCES,
-    MAX_ELEMENT_ID,
-    MAX_PROMPT_LENGTH,
-    MAX_REFERENCES,
-    MAX_SUBJECT_IMAGES,
-    N_RANGE,
-    RESOLUTIONS,
-    Endpoint,
-    ImageGenerationRequest,
-    MultiImageRequest,
-    Task,
-    TaskRequest,
-    TaskStatus,
-    _whole,
+from ._frontend import (
+    EXIT_INTERRUPTED,
+    OFFLINE_NOTICE,
+    Connection,
+    Estimates,
+    RequestField,
+    describe,
+    error_record,
+    estimate_record,
+    follow,
+    request_fields,
+    save_images,
+    task_record,
 )
-from ._records import records
+from ._handle import TaskHandle
+from ._models import Endpoint, Task, TaskStatus, _whole, build_request
 from ._version import __version__
-
-if TYPE_CHECKING:
-    from ._cli import Settings
-
 
 logger = logging.getLogger("kling_async")
 
@@ -88,178 +78,69 @@ PROGRESS_INTERVAL: Final = 1.0
 #: How many tasks ``list_tasks`` returns at most: a tool result lands in the
 #: agent's context, where hundreds of tasks would crowd out everything else.
 MAX_LIST: Final = 100
-#: The exit status of a server stopped with Ctrl-C, as a shell reports it.
-EXIT_INTERRUPTED: Final = 130
 
 #: The ``kind`` of a task, named after the tool that creates it.
 KINDS: Final[Mapping[str, Endpoint]] = {
-    "generate_image": Endpoint.GENERATIONS,
-    "multi_image": Endpoint.MULTI_IMAGE,
+    declaration.mcp_name: declaration.endpoint for declaration in declarations()
 }
 _KIND_OF: Final = {endpoint: kind for kind, endpoint in KINDS.items()}
 _EPOCH: Final = datetime.fromtimestamp(0, timezone.utc)
 
-OFFLINE_NOTICE: Final = (
-    "OFFLINE SIMULATION: no Kling API key is set, so this server talks to a fake Kling "
-    "server on this machine. Tasks and URLs are simulated and the images are placeholder "
-    f"PNGs. Set {ENV_API_KEY} in the MCP server's environment to generate real images."
-)
-
 # --- input schemas, from the request models ------------------------------------------
 
-_IMAGE_RULES = (
-    f"JPEG or PNG, at most {MAX_IMAGE_BYTES // (1024 * 1024)} MB, each side at least "
-    f"{MIN_IMAGE_SIDE} px, aspect ratio between 1:{MAX_ASPECT_RATIO:g} and {MAX_ASPECT_RATIO:g}:1"
-)
+#: How an agent gives an image.
 _IMAGE_FORMS = (
     "an absolute path of a file on the machine this server runs on, an http(s) URL Kling "
     "can fetch, or base64 data (a data: URL is accepted too)"
 )
-
-#: What each request field means, in the seeds' terms (kling-api.md), for agents.
-_FIELD_DESCRIPTIONS: Final[Mapping[str, str]] = {
-    "prompt": f"What the images should show (the positive prompt); at most "
-    f"{MAX_PROMPT_LENGTH} characters.",
-    "negative_prompt": f"What to keep out of the images; at most {MAX_PROMPT_LENGTH} "
-    "characters. Not allowed together with image (image-to-image mode).",
-    "image": f"A reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}. Required when "
-    "image_reference is set.",
-    "image_reference": "What to take from image: 'subject' (the character's features) or "
-    "'face' (the facial appearance; the image must show exactly one face).",
-    "image_fidelity": "How strongly the images follow the reference image, 0 to 1 "
-    "[default: Kling's].",
-    "human_fidelity": "How closely the face follows the reference image's, 0 to 1; matters "
-    "with image_reference 'subject' [default: Kling's].",
-    "element_ids": f"Ids of elements of the account's Kling element library. Elements plus "
-    f"reference images: at most {MAX_REFERENCES}.",
-    "resolution": "Resolution of the images [default: Kling's, 1k].",
-    "n": "How many images to make. Each holds one unit of the account's concurrency quota "
-    "while the task runs.",
-    "aspect_ratio": "Width:height of the images.",
-    "watermark": "Also make watermarked copies (their URLs are each image's watermark_url).",
-    "external_task_id": "Your own id for the task, unique in the account; get_task and "
-    "download_task accept it in place of task_id.",
-    "subject_images": f"1 to {MAX_SUBJECT_IMAGES} subject images, each {_IMAGE_FORMS}. "
-    f"{_IMAGE_RULES}. Kling does not crop them: give them cropped to the subject.",
-    "scene_image": f"A scene reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}.",
-    "style_image": f"A style reference image: {_IMAGE_FORMS}. {_IMAGE_RULES}.",
-}
-_MULTI_IMAGE_PROMPT = (
-    f"What the combined images should show; at most {MAX_PROMPT_LENGTH} characters."
-)
-#: The model names Kling lists for each endpoint (the default comes from the model).
-_KNOWN_MODELS: Final[Mapping[type[TaskRequest], str]] = {
-    ImageGenerationRequest: "kling-v3 and kling-v2-1",
-    MultiImageRequest: "kling-v2 and kling-v2-1",
-}
-
-#: Kling's limits on each field, as the request models check them.
-_FIELD_LIMITS: Final[Mapping[str, Mapping[str, Any]]] = {
-    "prompt": {"maxLength": MAX_PROMPT_LENGTH},
-    "negative_prompt": {"maxLength": MAX_PROMPT_LENGTH},
-    "n": {"minimum": N_RANGE.start, "maximum": N_RANGE.stop - 1},
-    "aspect_ratio": {"enum": list(ASPECT_RATIOS)},
-    "resolution": {"enum": list(RESOLUTIONS)},
-    "image_reference": {"enum": list(IMAGE_REFERENCES)},
-    "image_fidelity": {"minimum": 0, "maximum": 1},
-    "human_fidelity": {"minimum": 0, "maximum": 1},
-    "element_ids": {"maxItems": MAX_REFERENCES},
-    "subject_images": {"minItems": 1, "maxItems": MAX_SUBJECT_IMAGES},
-    "model_name": {"minLength": 1},
-    "external_task_id": {"minLength": 1},
-}
-_ITEM_LIMITS: Final[Mapping[str, Mapping[str, Any]]] = {
-    "element_ids": {"minimum": 0, "maximum": MAX_ELEMENT_ID},
-}
+#: The tools that find a task by id.
+_LOOKUPS = "get_task and download_task"
 #: Request fields agents are not offered: this server follows its tasks itself,
 #: and a callback URL an agent made up would only send Kling's posts elsewhere.
 _HIDDEN_FIELDS: Final = frozenset({"callback_url"})
-#: Schema order: what an agent fills in first, first.
-_FIELD_ORDER: Final = (
-    "prompt",
-    "subject_images",
-    "scene_image",
-    "style_image",
-    "negative_prompt",
-    "image",
-    "image_reference",
-    "image_fidelity",
-    "human_fidelity",
-    "element_ids",
-    "n",
-    "aspect_ratio",
-    "resolution",
-    "model_name",
-    "watermark",
-    "external_task_id",
-)
 
 
-def _json_type(annotation: Any) -> dict[str, Any]:
-    """The JSON schema type of a request field's Python type (``None`` dropped:
-    an omitted field takes its default)."""
-    origin = typing.get_origin(annotation)
-    # An image is a string either way: a file's path (ImageFile), a URL or base64.
-    arguments = [a for a in typing.get_args(annotation) if a not in (type(None), ImageFile)]
-    if origin in (typing.Union, pytypes.UnionType) and len(arguments) == 1:
-        return _json_type(arguments[0])
-    if origin is tuple and len(arguments) == 2 and arguments[1] is Ellipsis:
-        return {"type": "array", "items": _json_type(arguments[0])}
-    if origin is typing.Literal and all(isinstance(value, str) for value in arguments):
-        return {"type": "string", "enum": list(arguments)}
-    if isinstance(annotation, type):
-        # bool before int: a bool is an int to issubclass.
-        for python, json_type in ((bool, "boolean"), (str, "string"), (int, "integer")):
-            if issubclass(annotation, python):
-                return {"type": json_type}
-        if annotation is float:
-            return {"type": "number"}
-    raise TypeError(f"no JSON schema type for {annotation!r}")
+def _field_schema(field: RequestField, declaration: EndpointDeclaration) -> dict[str, Any]:
+    """One request field as JSON schema: its type (of each item, for a list),
+    the values a Literal allows, ``"auto"`` beside integers, Kling's limits."""
+    item: dict[str, Any] = {"type": field.scalar}
+    if field.choices is not None:
+        item["enum"] = list(field.choices)
+    if field.many:
+        schema: dict[str, Any] = {"type": "array", "items": {**item, **field.item_limits}}
+        schema.update(field.limits)
+    elif field.auto:
+        schema = {
+            "anyOf": [{**item, **field.limits}, {"type": "string", "enum": ["auto"]}],
+        }
+    else:
+        schema = {**item, **field.limits}
+    if field.required and field.scalar == "string" and not field.many:
+        schema["minLength"] = 1
+    if field.default is not None:
+        schema["default"] = field.default
+    schema["description"] = field.describe(
+        declaration, spell=str, forms=_IMAGE_FORMS, lookups=_LOOKUPS
+    )
+    return schema
 
 
-def _field_description(cls: type[TaskRequest], name: str, default: object) -> str:
-    if name == "model_name":
-        return (
-            f"The Kling model [default: {default}]. Kling lists {_KNOWN_MODELS[cls]}; any "
-            "model name the account has is accepted."
-        )
-    if name == "prompt" and cls is MultiImageRequest:
-        return _MULTI_IMAGE_PROMPT
-    return _FIELD_DESCRIPTIONS[name]
-
-
-def request_schema(cls: type[TaskRequest]) -> dict[str, Any]:
+def request_schema(declaration: EndpointDeclaration) -> dict[str, Any]:
     """The JSON schema of a request model's fields, as a tool's input schema.
 
-    Types and defaults come from the attrs fields, limits from the constants
-    the model's validators check, descriptions from Kling's documentation.
-    A field that is required in the model is required here.
+    Types, choices, defaults and Kling's limits come from the model's attrs
+    fields (``_frontend.request_fields``), descriptions from Kling's
+    documentation. A field that is required in the model is required here.
     """
-    hints = typing.get_type_hints(cls)
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    fields = sorted(
-        (field for field in attrs.fields(cls) if field.name not in _HIDDEN_FIELDS),
-        key=lambda field: _FIELD_ORDER.index(field.name),
-    )
-    for field in fields:
-        schema = _json_type(hints[field.name])
-        schema.update(_FIELD_LIMITS.get(field.name, {}))
-        if field.name in _ITEM_LIMITS:
-            schema["items"] = {**schema["items"], **_ITEM_LIMITS[field.name]}
-        default = field.default
-        if default is attrs.NOTHING:
-            required.append(field.name)
-            if schema["type"] == "string":
-                schema["minLength"] = 1
-        elif isinstance(default, (str, int, float)):
-            schema["default"] = default
-        schema["description"] = _field_description(cls, field.name, default)
-        properties[field.name] = schema
+    fields = [
+        field
+        for field in request_fields(declaration.request_type)
+        if field.name not in _HIDDEN_FIELDS
+    ]
     return {
         "type": "object",
-        "properties": properties,
-        "required": required,
+        "properties": {field.name: _field_schema(field, declaration) for field in fields},
+        "required": [field.name for field in fields if field.required],
         "additionalProperties": False,
     }
 
@@ -279,8 +160,8 @@ def _timeout_schema(default: float, *, what: str) -> dict[str, Any]:
 _KIND_SCHEMA: Final = {
     "type": "string",
     "enum": list(KINDS),
-    "description": "The tool that created the task (Kling keeps the two kinds apart). "
-    "When omitted, both kinds are searched.",
+    "description": "The tool that created the task (Kling keeps each endpoint's tasks "
+    "apart). When omitted, every kind is searched.",
 }
 _TASK_ID_SCHEMA: Final = {
     "type": "string",
@@ -318,11 +199,11 @@ class KlingTools:
         self.definitions = self._definitions()
         self._schemas = {tool.name: tool.input_schema for tool in self.definitions}
         self._handlers: dict[str, Handler] = {
-            "generate_image": self.generate_image,
-            "multi_image": self.multi_image,
+            **{declaration.mcp_name: self._creator(declaration) for declaration in declarations()},
             "get_task": self.get_task,
             "list_tasks": self.list_tasks,
             "download_task": self.download_task,
+            "estimate": self.estimate,
         }
 
     def _definitions(self) -> list[mcp_types.Tool]:
@@ -330,13 +211,14 @@ class KlingTools:
         after_create = _AFTER_CREATE.format(paths=paths)
         create_timeout = _timeout_schema(self.default_timeout, what="after creating it")
 
-        def create_tool(cls: type[TaskRequest], name: str, title: str, what: str) -> Any:
-            schema = request_schema(cls)
+        def create_tool(declaration: EndpointDeclaration) -> mcp_types.Tool:
+            schema = request_schema(declaration)
             schema["properties"]["timeout"] = create_timeout
             return mcp_types.Tool(
-                name=name,
-                title=title,
-                description=f"{what} {after_create}",
+                name=declaration.mcp_name,
+                title=f"{declaration.title} (Kling)",
+                description=f"{declaration.title}, with Kling's {declaration.path}. Waits for "
+                f"the task up to timeout seconds, sending progress notifications. {after_create}",
                 input_schema=schema,
                 annotations=mcp_types.ToolAnnotations(
                     read_only_hint=False,
@@ -353,21 +235,35 @@ class KlingTools:
             else "returns their image URLs (this server has no output folder to save them in)"
         )
         return [
-            create_tool(
-                ImageGenerationRequest,
-                "generate_image",
-                "Generate images (Kling)",
-                "Generate images from a text prompt with Kling, optionally guided by a "
-                "reference image or library elements. Waits for the task up to timeout "
-                "seconds, sending progress notifications.",
-            ),
-            create_tool(
-                MultiImageRequest,
-                "multi_image",
-                "Combine images (Kling)",
-                f"Make new images from 1 to {MAX_SUBJECT_IMAGES} subject images, plus an "
-                "optional scene and style image, with Kling's multi-image-to-image. Waits for "
-                "the task up to timeout seconds, sending progress notifications.",
+            *(create_tool(declaration) for declaration in declarations()),
+            mcp_types.Tool(
+                name="estimate",
+                title="Estimate a Kling task's cost",
+                description="What a create would cost, from Kling's published prices, before "
+                "anything is sent: its resource-pack units and their price. Give the create "
+                "tool's name and the arguments you would call it with. Nothing is created. "
+                "When the price table has no price for the request, the result says so "
+                "instead of guessing.",
+                input_schema={
+                    "type": "object",
+                    "properties": {
+                        "tool": {
+                            "type": "string",
+                            "enum": list(KINDS),
+                            "description": "The create tool the arguments are for.",
+                        },
+                        "arguments": {
+                            "type": "object",
+                            "description": "The arguments the create tool would be called "
+                            "with (its timeout is ignored).",
+                        },
+                    },
+                    "required": ["tool", "arguments"],
+                    "additionalProperties": False,
+                },
+                annotations=mcp_types.ToolAnnotations(
+                    read_only_hint=True, idempotent_hint=True, open_world_hint=False
+                ),
             ),
             mcp_types.Tool(
                 name="get_task",
@@ -469,19 +365,40 @@ class KlingTools:
                 logger.exception("kling-async mcp: tool %s failed unexpectedly", name)
             return self._error(error)
 
-    async def generate_image(self, arguments: dict[str, Any], progress: Progress) -> Record:
-        """``generate_image``: create a text-to-image task and wait for it."""
-        timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
-        fields = _request_fields("generate_image", self._schemas, arguments)
-        handle = await self.client.images.generate(**fields)
-        return await self._created(handle, timeout, progress)
+    def _creator(self, declaration: EndpointDeclaration) -> Handler:
+        async def create(arguments: dict[str, Any], progress: Progress) -> Record:
+            timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
+            request = build_request(
+                declaration.request_type, _request_fields(declaration, arguments)
+            )
+            handle = await self.client.images.submit(request)
+            return await self._created(handle, timeout, progress)
 
-    async def multi_image(self, arguments: dict[str, Any], progress: Progress) -> Record:
-        """``multi_image``: create a multi-image-to-image task and wait for it."""
-        timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
-        fields = _request_fields("multi_image", self._schemas, arguments)
-        handle = await self.client.images.multi_image(**fields)
-        return await self._created(handle, timeout, progress)
+        create.__doc__ = f"``{declaration.mcp_name}``: create a task and wait for it."
+        return create
+
+    async def estimate(self, arguments: dict[str, Any], _progress: Progress) -> Record:
+        """``estimate``: what a create tool's call would cost; sends nothing."""
+        _only(arguments, "estimate", "tool", "arguments")
+        tool = arguments.get("tool")
+        if not isinstance(tool, str) or tool not in KINDS:
+            raise ValidationError("tool", f"must be one of {', '.join(KINDS)}; got {tool!r}")
+        given = arguments.get("arguments")
+        if not isinstance(given, Mapping):
+            raise ValidationError("arguments", "must be an object: the create tool's arguments")
+        fields = {name: value for name, value in given.items() if name != "timeout"}
+        declaration = by_mcp_name(tool)
+        request = build_request(declaration.request_type, _request_fields(declaration, fields))
+        estimates = Estimates.of([request], self.client.prices)
+        (item,) = estimates.each
+        if isinstance(item, Exception):
+            raise item
+        return {
+            "tool": tool,
+            "estimate": estimate_record(item),
+            "prices": estimates.total_record()["prices"],
+            "sent": False,
+        }
 
     async def get_task(self, arguments: dict[str, Any], progress: Progress) -> Record:
         """``get_task``: one task, optionally waited for, its images saved if it succeeded."""
@@ -566,9 +483,9 @@ class KlingTools:
         record = _task_record(task, endpoint)
         if task.status is TaskStatus.SUCCEED and self.out is not None:
             try:
-                paths = await self.client.download(task, self.out)
-                if task.images and all(image.watermark_url for image in task.images):
-                    paths += await self.client.download(task, self.out, watermarked=True)
+                # The watermarked copies too when the task has them (it asked for them).
+                watermarked = bool(task.images) and all(i.watermark_url for i in task.images)
+                paths = await save_images(self.client, task, self.out, watermarked=watermarked)
                 record["paths"] = [str(path) for path in paths]
             except (KlingError, OSError) as error:
                 # The task succeeded (and was paid for): a tool error here would
@@ -664,51 +581,37 @@ async def _follow(handle: TaskHandle, timeout: float, progress: Progress) -> Tas
     ``None`` if it is still running; raises :class:`TaskFailedError`."""
     if timeout <= 0:
         return None
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    waiter = asyncio.ensure_future(handle.wait(timeout=timeout))
+
+    async def tick(status: TaskStatus, elapsed: float) -> None:
+        if status.is_terminal:
+            return  # its waiter ends on the next turn; the result reports it, not progress
+        await progress(
+            round(elapsed, 1), timeout, f"task {handle.task_id}: {status} ({elapsed:.0f}s)"
+        )
+
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=PROGRESS_INTERVAL)
-            if done:
-                break
-            status = handle.status or TaskStatus.SUBMITTED
-            if status.is_terminal:
-                continue  # its waiter ends on the next turn; the result reports it, not progress
-            elapsed = loop.time() - started
-            await progress(
-                round(elapsed, 1), timeout, f"task {handle.task_id}: {status} ({elapsed:.0f}s)"
-            )
-        return waiter.result()
+        return await follow(handle, timeout, tick, PROGRESS_INTERVAL)
     except TaskTimeoutError:  # the task runs on; the agent comes back with get_task
         return None
-    finally:
-        if not waiter.done():  # the call was cancelled: stop waiting, the task runs on
-            waiter.cancel()
-            await asyncio.gather(waiter, return_exceptions=True)
 
 
 def _task_record(task: Task, endpoint: Endpoint) -> dict[str, Any]:
-    return {"kind": _KIND_OF[endpoint], **task.to_dict()}
+    return task_record(task, kind=_KIND_OF[endpoint])
 
 
 def _describe(error: BaseException) -> str:
     """``error`` in one line for an agent: tool arguments, not Python calls."""
     if isinstance(error, ValidationError):
         return f"invalid {error.field}: {error.rule}; nothing was sent to Kling"
-    if isinstance(error, OSError):
-        reason = error.strerror or str(error) or type(error).__name__
-        return f"{error.filename}: {reason}" if error.filename else reason
-    return str(error) or type(error).__name__
+    return describe(error)
 
 
 def _error_record(error: BaseException, description: str) -> dict[str, Any]:
     """``error`` as data: Kling's code, message, request_id and the SDK's hint;
     the invalid field; the failed task; the create's external_task_id."""
+    record = error_record(error, description)
     if not isinstance(error, KlingError):
-        return {"type": type(error).__name__, "message": description}
-    record: dict[str, Any] = records.unstructure(error, KlingError)
-    record["message"] = description
+        return record
     if isinstance(error, APIError):
         record["kling_message"] = error.message
         if error.hint:
@@ -732,19 +635,26 @@ def _error_record(error: BaseException, description: str) -> dict[str, Any]:
 
 
 def _request_fields(
-    tool: str, schemas: Mapping[str, Mapping[str, Any]], arguments: Mapping[str, Any]
+    declaration: EndpointDeclaration, arguments: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The request fields among a create's arguments (its timeout taken out).
     Unknown names are refused (a misspelt field must not be silently dropped),
     and whole numbers sent as floats (JSON has one number type) are taken as the
     integers they are, as request_from_mapping takes them; everything else is
     the request model's to check."""
-    properties = schemas[tool]["properties"]
-    _only(arguments, tool, *properties)
-    return {
-        name: _whole(value) if properties[name]["type"] == "integer" else value
-        for name, value in arguments.items()
+    offered = {
+        field.name: field
+        for field in request_fields(declaration.request_type)
+        if field.name not in _HIDDEN_FIELDS
     }
+    _only(arguments, declaration.mcp_name, *offered, "timeout")
+    fields: dict[str, Any] = {}
+    for name, value in arguments.items():
+        field = offered[name]
+        if field.scalar == "integer":
+            value = [_whole(v) for v in value] if isinstance(value, list) else _whole(value)
+        fields[name] = value
+    return fields
 
 
 def _only(arguments: Mapping[str, Any], tool: str, *names: str) -> None:
@@ -782,11 +692,13 @@ def _kind(arguments: Mapping[str, Any]) -> Endpoint | None:
 # --- the server ------------------------------------------------------------------------
 
 _INSTRUCTIONS = (
-    "Kling image generation. generate_image makes images from a prompt, multi_image from 1 "
-    "to 4 subject images. Each waits for its task (timeout, in seconds) and returns image "
-    "URLs; a task still running at the timeout comes back with its task_id: call get_task "
-    "with it later instead of creating it again, which would bill a second task. list_tasks "
-    "shows recent tasks; download_task saves a finished task's images."
+    "Kling image generation. One tool per Kling endpoint creates a task: "
+    + "; ".join(f"{d.mcp_name}: {d.title[0].lower()}{d.title[1:]}" for d in declarations())
+    + ". Each waits for its task (timeout, in seconds) and returns image URLs; a task still "
+    "running at the timeout comes back with its task_id: call get_task with it later instead "
+    "of creating it again, which would bill a second task. estimate says what a create would "
+    "cost before anything is sent. list_tasks shows recent tasks; download_task saves a "
+    "finished task's images."
 )
 
 
@@ -812,25 +724,35 @@ def build_server(tools: KlingTools) -> Server[Any]:
     )
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(
-    settings: Settings,
+    connection: Connection,
     *,
     http_port: int | None,
     out: Path | None,
     default_timeout: float,
     concurrency: int | None,
+    say: Callable[[str], None] = _say,
 ) -> None:
-    """Run ``kling-async mcp``: the tools over the CLI's client (Kling, or the
-    offline simulation with no key set), over stdio until the MCP client closes
-    stdin, or over streamable HTTP on 127.0.0.1:``http_port`` until SIGINT or
-    SIGTERM."""
+    """Run ``kling-async mcp``: the tools over a client of ``connection`` (Kling,
+    or the offline simulation with no key set), over stdio until the MCP client
+    closes stdin, or over streamable HTTP on 127.0.0.1:``http_port`` until
+    SIGINT or SIGTERM. ``say`` writes a line for the person who started it
+    (stderr: stdout is the protocol)."""
     # Bound first: a port in use is one error line before anything starts.
     sock = _bind_loopback(http_port) if http_port is not None else None
 
     async def work() -> None:
-        async with settings.client(max_concurrency=concurrency) as client:
+        async with connection.client(
+            max_concurrency=concurrency,
+            announce=lambda notice: say(f"kling-async: {notice}"),
+            warn=lambda warning: say(f"warning: {warning}"),
+        ) as client:
             tools = KlingTools(
-                client, out=out, default_timeout=default_timeout, offline=settings.offline
+                client, out=out, default_timeout=default_timeout, offline=connection.offline
             )
             server = build_server(tools)
             if sock is None:
@@ -838,7 +760,7 @@ def run(
                     options = server.create_initialization_options()
                     await server.run(read_stream, write_stream, options)
             else:
-                await _serve_http(server, sock, settings)
+                await _serve_http(server, sock, say)
 
     try:
         asyncio.run(work())
@@ -849,7 +771,7 @@ def run(
             sock.close()
 
 
-async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settings) -> None:
+async def _serve_http(server: Server[Any], sock: socket.socket, say: Callable[[str], None]) -> None:
     host, port = sock.getsockname()[:2]
     app = server.streamable_http_app(host=host)
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -867,11 +789,7 @@ async def _serve_http(server: Server[Any], sock: socket.socket, settings: Settin
             loop.add_signal_handler(signum, stop)
             handled.append(signum)
     try:
-        settings.stderr.print(
-            f"kling-async mcp: serving MCP over streamable HTTP at http://{host}:{port}/mcp",
-            soft_wrap=True,
-            highlight=False,
-        )
+        say(f"kling-async mcp: serving MCP over streamable HTTP at http://{host}:{port}/mcp")
         await web.serve(sockets=[sock])
     finally:
         for signum in handled:

@@ -12,30 +12,15 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from ._exceptions import APIError, KlingError, TaskFailedError, ValidationError
+from ._exceptions import KlingError
 from ._models import Task, TaskStatus
 
 records = cattrs.Converter()
 """The converter for data users keep and stores persist."""
-
-
-def _error_record(error: KlingError) -> dict[str, Any]:
-    """An error as JSON-ready data: its type and message, and the fields a
-    caller would act on (Kling's code and request_id, the invalid field, the
-    failed task's id)."""
-    record: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, APIError):
-        record.update(code=error.code, request_id=error.request_id, http_status=error.http_status)
-    elif isinstance(error, ValidationError):
-        record.update(field=error.field, rule=error.rule)
-    elif isinstance(error, TaskFailedError):
-        record["task_id"] = error.task.task_id
-    return record
 
 
 records.register_unstructure_hook(datetime, datetime.isoformat)
@@ -55,6 +40,8 @@ records.register_unstructure_hook(
         raw=override(omit=True),
     ),
 )
+# An error's record is its own (``KlingError.to_dict``), so front ends need no converter.
 records.register_unstructure_hook_func(
-    lambda cls: isinstance(cls, type) and issubclass(cls, KlingError), _error_record
+    lambda cls: isinstance(cls, type) and issubclass(cls, KlingError),
+    lambda error: error.to_dict(),
 )

@@ -23,7 +23,9 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from kling_async import ImageGenerationRequest
-from kling_async._cli import Settings, _BatchProgress, main, rerun_hint
+from kling_async._cli import main
+from kling_async._cli.runner import BatchProgress as _BatchProgress
+from kling_async._cli.session import Settings, rerun_hint
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, assert_valid_png, clean_env, fake_server_process, make_client
 from tests.imagedata import png

@@ -16,7 +16,9 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 from kling_async import Client, ConfigurationError, ImageGenerationRequest, Journal
-from kling_async._cli import Settings, _BatchProgress, main
+from kling_async._cli import main
+from kling_async._cli.runner import BatchProgress as _BatchProgress
+from kling_async._cli.session import Settings
 from kling_async.testing import FakeKlingServer
 from tests.helpers import clean_env
 

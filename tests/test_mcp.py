@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import attrs
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.types import CallToolResult
 
+from kling_async import Client as KlingClient
 from kling_async import (
     ImageGenerationRequest,
     MultiImageRequest,
@@ -31,12 +33,20 @@ from kling_async import (
     TaskStatus,
     _mcp,
 )
+from kling_async._endpoints import EndpointDeclaration, by_mcp_name, declarations
 from kling_async._models import ASPECT_RATIOS, MAX_PROMPT_LENGTH, MAX_SUBJECT_IMAGES
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, assert_valid_png, clean_env
 from tests.imagedata import png
+from tests.test_cli_endpoints import EXAMPLES, with_image
 
-TOOLS = {"generate_image", "multi_image", "get_task", "list_tasks", "download_task"}
+#: A create tool per declared endpoint, and the tools about tasks and costs.
+TOOLS = {d.mcp_name for d in declarations()} | {
+    "get_task",
+    "list_tasks",
+    "download_task",
+    "estimate",
+}
 #: Long enough for a progress tick (one a second) to happen before the task ends.
 SLOW_MARKER = "[slow]"
 
@@ -614,3 +624,106 @@ async def test_progress_never_reports_an_end_that_the_result_reports(
     assert task.status is TaskStatus.SUCCEED
     assert bool(notes) is notified, notes
     assert all(f": {status} (" in (message or "") for message in notes)
+
+
+# --- a tool per declared endpoint, and estimate ------------------------------------------
+# In process: the tools over a Client on a FakeKlingServer (the protocol around them is
+# what the subprocess tests above drive).
+
+
+async def _no_progress(
+    progress: float, total: float | None = None, message: str | None = None
+) -> None:
+    return None
+
+
+@contextlib.asynccontextmanager
+async def kling_tools(out: Path | None) -> AsyncIterator[tuple[_mcp.KlingTools, FakeKlingServer]]:
+    async with fake_kling() as kling, KlingClient(API_KEY, base_url=kling.url) as client:
+        yield _mcp.KlingTools(client, out=out, default_timeout=30, offline=False), kling
+
+
+def _schema(tools: _mcp.KlingTools, name: str) -> dict[str, Any]:
+    (tool,) = [tool for tool in tools.definitions if tool.name == name]
+    return tool.input_schema
+
+
+@pytest.mark.parametrize("declaration", list(declarations()), ids=lambda d: d.mcp_name)
+async def test_each_endpoint_s_tool_takes_its_documented_example_and_runs(
+    declaration: EndpointDeclaration, tmp_path: Path
+) -> None:
+    image = tmp_path / "input.png"
+    image.write_bytes(png(600, 600))
+    example = EXAMPLES[declaration.mcp_name]
+    async with kling_tools(tmp_path / "out") as (tools, kling):
+        schema = _schema(tools, declaration.mcp_name)
+        jsonschema.validate(example, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**example, "no_such_field": 1}, schema)
+        refused = await tools.call(
+            declaration.mcp_name, {**example, "no_such_field": 1}, _no_progress
+        )
+        assert refused.is_error is True
+        assert "no_such_field" in text_of(refused)
+        assert kling.requests_for("create") == []
+        arguments = with_image(declaration, example, image)
+        result = await tools.call(declaration.mcp_name, arguments, _no_progress)
+        assert len(kling.requests_for("create", endpoint=declaration.endpoint.value)) == 1
+    assert result.is_error is False, text_of(result)
+    data = data_of(result)
+    assert data["kind"] == declaration.mcp_name
+    assert data["status"] == "succeed"
+    assert len(data["paths"]) >= len(data["images"]) >= 1
+    for path in data["paths"]:
+        assert_valid_png(Path(path))
+
+
+def test_schemas_type_series_amount_as_a_number_or_auto() -> None:
+    schema = _mcp.request_schema(by_mcp_name("omni_image"))
+    amount = schema["properties"]["series_amount"]
+    jsonschema.validate(4, amount)
+    jsonschema.validate("auto", amount)
+    for wrong in (1, 10, "many", 2.5):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, amount)
+    images = schema["properties"]["images"]
+    assert images["type"] == "array"
+    assert images["items"]["type"] == "string"
+    assert schema["properties"]["resolution"]["enum"] == ["1k", "2k", "4k"]
+    expand = _mcp.request_schema(by_mcp_name("expand_image"))
+    assert expand["required"] == [
+        "image",
+        "up_expansion_ratio",
+        "down_expansion_ratio",
+        "left_expansion_ratio",
+        "right_expansion_ratio",
+    ]
+    assert expand["properties"]["up_expansion_ratio"]["maximum"] == 2
+
+
+async def test_estimate_prices_a_call_and_sends_nothing() -> None:
+    arguments = {"prompt": "a fox", "n": 3, "timeout": 5}
+    async with kling_tools(None) as (tools, kling):
+        expected = tools.client.estimate(ImageGenerationRequest(prompt="a fox", n=3))
+        priced = await tools.call(
+            "estimate", {"tool": "generate_image", "arguments": arguments}, _no_progress
+        )
+        unknown = await tools.call(
+            "estimate",
+            {"tool": "omni_image", "arguments": {"prompt": "a fox", "model_name": "no-such"}},
+            _no_progress,
+        )
+        misspelt = await tools.call(
+            "estimate", {"tool": "generate_image", "arguments": {"promt": "x"}}, _no_progress
+        )
+        assert kling.requests_for() == []
+    assert priced.is_error is False, text_of(priced)
+    data = data_of(priced)
+    assert data["estimate"]["units"] == str(expected.units)
+    assert data["estimate"]["money"] == str(expected.money)
+    assert data["sent"] is False
+    assert unknown.is_error is True
+    assert "no price" in text_of(unknown)
+    assert data_of(unknown)["error"]["type"] == "UnknownPriceError"
+    assert misspelt.is_error is True
+    assert "promt" in text_of(misspelt)
