@@ -291,6 +291,9 @@ def _structure_new_design(value: Mapping[str, Any]) -> Task:
 
 
 _register_request_hooks()
+# Amounts of money and units (ledger entries, costs) keep every digit as text.
+converter.register_structure_hook(decimal.Decimal, lambda value, _type: decimal.Decimal(str(value)))
+converter.register_unstructure_hook(decimal.Decimal, str)
 converter.register_structure_hook(datetime, _structure_millis)
 converter.register_structure_hook(ImageResult, _structure_image)
 converter.register_structure_hook(Task, _structure_task)
