@@ -168,11 +168,11 @@ class BatchResult:
 
 @attrs.frozen(kw_only=True)
 class BatchCost:
-    """A batch's money so far, in resource-pack units: ``estimated`` adds up
-    the estimates of the requests whose results came out, ``deducted`` what
-    Kling billed their tasks; ``unreported`` counts the ended tasks Kling gave
-    no deduction for, ``unpriced`` the requests the price table could not
-    estimate."""
+    """A batch's money so far, in resource-pack units, over the requests whose
+    task was created (those refused or never sent cost nothing): ``estimated``
+    adds up their estimates, ``deducted`` what Kling billed their tasks;
+    ``unreported`` counts the ended tasks Kling gave no deduction for,
+    ``unpriced`` the tasks the price table could not estimate."""
 
     estimated: Decimal = Decimal(0)
     deducted: Decimal = Decimal(0)
@@ -181,6 +181,8 @@ class BatchCost:
 
     def adding(self, result: BatchResult) -> BatchCost:
         """This total with ``result`` counted."""
+        if result.handle is None and result.task is None:
+            return self  # not created: nothing to estimate or bill
         cost = result.cost
         ended = result.task is not None and result.task.is_terminal
         return BatchCost(

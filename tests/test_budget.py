@@ -140,7 +140,7 @@ async def test_a_batch_stops_spending_at_max_units(server: FakeKlingServer) -> N
     assert len(refused) == 2
     assert all(r.error.name == "max_units" for r in refused)  # type: ignore[union-attr]
     assert server.billed_units == 24
-    assert batch.cost.deducted == 24
+    assert (batch.cost.estimated, batch.cost.deducted) == units(24, 24)  # refused: not counted
     assert creates(server) == 3
 
 
