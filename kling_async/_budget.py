@@ -75,10 +75,9 @@ class Budget(Protocol):
         :class:`BudgetExceededError` when ``spent + reserved + units`` would be
         over the limit. A key already held or settled holds nothing more."""
 
-    def adopt(self, key: str, units: Decimal) -> bool:
-        """Count ``units`` for a create that may exist already (never refused);
-        returns False when that takes the budget past its limit, so that the
-        create is only looked up, never sent again."""
+    def adopt(self, key: str, units: Decimal) -> None:
+        """Count ``units`` for a create that may exist already, or a task that
+        does: never refused, since it is billed whatever the budget says."""
 
     def settle(self, key: str, units: Decimal) -> None:
         """The task of ``key`` ended and was billed ``units``: they replace its
@@ -155,10 +154,9 @@ class UnitBudget:
             )
         self._hold(key, units)
 
-    def adopt(self, key: str, units: Decimal) -> bool:
+    def adopt(self, key: str, units: Decimal) -> None:
         if key not in self._reserved and key not in self._spent:
             self._hold(key, units)
-        return self._spent_total + self._reserved_total <= self.limit
 
     def settle(self, key: str, units: Decimal) -> None:
         if key in self._spent:

@@ -53,7 +53,6 @@ from ._budget import Budget
 from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent, never_sent
 from ._endpoints import UnitsRule, by_request_type, declaration_for
 from ._exceptions import (
-    BudgetExceededError,
     ClientClosedError,
     ConfigurationError,
     KlingError,
@@ -180,9 +179,10 @@ class Submission:
         self.budgets = budgets
         self.estimate = estimate
         self.batch = batch
-        #: Set when a resumed create was counted over budget: it may be looked
-        #: up (it may exist, and is billed if it does) but never sent again.
-        self.send_refusal: BudgetExceededError | None = None
+        #: Set when a resumed create was counted over budget (or its budget
+        #: could not answer): it may be looked up (it may exist, and is billed
+        #: if it does) but never sent again.
+        self.send_refusal: KlingError | None = None
 
     @property
     def units(self) -> int:
@@ -760,9 +760,10 @@ class Submissions:
     async def _reserve(self, submission: Submission) -> bool:
         """Reserve the create's estimate in each of its budgets, before its intent
         is recorded. Returns False, the create failed with
-        :class:`BudgetExceededError`, when one refuses it (the others give theirs
-        back). A resumed create that may have landed is counted even so (it is
-        billed if it exists) and is only looked up, never sent again."""
+        :class:`BudgetExceededError` (or the error of a budget that could not
+        answer), when one refuses it (the others give theirs back). A resumed
+        create that may have landed is counted even so (it is billed if it
+        exists) and is only looked up, never sent again."""
         estimate = submission.estimate
         if not submission.budgets or estimate is None:
             return True
@@ -771,7 +772,9 @@ class Submissions:
         for budget in submission.budgets:
             try:
                 await budget.reserve(key, estimate)
-            except BudgetExceededError as refusal:
+            except KlingError as refusal:
+                # Over budget, or a shared budget that cannot answer: either way
+                # the create is not sent on the budget's word.
                 if submission.look_up_first:
                     submission.send_refusal = refusal
                     _quietly("adopt", budget.adopt, key, estimate)
