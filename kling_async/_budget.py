@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from typing import Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -221,20 +221,6 @@ class Spend:
     unreported: int = 0
     unpriced: int = 0
 
-    def adding(self, entry: LedgerEntry) -> Spend:
-        """This spend with ``entry`` counted."""
-        ended = entry.state is EntryState.TERMINAL
-        units = entry.cost.units if entry.cost is not None else None
-        return attrs.evolve(
-            self,
-            tasks=self.tasks + 1,
-            estimated=self.estimated + (entry.estimate or 0),
-            deducted=self.deducted + (units if ended and units is not None else 0),
-            running=self.running + (not entry.state.settled),
-            unreported=self.unreported + (ended and units is None),
-            unpriced=self.unpriced + (entry.estimate is None),
-        )
-
 
 def _group_of(entry: LedgerEntry, by: SpendGrouping) -> str:
     if by == "batch":
@@ -260,12 +246,37 @@ def spend_of(entries: Iterable[LedgerEntry], by: SpendGrouping = "total") -> lis
     name. Estimated against deducted, as the CLI's ``costs`` command prints."""
     if by not in _GROUPINGS:
         raise ValueError(f"by must be one of {', '.join(_GROUPINGS)}; got {by!r}")
-    groups: dict[str, Spend] = {}
+    # Added up in lists, a Spend made once per group: a journal holds many thousands.
+    groups: dict[str, list[Any]] = {}
     for entry in entries:
         if entry.state not in _BILLABLE:
             continue
         group = _group_of(entry, by)
-        groups[group] = groups.get(group, Spend(group=group)).adding(entry)
+        totals = groups.get(group)
+        if totals is None:
+            totals = groups[group] = [0, Decimal(0), Decimal(0), 0, 0, 0]
+        ended = entry.state is EntryState.TERMINAL
+        units = entry.cost.units if entry.cost is not None else None
+        totals[0] += 1
+        if entry.estimate is None:
+            totals[5] += 1
+        else:
+            totals[1] += entry.estimate
+        if ended and units is not None:
+            totals[2] += units
+        totals[3] += not entry.state.settled
+        totals[4] += ended and units is None
     if by == "total" and not groups:
         return [Spend(group="total")]
-    return [groups[name] for name in sorted(groups)]
+    return [
+        Spend(
+            group=name,
+            tasks=totals[0],
+            estimated=totals[1],
+            deducted=totals[2],
+            running=totals[3],
+            unreported=totals[4],
+            unpriced=totals[5],
+        )
+        for name, totals in sorted(groups.items())
+    ]
