@@ -378,3 +378,22 @@ async def test_a_journal_of_schema_1_gains_the_cost_columns(tmp_path: Path) -> N
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
     assert {"estimate", "cost", "pack", "units_used", "batch"} <= columns
+
+
+def test_an_entry_s_money_survives_plain_data_as_a_shared_ledger_stores_it() -> None:
+    from kling_async._wire import converter
+
+    entry = kling_async.LedgerEntry(
+        external_task_id="e",
+        endpoint=kling_async.Endpoint.OMNI_IMAGE,
+        body={"model_name": "kling-v3-omni"},
+        units=9,
+        estimate=Decimal("72"),
+        cost=Cost(units=Decimal("24"), quota=Decimal("0.5")),
+        units_used=3,
+        batch="b",
+    )
+    data = json.loads(json.dumps(converter.unstructure(entry)))
+    assert data["estimate"] == "72"
+    assert data["cost"] == {"units": "24", "quota": "0.5", "list_price": None}
+    assert converter.structure(data, kling_async.LedgerEntry) == entry
