@@ -13,7 +13,8 @@ Everything public is importable from this package; the submodules are private.
 """
 
 from ._auth import Credentials, JWTCredentials, StaticToken
-from ._batch import Batch, BatchItem, BatchRequests, BatchResult
+from ._batch import Batch, BatchCost, BatchItem, BatchRequests, BatchResult
+from ._budget import Budget, BudgetState, Spend, SpendGrouping, UnitBudget, spend_of
 from ._callbacks import CallbackReceiver, UpdateHook
 from ._client import Client
 from ._config import DEFAULT_BASE_URL, OFFICIAL_BASE_URL, PollPolicy, RetryPolicy
@@ -30,6 +31,7 @@ from ._endpoints import (
 from ._exceptions import (
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     ClientClosedError,
     ConcurrencyLimitError,
     ConfigurationError,
@@ -60,6 +62,7 @@ from ._logging import configure_from_environment as _configure_logging
 from ._models import (
     AspectRatio,
     BalanceDeduction,
+    Cost,
     Endpoint,
     ExpandRequest,
     ImageGenerationRequest,
@@ -95,10 +98,15 @@ __all__ = [
     "AspectRatio",
     "AuthenticationError",
     "BalanceDeduction",
+    "Cost",
     "Batch",
     "BatchItem",
     "BatchRequests",
+    "BatchCost",
     "BatchResult",
+    "Budget",
+    "BudgetExceededError",
+    "BudgetState",
     "CallbackReceiver",
     "Client",
     "ClientClosedError",
@@ -145,6 +153,8 @@ __all__ = [
     "PermissionDeniedError",
     "PollPolicy",
     "Price",
+    "Spend",
+    "SpendGrouping",
     "PriceTable",
     "QuotaExceededError",
     "QuotaUnits",
@@ -170,6 +180,7 @@ __all__ = [
     "TryOnModel",
     "USE_CLIENT_DEFAULT",
     "UnitsRule",
+    "UnitBudget",
     "UnknownPriceError",
     "UpdateHook",
     "ValidationError",
@@ -179,6 +190,7 @@ __all__ = [
     "declaration_for",
     "declarations",
     "request_from_mapping",
+    "spend_of",
 ]
 
 

@@ -38,10 +38,12 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._budget import Budget
 from ._exceptions import (
     AuthenticationError,
     ClientClosedError,
@@ -55,7 +57,7 @@ from ._exceptions import (
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import Limiter
-from ._models import Task, TaskRequest, TaskStatus
+from ._models import Cost, Task, TaskRequest, TaskStatus
 from ._records import records
 from ._resources import ready
 from ._wire import request_body
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from ._submissions import Submission, Submissions
     from ._tracking import Tracker
 
-__all__ = ["Batch", "BatchItem", "BatchRequests", "BatchResult"]
+__all__ = ["Batch", "BatchCost", "BatchItem", "BatchRequests", "BatchResult"]
 
 logger = logging.getLogger("kling_async")
 
@@ -125,18 +127,29 @@ class BatchResult:
     #: True when the task ended in an earlier run of the batch and the result
     #: was read from its journal: nothing was sent for it this time.
     resumed: bool = False
+    #: What the price table estimated the request at, in resource-pack units
+    #: (``None`` when it has no price for it).
+    estimate: Decimal | None = None
 
     @property
     def ok(self) -> bool:
         """True when the task succeeded."""
         return self.task is not None and self.task.status is TaskStatus.SUCCEED
 
+    @property
+    def cost(self) -> Cost | None:
+        """What Kling deducted for the task (``None`` when no task ended, or
+        Kling did not say)."""
+        return self.task.cost if self.task is not None else None
+
     def to_dict(self) -> dict[str, Any]:
         """The result as plain, JSON-ready data: ``index``, ``ok``, ``task_id``,
         ``external_task_id``, ``task`` (:meth:`Task.to_dict`, or ``None``) and
         ``error`` (its ``type`` and ``message``, plus ``code`` and ``request_id``
-        for an :class:`APIError`; or ``None``). The request is left out (it may
-        hold megabytes of base64 images): ``index`` ties a result to its input.
+        for an :class:`APIError`; or ``None``), and ``estimate``, the units the
+        price table estimated (a string, or ``None``; what Kling deducted is in
+        ``task``). The request is left out (it may hold megabytes of base64
+        images): ``index`` ties a result to its input.
         """
         task_id = self.handle.task_id if self.handle is not None else None
         return {
@@ -146,11 +159,39 @@ class BatchResult:
             "external_task_id": self.request.external_task_id,
             "task": records.unstructure(self.task, Task | None),
             "error": records.unstructure(self.error, KlingError | None),
+            "estimate": None if self.estimate is None else str(self.estimate),
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+
+@attrs.frozen(kw_only=True)
+class BatchCost:
+    """A batch's money so far, in resource-pack units, over the requests whose
+    task was created (those refused or never sent cost nothing): ``estimated``
+    adds up their estimates, ``deducted`` what Kling billed their tasks;
+    ``unreported`` counts the ended tasks Kling gave no deduction for,
+    ``unpriced`` the tasks the price table could not estimate."""
+
+    estimated: Decimal = Decimal(0)
+    deducted: Decimal = Decimal(0)
+    unreported: int = 0
+    unpriced: int = 0
+
+    def adding(self, result: BatchResult) -> BatchCost:
+        """This total with ``result`` counted."""
+        if result.handle is None and result.task is None:
+            return self  # not created: nothing to estimate or bill
+        cost = result.cost
+        ended = result.task is not None and result.task.is_terminal
+        return BatchCost(
+            estimated=self.estimated + (result.estimate or 0),
+            deducted=self.deducted + (cost.units if cost and cost.units is not None else 0),
+            unreported=self.unreported + (ended and (cost is None or cost.units is None)),
+            unpriced=self.unpriced + (result.estimate is None),
+        )
 
 
 def content_digest(request: TaskRequest) -> str:
@@ -229,6 +270,7 @@ class Batch:
         max_in_flight: int | None = None,
         journal: Ledger | None = None,
         name: str = "batch",
+        budget: Budget | None = None,
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -238,6 +280,10 @@ class Batch:
         self._tracker = tracker
         self._requests = requests
         self._limiter = limiter
+        #: The batch's own budget (``max_units``), if it has one.
+        self.budget = budget
+        #: What the results so far were estimated at and billed (:class:`BatchCost`).
+        self.cost = BatchCost()
         self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._lookahead = asyncio.Semaphore(LOOKAHEAD)
         self._results: asyncio.Queue[BatchResult | Exception | None] = asyncio.Queue()
@@ -400,7 +446,7 @@ class Batch:
             # TaskNotFoundError, comes out as the result; nothing is sent.
             self._lookahead.release()
             handle = self._submissions.reattach(
-                entry, ledger=journal, limiter=self._limiter, request=request
+                entry, ledger=journal, limiter=self._limiter, request=request, budget=self.budget
             )
             self.handles.append(handle)
             self._follow(index, request, handle)
@@ -411,7 +457,7 @@ class Batch:
         self, index: int, request: TaskRequest, entry: LedgerEntry, journal: Ledger
     ) -> None:
         handle = self._submissions.reattach(
-            entry, ledger=journal, limiter=self._limiter, request=request
+            entry, ledger=journal, limiter=self._limiter, request=request, budget=self.budget
         )
         task = handle.task
         assert task is not None
@@ -439,6 +485,7 @@ class Batch:
                     limiter=self._limiter,
                     request=request,
                     on_admitted=self._lookahead.release,
+                    budget=self.budget,
                 )
             else:
                 submission = self._submissions.start(
@@ -447,6 +494,8 @@ class Batch:
                     ledger=self._journal,
                     key=key,
                     on_admitted=self._lookahead.release,
+                    budget=self.budget,
+                    batch=printable_name(self._name),
                 )
         except KlingError as error:  # refused before anything was sent
             self._lookahead.release()
@@ -515,6 +564,9 @@ class Batch:
     def _finish(self, result: BatchResult) -> None:
         if self._slots is not None:
             self._slots.release()
+        if result.estimate is None:
+            result = attrs.evolve(result, estimate=self._submissions.estimate_of(result.request))
+        self.cost = self.cost.adding(result)
         self._results.put_nowait(result)
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ import aiohttp
 
 from ._auth import Credentials, JWTCredentials, StaticToken, resolve_credentials
 from ._batch import Batch, BatchRequests
+from ._budget import Budget, as_budget
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download, read_image
@@ -94,7 +96,16 @@ class Client:
         :meth:`resume` reads after a crash (instead of ``ledger``).
     ``prices``
         The :class:`PriceTable` that :meth:`estimate` prices requests with
-        (default :data:`DEFAULT_PRICES`, Kling's published prices).
+        (default :data:`DEFAULT_PRICES`, Kling's published prices), and that
+        budgets reserve estimates from.
+    ``budget``
+        The most this client may spend, in resource-pack units (a number, or a
+        :class:`Budget` shared with other clients): each create's estimate is
+        reserved before it is sent, and a create it would take past the budget
+        is refused with :class:`BudgetExceededError`, nothing sent. Under a
+        budget, a request the price table cannot estimate is refused with
+        :class:`UnknownPriceError` rather than guessed. Tasks re-attached by
+        :meth:`resume` count too.
     ``durations_cache``
         Where how long tasks took is kept between runs, so that a first round
         is polled on the learned schedule: a file path, ``True`` (the default
@@ -125,11 +136,15 @@ class Client:
         ledger: Ledger | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
         prices: PriceTable = DEFAULT_PRICES,
+        budget: Budget | Decimal | int | str | None = None,
         durations_cache: str | os.PathLike[str] | bool = True,
     ) -> None:
         self._created_at = _caller(self)
         #: The prices :meth:`estimate` uses: Kling's published ones unless given.
         self.prices = prices
+        #: The client's :class:`Budget` (``None`` without one): ``await
+        #: client.budget.state()`` says what is spent, reserved and left.
+        self.budget = as_budget(budget, "budget")
         if credentials is None:
             credentials = resolve_credentials(api_key, access_key, secret_key)
         elif api_key or access_key or secret_key:
@@ -188,6 +203,8 @@ class Client:
             ledger if ledger is not None else MemoryLedger(),
             receiver=callbacks,
             limiter=self.limiter,
+            prices=prices,
+            budget=self.budget,
         )
         #: Image task APIs: ``generate``, ``multi_image``, ``get``, ``list``, ``attach``.
         self.images = Images(self._transport, self._tracker, self._submissions)
@@ -348,6 +365,7 @@ class Client:
         max_in_flight: int | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
         name: str = "batch",
+        max_units: Budget | Decimal | int | str | None = None,
     ) -> Batch:
         """Run many requests through the account's concurrency quota.
 
@@ -368,6 +386,13 @@ class Client:
         a request whose task ended comes back as a result read from the journal
         (``result.resumed``), one in flight is re-attached, one whose create may
         have landed is looked up before it is sent again. Nothing is created twice.
+
+        ``max_units`` caps what the batch may spend, in resource-pack units,
+        besides the client's ``budget``: a request whose estimate would take the
+        batch past it is not sent and comes out with a
+        :class:`BudgetExceededError`. A rerun over the same journal counts what
+        the earlier runs' tasks were billed. ``batch.cost`` adds up what the
+        results were estimated at and billed.
         """
         limiter = self.limiter
         if limiter is None:
@@ -382,6 +407,7 @@ class Client:
             max_in_flight=max_in_flight,
             journal=self._journal(journal) if journal is not None else None,
             name=name,
+            budget=as_budget(max_units, "max_units"),
         )
 
     @property

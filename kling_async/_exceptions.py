@@ -13,6 +13,7 @@
     ├── TaskFailedError                       the task ended in ``failed``; ``.task`` says why
     ├── TaskTimeoutError (also a TimeoutError) a wait ran out; the handle stays usable
     ├── UnknownPriceError (also a LookupError) the price table cannot estimate a request
+    ├── BudgetExceededError                   a create would take spending past a budget; not sent
     └── APIError                              Kling answered with an error code
         ├── AuthenticationError      1000-1004
         ├── QuotaExceededError       1100-1102   (HTTP 429, but never worth retrying)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "BudgetExceededError",
     "ClientClosedError",
     "ConcurrencyLimitError",
     "ConfigurationError",
@@ -226,6 +229,41 @@ class UnknownPriceError(KlingError, LookupError):
             f"no price for {endpoint} with model {model_name!r} at {resolution} in {table}; "
             "an estimate would be a guess: add a kling_async.Price for it with "
             "PriceTable.replacing(...)"
+        )
+
+
+class BudgetExceededError(KlingError):
+    """A create was refused before anything was sent: its estimate would take
+    spending past a budget (``Client(budget=...)``, ``client.batch(max_units=...)``).
+
+    ``budget`` is the limit in resource-pack units, ``spent`` what ended tasks
+    were billed, ``reserved`` the estimates of creates and tasks still running,
+    ``estimate`` this request's; ``spent + reserved + estimate > budget``.
+    ``name`` says which budget refused it. Nothing was created: raise the
+    budget, or run the request once reserved tasks have ended (a task billed
+    less than its estimate gives the difference back).
+    """
+
+    def __init__(
+        self,
+        *,
+        budget: Decimal,
+        spent: Decimal,
+        reserved: Decimal,
+        estimate: Decimal,
+        name: str = "budget",
+    ) -> None:
+        self.budget = budget
+        self.spent = spent
+        self.reserved = reserved
+        self.estimate = estimate
+        self.name = name
+        left = budget - spent - reserved
+        super().__init__(
+            f"{name} of {budget} units exceeded: this request is estimated at {estimate} "
+            f"units, {spent} are spent and {reserved} reserved by tasks still running, "
+            f"{max(left, Decimal(0))} left; nothing was sent. Raise the {name}, or run it "
+            "again once the running tasks have ended"
         )
 
 

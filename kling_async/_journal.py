@@ -51,6 +51,7 @@ from typing import Any, Final, Literal
 if sys.platform != "win32":
     import fcntl
 
+from ._budget import Spend, SpendGrouping, spend_of
 from ._exceptions import JournalError, JournalInUseError
 from ._ledger import EntryState, LedgerEntry
 from ._records import records
@@ -60,6 +61,17 @@ __all__ = ["Journal"]
 logger = logging.getLogger("kling_async")
 
 SCHEMA_VERSION: Final = 1
+#: Columns added after schema 1, with their SQL type: a journal of an older
+#: version gets them by ALTER TABLE when opened (see ``_migrate``), so adding
+#: one never needs a version of its own, and an older journal's rows read
+#: them as NULL ("not known").
+_ADDED_COLUMNS: Final = (
+    ("estimate", "TEXT"),
+    ("cost", "TEXT"),
+    ("pack", "TEXT"),
+    ("units_used", "INTEGER"),
+    ("batch", "TEXT"),
+)
 _COLUMNS: Final = (
     "external_task_id",
     "endpoint",
@@ -76,6 +88,7 @@ _COLUMNS: Final = (
     "downloaded",
     "intended_at",
     "updated_at",
+    *(name for name, _type in _ADDED_COLUMNS),
 )
 _JSON_COLUMNS: Final = frozenset({"body", "images", "downloaded"})
 _SCHEMA: Final = f"""
@@ -94,7 +107,7 @@ CREATE TABLE IF NOT EXISTS entries (
     owner TEXT,
     downloaded TEXT NOT NULL,
     intended_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL{"".join(f", {name} {kind}" for name, kind in _ADDED_COLUMNS)}
 );
 CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key);
 CREATE INDEX IF NOT EXISTS entries_by_state ON entries (state);
@@ -157,6 +170,11 @@ def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
         _json(entry.downloaded) if entry.downloaded else "[]",
         entry.intended_at,
         entry.updated_at,
+        None if entry.estimate is None else str(entry.estimate),
+        None if entry.cost is None else _json(records.unstructure(entry.cost)),
+        entry.pack,
+        entry.units_used,
+        entry.batch,
     )
 
 
@@ -165,7 +183,21 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
     for column in _JSON_COLUMNS:
         data[column] = json.loads(data[column] or "{}")
     data["receiver_callback"] = bool(data["receiver_callback"])
+    data["cost"] = json.loads(data["cost"]) if data["cost"] else None
+    if data["pack"] is None:  # written before packs were recorded: the image pack's
+        del data["pack"]
     return records.structure(data, LedgerEntry)
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Give an older journal's table the columns added since (additive only:
+    nothing an older version wrote is changed)."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(entries)")}
+    if not present:
+        return  # a new file: the schema creates the table whole
+    for name, sql_type in _ADDED_COLUMNS:
+        if name not in present:
+            connection.execute(f"ALTER TABLE entries ADD COLUMN {name} {sql_type}")
 
 
 class _Ownership:
@@ -379,6 +411,22 @@ class Journal:
             for row in await self._ask("select", (f"{_SELECT} ORDER BY intended_at", ()))
         ]
 
+    async def spend(self, by: SpendGrouping = "total") -> list[Spend]:
+        """What the journal's creates cost, grouped ``by`` ``"batch"``, ``"day"``,
+        ``"endpoint"``, ``"model"`` or in ``"total"``: estimated against what
+        Kling deducted (see :class:`~kling_async.Spend`). Request bodies are not
+        read back, only their model name."""
+        columns = ", ".join(
+            "json_object('model_name', json_extract(body, '$.model_name'))"
+            if column == "body"
+            else column
+            for column in _COLUMNS
+        )
+        rows = await self._ask(
+            "select", (f"SELECT {columns} FROM entries ORDER BY intended_at", ())
+        )
+        return spend_of((_entry(row) for row in rows), by)
+
     async def close(self) -> None:
         """Commit what is queued, stop the writer, close the file and let go of it;
         idempotent. Always returns: entries that cannot be committed are logged."""
@@ -440,6 +488,7 @@ class Journal:
                 raise JournalError(
                     f"{self.path} was written by a newer kling_async (journal schema {version})"
                 )
+            _migrate(connection)
             connection.executescript(_SCHEMA)
         except BaseException:
             connection.close()

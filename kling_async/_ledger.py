@@ -29,11 +29,12 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._models import Endpoint, ImageResult
+from ._models import Cost, Endpoint, ImageResult
 
 __all__ = ["EntryState", "Ledger", "LedgerEntry", "MemoryLedger"]
 
@@ -83,6 +84,14 @@ class LedgerEntry:
     uncertain. ``key`` identifies the request inside a batch (its position and
     content) so a rerun finds it; ``owner`` names the process that holds it.
     Times are Unix seconds.
+
+    Money: ``estimate`` is what the price table said the create would cost, in
+    resource-pack units (``None`` when the table has no price for it); ``cost``
+    what Kling deducted once the task ended (``None`` until then, or when Kling
+    did not say). ``pack`` is the resource-pack type whose concurrency the
+    ``units`` came from, ``units_used`` how many the task turned out to need
+    (less than ``units`` for an ``auto`` series). ``batch`` names the batch the
+    create belongs to, if any.
     """
 
     external_task_id: str
@@ -98,6 +107,11 @@ class LedgerEntry:
     key: str | None = None
     owner: str | None = None
     downloaded: tuple[str, ...] = ()
+    estimate: Decimal | None = None
+    cost: Cost | None = None
+    pack: str = "image"
+    units_used: int | None = None
+    batch: str | None = None
     intended_at: float = attrs.field(factory=time.time)
     updated_at: float = attrs.field(factory=time.time)
 

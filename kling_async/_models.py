@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import attrs
@@ -26,6 +27,7 @@ from ._urls import is_http_url, redacted_url
 __all__ = [
     "AspectRatio",
     "BalanceDeduction",
+    "Cost",
     "Endpoint",
     "ExpandRequest",
     "ImageGenerationRequest",
@@ -148,6 +150,46 @@ class BalanceDeduction:
     list_price: str | None = None
 
 
+def _amount(value: object) -> Decimal | None:
+    """A deduction Kling wrote as text (``"8"``, ``"0.028"``) as a Decimal;
+    ``None`` for anything that is not a finite number (an unreadable billing
+    detail must never make a task unreadable)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        amount = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        return None
+    return amount if amount.is_finite() else None
+
+
+@attrs.frozen(kw_only=True)
+class Cost:
+    """What Kling deducted for a task, typed: ``units`` of the resource pack
+    (``final_unit_deduction``, or the new design's ``billing[]`` entries of
+    ``charge_type`` ``unit``), and from the account balance the price charged
+    (``quota``) and its ``list_price``. Each is ``None`` when Kling did not say.
+    """
+
+    units: Decimal | None = None
+    quota: Decimal | None = None
+    list_price: Decimal | None = None
+
+    @classmethod
+    def of(cls, units: str | None, balance: BalanceDeduction | None) -> Cost | None:
+        """The cost of a task's deduction fields as Kling wrote them; ``None``
+        when none of them holds a number."""
+        cost = cls(
+            units=_amount(units),
+            quota=_amount(balance.quota) if balance is not None else None,
+            list_price=_amount(balance.list_price) if balance is not None else None,
+        )
+        return None if cost == _NO_COST else cost
+
+
+_NO_COST = Cost()
+
+
 @attrs.frozen(kw_only=True)
 class Task:
     """A task as Kling last reported it.
@@ -174,6 +216,13 @@ class Task:
     def is_terminal(self) -> bool:
         """True once the task has succeeded or failed."""
         return self.status.is_terminal
+
+    @property
+    def cost(self) -> Cost | None:
+        """What Kling deducted for the task, typed (:class:`Cost`), from either
+        result shape; ``None`` when Kling reported no deduction (a running task,
+        or an answer without billing fields)."""
+        return Cost.of(self.final_unit_deduction, self.final_balance_deduction)
 
     @property
     def series_images(self) -> tuple[ImageResult, ...]:

@@ -21,7 +21,7 @@ from typing import Literal
 import attrs
 
 from ._exceptions import UnknownPriceError
-from ._models import TaskRequest
+from ._models import MAX_SERIES_IMAGES, TaskRequest
 
 __all__ = ["DEFAULT_PRICES", "Estimate", "Price", "PriceTable"]
 
@@ -103,15 +103,22 @@ class PriceTable:
     unit_price: Decimal = attrs.field(converter=_decimal)
     currency: str = "USD"
 
+    def row(self, endpoint: str, model_name: str, resolution: str, reference: bool) -> Price | None:
+        """The first row pricing such a request, or ``None``."""
+        for price in self.prices:
+            if price.matches(endpoint, model_name, resolution, reference):
+                return price
+        return None
+
     def price_for(self, request: TaskRequest) -> Price:
         """The row that prices ``request``; :class:`UnknownPriceError` when none does."""
         endpoint = request.endpoint.value
         model_name = request.model_name
         resolution = str(getattr(request, "resolution", None) or DEFAULT_RESOLUTION).lower()
         reference = getattr(request, "image", None) is not None
-        for price in self.prices:
-            if price.matches(endpoint, model_name, resolution, reference):
-                return price
+        price = self.row(endpoint, model_name, resolution, reference)
+        if price is not None:
+            return price
         raise UnknownPriceError(
             endpoint,
             model_name,
@@ -121,9 +128,11 @@ class PriceTable:
 
     def estimate(self, request: TaskRequest) -> Estimate:
         """The most ``request`` will cost: its row's price times the images it
-        asks for (``n``), or once for a price per call."""
+        asks for (``n``, or a series' ``series_amount``; for ``"auto"`` the most
+        a series makes, 9), or once for a price per call."""
         price = self.price_for(request)
-        images = int(getattr(request, "n", 1) or 1)
+        expected = getattr(request, "expected_images", request.n)
+        images = MAX_SERIES_IMAGES if expected is None else int(expected)
         units = price.units * (images if price.per == "image" else 1)
         return Estimate(
             units=units,
@@ -164,9 +173,15 @@ class PriceTable:
 _GENERATIONS = "images/generations"
 _MULTI_IMAGE = "images/multi-image2image"
 _OMNI_IMAGE = "images/omni-image"
+_EXPAND = "images/editing/expand"
+_MULTI_SHOT = "general/ai-multi-shot"
 
 #: Kling's image pricing page, as fetched on 2026-09-20 (the page prints no date
 #: of its own). 1K and 2K cost the same; 4K is priced for Image 3.0 Omni only.
+#: Outpainting and AI multi-shot name no model (``model_name`` is ``""``), and
+#: the page prices them at 1K, the only resolution they make. Virtual try-on has
+#: no row: the page lists it among the functions it covers but prices none, so
+#: its estimate raises UnknownPriceError until a contract's row is added.
 DEFAULT_PRICES = PriceTable(
     source="https://kling.ai/document-api/pricing/base/image",
     as_of=datetime.date(2026, 9, 20),
@@ -201,5 +216,14 @@ DEFAULT_PRICES = PriceTable(
         Price(endpoint=_OMNI_IMAGE, model_name="kling-v3-omni", units=8, resolutions={"1k", "2k"}),
         Price(endpoint=_OMNI_IMAGE, model_name="kling-v3-omni", units=16, resolutions={"4k"}),
         Price(endpoint=_OMNI_IMAGE, model_name="kling-image-o1", units=8, resolutions={"1k", "2k"}),
+        Price(endpoint=_EXPAND, model_name="", units=8, resolutions={"1k"}, note="Outpainting"),
+        Price(
+            endpoint=_MULTI_SHOT,
+            model_name="",
+            units=20,
+            per="call",
+            resolutions={"1k"},
+            note="AI multi-shot: three sets of three images per call",
+        ),
     ),
 )

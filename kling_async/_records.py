@@ -25,6 +25,7 @@ records = cattrs.Converter()
 
 records.register_unstructure_hook(datetime, datetime.isoformat)
 records.register_structure_hook(datetime, lambda value, _type: datetime.fromisoformat(value))
+# Amounts of money and units (ledger entries, costs) keep every digit as text.
 records.register_unstructure_hook(Decimal, str)
 records.register_structure_hook(Decimal, lambda value, _type: Decimal(str(value)))
 records.register_unstructure_hook(TaskStatus, lambda status: status.value)

@@ -13,6 +13,14 @@
    task, whoever settles it) or turns out gone (Kling answers 1203 for it:
    :class:`TaskNotFoundError`, the entry settled ``gone``).
 
+Under a budget (``Client(budget=...)``, a batch's ``max_units``) the create's
+estimate is reserved before step 2, and the create refused with
+:class:`BudgetExceededError` (nothing recorded, nothing sent) when it does not
+fit; the reservation is settled by what Kling deducted when the task ends, or
+released when the create did not land (see ``_budget``). A request the price
+table cannot estimate is refused under a budget (:class:`UnknownPriceError`):
+a guess could overrun it.
+
 Whatever a user-supplied ledger or limiter raises, the caller gets its handle
 or an error carrying the external_task_id, and the failure is logged; a ledger
 that cannot record or flush the intent stops the create before it is sent.
@@ -36,25 +44,36 @@ import logging
 import secrets
 import weakref
 from collections.abc import Callable
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ._budget import Budget
 from ._create_rules import CreateProgress, Decision, Step, after_lookup, after_sent, never_sent
-from ._endpoints import by_request_type
+from ._endpoints import UnitsRule, by_request_type, declaration_for
 from ._exceptions import (
     ClientClosedError,
     ConfigurationError,
     KlingError,
     NotFoundError,
     TaskNotFoundError,
+    UnknownPriceError,
     ValidationError,
     for_create,
 )
 from ._handle import TaskHandle
 from ._ledger import EntryState, Ledger, LedgerEntry
 from ._limiter import Limiter
-from ._models import Endpoint, Task, TaskRequest, TaskStatus, request_from_mapping
+from ._models import (
+    BalanceDeduction,
+    Endpoint,
+    Task,
+    TaskRequest,
+    TaskStatus,
+    request_from_mapping,
+)
+from ._pricing import DEFAULT_PRICES, PriceTable
 from ._wire import Envelope, WireRequest, create_request, get_request, parse_created
 
 if TYPE_CHECKING:
@@ -105,6 +124,9 @@ class Submission:
     __slots__ = (
         "_on_admitted",
         "abandoned",
+        "batch",
+        "budgets",
+        "estimate",
         "external_task_id",
         "holding",
         "key",
@@ -117,6 +139,7 @@ class Submission:
         "request",
         "result",
         "runner",
+        "send_refusal",
         "uncertain",
         "unwatched",
     )
@@ -130,6 +153,9 @@ class Submission:
         key: str | None = None,
         look_up_first: bool = False,
         on_admitted: Callable[[], None] | None = None,
+        budgets: tuple[Budget, ...] = (),
+        estimate: Decimal | None = None,
+        batch: str | None = None,
     ) -> None:
         assert request.external_task_id is not None
         self.request = request
@@ -149,6 +175,14 @@ class Submission:
         self.uncertain = False  # settled without knowing whether Kling has the task
         self.runner: asyncio.Task[None] | None = None
         self._on_admitted = on_admitted
+        #: The budgets the create's estimate (resource-pack units) is reserved in.
+        self.budgets = budgets
+        self.estimate = estimate
+        self.batch = batch
+        #: Set when a resumed create was counted over budget (or its budget
+        #: could not answer): it may be looked up (it may exist, and is billed
+        #: if it does) but never sent again.
+        self.send_refusal: KlingError | None = None
 
     @property
     def units(self) -> int:
@@ -238,6 +272,8 @@ class Submissions:
         *,
         receiver: CallbackReceiver | None = None,
         limiter: Limiter | None = None,
+        prices: PriceTable = DEFAULT_PRICES,
+        budget: Budget | None = None,
     ) -> None:
         if not hasattr(ledger, "records_results"):
             # Read after a create lands, when failing would strand its handle.
@@ -251,6 +287,9 @@ class Submissions:
         self._receiver = receiver
         self.ledger = ledger
         self.limiter = limiter
+        self.prices = prices
+        #: The client's budget, if it has one (a batch may add its own).
+        self.budget = budget
         self._live: set[Submission] = set()
         # The running create of each external_task_id (the first, should a
         # caller start two with one id), for resume() to leave alone.
@@ -305,10 +344,15 @@ class Submissions:
         key: str | None = None,
         look_up_first: bool = False,
         on_admitted: Callable[[], None] | None = None,
+        budget: Budget | None = None,
+        batch: str | None = None,
     ) -> Submission:
         """Begin a create in the background and return it; :attr:`Submission.result`
-        gives its handle. Raises :class:`ClientClosedError` on a closed client and
-        :class:`ValidationError` when ``n`` exceeds the limiter's known capacity.
+        gives its handle. Raises :class:`ClientClosedError` on a closed client,
+        :class:`ValidationError` when ``n`` exceeds the limiter's known capacity,
+        and :class:`UnknownPriceError` under a budget when the price table cannot
+        estimate the request. ``budget`` is a batch's own, checked besides the
+        client's; ``batch`` the batch's name, recorded with the entry.
 
         ``ledger`` records it somewhere else than the client's ledger (a batch's
         journal); ``key`` is its batch key. ``look_up_first`` asks Kling for the
@@ -322,6 +366,7 @@ class Submissions:
         prepared, receiver_callback = self.prepare(request)
         assert prepared.external_task_id is not None
         chosen = _for_task(chosen, prepared.external_task_id)
+        budgets = self._budgets(budget)
         submission = Submission(
             prepared,
             ledger=ledger if ledger is not None else self.ledger,
@@ -329,6 +374,9 @@ class Submissions:
             key=key,
             look_up_first=look_up_first,
             on_admitted=on_admitted,
+            budgets=budgets,
+            estimate=self._estimate(prepared, priced=bool(budgets)),
+            batch=batch,
         )
         units = submission.units
         if chosen is not None and chosen.capacity is not None and units > chosen.capacity:
@@ -349,6 +397,27 @@ class Submissions:
         )
         submission.result.add_done_callback(self._retrieved)
         return submission
+
+    def _budgets(self, budget: Budget | None) -> tuple[Budget, ...]:
+        """The budgets a create is reserved in: a batch's own, then the client's."""
+        return tuple(b for b in (budget, self.budget) if b is not None)
+
+    def _estimate(self, request: TaskRequest, *, priced: bool) -> Decimal | None:
+        """The units ``request`` will cost at most, or ``None`` when the price
+        table cannot say; under a budget (``priced``) that refuses the create
+        (:class:`UnknownPriceError`): a guess could overrun the budget."""
+        try:
+            return self.prices.estimate(request).units
+        except UnknownPriceError as error:
+            if priced:
+                assert request.external_task_id is not None
+                raise for_create(error, request.external_task_id, "nothing was sent") from None
+            return None
+
+    def estimate_of(self, request: TaskRequest) -> Decimal | None:
+        """What ``request`` will cost at most by the client's price table, or
+        ``None`` when the table cannot say."""
+        return self._estimate(request, priced=False)
 
     async def submit(
         self,
@@ -399,6 +468,9 @@ class Submissions:
             state=EntryState.INTENDED,
             receiver_callback=submission.receiver_callback,
             key=submission.key,
+            estimate=submission.estimate,
+            pack=by_request_type(submission.request).units.pack,
+            batch=submission.batch,
         )
 
     async def _run(self, submission: Submission, limiter: Limiter | None) -> None:
@@ -408,6 +480,8 @@ class Submissions:
         self._tracker.creating(external_task_id)
         ledger = submission.ledger
         try:
+            if not await self._reserve(submission):
+                return  # refused by a budget: nothing recorded, nothing sent
             ledger.record(entry)
             await ledger.flush()  # the intent survives a crash before it is sent
             if limiter is not None:
@@ -420,6 +494,7 @@ class Submissions:
             unsent = submission.phase is Phase.QUEUED and not submission.possibly_landed
             self._give_back(submission, limiter, may_run=not unsent)
             if unsent:
+                self._release(submission)
                 _quietly(
                     "record", ledger.record, entry.moved(EntryState.NOT_CREATED, error="cancelled")
                 )
@@ -437,6 +512,7 @@ class Submissions:
             failure = KlingError(f"the create failed unexpectedly: {type(error).__name__}")
             failure.__cause__ = error
             if submission.phase is Phase.QUEUED and not submission.possibly_landed:
+                self._release(submission)
                 moved = entry.moved(EntryState.NOT_CREATED, error=str(failure))
                 _quietly("record", ledger.record, moved)
                 self._fail(submission, for_create(failure, external_task_id, "nothing was sent"))
@@ -452,6 +528,7 @@ class Submissions:
                 if decision.step is Step.UNCERTAIN:
                     self._uncertain(submission, entry, refusal)
                 else:
+                    self._release(submission)
                     moved = entry.moved(EntryState.NOT_CREATED, error=str(refusal))
                     _quietly("record", ledger.record, moved)
                     outcome = (
@@ -495,6 +572,11 @@ class Submissions:
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
             progress, elapsed = decision.progress, loop.time() - started
+            if decision.step is Step.SEND and submission.send_refusal is not None:
+                # Looked up and not found: sending it would spend past the budget.
+                refused = attrs.evolve(progress, error=submission.send_refusal)
+                decision = Decision(Step.NOT_CREATED, refused)
+                continue
             if decision.step is Step.SEND:
                 submission.phase = Phase.ON_THE_WIRE
                 task, error = await self._ask(create)
@@ -566,6 +648,7 @@ class Submissions:
             external_task_id=submission.external_task_id,
         )
         self._tracker.expect_callbacks(state, submission.receiver_callback)
+        self._bill(state, submission.external_task_id, submission.budgets, submission.estimate)
         created = entry.moved(EntryState.CREATED, task_id=task.task_id, status=task.status.value)
         # The task exists: whatever the ledger or limiter raise from here on,
         # the caller gets its handle (the failures are logged).
@@ -672,6 +755,66 @@ class Submissions:
             else:
                 _quietly("release", limiter.release, submission.units, created=False)
 
+    # --- budgets --------------------------------------------------------------------
+
+    async def _reserve(self, submission: Submission) -> bool:
+        """Reserve the create's estimate in each of its budgets, before its intent
+        is recorded. Returns False, the create failed with
+        :class:`BudgetExceededError` (or the error of a budget that could not
+        answer), when one refuses it (the others give theirs back). A resumed
+        create that may have landed is counted even so (it is billed if it
+        exists) and is only looked up, never sent again."""
+        estimate = submission.estimate
+        if not submission.budgets or estimate is None:
+            return True
+        key = submission.external_task_id
+        taken: list[Budget] = []
+        for budget in submission.budgets:
+            try:
+                await budget.reserve(key, estimate)
+            except KlingError as refusal:
+                # Over budget, or a shared budget that cannot answer: either way
+                # the create is not sent on the budget's word.
+                if submission.look_up_first:
+                    submission.send_refusal = refusal
+                    _quietly("adopt", budget.adopt, key, estimate)
+                    taken.append(budget)
+                    continue
+                for held in taken:
+                    _quietly("release", held.release, key)
+                self._fail(submission, for_create(refusal, key, "nothing was sent"))
+                return False
+            taken.append(budget)
+        return True
+
+    @staticmethod
+    def _release(submission: Submission) -> None:
+        """The create did not land: its budgets get its reservation back."""
+        for budget in submission.budgets:
+            _quietly("release", budget.release, submission.external_task_id)
+
+    def _bill(
+        self, state: TaskState, key: str, budgets: tuple[Budget, ...], estimate: Decimal | None
+    ) -> None:
+        """When the task ends, what Kling deducted replaces its reservation (the
+        estimate stays when Kling did not say, or the task turned out gone)."""
+        if not budgets:
+            return
+
+        def settle(task: Task | None) -> None:
+            cost = task.cost if task is not None else None
+            units = cost.units if cost is not None and cost.units is not None else estimate
+            if units is None:
+                return  # nothing reserved and nothing reported: nothing to count
+            for budget in budgets:
+                _quietly("settle", budget.settle, key, units)
+
+        if state.terminal:
+            settle(state.latest)
+            return
+        state.when_terminal(settle)
+        self._tracker.keep_polled(state)
+
     @staticmethod
     def _retrieved(future: asyncio.Future[TaskHandle]) -> None:
         # The outcome is always reported (to the caller, a batch, or the log):
@@ -692,6 +835,8 @@ class Submissions:
             status=task.status.value,
             images=task.images,
             error=task.status_message if task.is_terminal else None,
+            cost=task.cost if task.is_terminal else None,
+            units_used=units_used(entry, task) if task.is_terminal else None,
         )
         binding.entry = moved
         _quietly("record", binding.ledger.record, moved)
@@ -722,17 +867,21 @@ class Submissions:
         ledger: Ledger | None = None,
         limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
         request: TaskRequest | None = None,
+        budget: Budget | None = None,
     ) -> TaskHandle:
         """A handle on the task of an entry that Kling created (task_id known),
-        following it in its ledger; a running task holds its units again."""
+        following it in its ledger; a running task holds its units again, and
+        its estimate in the budgets (a task that ended counts what it was billed)."""
         assert entry.task_id is not None
         chosen = self.limiter if limiter is CLIENT_LIMITER else limiter
         assert not isinstance(chosen, _UseLimiter)
+        budgets = self._budgets(budget)
         if entry.state is EntryState.GONE:  # settled so by an earlier run: an outcome
             state = self._tracker.state(
                 entry.endpoint, entry.task_id, external_task_id=entry.external_task_id
             )
             self._tracker.forget(state, gone_error(entry))
+            self._adopt(entry, budgets, request, state)
             return TaskHandle(self._tracker, state, request)
         chosen = _for_task(chosen, entry.external_task_id)
         latest = None
@@ -745,12 +894,39 @@ class Submissions:
             state, entry.receiver_callback and self._receiver is not None
         )
         self._follow_in(ledger if ledger is not None else self.ledger, state, entry)
+        self._adopt(entry, budgets, request, state)
         # Count the units first: a limiter whose adopt() fails holds none, and
         # the task must not give back what was never counted.
         holds = chosen is not None and not state.terminal and state not in self._held
         if holds and chosen is not None and _quietly("adopt", chosen.adopt, entry.units):
             self._hold(state, chosen, entry.units)
         return TaskHandle(self._tracker, state, request)
+
+    def _adopt(
+        self,
+        entry: LedgerEntry,
+        budgets: tuple[Budget, ...],
+        request: TaskRequest | None,
+        state: TaskState,
+    ) -> None:
+        """Count a task that exists in ``budgets``: what it was billed if it
+        ended, else its estimate until it ends (never refused: it is billed
+        whatever the budget says)."""
+        if not budgets:
+            return
+        estimate = entry.estimate
+        if estimate is None and request is not None:
+            estimate = self._estimate(request, priced=False)
+        key = entry.external_task_id
+        for budget in budgets:
+            if estimate is not None:
+                _quietly("adopt", budget.adopt, key, estimate)
+        billed = entry.cost.units if entry.cost is not None else None
+        if entry.state is EntryState.TERMINAL and billed is not None:
+            for budget in budgets:
+                _quietly("settle", budget.settle, key, billed)
+            return
+        self._bill(state, key, budgets, estimate)
 
     def resume_entry(
         self,
@@ -760,6 +936,7 @@ class Submissions:
         limiter: Limiter | _UseLimiter | None = CLIENT_LIMITER,
         request: TaskRequest | None = None,
         on_admitted: Callable[[], None] | None = None,
+        budget: Budget | None = None,
     ) -> Submission:
         """Settle an entry whose create may or may not have landed: look its id up
         and send it again (same id) only if Kling has no such task."""
@@ -782,6 +959,8 @@ class Submissions:
             # never "cannot tell" about a create that never reached Kling.
             look_up_first=entry.state is not EntryState.NOT_CREATED,
             on_admitted=on_admitted,
+            budget=budget,
+            batch=entry.batch,
         )
 
     async def resume(self) -> list[TaskHandle]:
@@ -915,10 +1094,30 @@ def entry_task(entry: LedgerEntry) -> Task:
     """The task as the ledger last knew it (a terminal entry's result)."""
     assert entry.task_id is not None
     status = TaskStatus(entry.status or TaskStatus.SUBMITTED.value)
+    cost = entry.cost
+    balance = None
+    if cost is not None and (cost.quota is not None or cost.list_price is not None):
+        balance = BalanceDeduction(
+            quota=None if cost.quota is None else str(cost.quota),
+            list_price=None if cost.list_price is None else str(cost.list_price),
+        )
     return Task(
         task_id=entry.task_id,
         status=status,
         status_message=entry.error if status is TaskStatus.FAILED else None,
         images=entry.images,
         external_task_id=entry.external_task_id,
+        final_unit_deduction=None if cost is None or cost.units is None else str(cost.units),
+        final_balance_deduction=balance,
     )
+
+
+def units_used(entry: LedgerEntry, task: Task) -> int:
+    """The concurrency units a finished task turned out to need: its images for
+    an endpoint that holds one unit per image produced (an ``auto`` series
+    holds the most while it runs), else what it held. A failed task needed
+    what it held."""
+    rule = declaration_for(entry.endpoint).units.rule
+    if rule is UnitsRule.PER_IMAGE_PRODUCED and task.images:
+        return min(len(task.images), entry.units)
+    return entry.units

@@ -84,7 +84,8 @@ async def test_new_design_bodies_are_what_the_fake_posts() -> None:
     }  # fmt: skip
     assert (final["id"], final["external_id"]) == (handle.task_id, "e-1")
     assert final["outputs"][0]["type"] == "image"
-    assert final["billing"] == [{"charge_type": "unit", "amount": "1", "package_type": "image"}]
+    # kling-v3 (the default model): 8 units an image
+    assert final["billing"] == [{"charge_type": "unit", "amount": "8", "package_type": "image"}]
 
 
 async def test_signed_callbacks_are_verified() -> None:

@@ -19,7 +19,13 @@ against what the client believes):
 - no call hangs; after ``close()`` nothing is left running on the loop and a
   handle awaited after it ends at once;
 - the limiter's units come back to zero once every task ended, and after close;
-- no thread is left behind.
+- no thread is left behind;
+- under a budget (one :class:`~kling_async.UnitBudget` shared by every process,
+  as ``contrib.redis`` would share it, of a drawn number of tasks' worth), the
+  units the server billed never exceed it, whatever the faults, crashes and
+  resumes; and what the client reports a task cost (its handle's task, the
+  journal's row) is what the server billed it, every ended task adding up to
+  the same sum.
 
 Each client "process" has an event loop of its own, driven with
 ``run_until_complete`` from the rules; the fake server runs on a thread of its
@@ -39,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import os
 import sqlite3
@@ -48,6 +55,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -72,6 +80,7 @@ from kling_async import (
     KlingError,
     LedgerEntry,
     TaskHandle,
+    UnitBudget,
     ValidationError,
 )
 from kling_async.testing import FakeKlingServer
@@ -102,6 +111,8 @@ HANG: Final = 6.0
 REQUEST_TIMEOUT: Final = 1.0
 CAPACITY: Final = 6
 BATCH_NAME: Final = "model"
+#: What every task of the model costs: kling-v3, one image.
+TASK_UNITS: Final = Decimal(8)
 #: What an error's create_outcome says when it claims no task exists.
 _CLAIMS_ABSENT: Final = ("nothing was", "no such task")
 
@@ -185,6 +196,18 @@ class ServerThread:
 
         return self.call(snapshot)
 
+    def billing(self) -> dict[str, Decimal]:
+        """external_task_id -> the units the server billed, of every ended task."""
+
+        async def snapshot() -> dict[str, Decimal]:
+            return {
+                str(task.external_task_id): Decimal(task.final_unit_deduction)
+                for task in self.server.tasks.values()
+                if task.is_terminal
+            }
+
+        return self.call(snapshot)
+
     def inject(self, kind: str, route: str, **options: Any) -> None:
         async def inject() -> None:
             self.server.inject(kind, route=route, **options)  # type: ignore[arg-type]
@@ -252,6 +275,20 @@ def journal_commits_fail(path: Path, failing: bool) -> None:
         db.commit()
 
 
+def journal_costs(path: Path) -> dict[str, str | None]:
+    """external_task_id -> the cost recorded (JSON, or None) of every terminal row."""
+    if not path.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=HANG)) as db:
+        try:
+            rows = db.execute(
+                "SELECT external_task_id, cost FROM entries WHERE state = 'terminal'"
+            ).fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return {}
+    return dict(rows)
+
+
 def journal_rows(path: Path) -> dict[str, tuple[str, str | None, bool]]:
     """external_task_id -> (state, task_id, whether it has its body) of every row
     committed to the file."""
@@ -279,8 +316,10 @@ class Process:
         path: Path,
         number: int,
         violation: Callable[[str], Violation],
+        budget: UnitBudget,
     ) -> None:
         self.number = number
+        self.budget = budget
         self.violation = violation
         self.loop = asyncio.new_event_loop()
         self.journal = HookedJournal(path)
@@ -299,6 +338,7 @@ class Process:
             timeout=REQUEST_TIMEOUT,
             max_concurrency=self.limiter,
             journal=self.journal,
+            budget=self.budget,
         )
         return await client.__aenter__()  # as `async with` does: the journal is owned now
 
@@ -413,6 +453,8 @@ class CreateLifecycle(RuleBasedStateMachine):
         #: Set once an invariant broke: teardown then only cleans up.
         self.broken = False
         self.all_processes: list[Process] = []
+        #: Shared by every process, as a Redis budget would be; its limit is drawn.
+        self.budget = UnitBudget(TASK_UNITS * 1000)
         self.proc = self.new_process()
         #: external_task_ids the live process's caller holds a handle or an error
         #: for (an error that says the task may exist).
@@ -489,7 +531,7 @@ class CreateLifecycle(RuleBasedStateMachine):
         self.claims.clear()
 
     def new_process(self) -> Process:
-        process = Process(self.server, self.path, next(self.processes), self.violation)
+        process = Process(self.server, self.path, next(self.processes), self.violation, self.budget)
         self.all_processes.append(process)
         return process
 
@@ -499,10 +541,14 @@ class CreateLifecycle(RuleBasedStateMachine):
 
     # --- rules ---------------------------------------------------------------------------
 
-    @initialize(lines=st.integers(min_value=0, max_value=4))
-    def input_file(self, lines: int) -> None:
+    @initialize(
+        lines=st.integers(min_value=0, max_value=4),
+        budget_tasks=st.integers(min_value=1, max_value=16),
+    )
+    def input_file(self, lines: int, budget_tasks: int) -> None:
         self.lines = [Line(self.uid()) for _ in range(lines)]
-        self.steps.append(f"input of {lines} lines")
+        self.budget.limit = TASK_UNITS * budget_tasks
+        self.steps.append(f"input of {lines} lines, a budget of {budget_tasks} tasks")
 
     @rule(
         count=st.integers(min_value=1, max_value=3),
@@ -800,6 +846,52 @@ class CreateLifecycle(RuleBasedStateMachine):
     # --- invariants ------------------------------------------------------------------
 
     @invariant()
+    def the_budget_is_never_overrun(self) -> None:
+        billed = sum(self.server.billing().values(), Decimal(0))
+        if billed > self.budget.limit:
+            raise self.violation(
+                f"the server billed {billed} units, over the budget of {self.budget.limit} "
+                f"({self.budget!r})"
+            )
+
+    @invariant()
+    def reported_costs_are_billed_costs(self) -> None:
+        self.check_costs()
+
+    def check_costs(self) -> None:
+        """What the caller's handles and the journal say an ended task cost is
+        what the server billed it; their sums agree."""
+        billing = self.server.billing()
+        for handle in self.proc.handles:
+            task = handle.task
+            if task is None or not task.is_terminal:
+                continue
+            external = str(handle.external_task_id)
+            reported = task.cost.units if task.cost is not None else None
+            if reported != billing.get(external):
+                raise self.violation(
+                    f"task {task.task_id} reports a cost of {reported} units; the server "
+                    f"billed {billing.get(external)}"
+                )
+        costs = journal_costs(self.path)
+        recorded = {
+            external: Decimal(json.loads(cost)["units"])
+            for external, cost in costs.items()
+            if cost is not None and json.loads(cost).get("units") is not None
+        }
+        billed = {external: billing.get(external) for external in recorded}
+        wrong = {
+            key: (units, billed[key]) for key, units in recorded.items() if billed[key] != units
+        }
+        if wrong:
+            raise self.violation(
+                f"journal costs differ from the server's (journal, server): {wrong}"
+            )
+        total = sum(recorded.values(), Decimal(0))
+        if total != sum((units or Decimal(0) for units in billed.values()), Decimal(0)):
+            raise self.violation(f"the journal's costs add up to {total}, not the server's sum")
+
+    @invariant()
     def every_task_is_known_once(self) -> None:
         self.check_tasks()
 
@@ -873,11 +965,15 @@ class CreateLifecycle(RuleBasedStateMachine):
                 f"every task ended, but the limiter still holds {self.proc.limiter.in_use} "
                 f"units (running={self.proc.limiter.running})"
             ) from None
+        handles = self.proc.handles
         problems = self.proc.close()
         if problems:
             raise self.violation("; ".join(problems))
         self.check_claims()
         self.check_tasks()
+        self.check_costs()
+        ended = [h for h in handles if h.task is not None and h.task.is_terminal]
+        self.steps.append(f"  {len(ended)} ended tasks held, budget {self.budget!r}")
 
     def no_thread_left(self) -> None:
         deadline = time.monotonic() + 3.0

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from ._billing import deduction
 from ._callbacks import CallbackDispatcher
 from ._endpoints import result_images as endpoint_images
 from ._endpoints import units_of
@@ -95,7 +96,9 @@ class TaskBook:
         if failure is None:
             task.status = "succeed"
             task.status_message = ""
-            task.final_unit_deduction = str(task.n)
+            task.final_unit_deduction = str(
+                deduction(self.options.prices, task.endpoint, task.body, task.n)
+            )
             task.images = self._images(task)
         else:
             task.status = "failed"

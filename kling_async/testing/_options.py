@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import attrs
 
+from kling_async._pricing import DEFAULT_PRICES, PriceTable
+
 from ._tasks import FakeTask, default_outcome
 
 __all__ = [
@@ -347,3 +349,4 @@ class ServerOptions:
         default=(), converter=_secret_tuple, validator=attrs.validators.deep_iterable(_whsec)
     )
     state_file: str | os.PathLike[str] | None = None
+    prices: PriceTable = DEFAULT_PRICES

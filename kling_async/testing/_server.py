@@ -12,9 +12,12 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
+from decimal import Decimal
 from typing import Any, Final
 
 from aiohttp import web
+
+from kling_async._pricing import DEFAULT_PRICES, PriceTable
 
 from ._adapter import make_app
 from ._endpoints import COSTS_PATH, RECOGNIZE_PATH
@@ -144,6 +147,12 @@ class FakeKlingServer:
         task whose create it answered. Tasks still running resume their timers
         from their creation time; images and callback URLs are not kept. A
         missing or unreadable file starts empty.
+    ``prices``
+        the :class:`~kling_async.PriceTable` tasks are billed by (default
+        Kling's published prices, :data:`~kling_async.DEFAULT_PRICES`): a task
+        that succeeds reports ``final_unit_deduction`` (and, in new-design
+        callbacks, ``billing[]``) of its row's price times the images it made;
+        a failed one reports 0. :attr:`billed_units` adds them up.
     """
 
     def __init__(
@@ -168,6 +177,7 @@ class FakeKlingServer:
         shapes: WireShapes | None = None,
         webhook_secret: str | Sequence[str] | None = None,
         state_file: str | os.PathLike[str] | None = None,
+        prices: PriceTable = DEFAULT_PRICES,
     ) -> None:
         options = ServerOptions(
             api_key=api_key,
@@ -189,6 +199,7 @@ class FakeKlingServer:
             shapes=shapes,
             webhook_secrets=webhook_secret,
             state_file=state_file,
+            prices=prices,
         )
         self._options = options
         self._api = FakeApi.build(options)
@@ -308,6 +319,15 @@ class FakeKlingServer:
     def peak_units(self) -> int:
         """The most units ever held at once."""
         return self._api.quota.peak
+
+    @property
+    def billed_units(self) -> Decimal:
+        """Resource-pack units deducted for every task that ended, as Kling
+        would bill them (see ``prices``)."""
+        return sum(
+            (Decimal(task.final_unit_deduction) for task in self._api.book.tasks.values()),
+            Decimal(0),
+        )
 
     @property
     def live_tasks(self) -> int:

@@ -29,7 +29,7 @@ async def test_lifecycle_runs_on_timers(serve: Callable[..., Awaitable[Api]]) ->
     assert seen[-2:] == ["processing", "succeed"]
     data = payload["data"]
     assert data["task_status_msg"] == ""
-    assert data["final_unit_deduction"] == "3"
+    assert data["final_unit_deduction"] == "24"  # kling-v3: 8 units an image, 3 images
     assert data["watermark_info"] == {"enabled": True}
     assert data["updated_at"] > data["created_at"]
     images = data["task_result"]["images"]

@@ -24,6 +24,8 @@ server (6.2 or later)::
 - :class:`Adopter`: a survivor finishes the tasks of dead processes;
 - :class:`CallbackFanIn`: a callback any replica receives reaches the one
   whose handle awaits it;
+- :class:`RedisBudget`: a budget in resource-pack units every process shares
+  (``Client(budget=...)``), each reservation one atomic script;
 - :func:`submit_once`: a request created at most once for a key, across
   processes and reruns (the key reserved atomically; a key reused for another
   request raises :class:`KeyReusedError`).
@@ -43,6 +45,7 @@ from ._account import (
     credentials_fingerprint,
 )
 from ._adopter import Adopter, keyed_external_task_id, submit_once
+from ._budget import RedisBudget
 from ._fanin import CallbackFanIn
 from ._ledger import KeyReusedError, RedisLedger, request_digest
 from ._limiter import RedisLimiter, TaskUnits
@@ -56,6 +59,7 @@ __all__ = [
     "CallbackFanIn",
     "KeyReusedError",
     "RedisAccount",
+    "RedisBudget",
     "RedisLedger",
     "RedisLimiter",
     "Step",

@@ -378,7 +378,7 @@ class RedisAccount:
                 logger.warning("cannot renew the lease of %s: %s", self.member, error)
 
     async def close(self) -> None:
-        """Stop the parts (adopters, fan-ins, limiters, ledgers, in that order),
+        """Stop the parts (adopters, fan-ins, limiters, ledgers, budgets, in that order),
         stop renewing and give up the lease, so survivors adopt at once what
         this process leaves unfinished (its tasks' units stay counted until
         then). Each step is bounded by ``close_timeout`` when Redis cannot be
@@ -386,7 +386,7 @@ class RedisAccount:
         if self._closed:
             return
         self._closed = True
-        order = ("Adopter", "CallbackFanIn", "RedisLimiter", "RedisLedger")
+        order = ("Adopter", "CallbackFanIn", "RedisLimiter", "RedisLedger", "RedisBudget")
         for kind in order:
             for part in self._parts:
                 if type(part).__name__ == kind:
