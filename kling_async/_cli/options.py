@@ -68,9 +68,10 @@ dry_run_option = click.option(
 )
 
 
-def _units(
+def units_value(
     _context: click.Context, _parameter: click.Parameter, value: str | None
 ) -> Decimal | None:
+    """A number of resource-pack units given as text (``"12.5"``), exactly."""
     if value is None:
         return None
     try:
@@ -85,7 +86,7 @@ def _units(
 def max_units_option(help: str) -> Callable[[F], F]:
     """``--max-units N``: a budget in resource-pack units (a Decimal)."""
     return click.option(
-        "--max-units", type=str, default=None, metavar="UNITS", callback=_units, help=help
+        "--max-units", type=str, default=None, metavar="UNITS", callback=units_value, help=help
     )
 
 
