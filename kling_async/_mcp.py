@@ -214,7 +214,11 @@ class KlingTools:
     ``out`` is the folder successful tasks' images are saved in (``None``: not
     saved, URLs only); ``default_timeout`` how long a create waits for its task
     unless the agent says otherwise; ``offline`` whether the client talks to the
-    embedded fake server, which every result then says.
+    embedded fake server, which every result then says. ``confirm_above`` is
+    the estimate (units) above which a create asks the user first (``None``,
+    the default here: never; ``kling-async mcp`` asks above
+    :data:`DEFAULT_CONFIRM_ABOVE`). The session's budget is the client's
+    (``Client(budget=)``).
     """
 
     def __init__(
@@ -224,7 +228,7 @@ class KlingTools:
         out: Path | None,
         default_timeout: float,
         offline: bool,
-        confirm_above: Decimal | None = DEFAULT_CONFIRM_ABOVE,
+        confirm_above: Decimal | None = None,
     ) -> None:
         self.client = client
         self.out = out
