@@ -397,11 +397,12 @@ class KlingTools:
         arguments: Mapping[str, Any] | None,
         progress: Progress,
         asker: Asker | None = None,
-    ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
+    ) -> mcp_types.CallToolResult:
         """Run one tool; any failure of the tool is a tool error (``isError``)
         the agent reads, never a protocol error, which it would not see.
         ``asker`` asks the user to confirm a costly create (``None``: the
-        client cannot be asked)."""
+        client cannot be asked); it may raise :class:`_InputNeeded`, which
+        passes through, for the server to answer the call with."""
         handler = self._handlers.get(name)
         if handler is None:
             raise MCPError(
@@ -413,8 +414,8 @@ class KlingTools:
                 raise ValidationError("arguments", "must be a JSON object")
             _ASKER.set(asker)
             return self._result(await handler(dict(arguments or {}), progress))
-        except _InputNeeded as needed:
-            return needed.result
+        except _InputNeeded:
+            raise
         except Exception as error:  # every failure reaches the agent, as one line
             if not isinstance(error, (KlingError, ToolError, OSError, ValueError, _OverBudget)):
                 logger.exception("kling-async mcp: tool %s failed unexpectedly", name)
@@ -924,12 +925,15 @@ def build_server(tools: KlingTools) -> Server[Any]:
     async def call_tool(
         context: Any, params: mcp_types.CallToolRequestParams
     ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
-        return await tools.call(
-            params.name,
-            params.arguments,
-            context.session.report_progress,
-            _asker(context, params),
-        )
+        try:
+            return await tools.call(
+                params.name,
+                params.arguments,
+                context.session.report_progress,
+                _asker(context, params),
+            )
+        except _InputNeeded as needed:
+            return needed.result
 
     instructions = _INSTRUCTIONS + (f" {OFFLINE_NOTICE}" if tools.offline else "")
     return Server(

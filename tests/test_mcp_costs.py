@@ -17,6 +17,7 @@ from typing import Any
 import mcp.types as mcp_types
 import pytest
 from mcp import Client
+from mcp.client.session import ClientRequestContext
 
 from kling_async import DEFAULT_PRICES, ImageGenerationRequest, _mcp
 from kling_async import Client as KlingClient
@@ -41,7 +42,9 @@ async def session(
     the user answers an elicitation with (``None``: the client declares no
     elicitation); the messages shown are appended to ``asked``."""
 
-    async def elicit(_context: Any, params: Any) -> mcp_types.ElicitResult:
+    async def elicit(
+        context: ClientRequestContext, params: mcp_types.ElicitRequestParams
+    ) -> mcp_types.ElicitResult | mcp_types.ErrorData:
         if asked is not None:
             asked.append(params.message)
         assert answer is not None
