@@ -55,6 +55,12 @@ EXIT_BUDGET: Final = 3
 EXIT_INTERRUPTED: Final = 130
 EXIT_TERMINATED: Final = 143  # 128 + SIGTERM, as a shell reports a process it terminated
 
+#: ``kling-async mcp``'s default ``--confirm-above``: a create estimated at more
+#: units asks the user first. A few images' worth (one 1k kling-v3 image is 8
+#: units), so routine calls go through and a large one (n=9, a 4k series) is the
+#: user's decision.
+DEFAULT_CONFIRM_ABOVE: Final = Decimal(50)
+
 OFFLINE_NOTICE: Final = (
     "OFFLINE SIMULATION: no Kling API key is set (or --mock was given), so requests go to a "
     "fake Kling server on this machine. Tasks and URLs are simulated and the images are "

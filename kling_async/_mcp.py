@@ -56,6 +56,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._frontend import (
+    DEFAULT_CONFIRM_ABOVE,
     EXIT_INTERRUPTED,
     OFFLINE_NOTICE,
     Connection,
@@ -84,11 +85,6 @@ PROGRESS_INTERVAL: Final = 1.0
 #: agent's context, where hundreds of tasks would crowd out everything else.
 MAX_LIST: Final = 100
 
-#: A create estimated at more units than this asks the user first, unless the
-#: server is started with another ``--confirm-above``: a few images' worth
-#: (8 units is one 1k image of kling-v3), so routine calls go through and a
-#: large one (n=9, a 4k series) is the user's decision.
-DEFAULT_CONFIRM_ABOVE: Final = Decimal(50)
 #: The key of the confirmation among a call's input requests (2026-07-28 MCP).
 _CONFIRM_KEY: Final = "confirm_spend"
 _CONFIRM_SCHEMA: Final[dict[str, Any]] = {

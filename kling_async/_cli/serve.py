@@ -8,19 +8,19 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from kling_async._frontend import DEFAULT_CONFIRM_ABOVE
+
 from .group import command
 from .options import finite, units_value, writable_directory
 from .session import CommandError, current
 
 __all__: list[str] = []
 
-#: The default of --confirm-above; _mcp itself needs the mcp extra, read only when it runs.
-DEFAULT_CONFIRM_ABOVE = Decimal(50)
-
 
 def confirm_value(
     context: click.Context, parameter: click.Parameter, value: str | None
 ) -> Decimal | None:
+    """``--confirm-above``: units, or ``never`` (no confirmation)."""
     if value is None or value.strip().lower() == "never":
         return None
     return units_value(context, parameter, value)
