@@ -24,7 +24,7 @@ from ._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
 from ._client import Client
 from ._durations import user_cache_dir
 from ._endpoints import EndpointDeclaration
-from ._exceptions import KlingError, TaskTimeoutError, UnknownPriceError
+from ._exceptions import BudgetExceededError, KlingError, TaskTimeoutError, UnknownPriceError
 from ._handle import TaskHandle
 from ._image_input import MAX_ASPECT_RATIO, MAX_IMAGE_BYTES, MIN_IMAGE_SIDE, ImageFile
 from ._models import (
@@ -36,6 +36,7 @@ from ._models import (
     N_RANGE,
     OMNI_CAPABILITIES,
     SERIES_RANGE,
+    Cost,
     Endpoint,
     Task,
     TaskRequest,
@@ -48,8 +49,17 @@ __all__: list[str] = []
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
+#: A budget (``--max-units``) refused a create: nothing was sent for it. Apart
+#: from 1, so a script can tell "raise the budget" from "something failed".
+EXIT_BUDGET: Final = 3
 EXIT_INTERRUPTED: Final = 130
 EXIT_TERMINATED: Final = 143  # 128 + SIGTERM, as a shell reports a process it terminated
+
+#: ``kling-async mcp``'s default ``--confirm-above``: a create estimated at more
+#: units asks the user first. A few images' worth (one 1k kling-v3 image is 8
+#: units), so routine calls go through and a large one (n=9, a 4k series) is the
+#: user's decision.
+DEFAULT_CONFIRM_ABOVE: Final = Decimal(50)
 
 OFFLINE_NOTICE: Final = (
     "OFFLINE SIMULATION: no Kling API key is set (or --mock was given), so requests go to a "
@@ -90,10 +100,12 @@ class Connection:
         *,
         max_concurrency: int | None = None,
         journal: Path | None = None,
+        budget: Decimal | None = None,
         announce: Callable[[str], None],
         warn: Callable[[str], None],
     ) -> AsyncIterator[Client]:
         """A client for Kling, or for an embedded fake server when offline;
+        ``budget`` caps what it may spend, in units (``Client(budget=)``);
         ``announce`` receives :data:`OFFLINE_NOTICE` before the simulation
         starts, ``warn`` a failure to keep its tasks for later commands."""
         if not self.offline:
@@ -102,6 +114,7 @@ class Connection:
                 base_url=self.base_url,
                 max_concurrency=max_concurrency,
                 journal=journal,
+                budget=budget,
             ) as client:
                 yield client
             return
@@ -121,6 +134,7 @@ class Connection:
                 base_url=server.url,
                 max_concurrency=max_concurrency,
                 journal=journal,
+                budget=budget,
             ) as client:
                 yield client
         finally:
@@ -172,16 +186,63 @@ async def save_images(client: Client, task: Task, out: Path, *, watermarked: boo
 # --- records ---------------------------------------------------------------------------
 
 
+def _amount(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def cost_record(cost: Cost | None) -> dict[str, Any] | None:
+    """What Kling deducted for a task, as JSON-ready data: ``units``, ``quota``
+    and ``list_price`` as decimal strings (each ``None`` when Kling did not say);
+    ``None`` when it reported no deduction at all (a running task)."""
+    if cost is None:
+        return None
+    return {
+        "units": _amount(cost.units),
+        "quota": _amount(cost.quota),
+        "list_price": _amount(cost.list_price),
+    }
+
+
 def task_record(
-    task: Task, paths: Sequence[Path] = (), *, kind: str | None = None
+    task: Task,
+    paths: Sequence[Path] = (),
+    *,
+    kind: str | None = None,
+    estimate: Decimal | None = None,
 ) -> dict[str, Any]:
     """A task as a result line or a tool result: :meth:`Task.to_dict`, after its
-    ``kind`` when given, with the ``paths`` its images were saved at, if any."""
+    ``kind`` when given, with its ``cost`` (:func:`cost_record`), its
+    ``estimate`` in units when known, and the ``paths`` its images were saved
+    at, if any."""
     record: dict[str, Any] = {"kind": kind} if kind is not None else {}
     record.update(task.to_dict())
+    record["cost"] = cost_record(task.cost)
+    if estimate is not None:
+        record["estimate"] = str(estimate)
     if paths:
         record["paths"] = [str(path) for path in paths]
     return record
+
+
+def cost_line(cost: Cost | None, estimate: Decimal | None) -> str:
+    """A task's cost in words, beside its estimate when known."""
+    if cost is None or cost.units is None:
+        said = "Kling reported no unit deduction"
+        if cost is not None and cost.quota is not None:
+            said = f"{cost.quota} charged from the balance (list price {cost.list_price})"
+    else:
+        said = f"{cost.units} units deducted"
+    return f"cost: {said}" + (f" (estimated {estimate})" if estimate is not None else "")
+
+
+def budget_next_step(error: BudgetExceededError, *, raise_with: str) -> str:
+    """What to do about a create a budget refused: nothing was sent."""
+    left = max(error.budget - error.spent - error.reserved, Decimal(0))
+    return (
+        f"nothing was sent: the request is estimated at {error.estimate} units and "
+        f"{left} of the {error.budget} are left. Raise the budget ({raise_with}) to at "
+        f"least {error.spent + error.reserved + error.estimate}, or ask for fewer images"
+    )
 
 
 def describe(error: BaseException) -> str:
@@ -198,6 +259,14 @@ def error_record(error: BaseException, message: str) -> dict[str, Any]:
     names the task that runs on and its latest status."""
     record = error.to_dict() if isinstance(error, KlingError) else {"type": type(error).__name__}
     record["message"] = message
+    if isinstance(error, BudgetExceededError):
+        record.update(
+            budget=str(error.budget),
+            spent=str(error.spent),
+            reserved=str(error.reserved),
+            estimate=str(error.estimate),
+            budget_name=error.name,
+        )
     if isinstance(error, TaskTimeoutError):
         record["task_id"] = error.handle.task_id
         record["status"] = str(error.handle.status or TaskStatus.SUBMITTED)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import signal
@@ -26,6 +27,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -34,7 +36,7 @@ try:
     import uvicorn
     from mcp.server.lowlevel import Server
     from mcp.server.stdio import stdio_server
-    from mcp.shared.exceptions import MCPError
+    from mcp.shared.exceptions import MCPError, NoBackChannelError
 except ImportError as error:  # only without the extra: say which extra, not which module
     raise ImportError(
         "kling-async mcp needs the official MCP SDK, its mcp extra: pip install "
@@ -45,18 +47,22 @@ from ._client import Client
 from ._endpoints import EndpointDeclaration, by_mcp_name, declarations
 from ._exceptions import (
     APIError,
+    BudgetExceededError,
     KlingError,
     NotFoundError,
     TaskFailedError,
     TaskTimeoutError,
+    UnknownPriceError,
     ValidationError,
 )
 from ._frontend import (
+    DEFAULT_CONFIRM_ABOVE,
     EXIT_INTERRUPTED,
     OFFLINE_NOTICE,
     Connection,
     Estimates,
     RequestField,
+    budget_next_step,
     describe,
     error_record,
     estimate_record,
@@ -66,7 +72,7 @@ from ._frontend import (
     task_record,
 )
 from ._handle import TaskHandle
-from ._models import Endpoint, Task, TaskStatus, _whole, build_request
+from ._models import Endpoint, Task, TaskRequest, TaskStatus, _whole, build_request
 from ._version import __version__
 
 logger = logging.getLogger("kling_async")
@@ -78,6 +84,20 @@ PROGRESS_INTERVAL: Final = 1.0
 #: How many tasks ``list_tasks`` returns at most: a tool result lands in the
 #: agent's context, where hundreds of tasks would crowd out everything else.
 MAX_LIST: Final = 100
+
+#: The key of the confirmation among a call's input requests (2026-07-28 MCP).
+_CONFIRM_KEY: Final = "confirm_spend"
+_CONFIRM_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "confirm": {
+            "type": "boolean",
+            "title": "Create it",
+            "description": "Spend the estimated units on this create.",
+        }
+    },
+    "required": ["confirm"],
+}
 
 #: The ``kind`` of a task, named after the tool that creates it.
 KINDS: Final[Mapping[str, Endpoint]] = {
@@ -169,6 +189,14 @@ _TASK_ID_SCHEMA: Final = {
     "description": "The task_id a create returned, or the task's external_task_id.",
 }
 
+_CONFIRM_ARGUMENT: Final = {
+    "type": "boolean",
+    "default": False,
+    "description": "The user agreed to spend this create's estimate. Needed only when a "
+    "call came back with confirmation_required (its estimate is above this server's "
+    "threshold): ask the user first, never set it on your own.",
+}
+
 _AFTER_CREATE = (
     "Returns the image URLs{paths}. If the task is still running when the wait ends, the "
     "result has its task_id: call get_task with it later, and do not call this tool again "
@@ -182,16 +210,29 @@ class KlingTools:
     ``out`` is the folder successful tasks' images are saved in (``None``: not
     saved, URLs only); ``default_timeout`` how long a create waits for its task
     unless the agent says otherwise; ``offline`` whether the client talks to the
-    embedded fake server, which every result then says.
+    embedded fake server, which every result then says. ``confirm_above`` is
+    the estimate (units) above which a create asks the user first (``None``,
+    the default here: never; ``kling-async mcp`` asks above
+    :data:`DEFAULT_CONFIRM_ABOVE`). The session's budget is the client's
+    (``Client(budget=)``).
     """
 
     def __init__(
-        self, client: Client, *, out: Path | None, default_timeout: float, offline: bool
+        self,
+        client: Client,
+        *,
+        out: Path | None,
+        default_timeout: float,
+        offline: bool,
+        confirm_above: Decimal | None = None,
     ) -> None:
         self.client = client
         self.out = out
         self.default_timeout = default_timeout
         self.offline = offline
+        #: A create estimated above this many units (or with no estimate) asks
+        #: the user first; ``None``: never.
+        self.confirm_above = confirm_above
         #: The kind of each task this server created or found, by task_id and
         #: external_task_id: get_task without a kind asks the right endpoint first.
         self._kinds: dict[str, Endpoint] = {}
@@ -214,6 +255,7 @@ class KlingTools:
         def create_tool(declaration: EndpointDeclaration) -> mcp_types.Tool:
             schema = request_schema(declaration)
             schema["properties"]["timeout"] = create_timeout
+            schema["properties"]["confirm"] = _CONFIRM_ARGUMENT
             return mcp_types.Tool(
                 name=declaration.mcp_name,
                 title=f"{declaration.title} (Kling)",
@@ -346,10 +388,17 @@ class KlingTools:
     # --- calls ------------------------------------------------------------------
 
     async def call(
-        self, name: str, arguments: Mapping[str, Any] | None, progress: Progress
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        progress: Progress,
+        asker: Asker | None = None,
     ) -> mcp_types.CallToolResult:
         """Run one tool; any failure of the tool is a tool error (``isError``)
-        the agent reads, never a protocol error, which it would not see."""
+        the agent reads, never a protocol error, which it would not see.
+        ``asker`` asks the user to confirm a costly create (``None``: the
+        client cannot be asked); it may raise :class:`_InputNeeded`, which
+        passes through, for the server to answer the call with."""
         handler = self._handlers.get(name)
         if handler is None:
             raise MCPError(
@@ -359,23 +408,96 @@ class KlingTools:
         try:
             if arguments is not None and not isinstance(arguments, Mapping):
                 raise ValidationError("arguments", "must be a JSON object")
+            _ASKER.set(asker)
             return self._result(await handler(dict(arguments or {}), progress))
+        except _InputNeeded:
+            raise
         except Exception as error:  # every failure reaches the agent, as one line
-            if not isinstance(error, (KlingError, ToolError, OSError, ValueError)):
+            if not isinstance(error, (KlingError, ToolError, OSError, ValueError, _OverBudget)):
                 logger.exception("kling-async mcp: tool %s failed unexpectedly", name)
             return self._error(error)
 
     def _creator(self, declaration: EndpointDeclaration) -> Handler:
         async def create(arguments: dict[str, Any], progress: Progress) -> Record:
             timeout = _timeout(arguments.pop("timeout", None), self.default_timeout)
+            confirmed = arguments.pop("confirm", False)
+            if not isinstance(confirmed, bool):
+                raise ValidationError("confirm", f"must be true or false; got {confirmed!r}")
             request = build_request(
                 declaration.request_type, _request_fields(declaration, arguments)
             )
-            handle = await self.client.images.submit(request)
-            return await self._created(handle, timeout, progress)
+            estimate = self._estimate_of(request)
+            if not confirmed and self._asks(estimate):
+                refusal = await self._confirm(declaration, request, estimate)
+                if refusal is not None:
+                    return refusal
+            try:
+                handle = await self.client.images.submit(request)
+            except BudgetExceededError as error:
+                raise _OverBudget(error) from error
+            return await self._created(handle, timeout, progress, estimate)
 
         create.__doc__ = f"``{declaration.mcp_name}``: create a task and wait for it."
         return create
+
+    def _estimate_of(self, request: TaskRequest) -> Decimal | None:
+        try:
+            return self.client.estimate(request).units
+        except UnknownPriceError:
+            return None
+
+    def _asks(self, estimate: Decimal | None) -> bool:
+        """Whether a create of this estimate needs the user's yes. One with no
+        estimate does (it cannot be shown to be under the threshold), unless a
+        budget refuses it anyway."""
+        if self.confirm_above is None:
+            return False
+        if estimate is None:
+            return self.client.budget is None
+        return estimate > self.confirm_above
+
+    async def _confirm(
+        self, declaration: EndpointDeclaration, request: TaskRequest, estimate: Decimal | None
+    ) -> Record | None:
+        """Ask the user, through MCP elicitation, whether to spend ``estimate``:
+        ``None`` when they agreed, else the result that says nothing was sent."""
+        what = (
+            f"{estimate} units"
+            if estimate is not None
+            else "an amount the price table cannot estimate"
+        )
+        images = getattr(request, "n", None)
+        message = (
+            f"{declaration.mcp_name} will create a Kling task estimated at {what} "
+            f"(this server asks above {self.confirm_above} units)"
+            + (f" for {images} images" if isinstance(images, int) else "")
+            + ". Create it?"
+        )
+        asker = _ASKER.get()
+        answer = await asker(message) if asker is not None else None
+        if answer == "accept":
+            return None
+        record: Record = {
+            "tool": declaration.mcp_name,
+            "sent": False,
+            "estimate": str(estimate) if estimate is not None else None,
+            "confirm_above": str(self.confirm_above),
+        }
+        if answer is None:
+            record["confirmation_required"] = True
+            record["next_step"] = (
+                f"Nothing was sent. This create is estimated at {what}, above this server's "
+                f"confirmation threshold of {self.confirm_above} units. Ask the user whether "
+                f"to spend it; if they agree, call {declaration.mcp_name} again with the same "
+                "arguments and confirm=true (or ask for fewer images)."
+            )
+        else:
+            record["declined"] = True
+            record["next_step"] = (
+                "Nothing was sent: the user did not confirm spending "
+                f"{what}. Do not call it again unless the user asks for it."
+            )
+        return record
 
     async def estimate(self, arguments: dict[str, Any], _progress: Progress) -> Record:
         """``estimate``: what a create tool's call would cost; sends nothing."""
@@ -386,7 +508,9 @@ class KlingTools:
         given = arguments.get("arguments")
         if not isinstance(given, Mapping):
             raise ValidationError("arguments", "must be an object: the create tool's arguments")
-        fields = {name: value for name, value in given.items() if name != "timeout"}
+        fields = {
+            name: value for name, value in given.items() if name not in ("timeout", "confirm")
+        }
         declaration = by_mcp_name(tool)
         request = build_request(declaration.request_type, _request_fields(declaration, fields))
         estimates = Estimates.of([request], self.client.prices)
@@ -398,6 +522,7 @@ class KlingTools:
             "estimate": estimate_record(item),
             "prices": estimates.total_record()["prices"],
             "sent": False,
+            "needs_confirmation": self._asks(item.units),
         }
 
     async def get_task(self, arguments: dict[str, Any], progress: Progress) -> Record:
@@ -463,9 +588,16 @@ class KlingTools:
 
     # --- the parts the tools share ------------------------------------------------
 
-    async def _created(self, handle: TaskHandle, timeout: float, progress: Progress) -> Record:
-        """After a create: remember the task, wait for it, record it. A failed task
-        raises :class:`TaskFailedError`: the tool failed to make images."""
+    async def _created(
+        self,
+        handle: TaskHandle,
+        timeout: float,
+        progress: Progress,
+        estimate: Decimal | None = None,
+    ) -> Record:
+        """After a create: remember the task, wait for it, record it (with its
+        ``estimate``). A failed task raises :class:`TaskFailedError`: the tool
+        failed to make images."""
         self._remember(handle.task_id, handle.external_task_id, handle.endpoint)
         await progress(0, timeout or None, f"task {handle.task_id} created on Kling")
         task = await _follow(handle, timeout, progress) or handle.task
@@ -475,12 +607,15 @@ class KlingTools:
                 status=TaskStatus.SUBMITTED,
                 external_task_id=handle.external_task_id,
             )
-        return await self._record(task, handle.endpoint)
+        return await self._record(task, handle.endpoint, estimate)
 
-    async def _record(self, task: Task, endpoint: Endpoint) -> Record:
-        """The task as the agent gets it: with the saved paths when it succeeded
-        and there is an output folder, with what to do next when it runs on."""
-        record = _task_record(task, endpoint)
+    async def _record(
+        self, task: Task, endpoint: Endpoint, estimate: Decimal | None = None
+    ) -> Record:
+        """The task as the agent gets it, with its cost (and ``estimate``): with
+        the saved paths when it succeeded and there is an output folder, with
+        what to do next when it runs on."""
+        record = _task_record(task, endpoint, estimate)
         if task.status is TaskStatus.SUCCEED and self.out is not None:
             try:
                 # The watermarked copies too when the task has them (it asked for them).
@@ -570,6 +705,31 @@ Handler = Callable[[dict[str, Any], Progress], Awaitable[Record]]
 """A tool: its arguments and the caller's progress channel in, its result out."""
 
 
+Asker = Callable[[str], Awaitable[str | None]]
+"""Asks the user a yes/no question through MCP elicitation: ``"accept"`` (yes),
+``"decline"`` or ``"cancel"``; ``None`` when the client cannot be asked."""
+
+#: The running call's asker: concurrent calls each see their own.
+_ASKER: contextvars.ContextVar[Asker | None] = contextvars.ContextVar("asker", default=None)
+
+
+class _InputNeeded(Exception):
+    """The call needs the user's answer first (2026-07-28 MCP): the client gets
+    ``result`` and calls again with the answer."""
+
+    def __init__(self, result: mcp_types.InputRequiredResult) -> None:
+        super().__init__("input required")
+        self.result = result
+
+
+class _OverBudget(Exception):
+    """The session's budget refused a create: nothing was sent."""
+
+    def __init__(self, error: BudgetExceededError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ToolError(Exception):
     """A tool cannot do what it was asked, for a reason of this server's (no output
     folder, a task with no images yet): reported to the agent as a tool error."""
@@ -595,12 +755,14 @@ async def _follow(handle: TaskHandle, timeout: float, progress: Progress) -> Tas
         return None
 
 
-def _task_record(task: Task, endpoint: Endpoint) -> dict[str, Any]:
-    return task_record(task, kind=_KIND_OF[endpoint])
+def _task_record(task: Task, endpoint: Endpoint, estimate: Decimal | None = None) -> dict[str, Any]:
+    return task_record(task, kind=_KIND_OF[endpoint], estimate=estimate)
 
 
 def _describe(error: BaseException) -> str:
     """``error`` in one line for an agent: tool arguments, not Python calls."""
+    if isinstance(error, _OverBudget):
+        return f"this session's budget refused the create: {error.error}"
     if isinstance(error, ValidationError):
         return f"invalid {error.field}: {error.rule}; nothing was sent to Kling"
     return describe(error)
@@ -608,7 +770,17 @@ def _describe(error: BaseException) -> str:
 
 def _error_record(error: BaseException, description: str) -> dict[str, Any]:
     """``error`` as data: Kling's code, message, request_id and the SDK's hint;
-    the invalid field; the failed task; the create's external_task_id."""
+    the invalid field; the failed task; the create's external_task_id; a
+    budget's budget, spent, reserved and estimate."""
+    if isinstance(error, _OverBudget):
+        record = error_record(error.error, description)
+        record["next_step"] = (
+            budget_next_step(
+                error.error, raise_with="ask the user; it is this server's --max-units"
+            )
+            + "; do not retry it as it is"
+        )
+        return record
     record = error_record(error, description)
     if not isinstance(error, KlingError):
         return record
@@ -647,7 +819,7 @@ def _request_fields(
         for field in request_fields(declaration.request_type)
         if field.name not in _HIDDEN_FIELDS
     }
-    _only(arguments, declaration.mcp_name, *offered, "timeout")
+    _only(arguments, declaration.mcp_name, *offered, "timeout", "confirm")
     fields: dict[str, Any] = {}
     for name, value in arguments.items():
         field = offered[name]
@@ -697,9 +869,47 @@ _INSTRUCTIONS = (
     + ". Each waits for its task (timeout, in seconds) and returns image URLs; a task still "
     "running at the timeout comes back with its task_id: call get_task with it later instead "
     "of creating it again, which would bill a second task. estimate says what a create would "
-    "cost before anything is sent. list_tasks shows recent tasks; download_task saves a "
+    "cost before anything is sent; every task result carries its cost (units deducted) and "
+    "estimate. A create above the server's confirmation threshold asks the user first, or "
+    "returns confirmation_required: then ask the user, and call again with confirm=true only "
+    "if they agree. list_tasks shows recent tasks; download_task saves a "
     "finished task's images."
 )
+
+
+def _asker(context: Any, params: mcp_types.CallToolRequestParams) -> Asker | None:
+    """How to ask this call's user: an elicitation request while the call waits
+    (handshake-era MCP), or, on 2026-07-28 connections, which have no channel
+    back, an input-required result the client answers by calling again.
+    ``None`` when the client did not declare elicitation."""
+    session = context.session
+    wanted = mcp_types.ClientCapabilities(elicitation=mcp_types.ElicitationCapability())
+    if not session.check_client_capability(wanted):
+        return None
+
+    async def ask(message: str) -> str | None:
+        answered = (params.input_responses or {}).get(_CONFIRM_KEY)
+        if answered is None:
+            try:
+                answered = await session.elicit_form(
+                    message, _CONFIRM_SCHEMA, related_request_id=context.request_id
+                )
+            except NoBackChannelError:
+                request = mcp_types.ElicitRequest(
+                    params=mcp_types.ElicitRequestFormParams(
+                        message=message, requested_schema=_CONFIRM_SCHEMA
+                    )
+                )
+                raise _InputNeeded(
+                    mcp_types.InputRequiredResult(input_requests={_CONFIRM_KEY: request})
+                ) from None
+        if not isinstance(answered, mcp_types.ElicitResult):
+            return "decline"
+        if answered.action == "accept" and (answered.content or {}).get("confirm") is not True:
+            return "decline"  # the form sent back without a yes
+        return answered.action
+
+    return ask
 
 
 def build_server(tools: KlingTools) -> Server[Any]:
@@ -710,8 +920,16 @@ def build_server(tools: KlingTools) -> Server[Any]:
 
     async def call_tool(
         context: Any, params: mcp_types.CallToolRequestParams
-    ) -> mcp_types.CallToolResult:
-        return await tools.call(params.name, params.arguments, context.session.report_progress)
+    ) -> mcp_types.CallToolResult | mcp_types.InputRequiredResult:
+        try:
+            return await tools.call(
+                params.name,
+                params.arguments,
+                context.session.report_progress,
+                _asker(context, params),
+            )
+        except _InputNeeded as needed:
+            return needed.result
 
     instructions = _INSTRUCTIONS + (f" {OFFLINE_NOTICE}" if tools.offline else "")
     return Server(
@@ -735,24 +953,33 @@ def run(
     out: Path | None,
     default_timeout: float,
     concurrency: int | None,
+    max_units: Decimal | None = None,
+    confirm_above: Decimal | None = DEFAULT_CONFIRM_ABOVE,
     say: Callable[[str], None] = _say,
 ) -> None:
     """Run ``kling-async mcp``: the tools over a client of ``connection`` (Kling,
     or the offline simulation with no key set), over stdio until the MCP client
     closes stdin, or over streamable HTTP on 127.0.0.1:``http_port`` until
-    SIGINT or SIGTERM. ``say`` writes a line for the person who started it
-    (stderr: stdout is the protocol)."""
+    SIGINT or SIGTERM. ``max_units`` is the session's budget (the client's),
+    ``confirm_above`` the estimate above which a create asks the user.
+    ``say`` writes a line for the person who started it (stderr: stdout is
+    the protocol)."""
     # Bound first: a port in use is one error line before anything starts.
     sock = _bind_loopback(http_port) if http_port is not None else None
 
     async def work() -> None:
         async with connection.client(
             max_concurrency=concurrency,
+            budget=max_units,
             announce=lambda notice: say(f"kling-async: {notice}"),
             warn=lambda warning: say(f"warning: {warning}"),
         ) as client:
             tools = KlingTools(
-                client, out=out, default_timeout=default_timeout, offline=connection.offline
+                client,
+                out=out,
+                default_timeout=default_timeout,
+                offline=connection.offline,
+                confirm_above=confirm_above,
             )
             server = build_server(tools)
             if sock is None:

@@ -121,7 +121,8 @@ async def test_tools_are_listed_with_schemas_generated_from_the_request_models()
     ):
         schema = listed[name].input_schema
         offered = {field.name for field in attrs.fields(cls)} - {"callback_url"}
-        assert set(schema["properties"]) == offered | {"timeout"}
+        assert set(schema["properties"]) == offered | {"timeout", "confirm"}
+        assert schema["properties"]["confirm"]["default"] is False
         assert schema["additionalProperties"] is False
         required = [field.name for field in attrs.fields(cls) if field.default is attrs.NOTHING]
         assert schema["required"] == required

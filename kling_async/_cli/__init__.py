@@ -12,13 +12,13 @@ Along its seams: ``group`` (the group and its global options), ``options``
 model), ``session`` (the parsed settings, the run with its signal handling),
 ``wording`` (failures in the CLI's words), one module per command group (``create``: a command
 per task endpoint, derived from the declarations; ``lookup``: status, list,
-download, resume; ``batch``; ``serve``: mcp), and ``runner`` (the resumable
+download, resume; ``batch``; ``costs``; ``serve``: mcp), and ``runner`` (the resumable
 batch runner). What the CLI shares with the MCP server is in ``_frontend``.
 """
 
 from __future__ import annotations
 
-from . import batch, create, lookup, serve  # noqa: F401  (each registers its commands)
+from . import batch, costs, create, lookup, serve  # noqa: F401  (each registers its commands)
 from .group import main as main  # kling_async.cli runs it
 
 __all__: list[str] = []

@@ -5,16 +5,31 @@ from __future__ import annotations
 import json
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import click
 from rich.markup import escape
 
-from kling_async._frontend import EXIT_ERROR, Estimates, estimate_line, estimate_record
+from kling_async._batch import BatchCost
+from kling_async._frontend import (
+    EXIT_BUDGET,
+    EXIT_ERROR,
+    Estimates,
+    estimate_line,
+    estimate_record,
+)
 from kling_async._journal import Journal
 
 from .group import command
-from .options import dry_run_option, out_for, out_option, writable_directory, writable_results
+from .options import (
+    dry_run_option,
+    max_units_option,
+    out_for,
+    out_option,
+    writable_directory,
+    writable_results,
+)
 from .runner import JOURNAL_NAME, BatchJob, Numbered, read_requests, request_of, run_batch
 from .session import Settings, current, rerun_hint
 
@@ -61,6 +76,11 @@ __all__: list[str] = []
     "results file) instead of continuing where they stopped.",
 )
 @dry_run_option
+@max_units_option(
+    "Cap what the batch may spend, in resource-pack units, its earlier runs (the journal's) "
+    "included: a line whose estimate no longer fits is not sent and is reported as refused "
+    "(exit 3)."
+)
 def batch(
     requests_file: Path,
     out: Path,
@@ -71,6 +91,7 @@ def batch(
     wait: bool,
     fresh: bool,
     dry_run: bool,
+    max_units: Decimal | None,
 ) -> None:
     """Run every request of a JSONL file (one request object, or a prompt string,
     per line), download the images, and write one result line per request.
@@ -89,7 +110,8 @@ def batch(
     none says otherwise).
 
     Image paths in the file are relative to the file's folder. Invalid lines are
-    reported and never sent. Exits 0 when every request succeeded, 1 otherwise.
+    reported and never sent. Exits 0 when every request succeeded, 3 when
+    --max-units refused a line, 1 otherwise.
     """
     settings = current()
     if no_download and results_path is not None:
@@ -129,18 +151,52 @@ def batch(
         concurrency=concurrency,
         max_in_flight=max_in_flight,
         wait=wait,
+        max_units=max_units,
     )
     started = time.monotonic()
     run = settings.run(lambda: run_batch(settings, job))
     invalid_note = f", {len(invalid)} invalid (not sent)" if invalid else ""
+    refused_note = f", {run.refused} refused by --max-units (not sent)" if run.refused else ""
     earlier = f" ({run.resumed} finished in an earlier run)" if run.resumed else ""
     settings.stderr.print(
-        f"{run.succeeded} succeeded{earlier}, {run.failed} failed{invalid_note} in "
-        f"{time.monotonic() - started:.1f}s; results in {results_path}",
+        f"{run.succeeded} succeeded{earlier}, {run.failed} failed{refused_note}{invalid_note} "
+        f"in {time.monotonic() - started:.1f}s; {units_summary(run.this_run, run.earlier)}; "
+        f"results in {results_path}",
         soft_wrap=True,
     )
+    if run.refused:
+        settings.stderr.print(
+            "next step: raise --max-units and run the same command again: lines that ended "
+            "are not sent again, and what they cost still counts",
+            soft_wrap=True,
+        )
+        sys.exit(EXIT_BUDGET)
     if run.failed or invalid:
         sys.exit(EXIT_ERROR)
+
+
+def _units(cost: BatchCost) -> str:
+    text = f"{cost.estimated} estimated, {cost.deducted} deducted"
+    if cost.unreported:
+        text += f" ({cost.unreported} tasks with no deduction reported)"
+    if cost.unpriced:
+        text += f" ({cost.unpriced} tasks with no estimate)"
+    return text
+
+
+def units_summary(this_run: BatchCost, earlier: BatchCost) -> str:
+    """The batch's units, estimated against deducted, in all and, when it
+    resumed, this run's apart from what earlier runs' lines cost."""
+    total = BatchCost(
+        estimated=this_run.estimated + earlier.estimated,
+        deducted=this_run.deducted + earlier.deducted,
+        unreported=this_run.unreported + earlier.unreported,
+        unpriced=this_run.unpriced + earlier.unpriced,
+    )
+    text = f"units: {_units(total)}"
+    if earlier != BatchCost():
+        text += f" (this run: {_units(this_run)}; earlier runs: {_units(earlier)})"
+    return text
 
 
 def _print_estimates(settings: Settings, numbered: list[Numbered]) -> None:

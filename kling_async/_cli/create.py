@@ -6,20 +6,23 @@ code here."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from kling_async._endpoints import EndpointDeclaration, declarations
 from kling_async._exceptions import TaskTimeoutError, UnknownPriceError
-from kling_async._frontend import Estimates, estimate_line, estimate_record
+from kling_async._frontend import Estimates, cost_line, estimate_line, estimate_record
 from kling_async._models import TaskRequest, build_request
 from kling_async._resources import read_image_files
 
 from .group import command
 from .options import (
     dry_run_option,
+    max_units_option,
     out_for,
     out_option,
     request_flags,
@@ -34,9 +37,19 @@ from .session import Settings, current
 __all__: list[str] = []
 
 
+def _estimated(settings: Settings, request: TaskRequest) -> Decimal | None:
+    """The request's estimate in units, ``None`` when the table has no price
+    (a create under ``--max-units`` is then refused by the client itself)."""
+    try:
+        return settings.prices.estimate(request).units
+    except UnknownPriceError:
+        return None
+
+
 async def _generate_and_save(
     settings: Settings, request: TaskRequest, out: Path | None, timeout: float | None
 ) -> None:
+    estimate = _estimated(settings, request)
     async with settings.client() as client:
         handle = await client.images.submit(request)
         settings.submitted.append(handle.task_id)
@@ -51,8 +64,11 @@ async def _generate_and_save(
         watermarked = bool(request.watermark)
         paths = await save_images(settings, client, task, out, watermarked) if out else []
     if settings.as_json:
-        echo_record(task, paths)
-    elif paths:
+        echo_record(task, paths, estimate=estimate)
+        return
+    # On stderr: stdout holds only the paths (or URLs), for scripts.
+    settings.stderr.print(escape(cost_line(task.cost, estimate)), soft_wrap=True)
+    if paths:
         for path in paths:
             click.echo(str(path))
     else:
@@ -86,6 +102,7 @@ def _create(declaration: EndpointDeclaration, values: dict[str, Any]) -> None:
     settings.flags = request_flags(declaration)
     out, no_download, timeout = values.pop("out"), values.pop("no_download"), values.pop("timeout")
     dry_run = values.pop("dry_run")
+    settings.max_units = values.pop("max_units")
     request = read_image_files(
         build_request(declaration.request_type, request_values(declaration, values))
     )
@@ -125,6 +142,10 @@ COMMON_OPTIONS = (
     ),
     timeout_option,
     dry_run_option,
+    max_units_option(
+        "Refuse the create, sending nothing, if its estimate is more than UNITS "
+        "resource-pack units (exit 3)."
+    ),
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +66,28 @@ dry_run_option = click.option(
     is_flag=True,
     help="Print what it would cost (Kling's published prices) and send nothing.",
 )
+
+
+def units_value(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> Decimal | None:
+    """A number of resource-pack units given as text (``"12.5"``), exactly."""
+    if value is None:
+        return None
+    try:
+        units = Decimal(value)
+    except InvalidOperation:
+        raise click.BadParameter(f"{value!r} is not a number of units") from None
+    if not units.is_finite() or units < 0:
+        raise click.BadParameter(f"must be a number of units, 0 or more; got {value!r}")
+    return units
+
+
+def max_units_option(help: str) -> Callable[[F], F]:
+    """``--max-units N``: a budget in resource-pack units (a Decimal)."""
+    return click.option(
+        "--max-units", type=str, default=None, metavar="UNITS", callback=units_value, help=help
+    )
 
 
 def out_option(help: str) -> Callable[[F], F]:

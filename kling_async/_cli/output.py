@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import click
@@ -54,9 +55,9 @@ async def save_images(
         ) from error
 
 
-def echo_record(task: Task, paths: Sequence[Path] = ()) -> None:
-    """One task as a JSON line on stdout."""
-    click.echo(json.dumps(task_record(task, paths)))
+def echo_record(task: Task, paths: Sequence[Path] = (), *, estimate: Decimal | None = None) -> None:
+    """One task as a JSON line on stdout, with its cost (and estimate, when known)."""
+    click.echo(json.dumps(task_record(task, paths, estimate=estimate)))
 
 
 def print_tasks(settings: Settings, tasks: Sequence[Task]) -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,16 +20,17 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-from kling_async._batch import Batch, BatchItem, BatchResult
+from kling_async._batch import Batch, BatchCost, BatchItem, BatchResult
 from kling_async._client import Client
 from kling_async._endpoints import declarations
 from kling_async._exceptions import (
+    BudgetExceededError,
     JournalInUseError,
     KlingError,
     TaskNotFoundError,
     ValidationError,
 )
-from kling_async._frontend import save_images
+from kling_async._frontend import cost_record, save_images
 from kling_async._journal import Journal
 from kling_async._models import Task, TaskRequest, image_fields, request_from_mapping
 from kling_async._resources import read_image_files
@@ -258,7 +260,8 @@ class BatchJob:
     ``out`` where images go (``None``: not saved); ``results_path`` and
     ``journal`` the two files that make a run resumable; ``name`` the batch's
     name in the journal; ``concurrency`` and ``max_in_flight`` the limits;
-    ``wait`` whether to wait for another run that holds the journal.
+    ``wait`` whether to wait for another run that holds the journal;
+    ``max_units`` the batch's budget in units.
     """
 
     numbered: list[Numbered]
@@ -270,6 +273,8 @@ class BatchJob:
     concurrency: int | None = None
     max_in_flight: int | None = None
     wait: bool = False
+    #: ``--max-units``: the batch's budget, its earlier runs' spend included.
+    max_units: Decimal | None = None
 
     @property
     def lines(self) -> list[int]:
@@ -284,9 +289,12 @@ class BatchJob:
 
 def result_status(result: BatchResult) -> str:
     """A batch line's status: the task's, else ``gone`` (Kling no longer knows
-    the task) or ``error`` (no task)."""
+    the task), ``refused`` (the budget left no room: nothing was sent) or
+    ``error`` (no task)."""
     if result.task is not None:
         return str(result.task.status)
+    if isinstance(result.error, BudgetExceededError):
+        return "refused"
     return "gone" if isinstance(result.error, TaskNotFoundError) else "error"
 
 
@@ -301,6 +309,12 @@ class BatchRun:
     succeeded: int = 0
     failed: int = 0
     resumed: int = 0
+    #: Lines the budget refused (not sent; not counted in ``failed``).
+    refused: int = 0
+    #: What this run's results were estimated at and billed, and the lines an
+    #: earlier run finished (read back from the journal).
+    this_run: BatchCost = attrs.field(factory=BatchCost)
+    earlier: BatchCost = attrs.field(factory=BatchCost)
     _saving: asyncio.Semaphore = attrs.field(factory=lambda: asyncio.Semaphore(8))
     _jobs: set[asyncio.Task[None]] = attrs.field(factory=set)
 
@@ -309,9 +323,15 @@ class BatchRun:
         ticker = asyncio.create_task(self._refresh(batch))
         try:
             async for result in batch:
+                refused = isinstance(result.error, BudgetExceededError)
+                self.refused += refused
                 self.succeeded += result.ok
-                self.failed += not result.ok
+                self.failed += not result.ok and not refused
                 self.resumed += result.resumed
+                if result.resumed:
+                    self.earlier = self.earlier.adding(result)
+                else:
+                    self.this_run = self.this_run.adding(result)
                 job = asyncio.create_task(self._finish(client, result))
                 self._jobs.add(job)
                 job.add_done_callback(self._jobs.discard)
@@ -324,7 +344,8 @@ class BatchRun:
             self._show(batch)
 
     def _show(self, batch: Batch) -> None:
-        self.display.update(batch, self.succeeded + self.failed, self.failed, self.resumed)
+        done = self.succeeded + self.failed + self.refused
+        self.display.update(batch, done, self.failed, self.resumed)
 
     async def _refresh(self, batch: Batch) -> None:
         # Between results too: tasks go in flight long before the first ends.
@@ -349,6 +370,8 @@ class BatchRun:
             record["key"] = key
         if result.resumed:
             record["resumed"] = True
+        record["estimate"] = str(result.estimate) if result.estimate is not None else None
+        record["cost"] = cost_record(result.cost)
         return record
 
     async def _finish(self, client: Client, result: BatchResult) -> None:
@@ -369,6 +392,11 @@ class BatchRun:
         self.results.add(record)
         if self.settings.as_json:
             click.echo(json.dumps(record))
+        elif isinstance(result.error, BudgetExceededError):
+            self.settings.stderr.print(
+                f"line {record['line']}: not sent: {escape(record['error']['message'])}",
+                soft_wrap=True,
+            )
 
     async def _save(self, client: Client, task: Task, result: BatchResult) -> list[Path]:
         async with self._saving:
@@ -440,6 +468,7 @@ async def _run_owned(settings: Settings, job: BatchJob, journal: Journal) -> Bat
                 max_in_flight=job.max_in_flight,
                 journal=journal,
                 name=job.name,
+                max_units=job.max_units,
             )
             settings.batch = batch
             await run.run(client, batch)

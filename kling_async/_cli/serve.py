@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import click
 from rich.markup import escape
 
+from kling_async._frontend import DEFAULT_CONFIRM_ABOVE
+
 from .group import command
-from .options import finite, writable_directory
+from .options import finite, units_value, writable_directory
 from .session import CommandError, current
 
 __all__: list[str] = []
+
+
+def confirm_value(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> Decimal | None:
+    """``--confirm-above``: units, or ``never`` (no confirmation)."""
+    if value is None or value.strip().lower() == "never":
+        return None
+    return units_value(context, parameter, value)
 
 
 @command()
@@ -46,7 +58,37 @@ __all__: list[str] = []
     default=None,
     help="The account's concurrency quota in units (a task holds n): creates queue for it.",
 )
-def mcp(http_port: int | None, out: Path | None, timeout: float, concurrency: int | None) -> None:
+@click.option(
+    "--max-units",
+    type=str,
+    default=None,
+    envvar="KLING_MCP_MAX_UNITS",
+    metavar="UNITS",
+    callback=units_value,
+    help="The session's budget in resource-pack units: a create that would take what this "
+    "server spent and reserved past it is refused, nothing sent (also KLING_MCP_MAX_UNITS) "
+    "[default: no budget].",
+)
+@click.option(
+    "--confirm-above",
+    type=str,
+    default=str(DEFAULT_CONFIRM_ABOVE),
+    show_default=True,
+    envvar="KLING_MCP_CONFIRM_ABOVE",
+    metavar="UNITS",
+    callback=confirm_value,
+    help="A create estimated above UNITS (or that cannot be estimated) asks the user first, "
+    "through MCP elicitation, or returns confirmation_required without spending; 'never' "
+    "turns this off (also KLING_MCP_CONFIRM_ABOVE).",
+)
+def mcp(
+    http_port: int | None,
+    out: Path | None,
+    timeout: float,
+    concurrency: int | None,
+    max_units: Decimal | None,
+    confirm_above: Decimal | None,
+) -> None:
     """Serve Kling image generation as MCP tools for AI agents (the mcp extra): one
     tool per task endpoint (generate_image, multi_image, omni_image, ...), and
     get_task, list_tasks, download_task and estimate.
@@ -67,5 +109,7 @@ def mcp(http_port: int | None, out: Path | None, timeout: float, concurrency: in
         out=out.resolve() if out is not None else None,
         default_timeout=timeout,
         concurrency=concurrency,
+        max_units=max_units,
+        confirm_above=confirm_above,
         say=lambda text: settings.stderr.print(escape(text), soft_wrap=True, highlight=False),
     )

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -24,13 +25,20 @@ from rich.markup import escape
 from kling_async._auth import ENV_ACCESS_KEY, ENV_API_KEY, ENV_SECRET_KEY
 from kling_async._batch import Batch
 from kling_async._client import Client
-from kling_async._exceptions import KlingError, TaskTimeoutError, ValidationError
+from kling_async._exceptions import (
+    BudgetExceededError,
+    KlingError,
+    TaskTimeoutError,
+    ValidationError,
+)
 from kling_async._frontend import (
+    EXIT_BUDGET,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     EXIT_USAGE,
     Connection,
+    budget_next_step,
     error_record,
 )
 from kling_async._models import Endpoint, TaskStatus
@@ -117,6 +125,8 @@ class Settings:
     flags: Mapping[str, str] | None = None
     #: The prices ``--dry-run`` estimates with.
     prices: PriceTable = DEFAULT_PRICES
+    #: ``--max-units``: what the command's client may spend, in units.
+    max_units: Decimal | None = None
 
     @property
     def connection(self) -> Connection:
@@ -142,6 +152,7 @@ class Settings:
         async with self.connection.client(
             max_concurrency=max_concurrency,
             journal=journal,
+            budget=self.max_units,
             announce=self.notice,
             warn=self.warn,
         ) as client:
@@ -214,7 +225,15 @@ class Settings:
             click.echo(json.dumps({"error": self.error_record(error)}), err=True)
         else:
             self.stderr.print(f"[red]error:[/red] {escape(self.describe(error))}", soft_wrap=True)
+            if isinstance(error, BudgetExceededError):
+                self.stderr.print(f"next step: {escape(self.budget_step(error))}", soft_wrap=True)
+        if isinstance(error, BudgetExceededError):
+            sys.exit(EXIT_BUDGET)
         sys.exit(EXIT_USAGE if usage else EXIT_ERROR)
+
+    def budget_step(self, error: BudgetExceededError) -> str:
+        """What to do about a create ``--max-units`` refused."""
+        return budget_next_step(error, raise_with="--max-units")
 
     def describe(self, error: BaseException) -> str:
         """``error`` in the CLI's words: flags and commands, not Python calls."""
@@ -226,8 +245,12 @@ class Settings:
         ).describe(error)
 
     def error_record(self, error: BaseException) -> dict[str, Any]:
-        """``error`` as JSON-ready data, with the CLI's wording as the message."""
-        return error_record(error, self.describe(error))
+        """``error`` as JSON-ready data, with the CLI's wording as the message
+        (and, for a create a budget refused, its ``next_step``)."""
+        record = error_record(error, self.describe(error))
+        if isinstance(error, BudgetExceededError):
+            record["next_step"] = self.budget_step(error)
+        return record
 
     def timed_out_record(self, error: TaskTimeoutError) -> dict[str, Any]:
         """A task still running when ``--timeout`` ran out, for ``--json`` stdout:
