@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, TypeVar
 
+import attrs
+
 from ._exceptions import ValidationError
 from ._image_input import ImageFile, WireImage, encode_image
 from ._models import (
@@ -100,10 +102,32 @@ def virtual_try_on_body(request: VirtualTryOnRequest) -> dict[str, Any]:
     return _common(request, body)
 
 
+def plain_body(request: TaskRequest) -> dict[str, Any]:
+    """The body of a request model with no hook of its own: its fields under
+    their own names, unset ones left out (as every hand-written body does), so
+    a new endpoint whose wire names are its fields' needs no body code."""
+    return {
+        field.name: str(value) if isinstance(value, WireImage) else converter.unstructure(value)
+        for field in attrs.fields(type(request))
+        if (value := getattr(request, field.name)) is not None
+    }
+
+
+def _without_own_hook(cls: type) -> bool:
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, TaskRequest)
+        and cls not in (ExpandRequest, MultiShotRequest, OmniImageRequest, VirtualTryOnRequest)
+    )
+
+
 converter.register_unstructure_hook(OmniImageRequest, omni_image_body)
 converter.register_unstructure_hook(ExpandRequest, expand_body)
 converter.register_unstructure_hook(MultiShotRequest, multi_shot_body)
 converter.register_unstructure_hook(VirtualTryOnRequest, virtual_try_on_body)
+# Registered last and matched by predicate: the hooks registered for a class
+# (here and in ``_wire``) are looked up first.
+converter.register_unstructure_hook_func(_without_own_hook, plain_body)
 
 
 #: Kling's nested spellings of flat fields, the same for every endpoint that
