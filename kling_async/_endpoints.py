@@ -51,6 +51,7 @@ from ._models import (
     TaskRequest,
     VirtualTryOnRequest,
 )
+from ._records import records
 
 __all__ = [
     "EndpointDeclaration",
@@ -300,6 +301,7 @@ _REGISTRY: Final[list[EndpointDeclaration]] = list(DECLARATIONS)
 def _registered(declaration: EndpointDeclaration) -> Iterator[EndpointDeclaration]:
     """Declare ``declaration`` for the duration of the block (a test hook: it
     shows an endpoint needs nothing beyond its request model and declaration)."""
+
     def names(d: EndpointDeclaration) -> tuple[object, ...]:
         return (d.endpoint.value, d.request_type, d.method, d.cli_name, d.mcp_name)
 
@@ -375,3 +377,8 @@ def by_mcp_name(name: str) -> EndpointDeclaration:
         if declaration.mcp_name == name:
             return declaration
     raise KeyError(f"no endpoint has the MCP tool {name!r}")
+
+
+# A stored endpoint (a journal row, a Redis ledger entry) is read back through
+# the declarations, so an entry of any declared endpoint is, not only a member's.
+records.register_structure_hook(Endpoint, lambda value, _type: endpoint_named(value))
