@@ -12,8 +12,8 @@ import attrs
 
 from ._billing import deduction
 from ._callbacks import CallbackDispatcher
-from ._endpoints import result_images as endpoint_images
 from ._endpoints import endpoints, units_of
+from ._endpoints import result_images as endpoint_images
 from ._files import result_images
 from ._options import ServerOptions
 from ._quota import UnitQuota
