@@ -1,10 +1,11 @@
 """Wire bodies of the request models added by issue 29, registered on ``_wire``'s converter.
 
-Each is written out by hand: the flat Python spelling (``images``,
-``element_ids``, ``watermark``) becomes Kling's nested one (``image_list``,
-``element_list``, ``watermark_info``) and an unset field is left out, so Kling
-applies its documented default. Importing this module registers them;
-``_endpoints`` and ``_resources`` do.
+:func:`plain_body` writes any request model: the flat Python spelling
+(``images``, ``element_ids``, ``watermark``) becomes Kling's nested one
+(``image_list``, ``element_list``, ``watermark_info``) and an unset field is
+left out, so Kling applies its documented default. Only omni-image has a body
+of its own (``n`` or ``series_amount``, by result type). Importing this module
+registers them; ``_endpoints`` and ``_resources`` do.
 
 :func:`request_from_body` goes the other way, for any declared request model:
 the fake server reads a create's body back into the model, so the model's own
@@ -21,11 +22,8 @@ import attrs
 from ._exceptions import ValidationError
 from ._image_input import ImageFile, WireImage, encode_image
 from ._models import (
-    ExpandRequest,
-    MultiShotRequest,
     OmniImageRequest,
     TaskRequest,
-    VirtualTryOnRequest,
     build_request,
     image_fields,
 )
@@ -50,7 +48,8 @@ def _watermark(body: dict[str, Any], enabled: bool | None) -> None:
 
 def omni_image_body(request: OmniImageRequest) -> dict[str, Any]:
     """``POST /v1/images/omni-image``'s body. ``n`` goes out for a single result
-    and ``series_amount`` for a series (each is ignored by Kling in the other)."""
+    and ``series_amount`` for a series (each is ignored by Kling in the other):
+    the one rule :func:`plain_body` cannot say, hence a hook of its own."""
     body: dict[str, Any] = {"model_name": request.model_name, "prompt": request.prompt}
     if request.images:
         body["image_list"] = [{"image": str(image)} for image in request.images]
@@ -69,65 +68,6 @@ def omni_image_body(request: OmniImageRequest) -> dict[str, Any]:
         body["aspect_ratio"] = request.aspect_ratio
     _watermark(body, request.watermark)
     return _common(request, body)
-
-
-def expand_body(request: ExpandRequest) -> dict[str, Any]:
-    """``POST /v1/images/editing/expand``'s body: the four ratios always."""
-    body: dict[str, Any] = {
-        "image": str(request.image),
-        "up_expansion_ratio": request.up_expansion_ratio,
-        "down_expansion_ratio": request.down_expansion_ratio,
-        "left_expansion_ratio": request.left_expansion_ratio,
-        "right_expansion_ratio": request.right_expansion_ratio,
-        "n": request.n,
-    }
-    if request.prompt is not None:
-        body["prompt"] = request.prompt
-    _watermark(body, request.watermark)
-    return _common(request, body)
-
-
-def multi_shot_body(request: MultiShotRequest) -> dict[str, Any]:
-    """``POST /v1/general/ai-multi-shot``'s body."""
-    return _common(request, {"element_frontal_image": str(request.element_frontal_image)})
-
-
-def virtual_try_on_body(request: VirtualTryOnRequest) -> dict[str, Any]:
-    """``POST /v1/images/kolors-virtual-try-on``'s body."""
-    body = {
-        "model_name": request.model_name,
-        "human_image": str(request.human_image),
-        "cloth_image": str(request.cloth_image),
-    }
-    return _common(request, body)
-
-
-def plain_body(request: TaskRequest) -> dict[str, Any]:
-    """The body of a request model with no hook of its own: its fields under
-    their own names, unset ones left out (as every hand-written body does), so
-    a new endpoint whose wire names are its fields' needs no body code."""
-    return {
-        field.name: str(value) if isinstance(value, WireImage) else converter.unstructure(value)
-        for field in attrs.fields(type(request))
-        if (value := getattr(request, field.name)) is not None
-    }
-
-
-def _without_own_hook(cls: type) -> bool:
-    return (
-        isinstance(cls, type)
-        and issubclass(cls, TaskRequest)
-        and cls not in (ExpandRequest, MultiShotRequest, OmniImageRequest, VirtualTryOnRequest)
-    )
-
-
-converter.register_unstructure_hook(OmniImageRequest, omni_image_body)
-converter.register_unstructure_hook(ExpandRequest, expand_body)
-converter.register_unstructure_hook(MultiShotRequest, multi_shot_body)
-converter.register_unstructure_hook(VirtualTryOnRequest, virtual_try_on_body)
-# Registered last and matched by predicate: the hooks registered for a class
-# (here and in ``_wire``) are looked up first.
-converter.register_unstructure_hook_func(_without_own_hook, plain_body)
 
 
 #: Kling's nested spellings of flat fields, the same for every endpoint that
@@ -204,3 +144,40 @@ def request_from_body(request_type: type[RequestT], body: Mapping[str, Any]) -> 
     except ValidationError as error:
         head, dot, rest = error.field.partition("[")
         raise ValidationError(wire_name(head) + dot + rest, error.rule) from None
+
+
+def _nest(wire: str, value: Any) -> Any:
+    _field, key = WIRE_NAMES[wire]
+    if wire == "watermark_info":
+        return {key: value}
+    return [{key: str(item) if isinstance(item, WireImage) else item} for item in value]
+
+
+def plain_body(request: TaskRequest) -> dict[str, Any]:
+    """The body of a request model with no hook of its own: its fields, nested
+    and renamed as :data:`WIRE_NAMES` says (``watermark`` -> ``watermark_info``),
+    unset and empty ones left out so Kling applies its documented defaults. A new
+    endpoint whose fields follow Kling's conventions needs no body code."""
+    body: dict[str, Any] = {}
+    for field in attrs.fields(type(request)):
+        value = getattr(request, field.name)
+        if value is None or value == ():
+            continue
+        wire = wire_name(field.name)
+        if wire in WIRE_NAMES:
+            body[wire] = _nest(wire, value)
+        elif isinstance(value, WireImage):
+            body[wire] = str(value)
+        else:
+            body[wire] = converter.unstructure(value)
+    return body
+
+
+def _without_own_hook(cls: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, TaskRequest) and cls is not OmniImageRequest
+
+
+converter.register_unstructure_hook(OmniImageRequest, omni_image_body)
+# Matched by predicate, so the hooks registered for a class (generations and
+# multi-image, in ``_wire``) are looked up first.
+converter.register_unstructure_hook_func(_without_own_hook, plain_body)
