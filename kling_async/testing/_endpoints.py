@@ -26,7 +26,13 @@ from typing import Any, Final
 
 import attrs
 
-from kling_async._endpoints import EndpointDeclaration, ResultKind, UnitsRule, declarations
+from kling_async._endpoints import (
+    SYNC_ENDPOINTS,
+    EndpointDeclaration,
+    ResultKind,
+    UnitsRule,
+    declarations,
+)
 from kling_async._exceptions import ValidationError
 from kling_async._request_bodies import request_from_body
 
@@ -307,19 +313,20 @@ def outputs(endpoint: str, body: Mapping[str, Any], images: list[Any]) -> list[d
 
 # --- synchronous endpoints -------------------------------------------------------------
 
-RECOGNIZE_PATH: Final = "videos/image-recognize"
-COSTS_PATH: Final = "account/costs"
+_RECOGNIZE: Final = SYNC_ENDPOINTS["image_recognize"]
+_COSTS: Final = SYNC_ENDPOINTS["account_costs"]
+RECOGNIZE_PATH: Final = _RECOGNIZE.path.removeprefix("/v1/")
+COSTS_PATH: Final = _COSTS.path.removeprefix("/")
 #: Kling's account-costs page: "control the request rate (QPS<=1)".
-COSTS_MIN_INTERVAL: Final = 1.0
+COSTS_MIN_INTERVAL: Final = _COSTS.min_interval
 RECOGNIZED_TYPES: Final = ("object_seg", "head_seg", "face_seg", "cloth_seg")
 
 
 def sync_path(method: str, raw_path: str, prefix: str) -> str | None:
     """The synchronous endpoint a request names, if any."""
-    if method == "POST" and raw_path == f"{prefix}/v1/{RECOGNIZE_PATH}":
-        return RECOGNIZE_PATH
-    if method == "GET" and raw_path == f"{prefix}/{COSTS_PATH}":
-        return COSTS_PATH
+    for sync, relative in ((_RECOGNIZE, RECOGNIZE_PATH), (_COSTS, COSTS_PATH)):
+        if method == sync.method and raw_path == prefix + sync.path:
+            return relative
     return None
 
 
