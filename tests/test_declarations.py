@@ -26,7 +26,12 @@ from kling_async._durations import DurationLearner, kind_of
 from kling_async._endpoints import EndpointDeclaration, by_request_type, declarations
 from kling_async._frontend import known_models
 from kling_async._journal import Journal
-from kling_async._models import Endpoint, MultiImageRequest, OmniImageRequest
+from kling_async._models import (
+    Endpoint,
+    ImageGenerationRequest,
+    MultiImageRequest,
+    OmniImageRequest,
+)
 from kling_async._request_bodies import request_from_body
 from kling_async._resources import Images
 from kling_async._schedule import Durations
@@ -235,3 +240,21 @@ async def test_a_synthetic_endpoint_gets_an_mcp_tool() -> None:
     assert result.is_error is not True
     assert [create.path for create in creates] == [SKETCH.path]
     assert creates[0].json["n"] == 2
+
+
+async def test_create_names_its_endpoint_and_a_method_takes_only_its_own_request() -> None:
+    async with FakeKlingServer(api_key=API_KEY) as server:
+        async with make_client(server) as client:
+            with pytest.raises(ValueError, match="is not a Kling endpoint"):
+                await client.images.create("images/no-such-thing", prompt="p")
+            with pytest.raises(TypeError, match="expected a OmniImageRequest"):
+                await client.images.omni_image(ImageGenerationRequest(prompt="p"))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="not both"):
+                await client.images.create(
+                    Endpoint.GENERATIONS, ImageGenerationRequest(prompt="p"), n=2
+                )
+            handle = await client.images.create(Endpoint.OMNI_IMAGE, prompt="a fox")
+        assert server.requests_for("create") == server.requests_for(
+            "create", endpoint="images/omni-image"
+        )
+    assert handle.endpoint is Endpoint.OMNI_IMAGE
