@@ -23,7 +23,12 @@ from mcp import StdioServerParameters
 
 from kling_async import TaskStatus, ValidationError
 from kling_async._durations import DurationLearner, kind_of
-from kling_async._endpoints import EndpointDeclaration, by_request_type, declarations
+from kling_async._endpoints import (
+    EndpointDeclaration,
+    _registered,
+    by_request_type,
+    declarations,
+)
 from kling_async._frontend import known_models
 from kling_async._journal import Journal
 from kling_async._models import (
@@ -258,3 +263,10 @@ async def test_create_names_its_endpoint_and_a_method_takes_only_its_own_request
             "create", endpoint="images/omni-image"
         )
     assert handle.endpoint is Endpoint.OMNI_IMAGE
+
+
+def test_a_declaration_cannot_take_a_declared_name() -> None:
+    taken = attrs.evolve(SKETCH, cli_name="generate")
+    with pytest.raises(ValueError, match="generate"), _registered(taken):
+        pass
+    assert SKETCH not in list(declarations())
