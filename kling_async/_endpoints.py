@@ -31,6 +31,7 @@ fetched 2026-09-20 into aself101/kling-api, docs/api/):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
@@ -50,6 +51,7 @@ from ._models import (
     TaskRequest,
     VirtualTryOnRequest,
 )
+from ._records import records
 
 __all__ = [
     "EndpointDeclaration",
@@ -289,23 +291,53 @@ SYNC_ENDPOINTS: Final[Mapping[str, SyncEndpoint]] = {
 }
 
 
-_BY_ENDPOINT: Final = {declaration.endpoint: declaration for declaration in DECLARATIONS}
-_BY_REQUEST: Final = {declaration.request_type: declaration for declaration in DECLARATIONS}
-_BY_CLI: Final = {declaration.cli_name: declaration for declaration in DECLARATIONS}
-_BY_MCP: Final = {declaration.mcp_name: declaration for declaration in DECLARATIONS}
+#: The declarations in force: :data:`DECLARATIONS`, plus any a test registers
+#: through :func:`_registered`. Every lookup reads this list (a handful of
+#: entries, so no index is kept that could go stale).
+_REGISTRY: Final[list[EndpointDeclaration]] = list(DECLARATIONS)
+
+
+@contextlib.contextmanager
+def _registered(declaration: EndpointDeclaration) -> Iterator[EndpointDeclaration]:
+    """Declare ``declaration`` for the duration of the block (a test hook: it
+    shows an endpoint needs nothing beyond its request model and declaration)."""
+
+    def names(d: EndpointDeclaration) -> tuple[object, ...]:
+        return (d.endpoint.value, d.request_type, d.method, d.cli_name, d.mcp_name)
+
+    for other in _REGISTRY:
+        clash = set(names(other)) & set(names(declaration))
+        if clash:
+            raise ValueError(f"{sorted(map(str, clash))} declared already")
+    _REGISTRY.append(declaration)
+    try:
+        yield declaration
+    finally:
+        _REGISTRY.remove(declaration)
 
 
 def declarations() -> Iterator[EndpointDeclaration]:
     """Every task endpoint's declaration, in :data:`DECLARATIONS` order."""
-    return iter(DECLARATIONS)
+    return iter(tuple(_REGISTRY))
 
 
 def declaration_for(endpoint: Endpoint | str) -> EndpointDeclaration:
     """The declaration of ``endpoint`` (a member, or its path under ``/v1/``)."""
+    value = endpoint.value if isinstance(endpoint, enum.Enum) else str(endpoint)
+    for declaration in _REGISTRY:
+        if declaration.endpoint.value == value:
+            return declaration
+    raise KeyError(f"no Kling endpoint {endpoint!r}")
+
+
+def endpoint_named(endpoint: Endpoint | str) -> Endpoint:
+    """The declared endpoint ``endpoint`` names (a member or its path), as the
+    member the rest of the SDK passes around; ``ValueError`` if none is declared."""
     try:
-        return _BY_ENDPOINT[Endpoint(endpoint)]
-    except ValueError:
-        raise KeyError(f"no Kling endpoint {endpoint!r}") from None
+        return declaration_for(endpoint).endpoint
+    except KeyError:
+        known = ", ".join(d.endpoint.value for d in _REGISTRY)
+        raise ValueError(f"{endpoint!r} is not a Kling endpoint; one of {known}") from None
 
 
 def by_path(path: str) -> EndpointDeclaration:
@@ -313,7 +345,7 @@ def by_path(path: str) -> EndpointDeclaration:
     ``images/omni-image`` or a task's path under it (``.../omni-image/<id>``)."""
     relative = path.removeprefix("/").removeprefix("v1/").rstrip("/")
     # Longest first: no path is a prefix of another today, but nothing forbids it.
-    for declaration in sorted(DECLARATIONS, key=lambda d: -len(d.endpoint.value)):
+    for declaration in sorted(_REGISTRY, key=lambda d: -len(d.endpoint.value)):
         value = declaration.endpoint.value
         if relative == value or relative.startswith(value + "/"):
             return declaration
@@ -325,23 +357,28 @@ def by_request_type(request: TaskRequest | type[TaskRequest]) -> EndpointDeclara
     of a declared model finds its base's declaration."""
     cls = request if isinstance(request, type) else type(request)
     for klass in cls.__mro__:
-        declaration = _BY_REQUEST.get(klass)
-        if declaration is not None:
-            return declaration
+        for declaration in _REGISTRY:
+            if declaration.request_type is klass:
+                return declaration
     raise KeyError(f"{cls.__name__} is not the request model of a declared endpoint")
 
 
 def by_cli_name(name: str) -> EndpointDeclaration:
     """The declaration whose CLI command is ``name`` (e.g. ``"omni-image"``)."""
-    try:
-        return _BY_CLI[name]
-    except KeyError:
-        raise KeyError(f"no endpoint has the CLI command {name!r}") from None
+    for declaration in _REGISTRY:
+        if declaration.cli_name == name:
+            return declaration
+    raise KeyError(f"no endpoint has the CLI command {name!r}")
 
 
 def by_mcp_name(name: str) -> EndpointDeclaration:
     """The declaration whose MCP tool is ``name`` (e.g. ``"omni_image"``)."""
-    try:
-        return _BY_MCP[name]
-    except KeyError:
-        raise KeyError(f"no endpoint has the MCP tool {name!r}") from None
+    for declaration in _REGISTRY:
+        if declaration.mcp_name == name:
+            return declaration
+    raise KeyError(f"no endpoint has the MCP tool {name!r}")
+
+
+# A stored endpoint (a journal row, a Redis ledger entry) is read back through
+# the declarations, so an entry of any declared endpoint is, not only a member's.
+records.register_structure_hook(Endpoint, lambda value, _type: endpoint_named(value))

@@ -16,7 +16,7 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
 import attrs
 
@@ -34,7 +34,6 @@ from ._models import (
     MAX_REFERENCES,
     MAX_SUBJECT_IMAGES,
     N_RANGE,
-    OMNI_CAPABILITIES,
     SERIES_RANGE,
     Cost,
     Endpoint,
@@ -413,13 +412,25 @@ PROMPT_DESCRIPTIONS: Final[Mapping[Endpoint, str]] = {
     "characters.",
 }
 
-#: The model names Kling lists for each endpoint (the default comes from the model).
-KNOWN_MODELS: Final[Mapping[Endpoint, Sequence[str]]] = {
-    Endpoint.GENERATIONS: ("kling-v3", "kling-v2-1"),
-    Endpoint.MULTI_IMAGE: ("kling-v2", "kling-v2-1"),
-    Endpoint.OMNI_IMAGE: tuple(OMNI_CAPABILITIES),
-    Endpoint.VIRTUAL_TRY_ON: ("kolors-virtual-try-on-v1", "kolors-virtual-try-on-v1-5"),
-}
+
+def known_models(request_type: type[TaskRequest]) -> tuple[str, ...]:
+    """The model names Kling lists for an endpoint: the ``Literal`` its request
+    model's ``model_name`` converter takes (``OmniModel``...), in its order;
+    ``()`` for a model without one. The one list is the type editors complete."""
+    field = attrs.fields_dict(request_type).get("model_name")
+    if field is None or field.converter is None:
+        return ()
+    hint = get_type_hints(field.converter).get("value")
+    names: list[str] = []
+    pending = [hint]
+    while pending:
+        current = pending.pop(0)
+        if get_origin(current) is Literal:
+            names.extend(str(arg) for arg in get_args(current) if str(arg) not in names)
+        else:
+            pending.extend(get_args(current))
+    return tuple(names)
+
 
 #: Kling's limits on each field, as the request models check them (JSON schema words).
 LIMITS: Final[Mapping[str, Mapping[str, Any]]] = {
@@ -521,7 +532,7 @@ class RequestField:
         """What the field means, in a front end's words: ``spell`` names other
         fields as it spells them, ``forms`` says how it takes images."""
         if self.name == "model_name":
-            known = KNOWN_MODELS.get(declaration.endpoint)
+            known = known_models(declaration.request_type)
             listed = f"; Kling lists {' and '.join(known)}" if known else ""
             return (
                 f"The Kling model [default: {self.default}{listed}; any model name the "

@@ -39,6 +39,7 @@ __all__ = [
     "OmniResolution",
     "VirtualTryOnRequest",
     "ImageModel",
+    "MultiImageModel",
     "ImageReference",
     "ImageResult",
     "MultiImageRequest",
@@ -71,6 +72,8 @@ ImageModel = (
 )
 """A model name: the documented ones complete in an editor, and any other
 string is still accepted (Kling adds models; an unknown one is Kling's to refuse)."""
+MultiImageModel = Literal["kling-v2", "kling-v2-1"] | str
+"""The models Kling lists for multi-image-to-image (any other string is still sent)."""
 ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 RESOLUTIONS: tuple[str, ...] = get_args(Resolution)
 IMAGE_REFERENCES: tuple[str, ...] = get_args(ImageReference)
@@ -351,7 +354,7 @@ def _generation_model(value: ImageModel | None) -> str:
     return "kling-v3" if value is None else value
 
 
-def _multi_image_model(value: ImageModel | None) -> str:
+def _multi_image_model(value: MultiImageModel | None) -> str:
     return "kling-v2" if value is None else value
 
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import attrs
 
 from . import _request_bodies  # noqa: F401  (registers the new requests' wire bodies)
+from ._endpoints import by_request_type, declaration_for, endpoint_named
 from ._handle import USE_CLIENT_DEFAULT, TaskHandle, _UseClientDefault
 from ._image_input import ImageFile, ImageInput, encode_image, read_image_file
 from ._models import (
@@ -19,6 +20,7 @@ from ._models import (
     ImageGenerationRequest,
     ImageModel,
     ImageReference,
+    MultiImageModel,
     MultiImageRequest,
     MultiShotRequest,
     OmniAspectRatio,
@@ -158,12 +160,7 @@ class Images:
         ``aspect_ratio="16:9"``), not both (``TypeError``). Raises
         :class:`ValidationError` before sending anything if a field is invalid.
         """
-        arguments = locals()
-        if request is None:
-            request = await _build(ImageGenerationRequest, _fields(arguments))
-        else:
-            _reject_fields_beside(request, arguments, "generate")
-        return await self.submit(request)
+        return await self._create(ImageGenerationRequest, request, locals())
 
     async def multi_image(
         self,
@@ -172,7 +169,7 @@ class Images:
         *,
         subject_images: Sequence[ImageInput] | None = None,
         prompt: str | None = None,
-        model_name: ImageModel | None = None,
+        model_name: MultiImageModel | None = None,
         scene_image: ImageInput | None = None,
         style_image: ImageInput | None = None,
         n: int | None = None,
@@ -187,12 +184,7 @@ class Images:
         (``TypeError``); images may be paths, bytes, URLs or base64. Raises
         :class:`ValidationError` before sending anything if a field is invalid.
         """
-        arguments = locals()
-        if request is None:
-            request = await _build(MultiImageRequest, _fields(arguments))
-        else:
-            _reject_fields_beside(request, arguments, "multi_image")
-        return await self.submit(request)
+        return await self._create(MultiImageRequest, request, locals())
 
     async def omni_image(
         self,
@@ -223,12 +215,7 @@ class Images:
         if a field, or a model/field combination Kling's capability map
         excludes, is invalid.
         """
-        arguments = locals()
-        if request is None:
-            request = await _build(OmniImageRequest, _fields(arguments))
-        else:
-            _reject_fields_beside(request, arguments, "omni_image")
-        return await self.submit(request)
+        return await self._create(OmniImageRequest, request, locals())
 
     async def expand(
         self,
@@ -253,12 +240,7 @@ class Images:
         at most 3 times the original's area. Pass an :class:`ExpandRequest` or
         its fields as keywords, not both (``TypeError``).
         """
-        arguments = locals()
-        if request is None:
-            request = await _build(ExpandRequest, _fields(arguments))
-        else:
-            _reject_fields_beside(request, arguments, "expand")
-        return await self.submit(request)
+        return await self._create(ExpandRequest, request, locals())
 
     async def multi_shot(
         self,
@@ -272,12 +254,7 @@ class Images:
         """Submit an AI multi-shot task (other angles of a subject from its
         front view) and return its handle; the finished task has three sets of
         three images, in ``task.images`` set by set."""
-        arguments = locals()
-        if request is None:
-            request = await _build(MultiShotRequest, _fields(arguments))
-        else:
-            _reject_fields_beside(request, arguments, "multi_shot")
-        return await self.submit(request)
+        return await self._create(MultiShotRequest, request, locals())
 
     async def virtual_try_on(
         self,
@@ -291,11 +268,34 @@ class Images:
         external_task_id: str | None = None,
     ) -> TaskHandle:
         """Submit a Kolors virtual try-on task (a person, a garment) and return its handle."""
-        arguments = locals()
+        return await self._create(VirtualTryOnRequest, request, locals())
+
+    async def create(
+        self, endpoint: Endpoint | str, request: TaskRequest | None = None, /, **fields: Any
+    ) -> TaskHandle:
+        """Submit a task to any declared ``endpoint`` (a member or its path under
+        ``/v1/``): a request of its model, or the model's fields as keywords.
+
+        The typed methods (:meth:`generate`, :meth:`omni_image`...) are this with
+        their endpoint's fields spelled out for type checkers; an endpoint declared
+        without one is reached here. Raises :class:`ValidationError` before
+        sending anything if a field is invalid.
+        """
+        declaration = declaration_for(endpoint_named(endpoint))
+        return await self._create(declaration.request_type, request, {**fields, "request": request})
+
+    async def _create(
+        self, cls: type[TaskRequest], request: TaskRequest | None, arguments: dict[str, Any]
+    ) -> TaskHandle:
+        """The one path every create method takes: build ``cls`` from the keyword
+        ``arguments`` (a method's ``locals()``, so its signature is the one list
+        of field names), or take ``request`` and refuse keywords beside it."""
         if request is None:
-            request = await _build(VirtualTryOnRequest, _fields(arguments))
+            request = await _build(cls, _fields(arguments))
         else:
-            _reject_fields_beside(request, arguments, "virtual_try_on")
+            if not isinstance(request, cls):
+                raise TypeError(f"expected a {cls.__name__}, got a {type(request).__name__}")
+            _reject_fields_beside(request, arguments, by_request_type(cls).method)
         return await self.submit(request)
 
     async def recognize(self, image: ImageInput) -> ImageRecognition:
@@ -350,7 +350,7 @@ class Images:
 
     async def get(self, task_id: str, *, endpoint: Endpoint | str = Endpoint.GENERATIONS) -> Task:
         """Fetch one task by its task_id or external_task_id."""
-        endpoint = Endpoint(endpoint)
+        endpoint = endpoint_named(endpoint)
         task = parse_task(await self._transport.send(get_request(endpoint, task_id)))
         state = self._tracker.find(endpoint, task.task_id)
         if state is not None:
@@ -368,7 +368,7 @@ class Images:
 
         Stops after ``limit`` tasks, at the last page, or at Kling's page 1000.
         """
-        endpoint = Endpoint(endpoint)
+        endpoint = endpoint_named(endpoint)
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
         yielded = 0
@@ -391,7 +391,7 @@ class Images:
 
         Sends no request; the first wait polls it at once.
         """
-        state = self._tracker.state(Endpoint(endpoint), task_id)
+        state = self._tracker.state(endpoint_named(endpoint), task_id)
         return TaskHandle(self._tracker, state)
 
 

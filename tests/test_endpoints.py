@@ -35,7 +35,6 @@ from kling_async._endpoints import by_cli_name, by_mcp_name, by_path, by_request
 from kling_async._resources import Images
 from kling_async._sync_endpoints import wait_before
 from kling_async.testing import FakeKlingServer
-from kling_async.testing._protocol import ENDPOINTS
 from tests.helpers import API_KEY, make_client
 from tests.imagedata import png
 
@@ -78,10 +77,6 @@ def test_the_first_two_endpoints_keep_their_names_and_values() -> None:
     assert Endpoint.MULTI_IMAGE.value == "images/multi-image2image"
     assert by_request_type(ImageGenerationRequest(prompt="p")).cli_name == "generate"
     assert by_mcp_name("multi_image").request_type is MultiImageRequest
-
-
-def test_the_fake_serves_exactly_the_declared_endpoints() -> None:
-    assert set(ENDPOINTS) == {d.endpoint.value for d in declarations()}
 
 
 def test_client_resources_exist_for_every_declaration() -> None:

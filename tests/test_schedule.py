@@ -354,7 +354,8 @@ def test_a_new_endpoints_kind_needs_nothing_in_the_learner(
         duration_key="images/try-on-v2",
         duration_features=lambda request: ("m", 5, "2k", 2),
     )
-    monkeypatch.setitem(_endpoints_module._BY_REQUEST, VirtualTryOnRequest, renamed)
+    registry = [renamed if d is declaration else d for d in _endpoints_module._REGISTRY]
+    monkeypatch.setattr(_endpoints_module, "_REGISTRY", registry)
     request = VirtualTryOnRequest(human_image=URL, cloth_image=URL)
     assert kind_of(request) == ("images/try-on-v2", "m", 5, "2k", 2)
     learner = DurationLearner()

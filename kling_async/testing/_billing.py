@@ -15,19 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any
+
+import attrs
 
 from kling_async._pricing import DEFAULT_RESOLUTION, PriceTable
 
+from ._endpoints import declaration_at
+
 __all__ = ["deduction"]
 
-#: The model Kling uses when a create names none.
-_DEFAULT_MODELS: Final = {
-    "images/generations": "kling-v3",
-    "images/multi-image2image": "kling-v2",
-    "images/omni-image": "kling-image-o1",
-    "images/kolors-virtual-try-on": "kolors-virtual-try-on-v1",
-}
+
+def _default_model(endpoint: str) -> str:
+    """The model Kling uses when a create names none: the declared request
+    model's default (the documented one), ``""`` for an endpoint without models."""
+    field = attrs.fields_dict(declaration_at(endpoint).request_type).get("model_name")
+    default = None if field is None else field.default
+    return default if isinstance(default, str) else ""
 
 
 def deduction(table: PriceTable, endpoint: str, body: Mapping[str, Any], images: int) -> Decimal:
@@ -35,7 +39,7 @@ def deduction(table: PriceTable, endpoint: str, body: Mapping[str, Any], images:
     ``images`` images is billed."""
     model = body.get("model_name")
     if not isinstance(model, str) or not model:
-        model = _DEFAULT_MODELS.get(endpoint, "")
+        model = _default_model(endpoint)
     resolution = body.get("resolution")
     if not isinstance(resolution, str) or not resolution:
         resolution = DEFAULT_RESOLUTION

@@ -1,10 +1,18 @@
-"""The fake's side of the endpoints added by issue 29: their checks, the units a
-task holds, the shape of their results, and the two synchronous endpoints.
+"""The fake's side of the endpoints: which it serves, how it judges a create,
+the units a task holds, the shape of its results, and the two synchronous ones.
 
-Written against Kling's reference pages and the wire format, not the SDK's
-request models (as ``_validation`` is), so the fake catches a body the SDK
-builds wrongly instead of agreeing with it. The SDK's declarations and this
-table must name the same paths: a test holds them together.
+Everything here follows the SDK's declarations (``kling_async._endpoints``): the
+paths served, the model a body is read back into (so the request model's own
+validators refuse a bad field, with Kling's 1201 naming it), the units a task
+holds, and the result shape its :class:`ResultKind` says. A new declaration is
+served with no code here.
+
+Kept per endpoint, on purpose: :data:`WIRE_CHECKS`, a second reading of the
+reference pages written against the wire format rather than the request models,
+run before the body is read back. A body the SDK builds wrongly (a misspelt
+nesting, a rule the model enforces too loosely) would be accepted by a
+validator it shares with the SDK; these catch it. They are optional: an
+endpoint without one is judged by its model alone.
 """
 
 from __future__ import annotations
@@ -13,10 +21,20 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
 import attrs
+
+from kling_async._endpoints import (
+    SYNC_ENDPOINTS,
+    EndpointDeclaration,
+    ResultKind,
+    UnitsRule,
+    declarations,
+)
+from kling_async._exceptions import ValidationError
+from kling_async._request_bodies import request_from_body
 
 from ._http import Reply, error, ok
 from ._protocol import EXPAND, MULTI_SHOT, OMNI_IMAGE, VIRTUAL_TRY_ON
@@ -149,70 +167,101 @@ def _check_try_on(body: dict[str, Any]) -> None:
         check_image(field, body[field])
 
 
-def _n(body: Mapping[str, Any]) -> int:
-    n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) else 1
+def endpoints() -> tuple[str, ...]:
+    """The paths (under ``/v1/``) of every declared task endpoint, read when
+    asked, so an endpoint declared after import is served too."""
+    return tuple(declaration.endpoint.value for declaration in declarations())
 
 
-def _omni_images(body: Mapping[str, Any]) -> int:
-    if body.get("result_type") != "series":
-        return _n(body)
-    amount = body.get("series_amount") or 4
-    return AUTO_SERIES_IMAGES if amount == "auto" else int(amount)
+def declaration_at(endpoint: str) -> EndpointDeclaration:
+    """The declaration of the endpoint at ``endpoint`` (a path under ``/v1/``)."""
+    for declaration in declarations():
+        if declaration.endpoint.value == endpoint:
+            return declaration
+    raise KeyError(endpoint)
 
 
-@attrs.frozen(kw_only=True)
-class FakeEndpoint:
-    """One endpoint as the fake serves it: ``check`` raises :class:`Rejection`
-    for a body Kling refuses; ``units`` is what a task holds of the quota (and
-    its images or sets); ``watermark`` whether it can make watermarked copies."""
-
-    path: str
-    check: Callable[[dict[str, Any]], None]
-    units: Callable[[Mapping[str, Any]], int]
-    has_model: bool = True
-    watermark: bool = True
-    image_sets: bool = False
+def _omni_wire(body: dict[str, Any]) -> None:
+    check_options(body, OMNI_RATIOS)
+    if body.get("model_name") is not None:
+        check_model(body)
+    _check_omni(body)
 
 
-NEW_ENDPOINTS: Final[Mapping[str, FakeEndpoint]] = {
-    OMNI_IMAGE: FakeEndpoint(path=OMNI_IMAGE, check=_check_omni, units=_omni_images),
-    EXPAND: FakeEndpoint(path=EXPAND, check=_check_expand, units=_n, has_model=False),
-    MULTI_SHOT: FakeEndpoint(
-        path=MULTI_SHOT,
-        check=_check_multi_shot,
-        units=lambda _body: 1,
-        has_model=False,
-        watermark=False,
-        image_sets=True,
-    ),
-    VIRTUAL_TRY_ON: FakeEndpoint(
-        path=VIRTUAL_TRY_ON, check=_check_try_on, units=lambda _body: 1, watermark=False
-    ),
+def _options_then(check: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def checked(body: dict[str, Any]) -> None:
+        check_options(body, ASPECT_RATIOS)
+        check(body)
+
+    return checked
+
+
+#: The second, wire-format reading of an endpoint's page (see the module's
+#: docstring); generations and multi-image keep theirs in ``_validation``.
+WIRE_CHECKS: Final[Mapping[str, Callable[[dict[str, Any]], None]]] = {
+    OMNI_IMAGE: _omni_wire,
+    EXPAND: _options_then(_check_expand),
+    MULTI_SHOT: _options_then(_check_multi_shot),
+    VIRTUAL_TRY_ON: _options_then(_check_try_on),
 }
 
 
-def validate_new(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` if Kling would accept it on a new ``endpoint``; else :class:`Rejection`."""
-    spec = NEW_ENDPOINTS[endpoint]
-    check_options(body, OMNI_RATIOS if endpoint == OMNI_IMAGE else ASPECT_RATIOS)
-    if spec.has_model and body.get("model_name") is not None:
-        check_model(body)
-    spec.check(body)
+def _has_field(declaration: EndpointDeclaration, name: str) -> bool:
+    return name in attrs.fields_dict(declaration.request_type)
+
+
+def validate_declared(
+    endpoint: str, body: dict[str, Any], models: Collection[str] | None
+) -> dict[str, Any]:
+    """``body`` if Kling would accept it on ``endpoint``; else :class:`Rejection`:
+    the endpoint's wire check if it has one, then the body read back into its
+    declared request model (1201 naming the field), then the account's models
+    (1203) for an endpoint that takes a model."""
+    declaration = declaration_at(endpoint)
+    check = WIRE_CHECKS.get(endpoint)
+    if check is not None:
+        check(body)
+    try:
+        request = request_from_body(declaration.request_type, body)
+    except ValidationError as refused:
+        raise invalid(refused.field, refused.rule) from None
+    if _has_field(declaration, "model_name") and models is not None:
+        # Judged as the body names it: the account's list is Kling's spelling.
+        del request
+        if body.get("model_name") is not None and body["model_name"] not in models:
+            raise Rejection(1203, f"model not found: {body['model_name']}")
     return body
 
 
 def units_of(endpoint: str, body: Mapping[str, Any]) -> int:
-    """The quota units (and images) a task of ``endpoint`` created with ``body`` holds."""
-    spec = NEW_ENDPOINTS.get(endpoint)
-    return _n(body) if spec is None else spec.units(body)
+    """The quota units (and images) a task of ``endpoint`` created with ``body``
+    holds, by its declaration's rule; a series Kling sizes itself (``auto``)
+    makes :data:`AUTO_SERIES_IMAGES` here."""
+    declaration = declaration_at(endpoint)
+    try:
+        request = request_from_body(declaration.request_type, body)
+    except ValidationError:  # a body a fault let through: Kling's n, or one
+        n = body.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    unknown = getattr(request, "expected_images", request.n) is None
+    if declaration.units.rule is UnitsRule.PER_IMAGE_PRODUCED and unknown:
+        return AUTO_SERIES_IMAGES
+    return declaration.units.held(request)
+
+
+def _series(endpoint: str, body: Mapping[str, Any]) -> bool:
+    result = declaration_at(endpoint).result
+    return result is ResultKind.IMAGES_OR_SERIES and body.get("result_type") == "series"
+
+
+def _image_sets(endpoint: str) -> bool:
+    return declaration_at(endpoint).result is ResultKind.IMAGE_SETS
 
 
 def result_images(endpoint: str, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The result list of a task, from one entry per file (``_files``' shape):
-    AI multi-shot groups them into sets ``{index, url_1, url_2, url_3}``."""
-    spec = NEW_ENDPOINTS.get(endpoint)
-    if spec is None or not spec.image_sets:
+    an endpoint whose results are image sets groups them ``{index, url_1, url_2, url_3}``."""
+    if not _image_sets(endpoint):
         return images
     sets = []
     for number in range(len(images) // MULTI_SHOT_ANGLES):
@@ -224,23 +273,22 @@ def result_images(endpoint: str, images: list[dict[str, Any]]) -> list[dict[str,
 
 
 def watermarks(endpoint: str) -> bool:
-    """Whether ``endpoint`` makes watermarked copies when asked."""
-    spec = NEW_ENDPOINTS.get(endpoint)
-    return spec is None or spec.watermark
+    """Whether ``endpoint`` makes watermarked copies when asked: whether its
+    request model takes ``watermark``."""
+    return _has_field(declaration_at(endpoint), "watermark")
 
 
 def file_count(endpoint: str, units: int) -> int:
     """How many result files a task of ``endpoint`` holding ``units`` makes."""
-    spec = NEW_ENDPOINTS.get(endpoint)
-    if spec is not None and spec.image_sets:
+    if _image_sets(endpoint):
         return MULTI_SHOT_SETS * MULTI_SHOT_ANGLES
     return units
 
 
 def task_result(endpoint: str, body: Mapping[str, Any], images: list[Any]) -> dict[str, Any]:
-    """``task_result`` as the endpoint's reference page shows it."""
-    if endpoint == OMNI_IMAGE:
-        if body.get("result_type") == "series":
+    """``task_result`` as the endpoint's result kind shows it."""
+    if declaration_at(endpoint).result is ResultKind.IMAGES_OR_SERIES:
+        if _series(endpoint, body):
             return {"result_type": "series", "images": [], "series_images": images}
         return {"result_type": "single", "images": images, "series_images": []}
     return {"images": images}
@@ -249,7 +297,7 @@ def task_result(endpoint: str, body: Mapping[str, Any], images: list[Any]) -> di
 def outputs(endpoint: str, body: Mapping[str, Any], images: list[Any]) -> list[dict[str, Any]]:
     """The new-design ``outputs[]`` of a task's images: sets flattened, series
     images carrying their ``group_id``."""
-    series = endpoint == OMNI_IMAGE and body.get("result_type") == "series"
+    series = _series(endpoint, body)
     found: list[dict[str, Any]] = []
     for image in images:
         urls = [image[key] for key in ("url", "url_1", "url_2", "url_3") if key in image]
@@ -265,19 +313,20 @@ def outputs(endpoint: str, body: Mapping[str, Any], images: list[Any]) -> list[d
 
 # --- synchronous endpoints -------------------------------------------------------------
 
-RECOGNIZE_PATH: Final = "videos/image-recognize"
-COSTS_PATH: Final = "account/costs"
+_RECOGNIZE: Final = SYNC_ENDPOINTS["image_recognize"]
+_COSTS: Final = SYNC_ENDPOINTS["account_costs"]
+RECOGNIZE_PATH: Final = _RECOGNIZE.path.removeprefix("/v1/")
+COSTS_PATH: Final = _COSTS.path.removeprefix("/")
 #: Kling's account-costs page: "control the request rate (QPS<=1)".
-COSTS_MIN_INTERVAL: Final = 1.0
+COSTS_MIN_INTERVAL: Final = _COSTS.min_interval
 RECOGNIZED_TYPES: Final = ("object_seg", "head_seg", "face_seg", "cloth_seg")
 
 
 def sync_path(method: str, raw_path: str, prefix: str) -> str | None:
     """The synchronous endpoint a request names, if any."""
-    if method == "POST" and raw_path == f"{prefix}/v1/{RECOGNIZE_PATH}":
-        return RECOGNIZE_PATH
-    if method == "GET" and raw_path == f"{prefix}/{COSTS_PATH}":
-        return COSTS_PATH
+    for sync, relative in ((_RECOGNIZE, RECOGNIZE_PATH), (_COSTS, COSTS_PATH)):
+        if method == sync.method and raw_path == prefix + sync.path:
+            return relative
     return None
 
 

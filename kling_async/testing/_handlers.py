@@ -19,13 +19,12 @@ import attrs
 
 from ._auth import Authenticator
 from ._callbacks import CallbackDispatcher, callback_body, webhook_signer
-from ._endpoints import SyncEndpoints, sync_path, units_of
+from ._endpoints import SyncEndpoints, endpoints, sync_path, units_of
 from ._faults import Faults, acts, fault_reply
 from ._files import RESULTS_PATH, serve_result
 from ._http import NOT_JSON, Reply, Request, error, ok
 from ._lifecycle import TaskBook
 from ._options import Fault, RecordedRequest, Route, ServerOptions
-from ._protocol import ENDPOINTS
 from ._quota import TokenBucket, UnitQuota
 from ._validation import Rejection, invalid, validate_create
 
@@ -80,7 +79,7 @@ def routing_of(method: str, raw_path: str, prefix: str) -> Routing:
         return Routing("sync_post" if method == "POST" else "sync_get", sync)
     if raw_path.startswith(v1):
         rest = raw_path[len(v1) :]
-        for endpoint in ENDPOINTS:
+        for endpoint in endpoints():
             if rest == endpoint:
                 if method == "POST":
                     return Routing("create", endpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +12,10 @@ import attrs
 
 from ._billing import deduction
 from ._callbacks import CallbackDispatcher
+from ._endpoints import endpoints, units_of
 from ._endpoints import result_images as endpoint_images
-from ._endpoints import units_of
 from ._files import result_images
 from ._options import ServerOptions
-from ._protocol import ENDPOINTS
 from ._quota import UnitQuota
 from ._tasks import FakeTask
 
@@ -36,8 +36,9 @@ class TaskBook:
     callbacks: CallbackDispatcher
     tasks: dict[str, FakeTask] = attrs.field(factory=dict, init=False)
     by_external: dict[str, FakeTask] = attrs.field(factory=dict, init=False)
-    order: dict[str, list[FakeTask]] = attrs.field(
-        factory=lambda: {endpoint: [] for endpoint in ENDPOINTS}, init=False
+    #: Each endpoint's tasks, oldest first (an endpoint's list appears with its first task).
+    order: defaultdict[str, list[FakeTask]] = attrs.field(
+        factory=lambda: defaultdict(list), init=False
     )
     live: dict[str, FakeTask] = attrs.field(factory=dict, init=False)
     created: int = attrs.field(default=0, init=False)
@@ -161,7 +162,7 @@ class TaskBook:
         # remaining time.
         now = self._now_ms()
         for task in saved:
-            if task.task_id in self.tasks or task.endpoint not in self.order:
+            if task.task_id in self.tasks or task.endpoint not in endpoints():
                 continue
             self._add(task)
             if task.status == "succeed":

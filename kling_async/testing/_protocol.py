@@ -14,13 +14,14 @@ import json
 import uuid
 from typing import Final
 
+# The paths the fake's own checks name; which endpoints it serves comes from
+# the SDK's declarations (``_endpoints.endpoints()``), so no list is kept here.
 GENERATIONS: Final = "images/generations"
 MULTI_IMAGE: Final = "images/multi-image2image"
 OMNI_IMAGE: Final = "images/omni-image"
 EXPAND: Final = "images/editing/expand"
 MULTI_SHOT: Final = "general/ai-multi-shot"
 VIRTUAL_TRY_ON: Final = "images/kolors-virtual-try-on"
-ENDPOINTS: Final = (GENERATIONS, MULTI_IMAGE, OMNI_IMAGE, EXPAND, MULTI_SHOT, VIRTUAL_TRY_ON)
 
 SUCCESS_MESSAGE: Final = "SUCCEED"
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from kling_async._pricing import DEFAULT_PRICES, PriceTable
 
 from ._adapter import make_app
-from ._endpoints import COSTS_PATH, RECOGNIZE_PATH
+from ._endpoints import COSTS_PATH, RECOGNIZE_PATH, endpoints
 from ._handlers import FakeApi
 from ._options import (
     CallbackFaults,
@@ -34,16 +34,18 @@ from ._options import (
     ServerOptions,
     WireShapes,
 )
-from ._protocol import ENDPOINTS
 from ._state import StateWriter, load_tasks
 from ._tasks import DEFAULT_FAILURE_MESSAGE, FAIL_MARKER, FakeTask
 
 __all__ = ["DEFAULT_FAILURE_MESSAGE", "FAIL_MARKER", "FakeKlingServer"]
 
 HOST: Final = "127.0.0.1"
-#: What ``inject(endpoint=...)`` may name: every task endpoint, and the
-#: synchronous ones (image recognition, account costs).
-FAULT_ENDPOINTS: Final = (*ENDPOINTS, RECOGNIZE_PATH, COSTS_PATH)
+
+
+def fault_endpoints() -> tuple[str, ...]:
+    """What ``inject(endpoint=...)`` may name: every declared task endpoint,
+    and the synchronous ones (image recognition, account costs)."""
+    return (*endpoints(), RECOGNIZE_PATH, COSTS_PATH)
 
 
 def fault_endpoint(given: str) -> str:
@@ -51,8 +53,9 @@ def fault_endpoint(given: str) -> str:
     synchronous endpoint's path, with or without its leading ``/`` and
     ``/v1/`` (``"/v1/videos/image-recognize"``, ``"account/costs"``)."""
     relative = given.removeprefix("/").removeprefix("v1/")
-    if relative not in FAULT_ENDPOINTS:
-        raise ValueError(f"unknown endpoint {given!r}; one of {FAULT_ENDPOINTS}")
+    known = fault_endpoints()
+    if relative not in known:
+        raise ValueError(f"unknown endpoint {given!r}; one of {known}")
     return relative
 
 
