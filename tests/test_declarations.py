@@ -237,7 +237,9 @@ async def test_a_synthetic_endpoint_gets_an_mcp_tool() -> None:
             )
             async with McpClient(parameters, read_timeout_seconds=60) as session:
                 tools = {tool.name: tool for tool in (await session.list_tools()).tools}
-                result = await session.call_tool("sketch_image", {"prompt": "a cat", "n": 2})
+                # Unpriced, so the server asks first; a client without elicitation confirms so.
+                arguments = {"prompt": "a cat", "n": 2, "confirm": True}
+                result = await session.call_tool("sketch_image", arguments)
             creates = server.requests_for("create")
     schema = tools["sketch_image"].input_schema
     assert schema["required"] == ["prompt"]
