@@ -191,3 +191,38 @@ async def test_a_budget_redis_lost_refuses_every_create(redis: Redis, account_na
             await budget.reserve("c", Decimal(1))
         await budget.flush()
         assert (await budget.state()).reserved == 0  # "b" was given back
+
+
+async def test_the_shared_ledger_adds_up_what_every_process_was_billed(
+    redis: Redis, account_name: str
+) -> None:
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=0.1) as server,
+        members(redis, account_name, 2) as (one, two),
+    ):
+        async with (
+            make_client(server, ledger=one.ledger()) as first,
+            make_client(server, ledger=two.ledger()) as second,
+        ):
+            handles = [
+                await (first if i % 2 else second).images.generate(prompt=str(i), n=1 + i % 3)
+                for i in range(5)
+            ]
+            await asyncio.gather(*(handle.wait(timeout=5) for handle in handles))
+
+            reader = two.ledger()  # any process reads what every process recorded
+
+            async def reported() -> bool:
+                [total] = await reader.spend()
+                return total.running == 0 and total.unreported == 0
+
+            await eventually(reported)
+            [total] = await reader.spend()
+            by_endpoint = await reader.spend(by="endpoint")
+    assert server.billed_units > 0
+    assert total.tasks == 5
+    assert total.deducted == server.billed_units
+    assert total.estimated == server.billed_units  # the fake bills by the same table
+    assert [(row.group, row.deducted) for row in by_endpoint] == [
+        ("images/generations", Decimal(server.billed_units))
+    ]

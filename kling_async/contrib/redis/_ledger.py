@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from redis.exceptions import RedisError
 
+from kling_async._budget import Spend, SpendGrouping, spend_of
 from kling_async._exceptions import ConfigurationError, KlingError
 from kling_async._ledger import EntryState, LedgerEntry
 from kling_async._records import records
@@ -74,6 +75,10 @@ def load_entry(raw: Any, body: Any, owner: Any = None) -> LedgerEntry:
         data["owner"] = text(owner)
     entry: LedgerEntry = records.structure(data, LedgerEntry)
     return entry
+
+
+#: Entries read per round trip when adding up spend.
+_SPEND_CHUNK: Final = 500
 
 
 class RedisLedger:
@@ -321,6 +326,25 @@ class RedisLedger:
         ids = await self.account.redis.zrange(self.account.key("unsettled"), 0, -1)
         entries = await asyncio.gather(*(self.get(text(ext)) for ext in ids))
         return [entry for entry in entries if entry is not None]
+
+    async def spend(self, by: SpendGrouping = "total") -> list[Spend]:
+        """What the account's creates cost, as every process recorded them, grouped
+        ``by`` ``"batch"``, ``"day"``, ``"endpoint"``, ``"model"`` or in ``"total"``:
+        estimated against what Kling deducted (see :class:`~kling_async.Spend`).
+
+        Entries are kept ``retention`` seconds (7 days by default), and a settled
+        create's body is dropped, so its model reads ``"-"``: for spend by model over
+        any period, keep a :class:`~kling_async.Journal` as well.
+        """
+        await self.flush()
+        redis = self.account.redis
+        keys = [key async for key in redis.scan_iter(match=self.account.key("e:*"), count=500)]
+        entries: list[LedgerEntry] = []
+        for start in range(0, len(keys), _SPEND_CHUNK):
+            chunk = keys[start : start + _SPEND_CHUNK]
+            raws = await redis.mget(chunk)
+            entries.extend(load_entry(raw, None) for raw in raws if raw is not None)
+        return spend_of(entries, by)
 
     # --- the writer ---------------------------------------------------------------------
 
