@@ -22,7 +22,7 @@ from kling_async.contrib.redis import (
 )
 from kling_async.testing import FakeKlingServer, RedisServer
 from tests.helpers import API_KEY, eventually, make_client
-from tests.scaleout.test_redis_shared import held, members, total
+from tests.scaleout.test_redis_shared import body, entry, held, members, total
 
 
 @pytest.fixture
@@ -429,3 +429,46 @@ async def test_an_uncertain_create_keeps_its_units_counted(redis: Redis, account
             await limiter.flush()
             assert len(server.tasks) == 1
             assert list((await held(redis, account)).values()) == [("", 3, False)]
+
+
+# --- a stale writer never re-opens a settled entry (nemesis seed 5022) ----------------------
+
+
+async def test_a_member_taken_for_dead_does_not_reopen_an_entry_a_survivor_settled(
+    redis: Redis, account_name: str
+) -> None:
+    # The stalled member's late record of a create (state CREATED, no body: it
+    # wrote the body with the intent) came after the survivor that claimed the
+    # entry had settled it (body dropped, owner index cleared): it re-opened the
+    # entry without a body, and the next adopter could not rebuild the request
+    # ("cannot take over ...: prompt: is required"), while the job reran.
+    async with members(redis, account_name, 2, lease=0.3) as (stalled, survivor):
+        stale = stalled.ledger()
+        intent = entry("e1", EntryState.INTENDED)
+        stale.record(intent)
+        await stale.flush()
+        _stall(stalled)
+        ledger = survivor.ledger()
+        claimed: list[tuple[str, LedgerEntry]] = []
+
+        async def claim() -> bool:
+            claimed.extend(await ledger.claim())
+            return bool(claimed)
+
+        await eventually(claim)
+        ledger.record(claimed[0][1].moved(EntryState.TERMINAL, task_id="t1", status="succeed"))
+        await ledger.flush()
+        await stalled.renew()  # alive again: it joins anew
+        stale.record(intent.moved(EntryState.CREATED, task_id="t1"))
+        await stale.flush()
+        settled = await ledger.get("e1")
+        assert settled is not None
+        assert settled.state is EntryState.TERMINAL
+        assert await ledger.all_unsettled() == []
+        # A fresh intent (a rerun re-sending a create that never landed) does
+        # re-open a settled entry: it carries its body.
+        ledger.record(settled.moved(EntryState.INTENDED, body=body("e1")))
+        await ledger.flush()
+        reopened = await ledger.get("e1")
+        assert reopened is not None
+        assert reopened.body["prompt"] == "prompt of e1"

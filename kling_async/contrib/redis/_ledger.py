@@ -163,7 +163,11 @@ class RedisLedger:
             logger.debug("ledger closed; entry %s not written", entry.external_task_id)
             return
         external_task_id = entry.external_task_id
-        with_body = external_task_id not in self._bodies_written
+        # An intent starts (or restarts) a create: it carries its body, so it
+        # can re-open an entry another member settled (see _scripts._WRITE).
+        with_body = (
+            external_task_id not in self._bodies_written or entry.state is EntryState.INTENDED
+        )
         if entry.state.settled:
             self._bodies_written.discard(external_task_id)
             self._mine.pop(external_task_id, None)

@@ -494,6 +494,14 @@ local function write(id, entry, body, key, digest, settled, intended_at, retenti
     end
     redis.call('SREM', prefix .. 'owned:' .. previous, id)
   end
+  if settled ~= 1 and body == '' and not previous
+      and redis.call('EXISTS', e) == 1 and not redis.call('ZSCORE', UNS, id) then
+    -- Settled by another member (its body dropped, its owner cleared) after
+    -- this one was taken for dead: a late record of an older state would
+    -- re-open it without the body an adopter needs. Only a fresh intent,
+    -- which carries its body, re-opens a settled entry.
+    return false
+  end
   if key ~= '' then
     -- The key is reserved once; it is never moved to another id.
     redis.call('SET', prefix .. 'k:' .. key, id .. ' ' .. digest, 'NX')
