@@ -346,16 +346,14 @@ class _Unstarted:
             if before is None or abs(before[0] - expiry) > 20:
                 seen[job] = (expiry, now)  # a new mark: watched from now
             elif now - before[1] >= lease_ms:
-                args = [in_progress_key_prefix, job, before[0]]
+                args: list[str | int] = [in_progress_key_prefix, job, before[0]]
                 if int(await self._release(keys=[runner], args=args)):
                     released += 1
             else:
                 seen[job] = before
         self.seen = seen
         if released:
-            logger.warning(
-                "%d jobs picked by a worker that never started them run again", released
-            )
+            logger.warning("%d jobs picked by a worker that never started them run again", released)
         return released
 
 
