@@ -1,11 +1,13 @@
-"""The shared limiter's quota rules, as pure functions over a frozen state.
+"""The account's quota rules, as pure functions over a frozen state.
 
 What a success, a 1303 (concurrency quota full) and a 1302 (rate limited) do
-to the account's adaptive limit, its pause and its spacing of creates. The
-Lua script ``_scripts.LIMITER`` applies the same rules inside Redis (it must:
-the decision is atomic there); ``tests/scaleout/test_quota_rules.py`` feeds
-the same event sequences through both and asserts they agree, so the two
-cannot drift apart. Times are milliseconds (Redis's clock in the script).
+to the adaptive limit, its pause and the spacing of creates. Both limiters
+decide by them: :class:`~kling_async.ConcurrencyLimiter` calls them in one
+process; the Lua script ``contrib.redis._scripts.LIMITER`` applies the same
+rules inside Redis (it must: the decision is atomic there), and
+``tests/scaleout/test_quota_rules.py`` feeds the same event sequences through
+all three and asserts they agree, so they cannot drift apart. Times are
+milliseconds (Redis's clock in the script, the limiter's clock in a process).
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ import math
 
 import attrs
 
-__all__ = ["QuotaParams", "QuotaState", "created", "grow", "initial", "rate_limited", "rejected"]
+__all__ = [
+    "QuotaParams",
+    "QuotaState",
+    "created",
+    "grow",
+    "initial",
+    "admit",
+    "fits",
+    "paused",
+    "spaced",
+    "rate_limited",
+    "rejected",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -38,8 +52,12 @@ class QuotaState:
     ceiling_known: bool = False
     successes: int = 0
     rejections: int = 0
-    resume_at: int = 0
+    #: No admissions before this (ms): the pause after a 1303.
+    resume_at: float = 0
+    #: The least time between two creates (ms), after 1302s.
     spacing: float = 0
+    #: No create before this (ms): the last one admitted plus the spacing.
+    next_create: float = 0
     creates: int = 0
     rejected: int = 0
 
@@ -77,7 +95,7 @@ def created(state: QuotaState, params: QuotaParams) -> QuotaState:
 
 
 def rejected(
-    state: QuotaState, params: QuotaParams, *, now: int, running_units: int, jitter: int
+    state: QuotaState, params: QuotaParams, *, now: float, running_units: int, jitter: int
 ) -> QuotaState:
     """A 1303: the quota is full with what running tasks hold (orphans
     included), so that is the limit now; creates pause. Creates already in
@@ -104,3 +122,28 @@ def rate_limited(state: QuotaState, params: QuotaParams) -> QuotaState:
     """A 1302: creates are spaced apart, twice as far each time, within bounds."""
     spacing = min(params.max_spacing_ms, max(params.first_spacing_ms, state.spacing * 2))
     return attrs.evolve(state, spacing=spacing)
+
+
+# --- admission ---------------------------------------------------------------------------
+
+
+def paused(state: QuotaState, now: float) -> bool:
+    """Whether creates pause now (after a 1303): nobody is admitted."""
+    return now < state.resume_at
+
+
+def fits(state: QuotaState, *, in_use: int, units: int) -> bool:
+    """Whether a create of ``units`` may start with ``in_use`` units held: it
+    fits the limit, or it is larger than the whole limit and goes alone (or it
+    would never go)."""
+    return in_use + units <= state.limit or (in_use == 0 and units > state.limit)
+
+
+def spaced(state: QuotaState, now: float) -> bool:
+    """Whether a create that fits must wait: too soon after the one before (1302s)."""
+    return now < state.next_create
+
+
+def admit(state: QuotaState, now: float) -> QuotaState:
+    """A create was admitted now: the next one waits the spacing."""
+    return attrs.evolve(state, next_create=now + state.spacing)
