@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from kling_async import ConfigurationError, EntryState, ImageGenerationRequest, LedgerEntry
+from kling_async import (
+    ConfigurationError,
+    EntryState,
+    ImageGenerationRequest,
+    KlingError,
+    LedgerEntry,
+)
 from kling_async._models import Endpoint
 from kling_async.contrib.redis import (
     KeyReusedError,
@@ -301,6 +307,34 @@ async def test_a_namespace_refuses_a_second_kling_account(redis: Redis, account_
             await other.close()
             fingerprint = (await redis.get(mine.key("account"))).decode()
             assert API_KEY not in fingerprint
+
+
+async def test_a_client_of_another_account_is_refused_when_it_opens(
+    redis: Redis, account_name: str
+) -> None:
+    # Refused at its first ledger write only, it had already queued for and
+    # held units of the other account's quota in the namespace.
+    async with (
+        FakeKlingServer(api_key=API_KEY) as server,
+        members(redis, account_name, 2) as (mine, theirs),
+    ):
+        async with make_client(server, ledger=mine.ledger()):
+            pass  # the namespace is bound to API_KEY's account as the client opens
+        assert await redis.get(mine.key("account")) is not None
+        other = make_client(
+            server,
+            api_key="sk-test-another-account-42",
+            max_concurrency=theirs.limiter(8),
+            ledger=theirs.ledger(),
+        )
+        with pytest.raises(ConfigurationError, match="another Kling account"):
+            await other.__aenter__()
+        with pytest.raises(KlingError, match="nothing was sent") as raised:
+            await other.images.generate(prompt="on the wrong account")
+        assert isinstance(raised.value.__cause__, ConfigurationError)
+        await other.close()
+        assert await held(redis, theirs) == {}
+        assert server.requests_for("create") == []
 
 
 def _intent(external_task_id: str) -> LedgerEntry:

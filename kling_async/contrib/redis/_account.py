@@ -148,6 +148,10 @@ class RedisAccount:
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
         self._bound: str | None = None
+        #: The Kling account a client attached with (a fingerprint), to bind
+        #: before anything of this member acts; and why it was refused, if it was.
+        self._attached: str | None = None
+        self._refusal: ConfigurationError | None = None
         self._parts: list[Any] = []  # limiters, ledgers, fan-ins, adopters: closed with it
 
     def __repr__(self) -> str:
@@ -253,11 +257,31 @@ class RedisAccount:
         await self.redis.set(key, fingerprint, nx=True)
         stored = await self.redis.get(key)
         if stored is not None and text(stored) != fingerprint:
-            raise ConfigurationError(
+            refusal = ConfigurationError(
                 f"the Redis namespace {self.name!r} belongs to another Kling account (another "
                 "key or base_url): give this one its own RedisAccount(name=...)"
             )
+            if fingerprint == self._attached:
+                self._refusal = refusal
+            raise refusal
         self._bound = fingerprint
+
+    def attached(self, fingerprint: str) -> None:
+        """A client of the Kling account ``fingerprint`` attached to this member
+        (``Client(ledger=account.ledger())`` tells it): :meth:`check` binds the
+        namespace to it before this member's limiter admits or its ledger writes."""
+        if self._attached is None:
+            self._attached = fingerprint
+
+    async def check(self) -> None:
+        """Bind the namespace to the Kling account a client attached with (once),
+        or raise :class:`~kling_async.ConfigurationError` if it is another
+        account's. ``async with Client(...)`` calls it through the ledger, so a
+        client of the wrong account is refused when it opens, before any create."""
+        if self._refusal is not None:
+            raise self._refusal
+        if self._attached is not None and self._bound != self._attached:
+            await self.bind_fingerprint(self._attached)
 
     # --- the parts ----------------------------------------------------------------------
 

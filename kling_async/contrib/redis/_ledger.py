@@ -153,7 +153,15 @@ class RedisLedger:
         client's Kling account (a fingerprint of its credentials) before this
         ledger writes anything; a namespace bound to another account refuses it."""
         self._fingerprint = credentials_fingerprint(client)
+        self.account.attached(self._fingerprint)
         self._start()
+
+    async def open(self) -> None:
+        """Bind the namespace to the attached client's Kling account now:
+        ``async with Client(ledger=...)`` calls it, so a namespace bound to
+        another account refuses the client when it opens
+        (:class:`~kling_async.ConfigurationError`), before any create or write."""
+        await self.account.check()
 
     # --- the Ledger protocol -----------------------------------------------------------
 

@@ -190,6 +190,9 @@ class RedisLimiter:
         if self._closed:
             raise RuntimeError("the limiter is closed")
         refuse_what_never_fits(self.capacity, units)
+        # A client of another Kling account holds nothing in this namespace.
+        with contextlib.suppress(RedisError):  # unreachable: checked by the next acquire
+            await self.account.check()
         self._start()
         waiter = _QueuedAcquire(
             str(next(self._ids)),
