@@ -55,6 +55,7 @@ from kling_async.contrib.redis import (
     RedisAccount,
     RedisLedger,
     RedisLimiter,
+    TaskTakenOverError,
     submit_once,
 )
 
@@ -110,17 +111,20 @@ async def generate(
     The task is created at most once per job id, across workers and runs.
     """
     client: Client = ctx["kling_client"]
-    handle = await submit_once(
-        client,
-        request_from_mapping(request, endpoint=endpoint),
-        key=job_key(str(ctx["job_id"])),
-        adopter=ctx.get("kling_adopter"),
-    )
-    try:
-        task = await handle
-    except TaskFailedError as error:
-        task = error.task
-    return task_summary(task, handle)
+    built = request_from_mapping(request, endpoint=endpoint)
+    while True:
+        handle = await submit_once(
+            client, built, key=job_key(str(ctx["job_id"])), adopter=ctx.get("kling_adopter")
+        )
+        try:
+            task = await handle
+        except TaskFailedError as error:
+            task = error.task
+        except TaskTakenOverError:
+            # This worker was taken for dead and a survivor took the task over:
+            # the key now leads to it (followed, or its result read back).
+            continue
+        return task_summary(task, handle)
 
 
 def worker_settings(

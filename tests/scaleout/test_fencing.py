@@ -23,6 +23,7 @@ from kling_async.contrib.redis import (
     KeyReusedError,
     RedisAccount,
     RedisLedger,
+    TaskTakenOverError,
     keyed_external_task_id,
     submit_once,
 )
@@ -506,3 +507,80 @@ async def test_a_member_taken_for_dead_does_not_reopen_an_entry_a_survivor_settl
         reopened = await ledger.get("e1")
         assert reopened is not None
         assert reopened.body["prompt"] == "prompt of e1"
+
+
+# --- a fenced member stops following what it lost --------------------------------------------
+
+
+async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
+    redis: Redis, account_name: str
+) -> None:
+    # It kept polling (and, were the task ended, recording) a task a survivor
+    # had taken over; a survivor's later claim of the task then found it held
+    # here already and moved no units (released with the survivor's orphans).
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None) as server,
+        members(redis, account_name, 2, lease=0.3) as (stalled, survivor),
+    ):
+        stalled_limiter = stalled.limiter(8)
+        stalled_client = make_client(
+            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
+        )
+        lost = await stalled_client.images.generate(prompt="lost", n=3)
+        await stalled_client.ledger.flush()
+        _stall(stalled)
+        async with make_client(
+            server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
+        ) as client:
+            adopter = survivor.adopt(client, interval=0.05)
+            await eventually(lambda: adopter.reattached == 1)
+            await stalled.renew()  # alive again: it learns it was reaped
+            with pytest.raises(TaskTakenOverError) as raised:
+                await asyncio.wait_for(lost.wait(), 5)
+            assert raised.value.task_id == lost.task_id
+            assert raised.value.owner == survivor.member
+            assert stalled_limiter.in_use == 0
+            await stalled_limiter.flush()
+            assert await total(redis, survivor) == 3  # the survivor's, not released
+            polls = len(server.requests_for("get")) + len(server.requests_for("list"))
+            await asyncio.sleep(0.5)
+            # the survivor alone polls it now: at most a few polls in 0.5 s
+            after = len(server.requests_for("get")) + len(server.requests_for("list"))
+            server.finish(lost.task_id)
+            await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
+        ended = await survivor.ledger().get(str(lost.external_task_id))
+        assert ended is not None
+        assert ended.state is EntryState.TERMINAL
+        assert after - polls < 12
+        await stalled_client.close()
+
+
+async def test_a_second_create_of_a_running_task_frees_none_of_its_units(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 6023: a survivor re-sent a dead member's create (same id)
+    # while its rerun job re-attached the task the dead member's late create
+    # had made; the re-send heard "already exists", found the task and, the
+    # task holding units already, gave "its own" back with created=False: per
+    # task, those were the running task's units, and Kling answered the next
+    # create with 1303.
+    async with RedisAccount(redis, name=account_name) as account:
+        limiter = account.limiter(8)
+        task = limiter.for_task("t1")
+        await task.acquire(3)
+        task.created(3)
+        await task.acquire(3)  # another try of the same id: admitted, holds nothing more
+        task.release(3, created=False)
+        await limiter.flush()
+        assert await held(redis, account) == {"t1": (account.member, 3, True)}
+        assert limiter.in_use == 3
+        task.release(3)  # the task ends
+        await limiter.flush()
+        assert await held(redis, account) == {}
+        assert limiter.in_use == 0
+        other = limiter.for_task("t2")
+        await other.acquire(2)
+        other.release(2, created=False)  # a create that failed: nothing was created
+        await limiter.flush()
+        assert await held(redis, account) == {}
+        await limiter.close()

@@ -44,7 +44,7 @@ from ._account import (
 )
 from ._adopter import Adopter, keyed_external_task_id, submit_once
 from ._fanin import CallbackFanIn
-from ._ledger import KeyReusedError, RedisLedger, request_digest
+from ._ledger import KeyReusedError, RedisLedger, TaskTakenOverError, request_digest
 from ._limiter import RedisLimiter, TaskUnits
 from ._steps import Step, adoption_step, keyed_step
 
@@ -59,6 +59,7 @@ __all__ = [
     "RedisLedger",
     "RedisLimiter",
     "Step",
+    "TaskTakenOverError",
     "TaskUnits",
     "adoption_step",
     "credentials_fingerprint",

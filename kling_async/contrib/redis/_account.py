@@ -153,6 +153,7 @@ class RedisAccount:
         self._attached: str | None = None
         self._refusal: ConfigurationError | None = None
         self._parts: list[Any] = []  # limiters, ledgers, fan-ins, adopters: closed with it
+        self._chores: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._renewer else "not started"
@@ -201,6 +202,13 @@ class RedisAccount:
                     self.member,
                 )
             await self._join_now()
+            if reason == "fenced":
+                # Drop what survivors took over: not inline, since this runs
+                # inside the call of the part that learned it was fenced.
+                for part in self._parts:
+                    fenced = getattr(part, "fenced", None)
+                    if fenced is not None:
+                        self._spawn(fenced())
 
     async def _join_now(self) -> None:
         lease, orphan_ttl = self.ms
@@ -341,6 +349,17 @@ class RedisAccount:
         adopter.start()
         return adopter
 
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        async def quietly() -> None:
+            try:
+                await work
+            except RedisError as error:  # the writes are fenced: nothing is lost
+                logger.warning("member %s could not drop what it lost: %s", self.member, error)
+
+        task = asyncio.get_running_loop().create_task(quietly())
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
     def _own(self, part: _PartT) -> _PartT:
         self._parts.append(part)
         return part
@@ -410,6 +429,8 @@ class RedisAccount:
         if self._closed:
             return
         self._closed = True
+        for chore in tuple(self._chores):
+            chore.cancel()
         order = ("Adopter", "CallbackFanIn", "RedisLimiter", "RedisLedger")
         for kind in order:
             for part in self._parts:

@@ -293,9 +293,12 @@ for _, op in ipairs(cjson.decode(ARGV[9])) do
   local kind, task = op[1], op[2]
   if kind == 'release' then
     -- Only the holder releases, once: a member whose task was adopted
-    -- meanwhile releases nothing it no longer owns.
-    local holder = held_by(task)
-    if holder == me or holder == '' then
+    -- meanwhile releases nothing it no longer owns. A failed create (op[3]
+    -- 0) of a task Kling confirmed created frees nothing: it was another try
+    -- of the same id (its units are the task's, counted once), and the task
+    -- runs on ("external_task_id already exists", then found by lookup).
+    local holder, _, running = held_by(task)
+    if (holder == me or holder == '') and not (running and op[3] == 0) then
       redis.call('HDEL', HELD, task)
       redis.call('ZREM', OD, task)
       freed = true
