@@ -16,20 +16,6 @@ import math
 
 import attrs
 
-__all__ = [
-    "QuotaParams",
-    "QuotaState",
-    "created",
-    "grow",
-    "initial",
-    "admit",
-    "fits",
-    "paused",
-    "spaced",
-    "rate_limited",
-    "rejected",
-]
-
 
 @attrs.frozen(kw_only=True)
 class QuotaParams:
