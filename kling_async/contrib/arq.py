@@ -25,13 +25,14 @@ stalled worker that was reaped finds, when it runs again, the job's key
 reserved by the rerun and follows that task instead of creating one.
 ``worker_settings`` sets arq's ``on_job_start`` and ``after_job_end`` for this.
 
-The job timeout (default :data:`DEFAULT_JOB_TIMEOUT`, 1800 s) is a trade-off:
-a job arq handed to a worker that died before the job started is not known to
-be that worker's, so it runs again only when arq's in-progress mark expires
-(job timeout + 10 s); a shorter timeout recovers it sooner, but a job waiting
-longer than it for its task is cancelled and retried by arq (it follows the
-same task: nothing is created twice, but arq's ``max_tries``, 5 by default,
-bounds how long a task may take).
+The job timeout (default :data:`DEFAULT_JOB_TIMEOUT`, 1800 s) must cover the
+whole job (waiting for units, the task): a job waiting longer is cancelled and
+retried by arq (it follows the same task: nothing is created twice, but arq's
+``max_tries``, 5 by default, bounds how long a task may take). It is no
+recovery delay: a job arq handed to a worker that died before starting it is
+released by survivors once its in-progress mark stayed a lease with no worker
+starting it (see :class:`_Unstarted`), not when the mark expires (job timeout
++ 10 s); a job arq starts twice in one worker runs once after the other.
 """
 
 from __future__ import annotations
