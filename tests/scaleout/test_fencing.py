@@ -584,3 +584,34 @@ async def test_a_second_create_of_a_running_task_frees_none_of_its_units(
         await limiter.flush()
         assert await held(redis, account) == {}
         await limiter.close()
+
+
+async def test_an_older_try_of_a_create_does_not_settle_the_current_one(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 5022: a stalled member's create, queued for units, was
+    # claimed and sent again by a survivor; the member, back, claimed the entry
+    # again (the survivor died), then its old try, cancelled at its shutdown,
+    # recorded "not created": the entry settled, its body dropped, and the
+    # adopter could not rebuild the request ("cannot take over ...: prompt: is
+    # required") while the survivor's create had landed.
+    async with RedisAccount(redis, name=account_name) as account:
+        ledger = account.ledger()
+        first = entry("e1", EntryState.INTENDED, intended_at=1000.25)
+        ledger.record(first)
+        second = entry("e1", EntryState.INTENDED, intended_at=1002.5)  # sent again
+        ledger.record(second)
+        ledger.record(first.moved(EntryState.NOT_CREATED, error="cancelled"))
+        ledger.record(first.moved(EntryState.UNCERTAIN, error="no answer"))
+        await ledger.flush()
+        current = await ledger.get("e1")
+        assert current is not None
+        assert current.state is EntryState.INTENDED
+        assert current.intended_at == 1002.5
+        assert current.body["prompt"] == "prompt of e1"
+        ledger.record(second.moved(EntryState.CREATED, task_id="t1"))
+        ledger.record(first.moved(EntryState.TERMINAL, task_id="t1", status="succeed"))
+        await ledger.flush()  # a task's end is a fact, whichever try saw it
+        ended = await ledger.get("e1")
+        assert ended is not None
+        assert ended.state is EntryState.TERMINAL

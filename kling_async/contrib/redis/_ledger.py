@@ -194,6 +194,16 @@ class RedisLedger:
             logger.debug("ledger closed; entry %s not written", entry.external_task_id)
             return
         external_task_id = entry.external_task_id
+        current = self._mine.get(external_task_id)
+        if (
+            current is not None
+            and current.intended_at != entry.intended_at
+            and entry.state not in (EntryState.INTENDED, EntryState.TERMINAL, EntryState.GONE)
+        ):
+            # News of an older try of a create this process tries again now:
+            # not the entry's (Redis refuses it too, see _scripts._WRITE).
+            logger.debug("entry %s: an older try's %s not written", external_task_id, entry.state)
+            return
         # An intent starts (or restarts) a create: it carries its body, so it
         # can re-open an entry another member settled (see _scripts._WRITE).
         with_body = (
@@ -372,11 +382,14 @@ class RedisLedger:
         )
         pairs = [(text(flat[i]), text(flat[i + 1])) for i in range(0, len(flat), 2)]
         entries = await asyncio.gather(*(self.get(ext) for _owner, ext in pairs))
-        return [
+        claimed = [
             (owner_id, entry)
             for (owner_id, _ext), entry in zip(pairs, entries, strict=True)
             if entry is not None
         ]
+        for _owner_id, entry in claimed:
+            self._mine[entry.external_task_id] = entry  # its current try is ours now
+        return claimed
 
     async def owned_by(self, member: str) -> list[LedgerEntry]:
         """The unsettled entries ``member`` owns."""
@@ -464,17 +477,22 @@ class RedisLedger:
                     request_digest(entry.body) if entry.key else "",
                     int(entry.state.settled),
                     entry.intended_at,
+                    entry.state.value,
                 ]
             )
         refused = await self.account.call(
             self._record, self._record_keys, [self.account.prefix, self.retention, _json(records)]
         )
+        tries = {entry.external_task_id: entry.intended_at for entry, _ in batch}
         for raw in refused:
-            # A survivor claimed it while this process was taken for dead: it is theirs.
+            # A survivor claimed it while this process was taken for dead (it is
+            # theirs), or another try of the create is the current one.
             external_task_id = text(raw)
-            self._mine.pop(external_task_id, None)
+            mine = self._mine.get(external_task_id)
+            if mine is not None and mine.intended_at == tries.get(external_task_id):
+                del self._mine[external_task_id]
             logger.warning(
-                "entry %s was taken over by another member; not written by %s",
+                "entry %s is another member's or another try's now; not written by %s",
                 external_task_id,
                 self.member,
             )

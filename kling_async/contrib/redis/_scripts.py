@@ -488,8 +488,18 @@ its waiting creates; reply ``['ok', limit, units in use, wake in ms, creates,
 # and prefix are set by the script.
 _WRITE: Final = r"""
 -- Returns false when the entry was claimed from this member (fenced out).
-local function write(id, entry, body, key, digest, settled, intended_at, retention)
+local function write(id, entry, body, key, digest, settled, intended_at, retention, state)
   local e, b = prefix .. 'e:' .. id, prefix .. 'b:' .. id
+  local try = redis.call('ZSCORE', UNS, id)
+  if try and tonumber(try) ~= tonumber(intended_at) and state ~= 'intended'
+      and state ~= 'terminal' and state ~= 'gone' then
+    -- Another try of the create is the current one (a survivor's, or this
+    -- member's own after it claimed the entry back): an older try's news
+    -- ("never sent" as it was cancelled, "sent", "uncertain") is not the
+    -- entry's, and would settle or confuse it. An intent starts a try; a
+    -- task's end or absence is a fact whoever saw it.
+    return false
+  end
   local previous = redis.call('HGET', OWN, id)
   if previous and previous ~= me then
     if settled ~= 1 then
@@ -556,14 +566,15 @@ RECORD: Final = (
     _PRELUDE
     + r"""
 -- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 retention_s, 8 records
--- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at]])
+-- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at,
+-- state]])
 """
     + _LEDGER_STEP
     + r"""
 local retention = tonumber(ARGV[7])
 local refused = {'ok'}
 for _, r in ipairs(cjson.decode(ARGV[8])) do
-  if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention) then
+  if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention, r[8]) then
     table.insert(refused, r[1])
   end
 end
@@ -586,7 +597,7 @@ local reserved = redis.call('GET', prefix .. 'k:' .. ARGV[7])
 if reserved then
   return {'ok', reserved}
 end
-write(ARGV[8], ARGV[10], ARGV[11], ARGV[7], ARGV[9], 0, ARGV[12], 0)
+write(ARGV[8], ARGV[10], ARGV[11], ARGV[7], ARGV[9], 0, ARGV[12], 0, 'intended')
 return {'ok'}
 """
 )
