@@ -143,7 +143,6 @@ class Adopter:
         submissions = self.client._submissions
         handles: list[TaskHandle] = []
         settling = 0
-        failed = 0
         for entry in entries:
             try:
                 if adoption_step(entry) is Step.REATTACH:
@@ -165,19 +164,9 @@ class Adopter:
                     settling += 1
                     self.settled += 1
             except KlingError as error:  # a body that no longer validates, a closed client
-                failed += 1
                 logger.warning("cannot take over %s: %s", entry.external_task_id, error)
-        if self.limiter is not None and not failed:
+        if self.limiter is not None:
             self.limiter.release_orphans(owner)
-        elif failed:
-            # What it held may be for those creates, which may have landed: it
-            # stays counted until orphan_ttl rather than over-commit the quota.
-            logger.warning(
-                "member %s: %d entries could not be taken over; its units stay counted "
-                "until orphan_ttl",
-                owner,
-                failed,
-            )
         logger.warning(
             "member %s is gone: took over %d of its tasks and %d creates to settle",
             owner,
