@@ -615,3 +615,27 @@ async def test_an_older_try_of_a_create_does_not_settle_the_current_one(
         ended = await ledger.get("e1")
         assert ended is not None
         assert ended.state is EntryState.TERMINAL
+
+
+async def test_a_dead_members_units_for_another_members_unsettled_entry_stay_counted(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 5022: a member that had re-attached a task whose entry was
+    # another member's died; the survivor's pass released every unit it still
+    # held, those of that running task too, and Kling answered a create 1303.
+    async with members(redis, account_name, 3, lease=0.3) as (dead, owner, survivor):
+        owner_ledger = owner.ledger()
+        owner_ledger.record(entry("t-x", EntryState.CREATED, task_id="task-x"))
+        await owner_ledger.flush()
+        dead_limiter = dead.limiter(8)
+        dead_limiter.adopt(2, task="t-x")  # runs on Kling; its entry is the owner's
+        await dead_limiter.for_task("t-y").acquire(1)  # a create that never landed
+        await dead_limiter.flush()
+        _stall(dead)
+        await asyncio.sleep(0.4)
+        limiter = survivor.limiter(8)
+        await survivor.renew()  # reaps the dead member
+        limiter.release_orphans(dead.member)
+        await limiter.flush()
+        assert set(await held(redis, survivor)) == {"t-x"}
+        await limiter.close()

@@ -366,14 +366,21 @@ for _, op in ipairs(cjson.decode(ARGV[9])) do
     end
   elseif kind == 'release_orphans' then
     -- A survivor took over every task of the dead member ``task`` that it
-    -- knew of: what that member still holds ended or never landed.
+    -- knew of: what that member still holds ended or never landed, unless
+    -- the task's ledger entry is still unsettled (another member's: it may
+    -- run), which stays counted until adopted, ended or orphan_ttl.
     if not alive(task) then
+      local unsettled = KEYS[1]:sub(1, -8) .. 'unsettled'
       local all = redis.call('HGETALL', HELD)
       for i = 1, #all, 2 do
         if parse(all[i + 1]) == task then
-          redis.call('HDEL', HELD, all[i])
-          redis.call('ZREM', OD, all[i])
-          freed = true
+          if redis.call('ZSCORE', unsettled, all[i]) then
+            redis.call('ZADD', OD, 'NX', now + orphan_ttl, all[i])
+          else
+            redis.call('HDEL', HELD, all[i])
+            redis.call('ZREM', OD, all[i])
+            freed = true
+          end
         end
       end
     end
