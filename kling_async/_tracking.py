@@ -354,6 +354,12 @@ class Tracker:
             return
         state.gone = error
         self._poller(state.endpoint).discard(state)
+        # Unregistered: attaching to the task again (client.images.attach)
+        # follows it afresh, not this ended state.
+        if self._states.get((state.endpoint, state.task_id)) is state:
+            del self._states[(state.endpoint, state.task_id)]
+        if state.external_task_id and self._by_external.get(state.external_task_id) is state:
+            del self._by_external[state.external_task_id]
         for listener in tuple(state.listeners):
             listener(error)
         duties, state.on_terminal = state.on_terminal or (), None

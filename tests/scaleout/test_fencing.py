@@ -539,6 +539,7 @@ async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
                 await asyncio.wait_for(lost.wait(), 5)
             assert raised.value.task_id == lost.task_id
             assert raised.value.owner == survivor.member
+            again = stalled_client.images.attach(lost.task_id)  # followed afresh, read only
             assert stalled_limiter.in_use == 0
             await stalled_limiter.flush()
             assert await total(redis, survivor) == 3  # the survivor's, not released
@@ -548,6 +549,7 @@ async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
             after = len(server.requests_for("get")) + len(server.requests_for("list"))
             server.finish(lost.task_id)
             await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
+            assert (await asyncio.wait_for(again, 5)).task_id == lost.task_id
         ended = await survivor.ledger().get(str(lost.external_task_id))
         assert ended is not None
         assert ended.state is EntryState.TERMINAL
