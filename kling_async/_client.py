@@ -442,10 +442,16 @@ class Client:
     async def __aenter__(self) -> Client:
         """Enter: the client's journal, if it has one, is opened and owned now, so
         a journal another run holds is refused here (:class:`JournalInUseError`)
-        rather than at the first create."""
+        rather than at the first create; a shared ledger (``contrib.redis``)
+        whose namespace belongs to another Kling account is refused here too
+        (:class:`ConfigurationError`)."""
         ledger = self._submissions.ledger
         if isinstance(ledger, Journal):
             await ledger.open()
+        else:
+            opening = getattr(ledger, "open", None)  # a shared ledger binds its namespace
+            if opening is not None:
+                await opening()
         return self
 
     async def __aexit__(

@@ -93,6 +93,22 @@ class KlingError(Exception):
         """
         return {"type": type(self).__name__, "message": str(self)}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Job queues (arq) pickle a job's exception as its result: rebuilt from
+        # its state, not by calling __init__ again with the message (subclasses
+        # take other arguments, and the result could not be read back).
+        return (_restore_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore_error(
+    cls: type[KlingError], args: tuple[Any, ...], state: dict[str, Any]
+) -> KlingError:
+    """A pickled :class:`KlingError` again (see ``KlingError.__reduce__``)."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ValidationError(KlingError, ValueError):
     """A request field breaks one of Kling's rules; raised before anything is sent.

@@ -14,6 +14,10 @@ ends, and adapts:
   configured maximum;
 - on 1302 (too many requests) it spaces creates apart, and relaxes on success.
 
+These decisions are the pure functions of :mod:`kling_async._quota_rules`, the
+same the shared limiter's Lua script mirrors (``contrib.redis``): one set of
+quota rules for one process and for many.
+
 Admission is first-fit in arrival order: a small task may pass a large one that
 does not fit yet, but only until the large one has waited the fairness window
 (by default five typical task lifetimes, learned); from then on nobody passes
@@ -33,6 +37,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from . import _quota_rules as rules
 from ._exceptions import ConcurrencyLimitError, KlingError, RateLimitError
 
 __all__ = ["ConcurrencyLimiter", "Limiter"]
@@ -129,23 +134,25 @@ class ConcurrencyLimiter:
         if capacity is not None and capacity < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.capacity = capacity
-        #: The limit in force now; it shrinks on 1303 and grows back on success.
-        self.limit = capacity if capacity is not None else UNKNOWN_CAPACITY_START
         #: Units held: by running tasks and by creates still waiting for an answer.
         self.in_use = 0
         #: Units held by tasks Kling confirmed it created.
         self.running = 0
         self.fairness_window = fairness_window
         self.min_cooldown = min_cooldown
-        self._ceiling_known = capacity is not None
+        self._params = rules.QuotaParams(
+            capacity=capacity,
+            unknown_start=UNKNOWN_CAPACITY_START,
+            min_cooldown_ms=round(min_cooldown * 1000),
+            max_cooldown_ms=round(MAX_COOLDOWN * 1000),
+            first_spacing_ms=round(FIRST_CREATE_SPACING * 1000),
+            max_spacing_ms=round(MAX_CREATE_SPACING * 1000),
+        )
+        #: The quota's learning state: limit, pause, spacing (times in ms of ``clock``).
+        self._state = rules.initial(self._params)
         self._rng = rng or random.Random()
         self._clock = clock
         self._queue: deque[_QueuedAcquire] = deque()
-        self._resume_at = 0.0  # no admissions before this (after 1303 / 1302)
-        self._rejections = 0  # consecutive 1303s
-        self._successes = 0  # successes since the limit last changed
-        self._spacing = 0.0  # minimum seconds between creates, after 1302
-        self._next_create = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         # Units given back by ended tasks, decaying over TURNOVER_WINDOW: with
@@ -153,9 +160,6 @@ class ConcurrencyLimiter:
         self._turnover = 0.0
         self._turnover_at = 0.0
         self._turnover_since: float | None = None  # the first task's end
-        #: Counters for reports and benchmarks.
-        self.creates = 0
-        self.rejected_creates = 0
 
     def __repr__(self) -> str:
         return (
@@ -167,6 +171,34 @@ class ConcurrencyLimiter:
     def waiting(self) -> int:
         """Creates queued for units."""
         return len(self._queue)
+
+    @property
+    def limit(self) -> int:
+        """The limit in force now; it shrinks on 1303 and grows back on success."""
+        return self._state.limit
+
+    @property
+    def creates(self) -> int:
+        """Successful creates (for reports and benchmarks)."""
+        return self._state.creates
+
+    @property
+    def rejected_creates(self) -> int:
+        """Creates Kling refused with 1303 (for reports and benchmarks)."""
+        return self._state.rejected
+
+    @property
+    def _resume_at(self) -> float:
+        """No admissions before this (the clock's seconds), after a 1303."""
+        return self._state.resume_at / 1000
+
+    @property
+    def _spacing(self) -> float:
+        """Least seconds between two creates, after 1302s."""
+        return self._state.spacing / 1000
+
+    def _now_ms(self) -> float:
+        return self._clock() * 1000
 
     async def acquire(self, units: int, *, first: bool = False) -> None:
         """Wait until ``units`` may be held, then hold them.
@@ -237,66 +269,44 @@ class ConcurrencyLimiter:
 
     def created(self, units: int) -> None:
         """A create of ``units`` succeeded: the limit may grow, the spacing relax."""
-        self.creates += 1
         self.running += units
-        self._rejections = 0
-        self._successes += 1
-        if self._successes >= max(1, self.limit):
-            self._successes = 0
-            self._grow()
-        if self._spacing:
-            self._spacing = 0.0 if self._spacing <= FIRST_CREATE_SPACING else self._spacing / 2
+        self._state = rules.created(self._state, self._params)
         self._admit()
 
     def observe(self, error: KlingError) -> None:
         """Learn from a failed create: 1303 shrinks the limit, 1302 slows creates."""
         if isinstance(error, ConcurrencyLimitError):
-            self.rejected_creates += 1
-            self._successes = 0
-            self._ceiling_known = True
             # The quota is full with what our running tasks hold (plus whatever
             # other processes of the account hold): that is all we may count on.
-            self.limit = max(1, self.running)
-            # Creates already in flight when the first 1303 came are one wave:
-            # only a 1303 to a create sent after the pause lengthens the next one.
-            if self._clock() >= self._resume_at:
-                self._rejections += 1
-                cooldown = self.min_cooldown * 2 ** min(self._rejections - 1, 16)
-                self._pause(min(MAX_COOLDOWN, cooldown) * self._rng.uniform(1.0, 1.5))
+            self._state = rules.rejected(
+                self._state,
+                self._params,
+                now=self._now_ms(),
+                running_units=self.running,
+                jitter=round(self._rng.uniform(1.0, 1.5) * 1000),
+            )
             logger.info("concurrency quota full (1303): limit now %d units", self.limit)
         elif isinstance(error, RateLimitError):
-            self._spacing = min(MAX_CREATE_SPACING, max(FIRST_CREATE_SPACING, self._spacing * 2))
-
-    def _grow(self) -> None:
-        ceiling = self.capacity if self.capacity is not None else math.inf
-        if self.limit >= ceiling:
-            return
-        grown = self.limit * 2 if not self._ceiling_known else self.limit + 1
-        self.limit = int(min(ceiling, grown))
-
-    def _pause(self, seconds: float) -> None:
-        self._resume_at = max(self._resume_at, self._clock() + seconds)
+            self._state = rules.rate_limited(self._state, self._params)
 
     # --- admission --------------------------------------------------------------
 
     def _admit(self) -> None:
         now = self._clock()
-        if now < self._resume_at:
+        now_ms = now * 1000
+        if rules.paused(self._state, now_ms):
             self._wake_at(self._resume_at)
             return
         for waiter in tuple(self._queue):
             if waiter.future.done():  # cancelled; acquire() removes it
                 continue
-            fits = self.in_use + waiter.units <= self.limit
-            # A task larger than the whole limit goes alone, or it would never go.
-            alone = self.in_use == 0 and waiter.units > self.limit
-            if fits or alone:
-                if now < self._next_create:
-                    self._wake_at(self._next_create)
+            if rules.fits(self._state, in_use=self.in_use, units=waiter.units):
+                if rules.spaced(self._state, now_ms):
+                    self._wake_at(self._state.next_create / 1000)
                     return
                 self._queue.remove(waiter)
                 self.in_use += waiter.units
-                self._next_create = now + self._spacing
+                self._state = rules.admit(self._state, now_ms)
                 waiter.future.set_result(None)
                 continue
             if now - waiter.since >= self.overtaking_window:
@@ -314,5 +324,7 @@ class ConcurrencyLimiter:
             self._timer = None
             self._admit()
 
-        self._timer = loop.call_later(max(0.0, when - self._clock()), wake)
+        # A microsecond late: ``when`` comes from milliseconds (the quota rules'
+        # unit), and a wake a hair early would find the pause not over yet.
+        self._timer = loop.call_later(max(0.0, when - self._clock()) + 1e-6, wake)
         self._timer_loop = loop

@@ -990,6 +990,22 @@ class Submissions:
                 logger.info("resumed create %s: %s", submission.external_task_id, error)
         return handles
 
+    def relinquish(self, external_task_id: str, error: KlingError) -> bool:
+        """Another process took the running task of ``external_task_id`` over (a
+        shared ledger's survivor, while this one was taken for dead): stop
+        following it here. Nothing more is recorded for it and no units are
+        given back (both are the new owner's); its handles end with ``error``.
+        Returns whether this client followed it."""
+        state = self._tracker.by_external(external_task_id)
+        if state is None or state.terminal:
+            return False
+        self._bindings.pop(state, None)
+        held = self._held.pop(state, None)
+        if held is not None:
+            held.given_back = True  # the new owner holds them now
+        self._tracker.relinquish(state, error)
+        return True
+
     def live(self, external_task_id: str) -> Submission | None:
         """The create of ``external_task_id`` this client is running, if any."""
         return self._live_ids.get(external_task_id)

@@ -81,8 +81,9 @@ class TaskState:
     on_terminal: list[Callable[[Task | None], None]] | None = attrs.field(
         default=None, init=False, repr=False
     )
-    #: Kling no longer knows the task (see :meth:`Tracker.forget`): an outcome.
-    gone: TaskNotFoundError | None = attrs.field(default=None, init=False, repr=False)
+    #: Kling no longer knows the task (see :meth:`Tracker.forget`), or this
+    #: client no longer follows it (:meth:`Tracker.relinquish`): an outcome.
+    gone: KlingError | None = attrs.field(default=None, init=False, repr=False)
     #: Consecutive "not found" answers to polls of the task.
     misses: int = attrs.field(default=0, init=False, repr=False)
     #: Kling will POST this task's updates to the client's callback receiver.
@@ -339,6 +340,31 @@ class Tracker:
             return
         for listener in tuple(state.listeners):
             listener(error)
+
+    def by_external(self, external_task_id: str) -> TaskState | None:
+        """The state of the task of ``external_task_id`` some handle holds, if any."""
+        return self._by_external.get(external_task_id)
+
+    def relinquish(self, state: TaskState, error: KlingError) -> None:
+        """Stop following ``state`` in this client: another owner follows it now
+        (a shared ledger's survivor took it over while this process was taken
+        for dead). Its waits end with ``error``, polling stops, its duties run;
+        nothing is recorded (the create's owner dropped what it held first)."""
+        if state.terminal:
+            return
+        state.gone = error
+        self._poller(state.endpoint).discard(state)
+        # Unregistered: attaching to the task again (client.images.attach)
+        # follows it afresh, not this ended state.
+        if self._states.get((state.endpoint, state.task_id)) is state:
+            del self._states[(state.endpoint, state.task_id)]
+        if state.external_task_id and self._by_external.get(state.external_task_id) is state:
+            del self._by_external[state.external_task_id]
+        for listener in tuple(state.listeners):
+            listener(error)
+        duties, state.on_terminal = state.on_terminal or (), None
+        for duty in duties:
+            duty(None)
 
     def forget(self, state: TaskState, error: TaskNotFoundError) -> None:
         """Settle ``state`` as gone: Kling does not know the task. Its waits end

@@ -25,13 +25,14 @@ stalled worker that was reaped finds, when it runs again, the job's key
 reserved by the rerun and follows that task instead of creating one.
 ``worker_settings`` sets arq's ``on_job_start`` and ``after_job_end`` for this.
 
-The job timeout (default :data:`DEFAULT_JOB_TIMEOUT`, 1800 s) is a trade-off:
-a job arq handed to a worker that died before the job started is not known to
-be that worker's, so it runs again only when arq's in-progress mark expires
-(job timeout + 10 s); a shorter timeout recovers it sooner, but a job waiting
-longer than it for its task is cancelled and retried by arq (it follows the
-same task: nothing is created twice, but arq's ``max_tries``, 5 by default,
-bounds how long a task may take).
+The job timeout (default :data:`DEFAULT_JOB_TIMEOUT`, 1800 s) must cover the
+whole job (waiting for units, the task): a job waiting longer is cancelled and
+retried by arq (it follows the same task: nothing is created twice, but arq's
+``max_tries``, 5 by default, bounds how long a task may take). It is no
+recovery delay: a job arq handed to a worker that died before starting it is
+released by survivors once its in-progress mark stayed a lease with no worker
+starting it (see :class:`_Unstarted`), not when the mark expires (job timeout
++ 10 s); a job arq starts twice in one worker runs once after the other.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
+from arq.constants import default_queue_name, in_progress_key_prefix
 from redis.exceptions import RedisError
 
 from kling_async._client import Client
@@ -55,6 +56,7 @@ from kling_async.contrib.redis import (
     RedisAccount,
     RedisLedger,
     RedisLimiter,
+    TaskTakenOverError,
     submit_once,
 )
 
@@ -87,26 +89,43 @@ def task_summary(task: Task, handle: TaskHandle) -> dict[str, Any]:
     }
 
 
-async def generate(ctx: dict[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
-    """arq job: create ``request`` (a JSONL-style dict: an image generation, or
-    a multi-image request when it has ``subject_images``), wait for the task to
-    end and return :func:`task_summary`. A failed task is a result with
+async def generate(
+    ctx: dict[str, Any], request: Mapping[str, Any], endpoint: str | None = None
+) -> dict[str, Any]:
+    """arq job: create ``request`` on ``endpoint``, wait for the task to end
+    and return :func:`task_summary`. A failed task is a result with
     ``status == "failed"``, not an exception (so arq does not run it again).
+
+    ``request`` is a JSONL-style dict (Kling's wire names or the SDK's). The
+    endpoint is any task endpoint :mod:`kling_async` declares, named by its
+    path or CLI name (``"images/omni-image"``, ``"omni-image"``, ``"expand"``...):
+    the ``endpoint`` argument, else an ``"endpoint"`` key of ``request``, else
+    the model whose fields ``request`` uses (``subject_images``: multi-image;
+    otherwise an image generation). An unknown endpoint or an invalid request
+    fails the job with :class:`~kling_async.ValidationError` before anything
+    is sent::
+
+        await arq_redis.enqueue_job(
+            "generate", {"prompt": "a fox, <<<image_1>>>", "images": [url]}, "omni-image"
+        )
 
     The task is created at most once per job id, across workers and runs.
     """
     client: Client = ctx["kling_client"]
-    handle = await submit_once(
-        client,
-        request_from_mapping(request),
-        key=job_key(str(ctx["job_id"])),
-        adopter=ctx.get("kling_adopter"),
-    )
-    try:
-        task = await handle
-    except TaskFailedError as error:
-        task = error.task
-    return task_summary(task, handle)
+    built = request_from_mapping(request, endpoint=endpoint)
+    while True:
+        handle = await submit_once(
+            client, built, key=job_key(str(ctx["job_id"])), adopter=ctx.get("kling_adopter")
+        )
+        try:
+            task = await handle
+        except TaskFailedError as error:
+            task = error.task
+        except TaskTakenOverError:
+            # This worker was taken for dead and a survivor took the task over:
+            # the key now leads to it (followed, or its result read back).
+            continue
+        return task_summary(task, handle)
 
 
 def worker_settings(
@@ -142,6 +161,7 @@ def worker_settings(
     """
     if redis_settings is None:
         redis_settings = RedisSettings.from_dsn(redis_url) if redis_url else RedisSettings()
+    queue_name = str(worker_options.get("queue_name") or default_queue_name)
     options = dict(client_options or {})
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -160,12 +180,16 @@ def worker_settings(
         ctx["kling_account"] = shared
         ctx["kling_client"] = client
         ctx["kling_adopter"] = shared.adopt(client)
-        ctx["kling_rerun"] = asyncio.get_running_loop().create_task(_rerun_forever(shared))
+        ctx["kling_runs"] = {}
+        ctx["kling_rerun"] = asyncio.get_running_loop().create_task(
+            _rerun_forever(shared, queue_name)
+        )
         logger.info("kling worker %s joined account %r", shared.member, account)
 
     async def job_started(ctx: dict[str, Any]) -> None:
         shared: RedisAccount = ctx["kling_account"]
         job_id = str(ctx["job_id"])
+        await _after_an_earlier_run(ctx["kling_runs"], job_id)
         async with shared.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(_jobs_key(shared, shared.member), job_id)
             pipe.hset(shared.key("arq-job-runner"), job_id, shared.member)
@@ -208,17 +232,134 @@ def _jobs_key(account: RedisAccount, member: str) -> str:
     return account.key(f"arq-jobs:{member}")
 
 
-async def _rerun_forever(account: RedisAccount) -> None:
+async def _after_an_earlier_run(runs: dict[str, asyncio.Task[Any]], job_id: str) -> None:
+    """Hold a run of ``job_id`` until this worker's earlier run of it has ended,
+    then note this run (arq's, the task that calls ``on_job_start``).
+
+    arq starts a job whenever its in-progress mark is missing, even in a worker
+    that runs it already: the mark of a job another worker took over is deleted
+    by the first runner's arq when that run ends or is cancelled (a worker taken
+    for dead while stalled, then restarted), and a picked job whose worker died
+    before ``on_job_start`` is released by its lapse. Two runs of one job in one
+    worker share arq's bookkeeping, and the later to end fails with
+    ``KeyError(job_id)`` while its task runs; one after the other, the second
+    finds the first's result in the ledger and returns it."""
+    while (earlier := runs.get(job_id)) is not None and not earlier.done():
+        logger.warning("job %s started again in this worker: it waits for its earlier run", job_id)
+        await asyncio.wait({earlier})
+    current = asyncio.current_task()
+    if current is None:  # pragma: no cover - arq calls it from its job's task
+        return
+    runs[job_id] = current
+
+    def forget(task: asyncio.Task[Any]) -> None:
+        if runs.get(job_id) is task:
+            del runs[job_id]
+
+    current.add_done_callback(forget)
+
+
+async def _rerun_forever(account: RedisAccount, queue_name: str) -> None:
     """Let arq run a dead worker's jobs again now, rather than when their
     in-progress marks expire (the job timeout plus 10 s): each finds its task
     in the ledger (taken over by a survivor, or ended) and waits for it or
     returns its result. Without this nothing is lost, only later."""
+    unstarted = _Unstarted(account, queue_name)
     while True:
         await asyncio.sleep(account.lease / 2)
         try:
             await _rerun_dead_jobs(account)
+            await unstarted.release()
         except RedisError as error:  # they run again when the marks expire
             logger.warning("cannot release the jobs of dead workers: %s", error)
+
+
+#: The jobs of the queue (the oldest ``ARGV[2]``: arq picks in score order) that
+#: arq marked in progress but no worker says it started (no runner): each with
+#: when its mark expires (Redis ms). A mark set again gets a later expiry.
+#: KEYS: queue, runner hash; ARGV: mark prefix, how many jobs to look at.
+UNSTARTED_JOBS: Final = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local found = {now}
+for _, job in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  if redis.call('HEXISTS', KEYS[2], job) == 0 then
+    local ttl = redis.call('PTTL', ARGV[1] .. job)
+    if ttl > 0 then
+      table.insert(found, job)
+      table.insert(found, now + ttl)
+    end
+  end
+end
+return found
+"""
+
+#: Release one such job: only if still nobody started it and its mark is the one
+#: seen a lease ago (its expiry within a few ms). KEYS: runner hash;
+#: ARGV: mark prefix, job, the expiry seen.
+RELEASE_UNSTARTED_JOB: Final = """
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then
+  return 0
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = redis.call('PTTL', ARGV[1] .. ARGV[2])
+if ttl <= 0 or math.abs(now + ttl - tonumber(ARGV[3])) > 20 then
+  return 0
+end
+redis.call('DEL', ARGV[1] .. ARGV[2])
+return 1
+"""
+
+#: How many of the queue's oldest jobs one pass looks at for unstarted marks.
+UNSTARTED_SCAN: Final = 1000
+
+
+class _Unstarted:
+    """Jobs arq handed to a worker that died before it started them (between
+    arq's pick and ``on_job_start``): no worker's set names them, so the dead
+    worker's release misses them, and arq would run them again only when their
+    in-progress marks expire (job timeout + 10 s). A mark that stays, the same
+    mark, for a lease with no runner is released: a live worker starts a job it
+    picked within milliseconds. Released wrongly (a worker stalled for a lease
+    right there), the job runs twice: its task is still created once."""
+
+    def __init__(self, account: RedisAccount, queue_name: str) -> None:
+        self.account = account
+        self.queue_name = queue_name
+        #: job -> (its mark's expiry, when it was first seen unstarted), Redis ms.
+        self.seen: dict[str, tuple[int, int]] = {}
+        self._scan = account.script(UNSTARTED_JOBS)
+        self._release = account.script(RELEASE_UNSTARTED_JOB)
+
+    async def release(self) -> int:
+        """One pass: release the marks seen unstarted for a lease; returns how many."""
+        runner = self.account.key("arq-job-runner")
+        flat = await self._scan(
+            keys=[self.queue_name, runner], args=[in_progress_key_prefix, UNSTARTED_SCAN]
+        )
+        now = int(flat[0])
+        found = {
+            (job.decode() if isinstance(job, bytes) else str(job)): int(expiry)
+            for job, expiry in zip(flat[1::2], flat[2::2], strict=True)
+        }
+        lease_ms = int(self.account.lease * 1000)
+        seen: dict[str, tuple[int, int]] = {}
+        released = 0
+        for job, expiry in found.items():
+            before = self.seen.get(job)
+            if before is None or abs(before[0] - expiry) > 20:
+                seen[job] = (expiry, now)  # a new mark: watched from now
+            elif now - before[1] >= lease_ms:
+                args: list[str | int] = [in_progress_key_prefix, job, before[0]]
+                if int(await self._release(keys=[runner], args=args)):
+                    released += 1
+            else:
+                seen[job] = before
+        self.seen = seen
+        if released:
+            logger.warning("%d jobs picked by a worker that never started them run again", released)
+        return released
 
 
 #: Release a dead worker's jobs in one step: its job set is read, the jobs' arq

@@ -517,11 +517,15 @@ class WorkerPool:
         """SIGKILL, then a replacement ``gap`` seconds later."""
         slot = self.slots[index]
         slot.held = True
+        process = slot.process
         self.signal(index, signal.SIGKILL)
         await asyncio.sleep(gap)
-        if slot.process is not None:
-            await asyncio.to_thread(slot.process.wait)
-        self.start(slot)
+        if process is not None:
+            await asyncio.to_thread(process.wait)
+        # A restart of the same slot at the same moment may have replaced it
+        # already: one replacement, never two (the second would be left running).
+        if slot.process is process:
+            self.start(slot)
         slot.held = False
 
     async def restart(self, index: int, grace: float = 15.0) -> None:
@@ -532,7 +536,8 @@ class WorkerPool:
         process = slot.process
         if process is not None:
             await asyncio.to_thread(ensure_stopped, process, grace)
-        self.start(slot)
+        if slot.process is process:  # not replaced by a kill meanwhile
+            self.start(slot)
         slot.held = False
 
     def stop_all(self, grace: float = 5.0) -> None:

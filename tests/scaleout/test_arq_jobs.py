@@ -3,6 +3,9 @@ runs generate jobs against FakeKlingServer on loopback, on a real redis-server."
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 pytest.importorskip("arq", reason="the arq tests need the arq extra")
@@ -13,10 +16,10 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.asyncio import Redis
 
-from kling_async.contrib.arq import _rerun_dead_jobs, job_key, worker_settings
-from kling_async.contrib.redis import RedisAccount
+from kling_async.contrib.arq import _rerun_dead_jobs, _Unstarted, job_key, worker_settings
+from kling_async.contrib.redis import RedisAccount, RedisLedger
 from kling_async.testing import FakeKlingServer, RedisServer
-from tests.helpers import API_KEY, FAST_POLL
+from tests.helpers import API_KEY, FAST_POLL, eventually
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own
@@ -167,3 +170,132 @@ async def test_a_job_a_dead_worker_no_longer_runs_is_not_released(
         assert await redis.exists(in_progress_key_prefix + "job-4") == 1  # runs on `runner`
         assert await redis.exists(in_progress_key_prefix + "job-5") == 0
         assert await redis.smembers(survivor.key("arq-jobs:dead-worker")) == set()  # type: ignore[misc]  # redis-py: reply or awaitable
+
+
+def _settings(server: FakeKlingServer, redis_server: RedisServer, name: str, **options: Any) -> Any:
+    return worker_settings(
+        capacity=4,
+        redis_url=redis_server.url,
+        account=name,
+        member=f"worker-{name}",
+        client_options={"api_key": API_KEY, "base_url": server.url, "polling": FAST_POLL},
+        queue_name=f"arq:{name}",
+        handle_signals=False,
+        poll_delay=0.02,
+        **options,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own
+async def test_a_job_started_again_in_its_own_worker_returns_its_result(
+    redis_server: RedisServer, account_name: str
+) -> None:
+    # The job's in-progress mark is deleted while it runs (the arq of a worker
+    # taken for dead, restarted while its stale run of the job was going on,
+    # deletes it as it cancels that run): arq starts the job again in the worker
+    # that runs it, and the later of the two runs to end failed with
+    # KeyError(job_id) (nemesis seed 6023) while its task ran.
+    async with FakeKlingServer(api_key=API_KEY, concurrency_limit=4, task_duration=0.6) as server:
+        worker = Worker(**_settings(server, redis_server, account_name))
+        pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+        running = asyncio.ensure_future(worker.main())
+        try:
+            job = await pool.enqueue_job(
+                "generate", {"prompt": "once", "n": 1}, _job_id=f"{account_name}:1",
+                _queue_name=f"arq:{account_name}",
+            )  # fmt: skip
+            assert job is not None
+            await eventually(lambda: len(server.tasks) == 1)
+            await pool.delete(in_progress_key_prefix + f"{account_name}:1")
+            await eventually(lambda: worker.jobs_complete >= 1, timeout=10)
+            result = await job.result(timeout=10, poll_delay=0.05)
+            await eventually(lambda: not worker.tasks, timeout=10)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await worker.close()
+            await pool.aclose()
+        assert result["status"] == "succeed"
+        assert worker.jobs_failed == 0
+        assert len(server.tasks) == 1
+
+
+async def test_a_job_picked_by_a_worker_that_never_started_it_is_released(
+    redis: Redis, account_name: str
+) -> None:
+    # A worker died between arq's pick (the in-progress mark set) and
+    # on_job_start (its runner recorded): no worker's set names the job, and it
+    # ran again only when the mark expired, job timeout + 10 s later (seed 5021).
+    queue = f"arq:{account_name}"
+    async with RedisAccount(redis, name=account_name, lease=0.2) as survivor:
+        runner = survivor.key("arq-job-runner")
+        await redis.zadd(queue, {"picked": 1, "running": 2, "waiting": 3})
+        await redis.psetex(in_progress_key_prefix + "picked", 60_000, b"1")
+        await redis.psetex(in_progress_key_prefix + "running", 60_000, b"1")
+        await redis.hset(runner, "running", "a-live-worker")  # type: ignore[misc]  # redis-py: reply or awaitable
+        unstarted = _Unstarted(survivor, queue)
+        assert await unstarted.release() == 0  # seen once: a live worker may start it now
+        assert set(unstarted.seen) == {"picked"}
+        await asyncio.sleep(0.25)
+        assert await unstarted.release() == 1
+        assert await redis.exists(in_progress_key_prefix + "picked") == 0
+        assert await redis.exists(in_progress_key_prefix + "running") == 1
+        # A mark set again (picked anew) is watched anew.
+        await redis.psetex(in_progress_key_prefix + "picked", 60_000, b"1")
+        assert await unstarted.release() == 0
+        await redis.psetex(in_progress_key_prefix + "picked", 70_000, b"1")
+        await asyncio.sleep(0.25)
+        assert await unstarted.release() == 0
+        assert await redis.exists(in_progress_key_prefix + "picked") == 1
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own
+async def test_a_job_runs_on_the_endpoint_it_names(
+    redis_server: RedisServer, account_name: str
+) -> None:
+    # Every declared task endpoint runs as a job, named by the job's argument
+    # or its request's "endpoint"; the ledger counts the units the endpoint
+    # declares (an omni-image series of 3: 3). A job that failed with a
+    # ValidationError left a result arq could not read back.
+    async with FakeKlingServer(api_key=API_KEY, concurrency_limit=4, task_duration=0.1) as server:
+        worker = Worker(**_settings(server, redis_server, account_name, burst=True))
+        pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+        try:
+            series = {
+                "prompt": "a fox", "model_name": "kling-v3-omni", "result_type": "series",
+                "series_amount": 3, "aspect_ratio": "1:1",
+            }  # fmt: skip
+            await pool.enqueue_job(
+                "generate", series, "omni-image", _job_id=f"{account_name}:omni",
+                _queue_name=f"arq:{account_name}",
+            )  # fmt: skip
+            await pool.enqueue_job(
+                "generate", {"element_frontal_image": "https://example.com/front.png"},
+                "multi-shot", _job_id=f"{account_name}:shot", _queue_name=f"arq:{account_name}",
+            )  # fmt: skip
+            await pool.enqueue_job(
+                "generate", {"prompt": "no such", "endpoint": "images/nowhere"},
+                _job_id=f"{account_name}:bad", _queue_name=f"arq:{account_name}",
+            )  # fmt: skip
+            await worker.main()
+            await worker.close()
+            omni = await pool._get_job_result(f"arq:result:{account_name}:omni".encode())
+            shot = await pool._get_job_result(f"arq:result:{account_name}:shot".encode())
+            bad = await pool._get_job_result(f"arq:result:{account_name}:bad".encode())
+            redis = Redis.from_url(redis_server.url)
+            async with RedisAccount(redis, name=account_name) as account:
+                entry = await RedisLedger(account).by_key(job_key(f"{account_name}:omni"))
+            await redis.aclose()
+        finally:
+            await pool.aclose()
+        assert omni.result["status"] == "succeed"
+        assert len(omni.result["images"]) == 3
+        assert shot.result["status"] == "succeed"  # a request without n: one unit
+        assert sorted(task.endpoint for task in server.tasks.values()) == [
+            "general/ai-multi-shot",
+            "images/omni-image",
+        ]
+        assert entry is not None
+        assert entry.units == 3
+        assert not bad.success  # reported, readable: nothing was sent
+        assert "endpoint" in str(bad.result)

@@ -11,18 +11,25 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from kling_async import ConfigurationError, EntryState, ImageGenerationRequest, LedgerEntry
+from kling_async import (
+    ConfigurationError,
+    EntryState,
+    ImageGenerationRequest,
+    KlingError,
+    LedgerEntry,
+)
 from kling_async._models import Endpoint
 from kling_async.contrib.redis import (
     KeyReusedError,
     RedisAccount,
     RedisLedger,
+    TaskTakenOverError,
     keyed_external_task_id,
     submit_once,
 )
 from kling_async.testing import FakeKlingServer, RedisServer
 from tests.helpers import API_KEY, eventually, make_client
-from tests.scaleout.test_redis_shared import held, members, total
+from tests.scaleout.test_redis_shared import body, entry, held, members, total
 
 
 @pytest.fixture
@@ -303,6 +310,34 @@ async def test_a_namespace_refuses_a_second_kling_account(redis: Redis, account_
             assert API_KEY not in fingerprint
 
 
+async def test_a_client_of_another_account_is_refused_when_it_opens(
+    redis: Redis, account_name: str
+) -> None:
+    # Refused at its first ledger write only, it had already queued for and
+    # held units of the other account's quota in the namespace.
+    async with (
+        FakeKlingServer(api_key=API_KEY) as server,
+        members(redis, account_name, 2) as (mine, theirs),
+    ):
+        async with make_client(server, ledger=mine.ledger()):
+            pass  # the namespace is bound to API_KEY's account as the client opens
+        assert await redis.get(mine.key("account")) is not None
+        other = make_client(
+            server,
+            api_key="sk-test-another-account-42",
+            max_concurrency=theirs.limiter(8),
+            ledger=theirs.ledger(),
+        )
+        with pytest.raises(ConfigurationError, match="another Kling account"):
+            await other.__aenter__()
+        with pytest.raises(KlingError, match="nothing was sent") as raised:
+            await other.images.generate(prompt="on the wrong account")
+        assert isinstance(raised.value.__cause__, ConfigurationError)
+        await other.close()
+        assert await held(redis, theirs) == {}
+        assert server.requests_for("create") == []
+
+
 def _intent(external_task_id: str) -> LedgerEntry:
     return LedgerEntry(
         external_task_id=external_task_id,
@@ -429,3 +464,180 @@ async def test_an_uncertain_create_keeps_its_units_counted(redis: Redis, account
             await limiter.flush()
             assert len(server.tasks) == 1
             assert list((await held(redis, account)).values()) == [("", 3, False)]
+
+
+# --- a stale writer never re-opens a settled entry (nemesis seed 5022) ----------------------
+
+
+async def test_a_member_taken_for_dead_does_not_reopen_an_entry_a_survivor_settled(
+    redis: Redis, account_name: str
+) -> None:
+    # The stalled member's late record of a create (state CREATED, no body: it
+    # wrote the body with the intent) came after the survivor that claimed the
+    # entry had settled it (body dropped, owner index cleared): it re-opened the
+    # entry without a body, and the next adopter could not rebuild the request
+    # ("cannot take over ...: prompt: is required"), while the job reran.
+    async with members(redis, account_name, 2, lease=0.3) as (stalled, survivor):
+        stale = stalled.ledger()
+        intent = entry("e1", EntryState.INTENDED)
+        stale.record(intent)
+        await stale.flush()
+        _stall(stalled)
+        ledger = survivor.ledger()
+        claimed: list[tuple[str, LedgerEntry]] = []
+
+        async def claim() -> bool:
+            claimed.extend(await ledger.claim())
+            return bool(claimed)
+
+        await eventually(claim)
+        ledger.record(claimed[0][1].moved(EntryState.TERMINAL, task_id="t1", status="succeed"))
+        await ledger.flush()
+        await stalled.renew()  # alive again: it joins anew
+        stale.record(intent.moved(EntryState.CREATED, task_id="t1"))
+        await stale.flush()
+        settled = await ledger.get("e1")
+        assert settled is not None
+        assert settled.state is EntryState.TERMINAL
+        assert await ledger.all_unsettled() == []
+        # A fresh intent (a rerun re-sending a create that never landed) does
+        # re-open a settled entry: it carries its body.
+        ledger.record(settled.moved(EntryState.INTENDED, body=body("e1")))
+        await ledger.flush()
+        reopened = await ledger.get("e1")
+        assert reopened is not None
+        assert reopened.body["prompt"] == "prompt of e1"
+
+
+# --- a fenced member stops following what it lost --------------------------------------------
+
+
+async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
+    redis: Redis, account_name: str
+) -> None:
+    # It kept polling (and, were the task ended, recording) a task a survivor
+    # had taken over; a survivor's later claim of the task then found it held
+    # here already and moved no units (released with the survivor's orphans).
+    async with (
+        FakeKlingServer(api_key=API_KEY, task_duration=None) as server,
+        members(redis, account_name, 2, lease=0.3) as (stalled, survivor),
+    ):
+        stalled_limiter = stalled.limiter(8)
+        stalled_client = make_client(
+            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
+        )
+        lost = await stalled_client.images.generate(prompt="lost", n=3)
+        await stalled_client.ledger.flush()
+        _stall(stalled)
+        async with make_client(
+            server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
+        ) as client:
+            adopter = survivor.adopt(client, interval=0.05)
+            await eventually(lambda: adopter.reattached == 1)
+            await stalled.renew()  # alive again: it learns it was reaped
+            with pytest.raises(TaskTakenOverError) as raised:
+                await asyncio.wait_for(lost.wait(), 5)
+            assert raised.value.task_id == lost.task_id
+            assert raised.value.owner == survivor.member
+            again = stalled_client.images.attach(lost.task_id)  # followed afresh, read only
+            assert stalled_limiter.in_use == 0
+            await stalled_limiter.flush()
+            assert await total(redis, survivor) == 3  # the survivor's, not released
+            polls = len(server.requests_for("get")) + len(server.requests_for("list"))
+            await asyncio.sleep(0.5)
+            # the survivor alone polls it now: at most a few polls in 0.5 s
+            after = len(server.requests_for("get")) + len(server.requests_for("list"))
+            server.finish(lost.task_id)
+            await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
+            assert (await asyncio.wait_for(again, 5)).task_id == lost.task_id
+        ended = await survivor.ledger().get(str(lost.external_task_id))
+        assert ended is not None
+        assert ended.state is EntryState.TERMINAL
+        assert after - polls < 12
+        await stalled_client.close()
+
+
+async def test_a_second_create_of_a_running_task_frees_none_of_its_units(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 6023: a survivor re-sent a dead member's create (same id)
+    # while its rerun job re-attached the task the dead member's late create
+    # had made; the re-send heard "already exists", found the task and, the
+    # task holding units already, gave "its own" back with created=False: per
+    # task, those were the running task's units, and Kling answered the next
+    # create with 1303.
+    async with RedisAccount(redis, name=account_name) as account:
+        limiter = account.limiter(8)
+        task = limiter.for_task("t1")
+        await task.acquire(3)
+        task.created(3)
+        await task.acquire(3)  # another try of the same id: admitted, holds nothing more
+        task.release(3, created=False)
+        await limiter.flush()
+        assert await held(redis, account) == {"t1": (account.member, 3, True)}
+        assert limiter.in_use == 3
+        task.release(3)  # the task ends
+        await limiter.flush()
+        assert await held(redis, account) == {}
+        assert limiter.in_use == 0
+        other = limiter.for_task("t2")
+        await other.acquire(2)
+        other.release(2, created=False)  # a create that failed: nothing was created
+        await limiter.flush()
+        assert await held(redis, account) == {}
+        await limiter.close()
+
+
+async def test_an_older_try_of_a_create_does_not_settle_the_current_one(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 5022: a stalled member's create, queued for units, was
+    # claimed and sent again by a survivor; the member, back, claimed the entry
+    # again (the survivor died), then its old try, cancelled at its shutdown,
+    # recorded "not created": the entry settled, its body dropped, and the
+    # adopter could not rebuild the request ("cannot take over ...: prompt: is
+    # required") while the survivor's create had landed.
+    async with RedisAccount(redis, name=account_name) as account:
+        ledger = account.ledger()
+        first = entry("e1", EntryState.INTENDED, intended_at=1000.25)
+        ledger.record(first)
+        second = entry("e1", EntryState.INTENDED, intended_at=1002.5)  # sent again
+        ledger.record(second)
+        ledger.record(first.moved(EntryState.NOT_CREATED, error="cancelled"))
+        ledger.record(first.moved(EntryState.UNCERTAIN, error="no answer"))
+        await ledger.flush()
+        current = await ledger.get("e1")
+        assert current is not None
+        assert current.state is EntryState.INTENDED
+        assert current.intended_at == 1002.5
+        assert current.body["prompt"] == "prompt of e1"
+        ledger.record(second.moved(EntryState.CREATED, task_id="t1"))
+        ledger.record(first.moved(EntryState.TERMINAL, task_id="t1", status="succeed"))
+        await ledger.flush()  # a task's end is a fact, whichever try saw it
+        ended = await ledger.get("e1")
+        assert ended is not None
+        assert ended.state is EntryState.TERMINAL
+
+
+async def test_a_dead_members_units_for_another_members_unsettled_entry_stay_counted(
+    redis: Redis, account_name: str
+) -> None:
+    # Nemesis seed 5022: a member that had re-attached a task whose entry was
+    # another member's died; the survivor's pass released every unit it still
+    # held, those of that running task too, and Kling answered a create 1303.
+    async with members(redis, account_name, 3, lease=0.3) as (dead, owner, survivor):
+        owner_ledger = owner.ledger()
+        owner_ledger.record(entry("t-x", EntryState.CREATED, task_id="task-x"))
+        await owner_ledger.flush()
+        dead_limiter = dead.limiter(8)
+        dead_limiter.adopt(2, task="t-x")  # runs on Kling; its entry is the owner's
+        await dead_limiter.for_task("t-y").acquire(1)  # a create that never landed
+        await dead_limiter.flush()
+        _stall(dead)
+        await asyncio.sleep(0.4)
+        limiter = survivor.limiter(8)
+        await survivor.renew()  # reaps the dead member
+        limiter.release_orphans(dead.member)
+        await limiter.flush()
+        assert set(await held(redis, survivor)) == {"t-x"}
+        await limiter.close()

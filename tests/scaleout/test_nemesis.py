@@ -24,8 +24,11 @@ entry when the fix is merged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +45,9 @@ from tests.scaleout.nemesis import (
     Schedule,
     TaskRecord,
     WorkerPool,
+    WorkerSlot,
     check,
+    ensure_stopped,
     make_schedule,
     peak_in_flight,
     run_schedule,
@@ -298,3 +303,29 @@ def test_an_app_whose_workers_wrote_the_refusal_is_refused(tmp_path: Path) -> No
 def refused(pool: WorkerPool) -> bool:
     """``pool.refused`` read afresh (a property a type checker would narrow)."""
     return pool.refused
+
+
+async def test_a_kill_and_a_restart_of_one_worker_at_once_replace_it_once(tmp_path: Path) -> None:
+    # Seed 5022 kills and restarts worker 0 within 10 ms: the kill waited on the
+    # restart's replacement (alive), so the fault injector ran to the deadline,
+    # and both started a replacement, one of them left running.
+    env = {"PATH": os.environ.get("PATH", "")}
+    pool = WorkerPool("a", 1, env, tmp_path)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    slot = pool.slots[0]
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(slot: WorkerSlot) -> None:
+        slot.process = subprocess.Popen(sleeper)
+        started.append(slot.process)
+
+    pool.start = start  # type: ignore[method-assign]
+    pool.start(slot)
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(pool.kill_and_replace(0, 0.2), pool.restart(0, grace=1.0)), 10
+        )
+        assert len(started) == 2  # the first, and one replacement
+    finally:
+        for process in started:
+            ensure_stopped(process, 1.0)

@@ -1,11 +1,15 @@
-"""The shared limiter's quota rules: the pure module, table-tested, and the Lua
-script fed the same event sequences, asserting both agree."""
+"""The quota rules: the pure module, table-tested; the Lua script of the shared
+limiter and the in-process limiter fed the same event sequences, asserting both
+decide as the rules do."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 from redis.asyncio import Redis
 
+from kling_async import ConcurrencyLimiter, ConcurrencyLimitError, RateLimitError
 from kling_async._limiter import (
     FIRST_CREATE_SPACING,
     MAX_COOLDOWN,
@@ -13,16 +17,20 @@ from kling_async._limiter import (
     MIN_COOLDOWN,
     UNKNOWN_CAPACITY_START,
 )
-from kling_async.contrib.redis import RedisAccount
-from kling_async.contrib.redis._quota_rules import (
+from kling_async._quota_rules import (
     QuotaParams,
     QuotaState,
+    admit,
     created,
+    fits,
     grow,
     initial,
+    paused,
     rate_limited,
     rejected,
+    spaced,
 )
+from kling_async.contrib.redis import RedisAccount
 
 
 def params(capacity: int | None) -> QuotaParams:
@@ -81,6 +89,19 @@ def test_a_1302_spaces_creates_within_bounds() -> None:
     assert state.spacing == rules.max_spacing_ms
 
 
+def test_admission_fits_the_limit_or_goes_alone_and_waits_out_pause_and_spacing() -> None:
+    state = QuotaState(limit=4)
+    assert fits(state, in_use=1, units=3)
+    assert not fits(state, in_use=2, units=3)
+    assert fits(state, in_use=0, units=9)  # larger than the whole limit: alone
+    assert not fits(state, in_use=1, units=9)
+    assert paused(QuotaState(limit=4, resume_at=100), 99)
+    assert not paused(QuotaState(limit=4, resume_at=100), 100)
+    spaced_out = admit(QuotaState(limit=4, spacing=50), 1000)
+    assert spaced(spaced_out, 1049)
+    assert not spaced(spaced_out, 1050)
+
+
 SEQUENCES = {
     "grow from unknown": (None, 0, ["created"] * 7),
     "grow to capacity": (5, 0, ["created"] * 12),
@@ -129,3 +150,36 @@ async def test_the_lua_script_agrees_with_the_pure_rules(
     assert stored["creates"] == expected.creates
     assert stored["rejected"] == expected.rejected
     assert abs(stored["resume_at"] - expected.resume_at) < 200  # Redis's clock moved on a little
+
+
+class _Jitter(random.Random):
+    """The jitter the Lua test sends (1.2, per mille 1200), drawn every time."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return 1.2
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCES))
+async def test_the_in_process_limiter_agrees_with_the_pure_rules(name: str) -> None:
+    capacity, running, events = SEQUENCES[name]
+    rules = params(capacity)
+    now = 5.0
+    limiter = ConcurrencyLimiter(capacity, clock=lambda: now, rng=_Jitter())
+    if running:
+        limiter.adopt(running)
+    expected = initial(rules)
+    for event in events:
+        if event == "created":
+            limiter.created(0)  # a success of a task not counted here, as in the Lua test
+            expected = created(expected, rules)
+        elif event == "1303":
+            limiter.observe(ConcurrencyLimitError("quota full", code=1303))
+            expected = rejected(expected, rules, now=now * 1000, running_units=running, jitter=1200)
+        else:
+            limiter.observe(RateLimitError("too fast", code=1302))
+            expected = rate_limited(expected, rules)
+    assert limiter.limit == expected.limit
+    assert limiter._resume_at == expected.resume_at / 1000
+    assert limiter._spacing == expected.spacing / 1000
+    assert limiter.creates == expected.creates
+    assert limiter.rejected_creates == expected.rejected

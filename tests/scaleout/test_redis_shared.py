@@ -244,8 +244,9 @@ def entry(external_task_id: str, state: EntryState, **fields: Any) -> LedgerEntr
 async def test_the_ledger_keeps_entries_and_indexes(redis: Redis, account_name: str) -> None:
     async with RedisAccount(redis, name=account_name) as account:
         ledger = account.ledger(retention=60)
-        ledger.record(entry("a", EntryState.INTENDED, key="batch#0#x"))
-        ledger.record(entry("a", EntryState.CREATED, key="batch#0#x", task_id="t-a"))
+        intent = entry("a", EntryState.INTENDED, key="batch#0#x")
+        ledger.record(intent)
+        ledger.record(intent.moved(EntryState.CREATED, task_id="t-a"))  # the same try
         ledger.record(entry("b", EntryState.UNCERTAIN, error="no answer"))
         ledger.record(entry("c", EntryState.TERMINAL, task_id="t-c", status="succeed"))
         await ledger.flush()

@@ -47,7 +47,7 @@ from ._account import (
 from ._adopter import Adopter, keyed_external_task_id, submit_once
 from ._budget import RedisBudget
 from ._fanin import CallbackFanIn
-from ._ledger import KeyReusedError, RedisLedger, request_digest
+from ._ledger import KeyReusedError, RedisLedger, TaskTakenOverError, request_digest
 from ._limiter import RedisLimiter, TaskUnits
 from ._steps import Step, adoption_step, keyed_step
 
@@ -63,6 +63,7 @@ __all__ = [
     "RedisLedger",
     "RedisLimiter",
     "Step",
+    "TaskTakenOverError",
     "TaskUnits",
     "adoption_step",
     "credentials_fingerprint",

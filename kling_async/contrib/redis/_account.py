@@ -148,7 +148,12 @@ class RedisAccount:
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
         self._bound: str | None = None
+        #: The Kling account a client attached with (a fingerprint), to bind
+        #: before anything of this member acts; and why it was refused, if it was.
+        self._attached: str | None = None
+        self._refusal: ConfigurationError | None = None
         self._parts: list[Any] = []  # limiters, ledgers, fan-ins, adopters: closed with it
+        self._chores: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._renewer else "not started"
@@ -197,6 +202,13 @@ class RedisAccount:
                     self.member,
                 )
             await self._join_now()
+            if reason == "fenced":
+                # Drop what survivors took over: not inline, since this runs
+                # inside the call of the part that learned it was fenced.
+                for part in self._parts:
+                    fenced = getattr(part, "fenced", None)
+                    if fenced is not None:
+                        self._spawn(fenced())
 
     async def _join_now(self) -> None:
         lease, orphan_ttl = self.ms
@@ -253,11 +265,31 @@ class RedisAccount:
         await self.redis.set(key, fingerprint, nx=True)
         stored = await self.redis.get(key)
         if stored is not None and text(stored) != fingerprint:
-            raise ConfigurationError(
+            refusal = ConfigurationError(
                 f"the Redis namespace {self.name!r} belongs to another Kling account (another "
                 "key or base_url): give this one its own RedisAccount(name=...)"
             )
+            if fingerprint == self._attached:
+                self._refusal = refusal
+            raise refusal
         self._bound = fingerprint
+
+    def attached(self, fingerprint: str) -> None:
+        """A client of the Kling account ``fingerprint`` attached to this member
+        (``Client(ledger=account.ledger())`` tells it): :meth:`check` binds the
+        namespace to it before this member's limiter admits or its ledger writes."""
+        if self._attached is None:
+            self._attached = fingerprint
+
+    async def check(self) -> None:
+        """Bind the namespace to the Kling account a client attached with (once),
+        or raise :class:`~kling_async.ConfigurationError` if it is another
+        account's. ``async with Client(...)`` calls it through the ledger, so a
+        client of the wrong account is refused when it opens, before any create."""
+        if self._refusal is not None:
+            raise self._refusal
+        if self._attached is not None and self._bound != self._attached:
+            await self.bind_fingerprint(self._attached)
 
     # --- the parts ----------------------------------------------------------------------
 
@@ -316,6 +348,17 @@ class RedisAccount:
         )
         adopter.start()
         return adopter
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        async def quietly() -> None:
+            try:
+                await work
+            except RedisError as error:  # the writes are fenced: nothing is lost
+                logger.warning("member %s could not drop what it lost: %s", self.member, error)
+
+        task = asyncio.get_running_loop().create_task(quietly())
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _own(self, part: _PartT) -> _PartT:
         self._parts.append(part)
@@ -386,6 +429,8 @@ class RedisAccount:
         if self._closed:
             return
         self._closed = True
+        for chore in tuple(self._chores):
+            chore.cancel()
         order = ("Adopter", "CallbackFanIn", "RedisLimiter", "RedisLedger", "RedisBudget")
         for kind in order:
             for part in self._parts:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from redis.exceptions import RedisError
 
+from kling_async._endpoints import by_request_type
 from kling_async._exceptions import ConfigurationError, KlingError
 from kling_async._handle import TaskHandle
 from kling_async._ledger import LedgerEntry, MemoryLedger
@@ -256,7 +257,7 @@ async def submit_once(
                 body={name: value for name, value in body.items() if name != "callback_url"}
                 if request.callback_url is None
                 else body,
-                units=request.n,
+                units=by_request_type(request).units.held(request),
                 receiver_callback=request.callback_url is None
                 and submissions._receiver is not None,
                 key=key,

@@ -21,10 +21,11 @@ from ._account import credentials_fingerprint, text
 
 if TYPE_CHECKING:
     from kling_async._client import Client
+    from kling_async._submissions import Submissions
 
     from ._account import RedisAccount
 
-__all__ = ["KeyReusedError", "RedisLedger", "request_digest"]
+__all__ = ["KeyReusedError", "RedisLedger", "TaskTakenOverError", "request_digest"]
 
 logger = logging.getLogger("kling_async")
 
@@ -58,6 +59,25 @@ def request_digest(body: Any) -> str:
 class KeyReusedError(KlingError, ValueError):
     """A key was used again for a different request: the task under the key
     is another request's. Use a new key for a new request."""
+
+
+class TaskTakenOverError(KlingError):
+    """This process was taken for dead (stalled past its lease while Redis
+    served) and another member of the account took the task over: it runs on
+    there, and that member records its result. A handle of this process on the
+    task ends with this error, and this process stops polling it; follow the
+    task again with ``client.images.attach(task_id)``, or read its result from
+    the shared ledger (``submit_once`` with the same key does either)."""
+
+    def __init__(self, task_id: str, external_task_id: str, owner: str, account: str) -> None:
+        self.task_id = task_id
+        self.external_task_id = external_task_id
+        self.owner = owner
+        super().__init__(
+            f"task {task_id} (external_task_id {external_task_id}) was taken over by member "
+            f"{owner} of account {account!r} while this process was taken for dead; it runs "
+            f"on there: follow it with client.images.attach({task_id!r})"
+        )
 
 
 def dump_entry(entry: LedgerEntry) -> str:
@@ -138,6 +158,8 @@ class RedisLedger:
         #: bound to the namespace before the first write.
         self._fingerprint: str | None = None
         self._refused: KlingError | None = None
+        #: The create owner of the client this ledger records for.
+        self._submissions: Submissions | None = None
         self._queued = 0
         self._written = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
@@ -158,7 +180,16 @@ class RedisLedger:
         client's Kling account (a fingerprint of its credentials) before this
         ledger writes anything; a namespace bound to another account refuses it."""
         self._fingerprint = credentials_fingerprint(client)
+        self._submissions = client._submissions
+        self.account.attached(self._fingerprint)
         self._start()
+
+    async def open(self) -> None:
+        """Bind the namespace to the attached client's Kling account now:
+        ``async with Client(ledger=...)`` calls it, so a namespace bound to
+        another account refuses the client when it opens
+        (:class:`~kling_async.ConfigurationError`), before any create or write."""
+        await self.account.check()
 
     # --- the Ledger protocol -----------------------------------------------------------
 
@@ -168,7 +199,21 @@ class RedisLedger:
             logger.debug("ledger closed; entry %s not written", entry.external_task_id)
             return
         external_task_id = entry.external_task_id
-        with_body = external_task_id not in self._bodies_written
+        current = self._mine.get(external_task_id)
+        if (
+            current is not None
+            and current.intended_at != entry.intended_at
+            and entry.state not in (EntryState.INTENDED, EntryState.TERMINAL, EntryState.GONE)
+        ):
+            # News of an older try of a create this process tries again now:
+            # not the entry's (Redis refuses it too, see _scripts._WRITE).
+            logger.debug("entry %s: an older try's %s not written", external_task_id, entry.state)
+            return
+        # An intent starts (or restarts) a create: it carries its body, so it
+        # can re-open an entry another member settled (see _scripts._WRITE).
+        with_body = (
+            external_task_id not in self._bodies_written or entry.state is EntryState.INTENDED
+        )
         if entry.state.settled:
             self._bodies_written.discard(external_task_id)
             self._mine.pop(external_task_id, None)
@@ -200,6 +245,43 @@ class RedisLedger:
                 f"the shared ledger could not be written for {self.flush_timeout:g} s "
                 "(Redis unreachable?)"
             ) from None
+
+    async def fenced(self) -> list[str]:
+        """This member was taken for dead and joined again: stop following the
+        tasks survivors took over meanwhile (their entries are another
+        member's now). Their handles end with :class:`TaskTakenOverError`;
+        nothing is written or released for them here (it is the new owner's).
+        Returns their external_task_ids."""
+        ids = list(self._mine)
+        if not ids:
+            return []
+        owners = await self.account.redis.hmget(self.account.key("owner"), ids)  # type: ignore[misc]
+        lost = {
+            external_task_id: text(owner)
+            for external_task_id, owner in zip(ids, owners, strict=True)
+            if owner is not None and text(owner) != self.member
+        }
+        for external_task_id, owner in lost.items():
+            entry = self._mine.pop(external_task_id, None)
+            self._bodies_written.discard(external_task_id)
+            for part in self.account._parts:
+                drop = getattr(part, "drop", None)
+                if drop is not None:
+                    drop(external_task_id)
+            if self._submissions is not None and entry is not None:
+                error = TaskTakenOverError(
+                    entry.task_id or "", external_task_id, owner, self.account.name
+                )
+                self._submissions.relinquish(external_task_id, error)
+        if lost:
+            logger.warning(
+                "member %s was taken for dead: %d of its tasks are other members' now; it "
+                "stops following them (%s)",
+                self.member,
+                len(lost),
+                ", ".join(sorted(lost)),
+            )
+        return sorted(lost)
 
     def reassert(self) -> None:
         """Redis lost the account's state: write this process's unsettled
@@ -305,11 +387,14 @@ class RedisLedger:
         )
         pairs = [(text(flat[i]), text(flat[i + 1])) for i in range(0, len(flat), 2)]
         entries = await asyncio.gather(*(self.get(ext) for _owner, ext in pairs))
-        return [
+        claimed = [
             (owner_id, entry)
             for (owner_id, _ext), entry in zip(pairs, entries, strict=True)
             if entry is not None
         ]
+        for _owner_id, entry in claimed:
+            self._mine[entry.external_task_id] = entry  # its current try is ours now
+        return claimed
 
     async def owned_by(self, member: str) -> list[LedgerEntry]:
         """The unsettled entries ``member`` owns."""
@@ -416,17 +501,22 @@ class RedisLedger:
                     request_digest(entry.body) if entry.key else "",
                     int(entry.state.settled),
                     entry.intended_at,
+                    entry.state.value,
                 ]
             )
         refused = await self.account.call(
             self._record, self._record_keys, [self.account.prefix, self.retention, _json(records)]
         )
+        tries = {entry.external_task_id: entry.intended_at for entry, _ in batch}
         for raw in refused:
-            # A survivor claimed it while this process was taken for dead: it is theirs.
+            # A survivor claimed it while this process was taken for dead (it is
+            # theirs), or another try of the create is the current one.
             external_task_id = text(raw)
-            self._mine.pop(external_task_id, None)
+            mine = self._mine.get(external_task_id)
+            if mine is not None and mine.intended_at == tries.get(external_task_id):
+                del self._mine[external_task_id]
             logger.warning(
-                "entry %s was taken over by another member; not written by %s",
+                "entry %s is another member's or another try's now; not written by %s",
                 external_task_id,
                 self.member,
             )

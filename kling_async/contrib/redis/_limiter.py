@@ -190,6 +190,9 @@ class RedisLimiter:
         if self._closed:
             raise RuntimeError("the limiter is closed")
         refuse_what_never_fits(self.capacity, units)
+        # A client of another Kling account holds nothing in this namespace.
+        with contextlib.suppress(RedisError):  # unreachable: checked by the next acquire
+            await self.account.check()
         self._start()
         waiter = _QueuedAcquire(
             str(next(self._ids)),
@@ -219,6 +222,12 @@ class RedisLimiter:
         """Give back units: the task ended, or (``created=False``) its create failed.
         Idempotent per task; Redis ignores it when another member holds the task."""
         name = self._task(task, units, new=False)
+        held = self._held.get(name)
+        if held is not None and held.running and not created:
+            # Another try of a create whose task Kling confirmed (a second
+            # create of the id, answered "already exists", found by lookup):
+            # the units are the task's, counted once; it gives them back.
+            return
         if task is None and name in self._anonymous.get(units, []):
             self._anonymous[units].remove(name)
         held = self._held.pop(name, None)
@@ -301,6 +310,16 @@ class RedisLimiter:
         over: what it still holds was for tasks that ended or creates that
         never landed."""
         self._queue_op(["release_orphans", owner])
+
+    def drop(self, task: str) -> None:
+        """Forget, here only, the units of ``task``: another member took it
+        over while this one was taken for dead, and holds them now. Nothing is
+        sent to Redis (a release would be another's units, and is ignored)."""
+        held = self._held.pop(task, None)
+        if held is not None:
+            self.in_use -= held.units
+            if held.running:
+                self.running -= held.units
 
     def reassert(self) -> None:
         """Redis lost the account's state: write again what this process holds

@@ -1,106 +1,30 @@
-"""The shared limiter's quota rules, as pure functions over a frozen state.
+"""The quota rules the Lua scripts mirror: :mod:`kling_async._quota_rules`
+(one module for both limiters), re-exported where the scripts live."""
 
-What a success, a 1303 (concurrency quota full) and a 1302 (rate limited) do
-to the account's adaptive limit, its pause and its spacing of creates. The
-Lua script ``_scripts.LIMITER`` applies the same rules inside Redis (it must:
-the decision is atomic there); ``tests/scaleout/test_quota_rules.py`` feeds
-the same event sequences through both and asserts they agree, so the two
-cannot drift apart. Times are milliseconds (Redis's clock in the script).
-"""
+from kling_async._quota_rules import (
+    QuotaParams,
+    QuotaState,
+    admit,
+    created,
+    fits,
+    grow,
+    initial,
+    paused,
+    rate_limited,
+    rejected,
+    spaced,
+)
 
-from __future__ import annotations
-
-import math
-
-import attrs
-
-__all__ = ["QuotaParams", "QuotaState", "created", "grow", "initial", "rate_limited", "rejected"]
-
-
-@attrs.frozen(kw_only=True)
-class QuotaParams:
-    """The limiter's settings, the same in every member."""
-
-    capacity: int | None
-    """The account's quota in units, or ``None`` to learn it from 1303."""
-    unknown_start: int
-    min_cooldown_ms: int
-    max_cooldown_ms: int
-    first_spacing_ms: int
-    max_spacing_ms: int
-
-
-@attrs.frozen(kw_only=True)
-class QuotaState:
-    """The account's learning state (the ``limiter`` hash in Redis)."""
-
-    limit: int
-    ceiling_known: bool = False
-    successes: int = 0
-    rejections: int = 0
-    resume_at: int = 0
-    spacing: float = 0
-    creates: int = 0
-    rejected: int = 0
-
-
-def initial(params: QuotaParams, stored: QuotaState | None = None) -> QuotaState:
-    """The state a call starts from: what Redis stored (if anything), with a
-    known capacity as the ceiling."""
-    state = stored or QuotaState(limit=params.capacity or params.unknown_start)
-    if params.capacity is not None:
-        return attrs.evolve(state, ceiling_known=True, limit=min(state.limit, params.capacity))
-    return state
-
-
-def grow(state: QuotaState, params: QuotaParams) -> QuotaState:
-    """Successes while the limit was in use: double it while no ceiling is
-    known, then one unit at a time, never above the capacity."""
-    ceiling = params.capacity if params.capacity is not None else math.inf
-    if state.limit >= ceiling:
-        return state
-    grown = state.limit + 1 if state.ceiling_known else state.limit * 2
-    return attrs.evolve(state, limit=int(min(ceiling, grown)))
-
-
-def created(state: QuotaState, params: QuotaParams) -> QuotaState:
-    """A create succeeded: rejections reset; a turnover of the limit grows it;
-    the spacing of creates relaxes (halves, then goes)."""
-    successes = state.successes + 1
-    state = attrs.evolve(state, creates=state.creates + 1, rejections=0, successes=successes)
-    if successes >= max(1, state.limit):
-        state = grow(attrs.evolve(state, successes=0), params)
-    if state.spacing > 0:
-        spacing = 0 if state.spacing <= params.first_spacing_ms else state.spacing / 2
-        state = attrs.evolve(state, spacing=spacing)
-    return state
-
-
-def rejected(
-    state: QuotaState, params: QuotaParams, *, now: int, running_units: int, jitter: int
-) -> QuotaState:
-    """A 1303: the quota is full with what running tasks hold (orphans
-    included), so that is the limit now; creates pause. Creates already in
-    flight when the first 1303 came are one wave: only a 1303 to a create sent
-    after the pause lengthens the next one. ``jitter`` is per mille (1000-1500)."""
-    state = attrs.evolve(
-        state,
-        rejected=state.rejected + 1,
-        successes=0,
-        ceiling_known=True,
-        limit=max(1, running_units),
-    )
-    if now >= state.resume_at:
-        rejections = state.rejections + 1
-        cooldown = min(
-            params.max_cooldown_ms, params.min_cooldown_ms * 2 ** min(rejections - 1, 16)
-        )
-        resume_at = max(state.resume_at, now + math.floor(cooldown * jitter / 1000))
-        state = attrs.evolve(state, rejections=rejections, resume_at=resume_at)
-    return state
-
-
-def rate_limited(state: QuotaState, params: QuotaParams) -> QuotaState:
-    """A 1302: creates are spaced apart, twice as far each time, within bounds."""
-    spacing = min(params.max_spacing_ms, max(params.first_spacing_ms, state.spacing * 2))
-    return attrs.evolve(state, spacing=spacing)
+__all__ = [
+    "QuotaParams",
+    "QuotaState",
+    "admit",
+    "created",
+    "fits",
+    "grow",
+    "initial",
+    "paused",
+    "rate_limited",
+    "rejected",
+    "spaced",
+]

@@ -293,9 +293,12 @@ for _, op in ipairs(cjson.decode(ARGV[9])) do
   local kind, task = op[1], op[2]
   if kind == 'release' then
     -- Only the holder releases, once: a member whose task was adopted
-    -- meanwhile releases nothing it no longer owns.
-    local holder = held_by(task)
-    if holder == me or holder == '' then
+    -- meanwhile releases nothing it no longer owns. A failed create (op[3]
+    -- 0) of a task Kling confirmed created frees nothing: it was another try
+    -- of the same id (its units are the task's, counted once), and the task
+    -- runs on ("external_task_id already exists", then found by lookup).
+    local holder, _, running = held_by(task)
+    if (holder == me or holder == '') and not (running and op[3] == 0) then
       redis.call('HDEL', HELD, task)
       redis.call('ZREM', OD, task)
       freed = true
@@ -363,14 +366,21 @@ for _, op in ipairs(cjson.decode(ARGV[9])) do
     end
   elseif kind == 'release_orphans' then
     -- A survivor took over every task of the dead member ``task`` that it
-    -- knew of: what that member still holds ended or never landed.
+    -- knew of: what that member still holds ended or never landed, unless
+    -- the task's ledger entry is still unsettled (another member's: it may
+    -- run), which stays counted until adopted, ended or orphan_ttl.
     if not alive(task) then
+      local unsettled = KEYS[1]:sub(1, -8) .. 'unsettled'
       local all = redis.call('HGETALL', HELD)
       for i = 1, #all, 2 do
         if parse(all[i + 1]) == task then
-          redis.call('HDEL', HELD, all[i])
-          redis.call('ZREM', OD, all[i])
-          freed = true
+          if redis.call('ZSCORE', unsettled, all[i]) then
+            redis.call('ZADD', OD, 'NX', now + orphan_ttl, all[i])
+          else
+            redis.call('HDEL', HELD, all[i])
+            redis.call('ZREM', OD, all[i])
+            freed = true
+          end
         end
       end
     end
@@ -485,14 +495,32 @@ its waiting creates; reply ``['ok', limit, units in use, wake in ms, creates,
 # and prefix are set by the script.
 _WRITE: Final = r"""
 -- Returns false when the entry was claimed from this member (fenced out).
-local function write(id, entry, body, key, digest, settled, intended_at, retention)
+local function write(id, entry, body, key, digest, settled, intended_at, retention, state)
   local e, b = prefix .. 'e:' .. id, prefix .. 'b:' .. id
+  local try = redis.call('ZSCORE', UNS, id)
+  if try and tonumber(try) ~= tonumber(intended_at) and state ~= 'intended'
+      and state ~= 'terminal' and state ~= 'gone' then
+    -- Another try of the create is the current one (a survivor's, or this
+    -- member's own after it claimed the entry back): an older try's news
+    -- ("never sent" as it was cancelled, "sent", "uncertain") is not the
+    -- entry's, and would settle or confuse it. An intent starts a try; a
+    -- task's end or absence is a fact whoever saw it.
+    return false
+  end
   local previous = redis.call('HGET', OWN, id)
   if previous and previous ~= me then
     if settled ~= 1 then
       return false  -- a survivor took it over: it is theirs now
     end
     redis.call('SREM', prefix .. 'owned:' .. previous, id)
+  end
+  if settled ~= 1 and body == '' and not previous
+      and redis.call('EXISTS', e) == 1 and not redis.call('ZSCORE', UNS, id) then
+    -- Settled by another member (its body dropped, its owner cleared) after
+    -- this one was taken for dead: a late record of an older state would
+    -- re-open it without the body an adopter needs. Only a fresh intent,
+    -- which carries its body, re-opens a settled entry.
+    return false
   end
   if key ~= '' then
     -- The key is reserved once; it is never moved to another id.
@@ -545,14 +573,15 @@ RECORD: Final = (
     _PRELUDE
     + r"""
 -- KEYS[7..9]: unsettled, owner, owners. ARGV: 6 prefix, 7 retention_s, 8 records
--- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at]])
+-- (JSON [[external_task_id, entry, body or '', key or '', digest, settled, intended_at,
+-- state]])
 """
     + _LEDGER_STEP
     + r"""
 local retention = tonumber(ARGV[7])
 local refused = {'ok'}
 for _, r in ipairs(cjson.decode(ARGV[8])) do
-  if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention) then
+  if not write(r[1], r[2], r[3], r[4], r[5], r[6], r[7], retention, r[8]) then
     table.insert(refused, r[1])
   end
 end
@@ -575,7 +604,7 @@ local reserved = redis.call('GET', prefix .. 'k:' .. ARGV[7])
 if reserved then
   return {'ok', reserved}
 end
-write(ARGV[8], ARGV[10], ARGV[11], ARGV[7], ARGV[9], 0, ARGV[12], 0)
+write(ARGV[8], ARGV[10], ARGV[11], ARGV[7], ARGV[9], 0, ARGV[12], 0, 'intended')
 return {'ok'}
 """
 )
