@@ -107,14 +107,13 @@ class Connection:
         ``budget`` caps what it may spend, in units (``Client(budget=)``);
         ``announce`` receives :data:`OFFLINE_NOTICE` before the simulation
         starts, ``warn`` a failure to keep its tasks for later commands."""
+        options: dict[str, Any] = {
+            "max_concurrency": max_concurrency,
+            "journal": journal,
+            "budget": budget,
+        }
         if not self.offline:
-            async with Client(
-                self.api_key,
-                base_url=self.base_url,
-                max_concurrency=max_concurrency,
-                journal=journal,
-                budget=budget,
-            ) as client:
+            async with Client(self.api_key, base_url=self.base_url, **options) as client:
                 yield client
             return
         from .testing import FakeKlingServer
@@ -128,13 +127,7 @@ class Connection:
         )
         await server.start()
         try:
-            async with Client(
-                "offline-simulation",
-                base_url=server.url,
-                max_concurrency=max_concurrency,
-                journal=journal,
-                budget=budget,
-            ) as client:
+            async with Client("offline-simulation", base_url=server.url, **options) as client:
                 yield client
         finally:
             try:
