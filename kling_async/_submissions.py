@@ -598,6 +598,8 @@ class Submissions:
     def _follow_in(self, ledger: Ledger, state: TaskState, entry: LedgerEntry) -> None:
         """Keep ``entry`` current with the task's news, when the ledger wants results."""
         if ledger.records_results:
+            if state not in self._bindings:
+                self._tracker.follow(state)  # every status change, for the entry
             self._bindings[state] = _LedgerBinding(entry, ledger)
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)
