@@ -430,10 +430,10 @@ class Poller:
         for state in states:
             plan = _plan(state)
             plan.polling = False
-            if state.terminal:
-                continue  # it ended: nothing left to plan
             if state.expects_callbacks and not state.heard:
                 self._check_callbacks(state)
+            if state.terminal:
+                continue  # it ended: nothing left to plan
             plan.interval = 0.0 if plan.hurry else self._delay(state, now, sharing)
             plan.next_poll = now + plan.interval
             if self._polls(state):
