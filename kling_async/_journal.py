@@ -291,6 +291,8 @@ class Journal:
         self.synchronous = synchronous
         self.wait = wait
         self._queue: queue.SimpleQueue[tuple[str, Any, _Reply | None]] = queue.SimpleQueue()
+        # Operations queued on an event loop and not handed to the writer yet.
+        self._pending: list[_Operation] = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -336,7 +338,7 @@ class Journal:
             logger.debug("journal %s is closed; entry %s not written", self.path, entry)
             return
         self._start()
-        self._queue.put(("write", entry, None))
+        self._enqueue(("write", entry, None))
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
@@ -388,6 +390,7 @@ class Journal:
         thread = self._thread
         if thread is not None:
             self._stop.set()
+            self._hand_over()
             self._queue.put(("close", None, None))
             # Joined, not answered: returns however the writer ends.
             await asyncio.to_thread(thread.join)
@@ -400,10 +403,36 @@ class Journal:
         self._closed = True
         self._stop.set()
         if self._thread is not None:
+            self._hand_over()
             self._queue.put(("abandon", None, None))
             self._thread.join()
 
     # --- the writer thread ----------------------------------------------------------------
+
+    def _enqueue(self, operation: _Operation) -> None:
+        """Queue ``operation`` for the writer. On an event loop, what one pass of
+        the loop queues goes over in one hand-over at its end: the creates started
+        together wake the writer (and contend with the loop for the interpreter)
+        once, not once for each intent, flush and status change."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: straight to the writer, after what waits
+            self._hand_over()
+            self._queue.put(operation)
+            return
+        with self._lock:
+            pending = self._pending
+            pending.append(operation)
+            if len(pending) > 1:
+                return  # the hand-over is scheduled already
+        loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the writer everything queued on the loop since the last hand-over."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._queue.put(("batch", batch, None))
 
     def _start(self) -> None:
         if self._thread is not None:
@@ -422,7 +451,7 @@ class Journal:
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((op, argument, (loop, future)))
+        self._enqueue((op, argument, (loop, future)))
         return await future
 
     def _open(self) -> sqlite3.Connection:
@@ -489,13 +518,19 @@ class Journal:
             ownership.release()
 
     def _take(self) -> list[_Operation]:
-        """The next operation, and every one queued behind it."""
-        operations = [self._queue.get()]
-        while True:
+        """The next operation, and every one queued behind it (a hand-over's in order)."""
+        operations: list[_Operation] = []
+        operation: _Operation | None = self._queue.get()
+        while operation is not None:
+            if operation[0] == "batch":
+                operations += operation[1]
+            else:
+                operations.append(operation)
             try:
-                operations.append(self._queue.get_nowait())
+                operation = self._queue.get_nowait()
             except queue.Empty:
-                return operations
+                operation = None
+        return operations
 
     def _serve(self, connection: sqlite3.Connection, operations: list[_Operation]) -> bool:
         """Write everything recorded (with what earlier commits failed to write) in

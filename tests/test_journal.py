@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -119,6 +121,48 @@ async def test_writes_do_not_block_the_loop_and_are_batched(tmp_path: Path) -> N
         assert queued < 1.0  # queueing 2,000 entries does no I/O on the loop
     finally:
         await journal.close()
+
+
+async def test_what_one_pass_of_the_loop_records_wakes_the_writer_once(tmp_path: Path) -> None:
+    # Each hand-over to the writer thread wakes it, and it then contends with
+    # the loop for the interpreter: the creates started together share one.
+    journal = Journal(tmp_path / "journal.db")
+    handed: list[str] = []
+
+    class Counting(queue.SimpleQueue[Any]):
+        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+            handed.append(item[0])
+            super().put(item, block, timeout)
+
+    journal._queue = Counting()
+    try:
+        for number in range(100):
+            journal.record(entry(f"e{number}"))
+        await journal.flush()  # as a create does: its intent, then the flush
+        assert handed == ["batch"]
+        journal.record(entry("e0", EntryState.CREATED, task_id="t-0"))
+        first = await journal.get("e0")  # in order: the read comes after the record
+        assert handed == ["batch", "batch"]
+        assert first is not None
+        assert first.state is EntryState.CREATED
+        assert len(await journal.entries()) == 100
+    finally:
+        await journal.close()
+
+
+def test_a_journal_records_outside_an_event_loop_too(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    journal.record(entry("a"))
+
+    async def read() -> LedgerEntry | None:
+        try:
+            return await journal.get("a")
+        finally:
+            await journal.close()
+
+    found = asyncio.run(read())
+    assert found is not None
+    assert found.external_task_id == "a"
 
 
 async def test_a_journal_that_cannot_be_opened_refuses_every_create(tmp_path: Path) -> None:
