@@ -45,12 +45,14 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
 if sys.platform != "win32":
     import fcntl
 
+from ._durations import MAX_CACHED_KINDS, WINDOW, Kind, entry_key, read_entries
 from ._exceptions import JournalError, JournalInUseError
 from ._ledger import EntryState, LedgerEntry
 from ._wire import converter
@@ -115,6 +117,26 @@ _UPSERT: Final = (
     )
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
+# How long the client's tasks took, for the schedule of its polls (``_durations``):
+# a table of its own, made on open. Additive, so the schema version stays: a
+# journal without it reads as no history, and an older version ignores it.
+# ``key`` names the API root and the kind of task; ``seconds`` is a JSON list.
+_DURATIONS_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS durations (
+    key TEXT PRIMARY KEY,
+    seconds TEXT NOT NULL,
+    written_at REAL NOT NULL
+);
+"""
+_SAVE_DURATIONS: Final = (
+    "INSERT INTO durations (key, seconds, written_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET seconds = excluded.seconds, written_at = excluded.written_at"
+)
+# Bounded as the durations file is: the kinds most recently written.
+_TRIM_DURATIONS: Final = (
+    "DELETE FROM durations WHERE key NOT IN "
+    "(SELECT key FROM durations ORDER BY written_at DESC LIMIT ?)"
+)
 _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settled)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -470,6 +492,7 @@ class Journal:
                     f"{self.path} was written by a newer kling_async (journal schema {version})"
                 )
             connection.executescript(_SCHEMA)
+            connection.executescript(_DURATIONS_SCHEMA)
         except BaseException:
             connection.close()
             raise
@@ -560,6 +583,8 @@ class Journal:
                         len(self._unwritten),
                         self._failure,
                     )
+            if op == "durations":
+                self._save_durations(connection, argument)
             if reply is None:
                 continue
             if op == "select":
@@ -574,6 +599,16 @@ class Journal:
                 answers.add(reply)
         answers.send()
         return keep_going
+
+    def _save_durations(self, connection: sqlite3.Connection, rows: list[Any]) -> None:
+        """Write learned durations: an optimisation, so a failure is only logged."""
+        try:
+            with connection:
+                connection.execute("BEGIN")
+                connection.executemany(_SAVE_DURATIONS, rows)
+                connection.execute(_TRIM_DURATIONS, (MAX_CACHED_KINDS,))
+        except sqlite3.Error as error:
+            logger.debug("journal %s: durations not written: %s", self.path, error)
 
     def _abandon_now(self, operations: list[_Operation]) -> bool:
         """Stop as a killed process would: what is not committed is lost."""
@@ -691,6 +726,55 @@ class Journal:
             if closing:
                 return
             operations = self._take()
+
+
+class JournalDurations:
+    """A journal's table of learned task durations, for one API root (``scope``):
+    the client's :class:`~kling_async._durations.DurationStore` when it has a
+    journal. Read on first use from a read-only connection of its own (a small
+    table, read once); written through the journal's writer thread, so it is
+    committed before the journal closes. Never raises."""
+
+    def __init__(self, journal: Journal, scope: str) -> None:
+        self.journal = journal
+        self.scope = scope
+
+    def load(self) -> dict[Kind, list[float]]:
+        path = self.journal.path
+        if not path.exists():
+            return {}
+        try:
+            connection = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+            try:
+                rows = connection.execute("SELECT key, seconds FROM durations").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:  # no table yet, a file that is no journal
+            logger.debug("journal %s: no durations read: %s", path, error)
+            return {}
+        return read_entries(self.scope, ((key, _seconds(text)) for key, text in rows))
+
+    def save(self, recent: Mapping[Kind, Sequence[float]]) -> None:
+        journal = self.journal
+        if journal._closed:
+            return
+        now = time.time()
+        rows = [
+            (entry_key(self.scope, kind), _json(list(seconds)[-WINDOW:]), now)
+            for kind, seconds in recent.items()
+            if seconds
+        ]
+        if rows:
+            journal._start()
+            journal._enqueue(("durations", rows, None))
+
+
+def _seconds(text: Any) -> object:
+    """A stored durations list as the entry :func:`read_entries` takes."""
+    try:
+        return {"seconds": json.loads(text)}
+    except (TypeError, ValueError):
+        return None
 
 
 _Settle = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
