@@ -94,7 +94,9 @@ PAGE_MARGIN = 8
 SWEEP_ITEMS_PER_SECOND = 4000
 #: The due-time heap is rebuilt from the plans once it holds this many times
 #: more entries than tasks polled (each re-plan leaves its old entry behind).
-HEAP_SLACK = 2
+HEAP_SLACK = 1.5
+#: Tasks planned at a time after a sweep before the loop serves others.
+REPLAN_CHUNK = 256
 
 
 class PollPlan:
@@ -157,6 +159,8 @@ class Poller:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         #: List positions per tracked task, as the last sweeps found them.
         self._spread = INITIAL_SPREAD
+        #: What structures a task a poll left unread: one bound method for all.
+        self._reader = self._read_late
         #: Requests sent, tasks structured from their answers and polls planned,
         #: for reports and benchmarks (work should follow change, not tasks in flight).
         self.gets = 0
@@ -467,7 +471,7 @@ class Poller:
                 envelope = await self._transport.send(get_request(self._endpoint, state.task_id))
             data = envelope.data
             if not _unchanged(state, data) and not self._tracker.keep_unread(
-                state, data, self._read_late
+                state, data, self._reader
             ):
                 self.parsed += 1
                 self._take(state, parse_task(envelope))
@@ -527,7 +531,6 @@ class Poller:
             # them to single GETs, which end their waits if it happens again.
             logger.exception("unexpected error in a list sweep, polling tasks one by one")
         finally:
-            self._sweeping = False
             self._next_sweep_at = (
                 asyncio.get_running_loop().time() + items_read / SWEEP_ITEMS_PER_SECOND
             )
@@ -540,7 +543,15 @@ class Poller:
             polled += [
                 state for state in changed if not _plan(state).polling and self._polls(state)
             ]
-            self._reschedule(polled, sharing=found / max(read, 1))
+        try:
+            # Thousands of tasks are planned in chunks, the loop served between
+            # them: one block would stall every other coroutine of the process.
+            for start in range(0, len(polled), REPLAN_CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                self._reschedule(polled[start : start + REPLAN_CHUNK], sharing=found / max(read, 1))
+        finally:
+            self._sweeping = False
             self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each
             self._spawn(self._poll(state))
@@ -589,7 +600,7 @@ class Poller:
             missing.discard(state)
             if _unchanged(state, item):
                 continue
-            if self._tracker.keep_unread(state, item, self._read_late):
+            if self._tracker.keep_unread(state, item, self._reader):
                 changed.append(state)  # a new status: its plan is stale all the same
                 continue
             try:

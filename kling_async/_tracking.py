@@ -64,6 +64,12 @@ def _stage(status: TaskStatus) -> int:
 _QUIET_STATUSES = frozenset((TaskStatus.SUBMITTED.value, TaskStatus.PROCESSING.value))
 
 
+def _stamped_later(data: Mapping[str, Any], known: Mapping[str, Any]) -> bool:
+    """Whether raw task ``data`` is stamped later than raw task ``known``."""
+    new, old = data.get("updated_at"), known.get("updated_at")
+    return type(new) is int and type(old) is int and new > old
+
+
 def _supersedes(task: Task, unread: Mapping[str, Any]) -> bool:
     """Whether ``task``, an answer of Kling's API, is news next to the ``unread``
     version (by :func:`is_newer`'s rules, read from the raw stamps): then that
@@ -150,7 +156,7 @@ class TaskState:
     @property
     def seen(self) -> bool:
         """Whether any version of the task is known (without reading an unread one)."""
-        return self._latest is not None
+        return self._latest is not None or self.unread is not None
 
     def known_raw(self) -> Mapping[str, Any] | None:
         """Kling's raw task of the newest version known, read or not: what a poll's
@@ -367,13 +373,16 @@ class Tracker:
             state.watchers
             or state.untrusted
             or state.gone is not None
-            or state._latest is None  # an attached task's first answer dates it
             or type(data) is not dict
             or data.get("task_status") not in _QUIET_STATUSES
         ):
             return False
+        known = state.known_raw()  # None: an attached task's first answer dates it
+        if known is None or not _stamped_later(data, known):
+            return False  # not plainly newer: weighed as any news is
         state.misses = 0
-        state.unread = (data, read)
+        # The version it replaces goes: one version of each task is held, read or not.
+        state._latest, state.unread = None, (data, read)
         return True
 
     def publish_polled(self, state: TaskState, task: Task) -> bool:
