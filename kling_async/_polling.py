@@ -95,8 +95,8 @@ SWEEP_ITEMS_PER_SECOND = 4000
 #: The due-time heap is rebuilt from the plans once it holds this many times
 #: more entries than tasks polled (each re-plan leaves its old entry behind).
 HEAP_SLACK = 1.5
-#: Tasks planned at a time after a sweep before the loop serves others.
-REPLAN_CHUNK = 256
+#: Tasks a sweep looks at or plans at a time before the loop serves others.
+REPLAN_CHUNK = 128
 
 
 class PollPlan:
@@ -384,13 +384,10 @@ class Poller:
             size, pages = self._page_plan()
             needed = max(MIN_SWEEP, pages * (1 + size / ITEMS_PER_REQUEST))
             if len(due) + self._near(now, limit=needed - len(due)) >= needed:
-                # It goes out and reads every task in flight: listing the ones
-                # near their turn costs no more than the pages themselves.
-                due += self._near_states(now)
                 self._sweeping = True
                 for state in due:
                     _plan(state).start()
-                self._spawn(self._sweep(due, size, pages))
+                self._spawn(self._sweep(due, size, pages, near_at=now))
                 return math.inf
         for state in due:
             _plan(state).start()
@@ -409,9 +406,22 @@ class Poller:
                     break
         return count
 
-    def _near_states(self, now: float) -> list[TaskState]:
-        """The tasks at least halfway to their next poll, not due yet."""
-        return [state for state in self._active.values() if _near(state.poll_plan, now)]
+    async def _take_near(self, now: float) -> list[TaskState]:
+        """Start the tasks at least halfway to their next poll at ``now``, for a
+        sweep about to read every task in flight anyway: its pages cost no more.
+        Thousands are gone through in chunks, the loop served between them."""
+        states = list(self._active.values())
+        near: list[TaskState] = []
+        for start in range(0, len(states), REPLAN_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for state in states[start : start + REPLAN_CHUNK]:
+                plan = state.poll_plan
+                if _near(plan, now) and self._polls(state):
+                    assert plan is not None  # _near says so
+                    plan.start()
+                    near.append(state)
+        return near
 
     def _page_plan(self) -> tuple[int, int]:
         """The page size and page count a sweep reaching every tracked task needs.
@@ -492,7 +502,13 @@ class Poller:
 
     # --- list sweeps ------------------------------------------------------------
 
-    async def _sweep(self, due: list[TaskState], size: int, pages: int) -> None:
+    async def _sweep(
+        self, due: list[TaskState], size: int, pages: int, *, near_at: float | None = None
+    ) -> None:
+        if near_at is not None:
+            # Taken along: scattered due times merge into a steady cadence of
+            # sweeps instead of one per task (the runner starts nothing meanwhile).
+            due = due + await self._take_near(near_at)
         missing = set(due)
         # Tasks on the pages whose status changed: due or not, their plan is stale.
         changed: list[TaskState] = []

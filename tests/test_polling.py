@@ -67,10 +67,10 @@ async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_get
             raise failures.pop()
         return read_page(self, *args)
 
-    async def recording_sweep(self: Poller, due: list[Any], *args: Any) -> None:
+    async def recording_sweep(self: Poller, due: list[Any], *args: Any, **kwargs: Any) -> None:
         if failures:  # this sweep is the one that fails
             failed_sweep.extend(state.task_id for state in due)
-        await sweep(self, due, *args)
+        await sweep(self, due, *args, **kwargs)
 
     monkeypatch.setattr(Poller, "_take_page", take_page_once)
     monkeypatch.setattr(Poller, "_sweep", recording_sweep)
