@@ -117,6 +117,25 @@ _UPSERT: Final = (
     )
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
+# Rows written by one statement: the sqlite3 module lets go of the interpreter
+# lock around every statement it runs (BEGIN and COMMIT included), and getting
+# it back from a busy event loop can take a switch interval (5 ms), so a commit
+# of many rows in one statement (with no BEGIN and COMMIT when one statement is
+# all of it) keeps the creates waiting on it from waiting for that many times.
+# 999 variables is the most SQLite before 3.32 takes in one statement.
+_ROWS_PER_STATEMENT: Final = max(1, 999 // len(_COLUMNS))
+_UPSERT_HEAD, _, _UPSERT_TAIL = _UPSERT.partition(f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ")
+_ROW_MARKS: Final = f"({', '.join('?' for _ in _COLUMNS)})"
+
+
+def _upsert_many(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert or update ``rows`` (no two of one entry) with few statements."""
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        sql = f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in chunk)} {_UPSERT_TAIL}"
+        connection.execute(sql, [value for row in chunk for value in row])
+
+
 # How long the client's tasks took, for the schedule of its polls (``_durations``):
 # a table of its own, made on open. Additive, so the schema version stays: a
 # journal without it reads as no history, and an older version ignores it.
@@ -631,9 +650,12 @@ class Journal:
         entries = list(self._unwritten.values())
         try:
             rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
-            with connection:
-                connection.execute("BEGIN")
-                connection.executemany(_UPSERT, rows)
+            if len(rows) <= _ROWS_PER_STATEMENT:
+                _upsert_many(connection, rows)  # one statement: a transaction of its own
+            else:
+                with connection:
+                    connection.execute("BEGIN")
+                    _upsert_many(connection, rows)
         except Exception as error:
             self._failure = error
             logger.error(
