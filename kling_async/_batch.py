@@ -550,14 +550,15 @@ class Batch:
 
         def listener(item: Task | KlingError) -> None:
             if isinstance(item, KlingError):
-                self._tracker.unlisten(state, listener)
+                self._tracker.unlisten(state, listener, every_change=False)
                 ended(item)
             elif item.is_terminal:
-                self._tracker.unlisten(state, listener)
+                self._tracker.unlisten(state, listener, every_change=False)
                 self._finish(result(item))
 
         try:
-            self._tracker.listen(state, listener)
+            # It acts on the end only: changes on the way need not be structured.
+            self._tracker.listen(state, listener, every_change=False)
         except ClientClosedError as error:
             ended(error)
 

@@ -23,10 +23,16 @@ from ._budget import Budget, as_budget
 from ._callbacks import CallbackReceiver
 from ._config import DEFAULT_TIMEOUT, PollPolicy, RetryPolicy, resolve_base_url
 from ._download import DownloadSource, download, read_image
-from ._durations import DurationCache, DurationLearner, default_cache_path
+from ._durations import (
+    DurationCache,
+    DurationLearner,
+    DurationStore,
+    default_cache_path,
+    scope_of,
+)
 from ._exceptions import ConfigurationError
 from ._handle import TaskHandle
-from ._journal import Journal
+from ._journal import Journal, JournalDurations
 from ._ledger import Ledger, MemoryLedger
 from ._limiter import ConcurrencyLimiter, Limiter
 from ._models import ImageResult, Task, TaskRequest
@@ -112,6 +118,8 @@ class Client:
         place: ``$KLING_DURATIONS_CACHE``, else ``kling-async/durations.json``
         in the user's cache directory, ``$XDG_CACHE_HOME`` respected), or
         ``False`` for nowhere (``KLING_DURATIONS_CACHE=off`` says the same).
+        With a journal (``journal=`` or a :class:`Journal` as ``ledger``),
+        ``True`` keeps them in the journal instead, in a table of their own.
         Read on first use, written on close; safe to delete.
 
     No I/O happens in the constructor: the session is created on first use, on
@@ -171,10 +179,16 @@ class Client:
             retry=retry or RetryPolicy(),
             session=session,
         )
+        # Journals this client opened from a path: it closes them.
+        self._journals: dict[Path, Journal] = {}
+        if journal is not None:
+            if ledger is not None:
+                raise ConfigurationError("give a ledger or a journal, not both")
+            ledger = self._journal(journal)
         self._tracker = Tracker(
             self._transport,
             polling or PollPolicy(),
-            DurationLearner(_durations_cache(durations_cache, self.base_url)),
+            DurationLearner(_durations_cache(durations_cache, self.base_url, ledger)),
         )
         #: The receiver Kling's callbacks for this client's tasks arrive at, if any.
         self.callbacks = callbacks
@@ -191,12 +205,6 @@ class Client:
         self._learned_limiter: ConcurrencyLimiter | None = None
         #: The client a with_options() copy was made from (it closes everything).
         self._view_of: Client | None = None
-        # Journals this client opened from a path: it closes them.
-        self._journals: dict[Path, Journal] = {}
-        if journal is not None:
-            if ledger is not None:
-                raise ConfigurationError("give a ledger or a journal, not both")
-            ledger = self._journal(journal)
         self._submissions = Submissions(
             self._transport,
             self._tracker,
@@ -521,9 +529,16 @@ def _checked_settings(
     return checked
 
 
-def _durations_cache(setting: str | os.PathLike[str] | bool, base_url: str) -> DurationCache | None:
-    """The cache of learned durations ``Client(durations_cache=...)`` asks for."""
+def _durations_cache(
+    setting: str | os.PathLike[str] | bool, base_url: str, ledger: Ledger | None
+) -> DurationStore | None:
+    """Where learned durations are kept, as ``Client(durations_cache=...)`` asks:
+    by default in the client's journal when it has one, else the user's cache file."""
     if setting is False:
         return None
     path = default_cache_path() if setting is True else Path(setting)
-    return DurationCache.for_base_url(path, base_url) if path is not None else None
+    if path is None:  # KLING_DURATIONS_CACHE=off: nowhere, the journal included
+        return None
+    if setting is True and isinstance(ledger, Journal):
+        return JournalDurations(ledger, scope_of(base_url))
+    return DurationCache.for_base_url(path, base_url)

@@ -17,10 +17,12 @@ Old evidence decays: each duration's weight halves with every
 :data:`HALF_LIFE` newer ones of its kind, and only the latest :data:`WINDOW`
 are kept, so the schedule follows Kling when it gets faster or slower.
 
-What was learned outlives the process (:class:`DurationCache`): a small JSON
-file in the user's cache directory, per API root and kind, read on first use
-and written when the client closes. A batch's first round is then polled on
-the learned schedule rather than the cold one. The file is safe to delete; one
+What was learned outlives the process (a :class:`DurationStore`): in the
+client's journal when it has one (a table of its own, see ``_journal``),
+otherwise a small JSON file in the user's cache directory
+(:class:`DurationCache`), per API root and kind, read on first use and written
+when the client closes. A batch's first round is then polled on the learned
+schedule rather than the cold one. Either is bounded and safe to delete; one
 that cannot be read is ignored, and one that cannot be written is skipped.
 """
 
@@ -34,8 +36,9 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from ._endpoints import by_request_type, declaration_for
@@ -142,11 +145,22 @@ class _Evidence:
         return self._cached
 
 
+class DurationStore(Protocol):
+    """Where learned durations are kept between runs: :class:`DurationCache` (a
+    file) or a journal's table. Neither call may raise: a store is an optimisation."""
+
+    def load(self) -> dict[Kind, list[float]]:
+        """The durations recorded for this API root, oldest first, per kind."""
+
+    def save(self, recent: Mapping[Kind, Sequence[float]]) -> None:
+        """Record ``recent`` (per kind, oldest first), keeping the store bounded."""
+
+
 class DurationLearner:
     """Durations of finished tasks per kind and per duration key, with decay;
     seeded from ``cache`` on first use, when there is one."""
 
-    def __init__(self, cache: DurationCache | None = None) -> None:
+    def __init__(self, cache: DurationStore | None = None) -> None:
         self._kinds: dict[Kind, _Evidence] = {}
         self._interned: dict[Kind, Kind] = {}
         self._pools: dict[str, _Evidence] = {}  # per duration key
@@ -291,15 +305,10 @@ class DurationCache:
 
     @classmethod
     def for_base_url(cls, path: Path, base_url: str) -> DurationCache:
-        parts = urlsplit(base_url)
-        port = f":{parts.port}" if parts.port else ""
-        return cls(path, f"{parts.scheme}://{parts.hostname}{port}{parts.path}")
+        return cls(path, scope_of(base_url))
 
     def _key(self, kind: Kind) -> str:
-        # The duration key is the endpoint's path today: files written before
-        # kinds were derived from the declarations read the same.
-        key, *rest = kind
-        return json.dumps([self.scope, _key_text(key), *rest])
+        return entry_key(self.scope, kind)
 
     def _read_file(self) -> dict[str, object]:
         try:
@@ -313,12 +322,7 @@ class DurationCache:
 
     def load(self) -> dict[Kind, list[float]]:
         """The durations recorded for this scope, oldest first, per kind."""
-        found: dict[Kind, list[float]] = {}
-        for key, entry in self._read_file().items():
-            parsed = _parse_entry(key, entry)
-            if parsed is not None and parsed[0] == self.scope:
-                found[parsed[1]] = parsed[2]
-        return found
+        return read_entries(self.scope, self._read_file().items())
 
     def save(self, recent: Mapping[Kind, Sequence[float]]) -> None:
         """Record ``recent`` (per kind, oldest first) for this scope; other
@@ -356,6 +360,33 @@ class DurationCache:
                 raise
         except OSError as error:
             logger.debug("could not write the durations cache %s: %s", self.path, error)
+
+
+def scope_of(base_url: str) -> str:
+    """The API root durations are kept under: its origin and path, never its
+    credentials (a URL may carry a user and password)."""
+    parts = urlsplit(base_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+def entry_key(scope: str, kind: Kind) -> str:
+    """The text a kind's durations are stored under, for one API root."""
+    # The duration key is the endpoint's path today: files written before
+    # kinds were derived from the declarations read the same.
+    key, *rest = kind
+    return json.dumps([scope, _key_text(key), *rest])
+
+
+def read_entries(scope: str, entries: Iterable[tuple[str, object]]) -> dict[Kind, list[float]]:
+    """The durations of ``scope`` among stored ``(key, entry)`` pairs, each entry
+    ``{"seconds": [...]}``; what this version cannot read is skipped."""
+    found: dict[Kind, list[float]] = {}
+    for key, entry in entries:
+        parsed = _parse_entry(key, entry)
+        if parsed is not None and parsed[0] == scope:
+            found[parsed[1]] = parsed[2]
+    return found
 
 
 def _parse_entry(key: str, entry: object) -> tuple[str, Kind, list[float]] | None:

@@ -186,7 +186,8 @@ class _Wait:
         self.future: asyncio.Future[Task] = loop.create_future()
         # Listen first: on a closed client it raises, and no timer may be left
         # behind to fail a future nobody awaits.
-        handle._tracker.listen(handle._state, self)
+        # It acts on the end only: a status change on the way need not be structured.
+        handle._tracker.listen(handle._state, self, every_change=False)
         self.timer = loop.call_later(limit, self._expire) if limit is not None else None
         self.future.add_done_callback(self._finish)
 
@@ -205,4 +206,4 @@ class _Wait:
     def _finish(self, _future: asyncio.Future[Task]) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.handle._tracker.unlisten(self.handle._state, self)
+        self.handle._tracker.unlisten(self.handle._state, self, every_change=False)

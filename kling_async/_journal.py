@@ -45,6 +45,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -52,6 +53,7 @@ if sys.platform != "win32":
     import fcntl
 
 from ._budget import Spend, SpendGrouping, spend_of
+from ._durations import MAX_CACHED_KINDS, WINDOW, Kind, entry_key, read_entries
 from ._exceptions import JournalError, JournalInUseError
 from ._ledger import EntryState, LedgerEntry
 from ._records import records
@@ -128,6 +130,45 @@ _UPSERT: Final = (
     )
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
+# Rows written by one statement: the sqlite3 module lets go of the interpreter
+# lock around every statement it runs (BEGIN and COMMIT included), and getting
+# it back from a busy event loop can take a switch interval (5 ms), so a commit
+# of many rows in one statement (with no BEGIN and COMMIT when one statement is
+# all of it) keeps the creates waiting on it from waiting for that many times.
+# 999 variables is the most SQLite before 3.32 takes in one statement.
+_ROWS_PER_STATEMENT: Final = max(1, 999 // len(_COLUMNS))
+_UPSERT_HEAD, _, _UPSERT_TAIL = _UPSERT.partition(f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ")
+_ROW_MARKS: Final = f"({', '.join('?' for _ in _COLUMNS)})"
+
+
+def _upsert_many(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert or update ``rows`` (no two of one entry) with few statements."""
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        sql = f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in chunk)} {_UPSERT_TAIL}"
+        connection.execute(sql, [value for row in chunk for value in row])
+
+
+# How long the client's tasks took, for the schedule of its polls (``_durations``):
+# a table of its own, made on open. Additive, so the schema version stays: a
+# journal without it reads as no history, and an older version ignores it.
+# ``key`` names the API root and the kind of task; ``seconds`` is a JSON list.
+_DURATIONS_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS durations (
+    key TEXT PRIMARY KEY,
+    seconds TEXT NOT NULL,
+    written_at REAL NOT NULL
+);
+"""
+_SAVE_DURATIONS: Final = (
+    "INSERT INTO durations (key, seconds, written_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET seconds = excluded.seconds, written_at = excluded.written_at"
+)
+# Bounded as the durations file is: the kinds most recently written.
+_TRIM_DURATIONS: Final = (
+    "DELETE FROM durations WHERE key NOT IN "
+    "(SELECT key FROM durations ORDER BY written_at DESC LIMIT ?)"
+)
 _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settled)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -323,6 +364,8 @@ class Journal:
         self.synchronous = synchronous
         self.wait = wait
         self._queue: queue.SimpleQueue[tuple[str, Any, _Reply | None]] = queue.SimpleQueue()
+        # Operations queued on an event loop and not handed to the writer yet.
+        self._pending: list[_Operation] = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -368,7 +411,7 @@ class Journal:
             logger.debug("journal %s is closed; entry %s not written", self.path, entry)
             return
         self._start()
-        self._queue.put(("write", entry, None))
+        self._enqueue(("write", entry, None))
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
@@ -436,6 +479,7 @@ class Journal:
         thread = self._thread
         if thread is not None:
             self._stop.set()
+            self._hand_over()
             self._queue.put(("close", None, None))
             # Joined, not answered: returns however the writer ends.
             await asyncio.to_thread(thread.join)
@@ -448,10 +492,36 @@ class Journal:
         self._closed = True
         self._stop.set()
         if self._thread is not None:
+            self._hand_over()
             self._queue.put(("abandon", None, None))
             self._thread.join()
 
     # --- the writer thread ----------------------------------------------------------------
+
+    def _enqueue(self, operation: _Operation) -> None:
+        """Queue ``operation`` for the writer. On an event loop, what one pass of
+        the loop queues goes over in one hand-over at its end: the creates started
+        together wake the writer (and contend with the loop for the interpreter)
+        once, not once for each intent, flush and status change."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: straight to the writer, after what waits
+            self._hand_over()
+            self._queue.put(operation)
+            return
+        with self._lock:
+            pending = self._pending
+            pending.append(operation)
+            if len(pending) > 1:
+                return  # the hand-over is scheduled already
+        loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the writer everything queued on the loop since the last hand-over."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._queue.put(("batch", batch, None))
 
     def _start(self) -> None:
         if self._thread is not None:
@@ -470,7 +540,7 @@ class Journal:
         self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((op, argument, (loop, future)))
+        self._enqueue((op, argument, (loop, future)))
         return await future
 
     def _open(self) -> sqlite3.Connection:
@@ -490,6 +560,7 @@ class Journal:
                 )
             _migrate(connection)
             connection.executescript(_SCHEMA)
+            connection.executescript(_DURATIONS_SCHEMA)
         except BaseException:
             connection.close()
             raise
@@ -538,13 +609,19 @@ class Journal:
             ownership.release()
 
     def _take(self) -> list[_Operation]:
-        """The next operation, and every one queued behind it."""
-        operations = [self._queue.get()]
-        while True:
+        """The next operation, and every one queued behind it (a hand-over's in order)."""
+        operations: list[_Operation] = []
+        operation: _Operation | None = self._queue.get()
+        while operation is not None:
+            if operation[0] == "batch":
+                operations += operation[1]
+            else:
+                operations.append(operation)
             try:
-                operations.append(self._queue.get_nowait())
+                operation = self._queue.get_nowait()
             except queue.Empty:
-                return operations
+                operation = None
+        return operations
 
     def _serve(self, connection: sqlite3.Connection, operations: list[_Operation]) -> bool:
         """Write everything recorded (with what earlier commits failed to write) in
@@ -574,6 +651,8 @@ class Journal:
                         len(self._unwritten),
                         self._failure,
                     )
+            if op == "durations":
+                self._save_durations(connection, argument)
             if reply is None:
                 continue
             if op == "select":
@@ -588,6 +667,16 @@ class Journal:
                 answers.add(reply)
         answers.send()
         return keep_going
+
+    def _save_durations(self, connection: sqlite3.Connection, rows: list[Any]) -> None:
+        """Write learned durations: an optimisation, so a failure is only logged."""
+        try:
+            with connection:
+                connection.execute("BEGIN")
+                connection.executemany(_SAVE_DURATIONS, rows)
+                connection.execute(_TRIM_DURATIONS, (MAX_CACHED_KINDS,))
+        except sqlite3.Error as error:
+            logger.debug("journal %s: durations not written: %s", self.path, error)
 
     def _abandon_now(self, operations: list[_Operation]) -> bool:
         """Stop as a killed process would: what is not committed is lost."""
@@ -610,9 +699,12 @@ class Journal:
         entries = list(self._unwritten.values())
         try:
             rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
-            with connection:
-                connection.execute("BEGIN")
-                connection.executemany(_UPSERT, rows)
+            if len(rows) <= _ROWS_PER_STATEMENT:
+                _upsert_many(connection, rows)  # one statement: a transaction of its own
+            else:
+                with connection:
+                    connection.execute("BEGIN")
+                    _upsert_many(connection, rows)
         except Exception as error:
             self._failure = error
             logger.error(
@@ -705,6 +797,55 @@ class Journal:
             if closing:
                 return
             operations = self._take()
+
+
+class JournalDurations:
+    """A journal's table of learned task durations, for one API root (``scope``):
+    the client's :class:`~kling_async._durations.DurationStore` when it has a
+    journal. Read on first use from a read-only connection of its own (a small
+    table, read once); written through the journal's writer thread, so it is
+    committed before the journal closes. Never raises."""
+
+    def __init__(self, journal: Journal, scope: str) -> None:
+        self.journal = journal
+        self.scope = scope
+
+    def load(self) -> dict[Kind, list[float]]:
+        path = self.journal.path
+        if not path.exists():
+            return {}
+        try:
+            connection = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+            try:
+                rows = connection.execute("SELECT key, seconds FROM durations").fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:  # no table yet, a file that is no journal
+            logger.debug("journal %s: no durations read: %s", path, error)
+            return {}
+        return read_entries(self.scope, ((key, _seconds(text)) for key, text in rows))
+
+    def save(self, recent: Mapping[Kind, Sequence[float]]) -> None:
+        journal = self.journal
+        if journal._closed:
+            return
+        now = time.time()
+        rows = [
+            (entry_key(self.scope, kind), _json(list(seconds)[-WINDOW:]), now)
+            for kind, seconds in recent.items()
+            if seconds
+        ]
+        if rows:
+            journal._start()
+            journal._enqueue(("durations", rows, None))
+
+
+def _seconds(text: Any) -> object:
+    """A stored durations list as the entry :func:`read_entries` takes."""
+    try:
+        return {"seconds": json.loads(text)}
+    except (TypeError, ValueError):
+        return None
 
 
 _Settle = tuple["asyncio.Future[Any]", Any, "BaseException | None"]

@@ -27,10 +27,11 @@ task with a :class:`KlingError`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
@@ -91,6 +92,11 @@ PAGE_MARGIN = 8
 #: flight, not per change. At 1,000 in flight this spaces sweeps 0.25 s apart
 #: (the dense window then costs a lag of at most that); at 100, 25 ms apart.
 SWEEP_ITEMS_PER_SECOND = 4000
+#: The due-time heap is rebuilt from the plans once it holds this many times
+#: more entries than tasks polled (each re-plan leaves its old entry behind).
+HEAP_SLACK = 1.5
+#: Tasks a sweep looks at or plans at a time before the loop serves others.
+REPLAN_CHUNK = 128
 
 
 class PollPlan:
@@ -134,6 +140,11 @@ class Poller:
         self._policy = tracker.policy
         #: The tasks polled, by task_id: a list item is matched with one lookup.
         self._active: dict[str, TaskState] = {}
+        #: ``(next_poll, task_id)`` of every planned poll, earliest first, so a
+        #: wake-up finds what is due without looking at every task in flight.
+        #: An entry whose task has been planned again since (or is polled, or
+        #: gone) is stale and skipped when it comes up.
+        self._due: list[tuple[float, str]] = []
         self._jobs: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sweeping = False
@@ -148,6 +159,8 @@ class Poller:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         #: List positions per tracked task, as the last sweeps found them.
         self._spread = INITIAL_SPREAD
+        #: What structures a task a poll left unread: one bound method for all.
+        self._reader = self._read_late
         #: Requests sent, tasks structured from their answers and polls planned,
         #: for reports and benchmarks (work should follow change, not tasks in flight).
         self.gets = 0
@@ -165,13 +178,15 @@ class Poller:
         plan = _plan(state)
         # A task the client has never seen is polled at once; one it just
         # created (or polled) waits its turn on the schedule.
-        if state.latest is None or plan.hurry:
+        if not state.seen or plan.hurry:
             plan.next_poll = loop.time()
         elif plan.next_poll == 0.0:
             plan.interval = self._delay(state, loop.time())
             plan.next_poll = loop.time() + plan.interval
         if self._runner is None:
             self._runner = loop.create_task(self._run(), name=f"kling-poll-{self._endpoint.value}")
+        if not plan.polling:
+            self._push(state, plan)
         self._due_at(plan.next_poll)
 
     def replan(self, state: TaskState) -> None:
@@ -180,11 +195,12 @@ class Poller:
         if not self._polls(state):
             return
         plan = _plan(state)
-        if plan.polling or plan.hurry or state.latest is None:
+        if plan.polling or plan.hurry or not state.seen:
             return
         now = asyncio.get_running_loop().time()
         plan.interval = self._delay(state, now)
         plan.next_poll = now + plan.interval
+        self._push(state, plan)
         self._due_at(plan.next_poll)
 
     def replan_all(self) -> None:
@@ -211,6 +227,7 @@ class Poller:
                 plan.next_poll = self._gather_at
             else:
                 plan.next_poll = now
+            self._push(state, plan)
             self._due_at(plan.next_poll)
 
     def _in_confirmation_burst(self, now: float) -> bool:
@@ -233,6 +250,54 @@ class Poller:
         """Whether ``state`` is among the tasks this poller polls."""
         return self._active.get(state.task_id) is state
 
+    def _push(self, state: TaskState, plan: PollPlan) -> None:
+        """Enter ``state``'s planned poll (``plan.next_poll``) in the due-time heap."""
+        due = self._due
+        heapq.heappush(due, (plan.next_poll, state.task_id))
+        if len(due) > HEAP_SLACK * len(self._active) + 64:
+            # Mostly stale entries of tasks planned again: start afresh.
+            self._rebuild_due()
+
+    def _rebuild_due(self) -> None:
+        plans = ((task_id, state.poll_plan) for task_id, state in self._active.items())
+        self._due = [
+            (plan.next_poll, task_id) for task_id, plan in plans if plan and not plan.polling
+        ]
+        heapq.heapify(self._due)
+
+    def _current(self, entry: tuple[float, str]) -> TaskState | None:
+        """The task a heap entry plans, if the entry is still its plan."""
+        when, task_id = entry
+        state = self._active.get(task_id)
+        if state is None:
+            return None
+        plan = state.poll_plan
+        if plan is None or plan.polling or plan.next_poll != when:
+            return None
+        return state
+
+    def _pop_due(self, now: float) -> list[TaskState]:
+        """Take every task due by ``now`` out of the heap, each once."""
+        heap = self._due
+        due: list[TaskState] = []
+        taken: set[str] = set()
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            state = self._current(entry)
+            if state is not None and entry[1] not in taken:
+                taken.add(entry[1])
+                due.append(state)
+        return due
+
+    def _next_due(self) -> float:
+        """When the earliest planned poll is (stale entries dropped on the way)."""
+        heap = self._due
+        while heap:
+            if self._current(heap[0]) is not None:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return math.inf
+
     async def close(self) -> None:
         """Stop the loop and every poll in flight."""
         tasks = [*self._jobs, *([self._runner] if self._runner else [])]
@@ -240,6 +305,7 @@ class Poller:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._active.clear()
+        self._due.clear()
 
     def _due_at(self, when: float) -> None:
         """Wake the runner if ``when`` comes before its own timer: most finished
@@ -295,52 +361,67 @@ class Poller:
     def _start_due_polls(self, now: float) -> float:
         """Start the polls that are due; return when the next one will be.
 
-        A method of its own so no task state lingers in the sleeping loop's frame.
+        The due tasks come off the heap: a wake-up costs per task due, not per
+        task in flight. A method of its own so no task state lingers in the
+        sleeping loop's frame.
         """
         if self._sweeping:
             return math.inf  # the sweep under way wakes the runner when it ends
-        next_due = math.inf
-        due: list[TaskState] = []
-        for state in self._active.values():
-            plan = state.poll_plan
-            assert plan is not None  # made when the task was added
-            if plan.polling:
-                continue
-            when = plan.next_poll
-            if when <= now:
-                due.append(state)
-            elif when < next_due:
-                next_due = when
+        due = self._pop_due(now)
         if not due:
-            return next_due
+            return self._next_due()
         sweeping = self._sweeps and len(self._active) >= MIN_SWEEP
         if sweeping and now < self._next_sweep_at and not any(_plan(state).hurry for state in due):
             # Over the item budget: the due tasks wait for the next sweep
             # rather than go out one GET each (a confirmation does not wait).
+            for state in due:
+                self._push(state, _plan(state))
             return self._next_sweep_at
         if sweeping:
             # A sweep reads as deep as its oldest due task, so it takes along
             # every task at least halfway to its next poll: scattered due times
             # merge into a steady cadence of sweeps instead of one per task.
-            near: list[TaskState] = []
-            for state in self._active.values():
-                plan = state.poll_plan
-                assert plan is not None  # made when the task was added
-                if not plan.polling and now < plan.next_poll <= now + plan.interval / 2:
-                    near.append(state)
             size, pages = self._page_plan()
-            wanted = len(due) + len(near)
-            if wanted >= max(MIN_SWEEP, pages * (1 + size / ITEMS_PER_REQUEST)):
-                due += near
+            needed = max(MIN_SWEEP, pages * (1 + size / ITEMS_PER_REQUEST))
+            if len(due) + self._near(now, limit=needed - len(due)) >= needed:
                 self._sweeping = True
                 for state in due:
                     _plan(state).start()
-                self._spawn(self._sweep(due, size, pages))
+                self._spawn(self._sweep(due, size, pages, near_at=now))
                 return math.inf
         for state in due:
             _plan(state).start()
             self._spawn(self._poll(state))
-        return next_due
+        return self._next_due()
+
+    def _near(self, now: float, *, limit: float) -> int:
+        """How many tasks are at least halfway to their next poll, counted up to ``limit``."""
+        count = 0
+        if limit <= 0:
+            return count
+        for state in self._active.values():
+            if _near(state.poll_plan, now):
+                count += 1
+                if count >= limit:
+                    break
+        return count
+
+    async def _take_near(self, now: float) -> list[TaskState]:
+        """Start the tasks at least halfway to their next poll at ``now``, for a
+        sweep about to read every task in flight anyway: its pages cost no more.
+        Thousands are gone through in chunks, the loop served between them."""
+        states = list(self._active.values())
+        near: list[TaskState] = []
+        for start in range(0, len(states), REPLAN_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for state in states[start : start + REPLAN_CHUNK]:
+                plan = state.poll_plan
+                if _near(plan, now) and self._polls(state):
+                    assert plan is not None  # _near says so
+                    plan.start()
+                    near.append(state)
+        return near
 
     def _page_plan(self) -> tuple[int, int]:
         """The page size and page count a sweep reaching every tracked task needs.
@@ -365,14 +446,29 @@ class Poller:
             plan.polling = False
             if state.expects_callbacks and not state.heard:
                 self._check_callbacks(state)
+            if state.terminal:
+                continue  # it ended: nothing left to plan
             plan.interval = 0.0 if plan.hurry else self._delay(state, now, sharing)
             plan.next_poll = now + plan.interval
+            if self._polls(state):
+                self._push(state, plan)
             earliest = min(earliest, plan.next_poll)
         self._due_at(earliest)
 
     def _take(self, state: TaskState, task: Task) -> None:
         """Publish what a poll said about ``state``."""
         self._tracker.publish_polled(state, task)
+
+    def _read_late(self, data: Mapping[str, Any]) -> Task | None:
+        """Structure a task a poll left unread (see ``Tracker.keep_unread``), now
+        that someone asks; ``None`` if it cannot be read (logged)."""
+        try:
+            task = parse_task(Envelope(data, None))
+        except APIError as error:
+            logger.warning("unreadable task %s from a poll: %s", data.get("task_id"), error)
+            return None
+        self.parsed += 1
+        return task
 
     # --- single GETs ------------------------------------------------------------
 
@@ -383,7 +479,10 @@ class Poller:
                     return
                 self.gets += 1
                 envelope = await self._transport.send(get_request(self._endpoint, state.task_id))
-            if not _unchanged(state, envelope.data):
+            data = envelope.data
+            if not _unchanged(state, data) and not self._tracker.keep_unread(
+                state, data, self._reader
+            ):
                 self.parsed += 1
                 self._take(state, parse_task(envelope))
         except KlingError as error:
@@ -403,7 +502,13 @@ class Poller:
 
     # --- list sweeps ------------------------------------------------------------
 
-    async def _sweep(self, due: list[TaskState], size: int, pages: int) -> None:
+    async def _sweep(
+        self, due: list[TaskState], size: int, pages: int, *, near_at: float | None = None
+    ) -> None:
+        if near_at is not None:
+            # Taken along: scattered due times merge into a steady cadence of
+            # sweeps instead of one per task (the runner starts nothing meanwhile).
+            due = due + await self._take_near(near_at)
         missing = set(due)
         # Tasks on the pages whose status changed: due or not, their plan is stale.
         changed: list[TaskState] = []
@@ -442,7 +547,6 @@ class Poller:
             # them to single GETs, which end their waits if it happens again.
             logger.exception("unexpected error in a list sweep, polling tasks one by one")
         finally:
-            self._sweeping = False
             self._next_sweep_at = (
                 asyncio.get_running_loop().time() + items_read / SWEEP_ITEMS_PER_SECOND
             )
@@ -455,7 +559,15 @@ class Poller:
             polled += [
                 state for state in changed if not _plan(state).polling and self._polls(state)
             ]
-            self._reschedule(polled, sharing=found / max(read, 1))
+        try:
+            # Thousands of tasks are planned in chunks, the loop served between
+            # them: one block would stall every other coroutine of the process.
+            for start in range(0, len(polled), REPLAN_CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                self._reschedule(polled[start : start + REPLAN_CHUNK], sharing=found / max(read, 1))
+        finally:
+            self._sweeping = False
             self._due_at(-math.inf)  # the runner waits for the sweep to end
         for state in missing:  # not on the pages read: ask for each
             self._spawn(self._poll(state))
@@ -504,6 +616,9 @@ class Poller:
             missing.discard(state)
             if _unchanged(state, item):
                 continue
+            if self._tracker.keep_unread(state, item, self._reader):
+                changed.append(state)  # a new status: its plan is stale all the same
+                continue
             try:
                 task = parse_task(
                     Envelope(item, envelope.request_id, http_status=envelope.http_status)
@@ -515,6 +630,11 @@ class Poller:
             changed.append(state)
             self._take(state, task)
         return found, deepest
+
+
+def _near(plan: PollPlan | None, now: float) -> bool:
+    """Whether a task planned by ``plan`` is not due yet but at least halfway to it."""
+    return plan is not None and not plan.polling and now < plan.next_poll <= now + plan.interval / 2
 
 
 def _unexpected(doing: str, error: Exception) -> KlingError:
@@ -533,7 +653,8 @@ def _unexpected(doing: str, error: Exception) -> KlingError:
 
 def _unchanged(state: TaskState, data: Any) -> bool:
     """Whether ``data`` (a task as Kling sent it) is what ``state`` already knows."""
-    return state.latest is not None and same_version(state.latest.raw, data)
+    known = state.known_raw()
+    return known is not None and same_version(known, data)
 
 
 def _list_refused(error: KlingError) -> bool:

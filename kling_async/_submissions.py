@@ -559,7 +559,6 @@ class Submissions:
         """Send and look up as the rules say until the create is settled."""
         loop = asyncio.get_running_loop()
         policy = self._transport.retry
-        lookup = get_request(submission.request.endpoint, submission.external_task_id)
         can_requeue = limiter is not None
         if submission.look_up_first:  # resumed: it may have landed before a crash
             submission.phase = Phase.ON_THE_WIRE
@@ -591,6 +590,8 @@ class Submissions:
                 if error is not None and not decision.step.final:
                     _log_retry(submission, error, decision)
             elif decision.step is Step.LOOKUP:
+                # Made here, not up front: most creates never look anything up.
+                lookup = get_request(submission.request.endpoint, submission.external_task_id)
                 task, error = await self._ask(lookup)
                 submission.reached_kling |= error is None or not never_sent(error)
                 found: bool | KlingError = task is not None or (
@@ -681,6 +682,8 @@ class Submissions:
     def _follow_in(self, ledger: Ledger, state: TaskState, entry: LedgerEntry) -> None:
         """Keep ``entry`` current with the task's news, when the ledger wants results."""
         if ledger.records_results:
+            if state not in self._bindings:
+                self._tracker.follow(state)  # every status change, for the entry
             self._bindings[state] = _LedgerBinding(entry, ledger)
             if state.latest is not None and state.latest.is_terminal:
                 self._note(state, state.latest)

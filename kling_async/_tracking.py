@@ -15,8 +15,8 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -59,6 +59,27 @@ def _stage(status: TaskStatus) -> int:
     return 2 if status.is_terminal else _STAGE.get(status, 1)
 
 
+#: Raw statuses a poll's answer may be kept unread with (see Tracker.keep_unread):
+#: known, and not the end.
+_QUIET_STATUSES = frozenset((TaskStatus.SUBMITTED.value, TaskStatus.PROCESSING.value))
+
+
+def _stamped_later(data: Mapping[str, Any], known: Mapping[str, Any]) -> bool:
+    """Whether raw task ``data`` is stamped later than raw task ``known``."""
+    new, old = data.get("updated_at"), known.get("updated_at")
+    return type(new) is int and type(old) is int and new > old
+
+
+def _supersedes(task: Task, unread: Mapping[str, Any]) -> bool:
+    """Whether ``task``, an answer of Kling's API, is news next to the ``unread``
+    version (by :func:`is_newer`'s rules, read from the raw stamps): then that
+    version need never be structured."""
+    new, old = task.raw.get("updated_at"), unread.get("updated_at")
+    if type(new) is not int or type(old) is not int:
+        return False
+    return new > old or (new == old and task.is_terminal)
+
+
 @attrs.define(eq=False)
 class TaskState:
     """The client's knowledge of one task, shared by every handle on it.
@@ -69,11 +90,23 @@ class TaskState:
 
     endpoint: Endpoint
     task_id: str
-    latest: Task | None = attrs.field(default=None, kw_only=True, repr=False)
+    #: What :attr:`latest` returns, once any :attr:`unread` version is read.
+    _latest: Task | None = attrs.field(default=None, kw_only=True, repr=False)
     external_task_id: str | None = attrs.field(default=None, kw_only=True)
     listeners: list[Listener] = attrs.field(factory=list, init=False, repr=False)
     #: Waiters and iterators currently listening.
     interest: int = attrs.field(default=0, init=False, repr=False)
+    #: Listeners (and ledgers) told every change, not only the end: while there
+    #: are none, a poll's non-terminal change is kept :attr:`unread`.
+    watchers: int = attrs.field(default=0, init=False, repr=False)
+    #: A newer, non-terminal version of the task that a poll found while nobody
+    #: wanted every change: Kling's raw task and the poller's reader that
+    #: structures it (and counts it). Read when someone asks for :attr:`latest`,
+    #: or dropped unread when a newer answer supersedes it: most tasks go from
+    #: their create to their end without their ``processing`` ever being structured.
+    unread: tuple[Mapping[str, Any], Callable[[Mapping[str, Any]], Task | None]] | None = (
+        attrs.field(default=None, init=False, repr=False)
+    )
     #: Run once when the task ends (with the terminal task) or turns out gone
     #: (with ``None``), e.g. to give back concurrency units. A task with such
     #: duties is polled until then even if nobody waits. Made on first use:
@@ -101,13 +134,43 @@ class TaskState:
     untrusted: bool = attrs.field(default=False, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.external_task_id is None and self.latest is not None:
-            self.external_task_id = self.latest.external_task_id
+        if self.external_task_id is None and self._latest is not None:
+            self.external_task_id = self._latest.external_task_id
+
+    @property
+    def latest(self) -> Task | None:
+        """The newest version of the task the client knows (structured now if a
+        poll left it :attr:`unread`)."""
+        unread = self.unread
+        if unread is not None:
+            self.unread = None
+            data, read = unread
+            task = read(data)
+            if task is not None and is_newer(task, self._latest):
+                self._latest = task
+        return self._latest
+
+    @latest.setter
+    def latest(self, task: Task | None) -> None:
+        self._latest, self.unread = task, None
+
+    @property
+    def seen(self) -> bool:
+        """Whether any version of the task is known (without reading an unread one)."""
+        return self._latest is not None or self.unread is not None
+
+    def known_raw(self) -> Mapping[str, Any] | None:
+        """Kling's raw task of the newest version known, read or not: what a poll's
+        answer is compared with before anything is structured."""
+        if self.unread is not None:
+            return self.unread[0]
+        return self._latest.raw if self._latest is not None else None
 
     @property
     def terminal(self) -> bool:
         """Nothing more will happen to the task: it ended, or Kling no longer knows it."""
-        return self.gone is not None or (self.latest is not None and self.latest.is_terminal)
+        # An unread version is never terminal: what is read already says it all.
+        return self.gone is not None or (self._latest is not None and self._latest.is_terminal)
 
     def when_terminal(self, duty: Callable[[Task | None], None]) -> None:
         """Run ``duty(task)`` once the task ends (``duty(None)`` if it turns out
@@ -274,6 +337,8 @@ class Tracker:
         ``trusted`` is False for what a callback said, True for Kling's API.
         Returns whether it was news.
         """
+        if state.unread is not None and trusted and _supersedes(task, state.unread[0]):
+            state.unread = None  # never structured: nobody asked while it was the newest
         if state.gone is not None or not state.is_news(task, trusted=trusted):
             return False
         if trusted:
@@ -294,9 +359,36 @@ class Tracker:
             self._finished(state, task)
         return True
 
+    def keep_unread(
+        self,
+        state: TaskState,
+        data: Any,
+        read: Callable[[Mapping[str, Any]], Task | None],
+    ) -> bool:
+        """Take what a poll said about ``state`` (``data``, Kling's raw task, a
+        change from what is known) without structuring it, if nobody needs it now:
+        a non-terminal status while no listener wants every change. ``read``
+        structures it should anyone ask (:attr:`TaskState.latest`). Returns False
+        when the news must be structured and published now."""
+        if (
+            state.watchers
+            or state.untrusted
+            or state.gone is not None
+            or type(data) is not dict
+            or data.get("task_status") not in _QUIET_STATUSES
+        ):
+            return False
+        known = state.known_raw()  # None: an attached task's first answer dates it
+        if known is None or not _stamped_later(data, known):
+            return False  # not plainly newer: weighed as any news is
+        state.misses = 0
+        # The version it replaces goes: one version of each task is held, read or not.
+        state._latest, state.unread = None, (data, read)
+        return True
+
     def publish_polled(self, state: TaskState, task: Task) -> bool:
         """:meth:`publish` what a poll of Kling's API said about ``state``."""
-        if state.latest is None and task.created_at is not None:
+        if not state.seen and task.created_at is not None:
             # Attached by id: its age counts from when Kling created it, not
             # from when this client first heard of it.
             running = max(0.0, time.time() - task.created_at.timestamp())
@@ -435,20 +527,32 @@ class Tracker:
 
     # --- interest ---------------------------------------------------------------
 
-    def listen(self, state: TaskState, listener: Listener) -> None:
-        """Add a listener that needs the task polled until it is removed."""
+    def listen(self, state: TaskState, listener: Listener, *, every_change: bool = True) -> None:
+        """Add a listener that needs the task polled until it is removed.
+
+        ``every_change=False`` says it only acts on the end (or an error), so
+        intermediate changes need not be structured for it.
+        """
         if self._closed:
             raise ClientClosedError("the client is closed; create a new Client")
         state.listeners.append(listener)
         state.interest += 1
+        state.watchers += every_change
         self.keep_polled(state)
 
-    def unlisten(self, state: TaskState, listener: Listener) -> None:
-        """Remove a listener; polling stops when nobody needs the task any more."""
+    def unlisten(self, state: TaskState, listener: Listener, *, every_change: bool = True) -> None:
+        """Remove a listener (added with the same ``every_change``); polling stops
+        when nobody needs the task any more."""
         state.listeners.remove(listener)
         state.interest -= 1
+        state.watchers -= every_change
         if not state.wanted:
             self._poller(state.endpoint).discard(state)
+
+    def follow(self, state: TaskState) -> None:
+        """Tell :attr:`on_news` every change of ``state``'s task from now on, not
+        only its end (a durable ledger keeps its entry current with each status)."""
+        state.watchers += 1
 
     def keep_polled(self, state: TaskState) -> None:
         """Make sure a wanted task is on its endpoint's poller."""

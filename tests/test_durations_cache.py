@@ -4,8 +4,10 @@ delete or corrupt, and never written where tests or users did not say."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -18,7 +20,9 @@ from kling_async._durations import (
     DurationCache,
     DurationLearner,
     default_cache_path,
+    scope_of,
 )
+from kling_async._journal import Journal, JournalDurations
 from kling_async._models import Endpoint
 from kling_async._schedule import PRIOR_STRETCH, Durations
 from kling_async.testing import FakeKlingServer
@@ -159,3 +163,83 @@ async def test_with_no_history_the_prior_defers_the_first_poll_not_the_end(
     # Cold polls were due at 0.1, 0.2, 0.3, 0.45: the prior drops the first only.
     assert len(polls) <= 3
     assert found - created < 0.6
+
+
+# --- in the journal, when there is one ------------------------------------------------------
+
+
+async def learn_in_journal(server: FakeKlingServer, journal: Path, tasks: int = 4) -> None:
+    async with make_client(server, polling=POLICY, journal=journal) as client:
+        for index in range(tasks):
+            await (await client.images.generate(prompt=f"learn {index}"))
+
+
+async def test_with_a_journal_the_durations_are_kept_in_it_not_in_the_user_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    journal = tmp_path / "run.db"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.4, processing_delay=0.01) as server:
+        await learn_in_journal(server, journal)
+        async with make_client(server, polling=POLICY, journal=journal) as client:
+            handle = await client.images.generate(prompt="the first of a new run")
+            # Before any task of this run ended, the schedule is the learned one.
+            learned = client._tracker.durations_for(handle._state)
+            assert isinstance(learned, Durations)
+            assert learned.samples == 4
+            assert 0.3 < learned.median < 0.6
+            await handle
+    assert not (tmp_path / "xdg" / "kling-async" / "durations.json").exists()
+    with sqlite3.connect(journal) as connection:
+        (rows,) = connection.execute("SELECT count(*) FROM durations").fetchone()
+    assert rows == 1  # one kind of task
+
+
+async def test_journal_durations_follow_the_settings_that_turn_them_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = tmp_path / "run.db"
+    cache = tmp_path / "durations.json"
+    async with FakeKlingServer(api_key=API_KEY, task_duration=0.1, processing_delay=0.01) as server:
+        async with make_client(server, polling=POLICY, journal=journal, durations_cache=False) as c:
+            await (await c.images.generate(prompt="not kept"))
+        monkeypatch.setenv("KLING_DURATIONS_CACHE", "off")
+        await learn_in_journal(server, journal, tasks=1)
+        monkeypatch.delenv("KLING_DURATIONS_CACHE")
+        # A path of the user's own is where they are kept, journal or not.
+        async with make_client(server, polling=POLICY, journal=journal, durations_cache=cache) as c:
+            await (await c.images.generate(prompt="kept in the file"))
+    with sqlite3.connect(journal) as connection:
+        assert connection.execute("SELECT count(*) FROM durations").fetchone() == (0,)
+    assert cache.exists()
+
+
+def test_the_journal_table_is_bounded_private_to_its_api_root_and_safe_to_empty(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.db"
+
+    async def scenario() -> None:
+        journal = Journal(path)
+        ours = JournalDurations(journal, scope_of("http://user:secret@127.0.0.1:8080/kling"))
+        theirs = JournalDurations(journal, scope_of("https://api.example.com"))
+        kind = ("images/generations", "kling-v3", 1, None, 0)
+        assert ours.load() == {}  # no journal file yet: no history
+        theirs.save({kind: [5.0]})
+        await journal.flush()
+        ours.save({("images/generations", f"m-{i}", 1, None, 0): [1.0] * 100 for i in range(250)})
+        await journal.flush()
+        assert kind not in ours.load()
+        assert theirs.load() == {}  # the least recently written went first
+        with sqlite3.connect(path) as connection:
+            seconds = [
+                json.loads(text) for (text,) in connection.execute("SELECT seconds FROM durations")
+            ]
+            assert len(seconds) == MAX_CACHED_KINDS
+            assert all(len(entry) == WINDOW for entry in seconds)
+            assert "secret" not in str(connection.execute("SELECT key FROM durations").fetchall())
+            connection.execute("DELETE FROM durations")  # safe: no history, nothing else
+        assert ours.load() == {}
+        await journal.close()
+
+    asyncio.run(scenario())

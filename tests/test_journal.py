@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
+import sqlite3
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,6 +24,7 @@ from kling_async import (
     Journal,
     LedgerEntry,
 )
+from kling_async import _journal as journal_module
 from kling_async._models import Endpoint
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, as_generator, eventually, make_client
@@ -119,6 +123,71 @@ async def test_writes_do_not_block_the_loop_and_are_batched(tmp_path: Path) -> N
         assert queued < 1.0  # queueing 2,000 entries does no I/O on the loop
     finally:
         await journal.close()
+
+
+async def test_what_one_pass_of_the_loop_records_wakes_the_writer_once(tmp_path: Path) -> None:
+    # Each hand-over to the writer thread wakes it, and it then contends with
+    # the loop for the interpreter: the creates started together share one.
+    journal = Journal(tmp_path / "journal.db")
+    handed: list[str] = []
+
+    class Counting(queue.SimpleQueue[Any]):
+        def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+            handed.append(item[0])
+            super().put(item, block, timeout)
+
+    journal._queue = Counting()
+    try:
+        for number in range(100):
+            journal.record(entry(f"e{number}"))
+        await journal.flush()  # as a create does: its intent, then the flush
+        assert handed == ["batch"]
+        journal.record(entry("e0", EntryState.CREATED, task_id="t-0"))
+        first = await journal.get("e0")  # in order: the read comes after the record
+        assert handed == ["batch", "batch"]
+        assert first is not None
+        assert first.state is EntryState.CREATED
+        assert len(await journal.entries()) == 100
+    finally:
+        await journal.close()
+
+
+def test_a_commit_of_many_entries_runs_few_statements(tmp_path: Path) -> None:
+    # The sqlite3 module lets go of the interpreter lock around each statement:
+    # a commit of a hundred creates must not ask a busy loop for it back 100 times.
+    connection = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+    connection.executescript(journal_module._SCHEMA)
+    statements: list[str] = []
+    connection.set_trace_callback(statements.append)
+    rows = [journal_module._row(entry(f"e{number}")) for number in range(200)]
+    journal_module._upsert_many(connection, rows)
+    assert len(statements) <= 200 // journal_module._ROWS_PER_STATEMENT + 1
+    # An update of an entry keeps its body, as one statement per entry did.
+    later = entry("e7", EntryState.CREATED, task_id="t-7")
+    journal_module._upsert_many(connection, [journal_module._row(later, with_body=False)])
+    connection.set_trace_callback(None)
+    assert connection.execute("SELECT count(*) FROM entries").fetchone() == (200,)
+    state, body = connection.execute(
+        "SELECT state, body FROM entries WHERE external_task_id = 'e7'"
+    ).fetchone()
+    assert state == EntryState.CREATED.value
+    assert "prompt of e7" in body
+    connection.close()
+
+
+def test_a_journal_records_outside_an_event_loop_too(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    journal.record(entry("a"))
+
+    async def read() -> LedgerEntry | None:
+        try:
+            return await journal.get("a")
+        finally:
+            await journal.close()
+
+    found = asyncio.run(read())
+    assert found is not None
+    assert found.external_task_id == "a"
 
 
 async def test_a_journal_that_cannot_be_opened_refuses_every_create(tmp_path: Path) -> None:

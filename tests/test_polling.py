@@ -67,10 +67,10 @@ async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_get
             raise failures.pop()
         return read_page(self, *args)
 
-    async def recording_sweep(self: Poller, due: list[Any], *args: Any) -> None:
+    async def recording_sweep(self: Poller, due: list[Any], *args: Any, **kwargs: Any) -> None:
         if failures:  # this sweep is the one that fails
             failed_sweep.extend(state.task_id for state in due)
-        await sweep(self, due, *args)
+        await sweep(self, due, *args, **kwargs)
 
     monkeypatch.setattr(Poller, "_take_page", take_page_once)
     monkeypatch.setattr(Poller, "_sweep", recording_sweep)
@@ -350,8 +350,11 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
                 await poller._sweep([state], *poller._page_plan())
 
             await sweep_for(due)  # every task changed: submitted -> processing
-            assert sorted(structured) == sorted(h.task_id for h in handles)
+            # Only waits listen, and they want the end: each change is kept
+            # unread, and structured when somebody asks for it.
+            assert structured == []
             assert {h.status for h in handles} == {TaskStatus.PROCESSING}
+            assert sorted(structured) == sorted(h.task_id for h in handles)
             plans = {h.task_id: polling._plan(h._state).next_poll for h in handles}
             structured.clear()
 
@@ -395,3 +398,85 @@ async def test_sweeps_decode_list_items_within_a_budget(monkeypatch: pytest.Monk
     assert items <= 100 * 1.0 + 2 * 40
     assert pages <= 8
     assert server.requests_for("get") == []
+
+
+async def test_a_change_only_waits_listen_to_is_structured_only_at_the_end() -> None:
+    # Awaited handles want the end: a task's "processing" is kept as Kling sent it
+    # and never structured when the end follows before anyone asks for it.
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(6)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            poller = client._tracker._poller(handles[0].endpoint)
+            states = [handle._state for handle in handles]
+            await eventually(lambda: all(state.unread is not None for state in states))
+            assert poller.parsed == 0
+            for handle in handles:
+                server.finish(handle.task_id)
+            tasks = await asyncio.gather(*waits)
+    assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
+    assert poller.parsed == len(handles)  # one each: the end
+    assert all(state.unread is None for state in states)
+
+
+async def test_updates_and_a_late_reader_see_every_status() -> None:
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            watched = await client.images.generate(prompt="watched")
+            awaited = await client.images.generate(prompt="awaited")
+            seen: list[TaskStatus] = []
+
+            async def follow() -> None:
+                async for task in watched.updates():
+                    seen.append(task.status)
+
+            following = asyncio.ensure_future(follow())
+            waiting = asyncio.ensure_future(awaited.wait())
+            await eventually(lambda: TaskStatus.PROCESSING in seen)
+            # Iterators want every change: it was structured as it came.
+            assert watched._state.unread is None
+            await eventually(lambda: awaited._state.unread is not None)
+            assert awaited.status is TaskStatus.PROCESSING
+            assert awaited._state.unread is None  # read once, when asked
+            server.finish(watched.task_id)
+            server.finish(awaited.task_id)
+            await following
+            assert (await waiting).status is TaskStatus.SUCCEED
+    assert seen == [TaskStatus.SUBMITTED, TaskStatus.PROCESSING, TaskStatus.SUCCEED]
+
+
+async def test_a_wake_up_looks_only_at_the_tasks_due() -> None:
+    # Due times sit in a heap: a poller with many tasks planned far ahead and one
+    # due now finds that one without going through the others.
+    policy = PollPolicy(initial_delay=60.0, max_delay=60.0, learn=False, timeout=30)
+    async with FakeKlingServer(api_key=API_KEY, task_duration=None, processing_delay=60) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(30)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            await asyncio.sleep(0)
+            poller = client._tracker._poller(handles[0].endpoint)
+            looked: list[str] = []
+            current = poller._current
+
+            def counting(entry: tuple[float, str]) -> Any:
+                looked.append(entry[1])
+                return current(entry)
+
+            poller._current = counting  # type: ignore[method-assign]
+            due = handles[7]._state
+            polling._plan(due).next_poll = 0.0
+            poller._push(due, polling._plan(due))
+            now = asyncio.get_running_loop().time()
+            assert [state.task_id for state in poller._pop_due(now)] == [due.task_id]
+            # The due task, then the head of the heap: no scan of the 30.
+            assert len(looked) <= 3
+            assert poller._next_due() > now + 30
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
