@@ -58,22 +58,17 @@ async def test_an_unexpected_error_in_a_list_sweep_hands_its_tasks_to_single_get
     # being polled for ever. The transport turns what it meets into KlingErrors,
     # so the fault is a bug of ours, reading a page, injected once.
     read_page = Poller._take_page
-    sweep = Poller._sweep
     failures = [RuntimeError("a bug reading a list page")]
-    failed_sweep: list[str] = []  # the task_ids due in the sweep that failed
+    failed_sweep: list[str] = []  # the task_ids the sweep that failed was reading for
 
-    def take_page_once(self: Poller, *args: Any) -> Any:
+    def take_page_once(self: Poller, items: Any, envelope: Any, missing: Any, *rest: Any) -> Any:
         if failures:
+            # ``missing`` is every task of this sweep: the due ones and those taken along.
+            failed_sweep.extend(state.task_id for state in missing)
             raise failures.pop()
-        return read_page(self, *args)
-
-    async def recording_sweep(self: Poller, due: list[Any], *args: Any, **kwargs: Any) -> None:
-        if failures:  # this sweep is the one that fails
-            failed_sweep.extend(state.task_id for state in due)
-        await sweep(self, due, *args, **kwargs)
+        return read_page(self, items, envelope, missing, *rest)
 
     monkeypatch.setattr(Poller, "_take_page", take_page_once)
-    monkeypatch.setattr(Poller, "_sweep", recording_sweep)
     async with FakeKlingServer(
         api_key=API_KEY, task_duration=None, processing_delay=0.01
     ) as server:
