@@ -82,23 +82,24 @@ if op == 'reserve' or op == 'adopt' then
   redis.call('HINCRBY', B, 'reserved', units)
   return totals('held')
 end
-if op == 'settle' then
-  if settled then
-    return totals('done')
-  end
+-- The task's reservation, if it holds one, goes (settled or released alike).
+local function unreserve()
   if reserved then
     redis.call('HDEL', R, task)
     redis.call('HINCRBY', B, 'reserved', '-' .. reserved)
   end
+end
+if op == 'settle' then
+  if settled then
+    return totals('done')
+  end
+  unreserve()
   redis.call('HSET', S, task, units)
   redis.call('HINCRBY', B, 'spent', units)
   return totals('done')
 end
 if op == 'release' then
-  if reserved then
-    redis.call('HDEL', R, task)
-    redis.call('HINCRBY', B, 'reserved', '-' .. reserved)
-  end
+  unreserve()
   return totals('done')
 end
 return redis.error_reply('unknown budget step ' .. op)
