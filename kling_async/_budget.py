@@ -29,6 +29,7 @@ billed (``Journal.spend``).
 
 from __future__ import annotations
 
+import collections
 import datetime
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
@@ -40,6 +41,9 @@ from ._exceptions import BudgetExceededError
 from ._ledger import EntryState, LedgerEntry
 
 __all__ = ["Budget", "BudgetState", "Spend", "SpendGrouping", "UnitBudget", "spend_of"]
+
+#: How many settled creates a :class:`UnitBudget` remembers, to count each once.
+SETTLED_REMEMBERED: Final = 16_384
 
 
 @attrs.frozen(kw_only=True)
@@ -105,14 +109,19 @@ class UnitBudget:
 
     ``Client(budget=1000)`` makes one; pass one instance to several clients to
     share it between them. All its steps run without awaiting anything, so on
-    one event loop each is atomic.
+    one event loop each is atomic. Its memory is bounded: it remembers the
+    16,384 most recent settled creates (a create settled
+    again after that many others is counted twice: refused early, never over).
     """
 
     def __init__(self, limit: Decimal | int | str, *, name: str = "budget") -> None:
         self.limit = _units(limit)
         self.name = name
         self._reserved: dict[str, Decimal] = {}
-        self._spent: dict[str, Decimal] = {}
+        # The most recent settled keys, for idempotency; bounded, since a service
+        # settles millions over its life. A key forgotten and settled or reserved
+        # again is counted again: the safe side (refusing early, never overrunning).
+        self._spent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._reserved_total = Decimal(0)
         self._spent_total = Decimal(0)
 
@@ -162,7 +171,9 @@ class UnitBudget:
         if key in self._spent:
             return
         self._reserved_total -= self._reserved.pop(key, Decimal(0))
-        self._spent[key] = units
+        self._spent[key] = None
+        if len(self._spent) > SETTLED_REMEMBERED:
+            self._spent.popitem(last=False)
         self._spent_total += units
 
     def release(self, key: str) -> None:

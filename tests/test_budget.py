@@ -246,3 +246,20 @@ async def test_budget_steps_are_idempotent_per_create() -> None:
     assert (budget.reserved, budget.left) == units(7, 0)
     with pytest.raises(BudgetExceededError):
         await budget.reserve("c", Decimal(0) + 1)
+
+
+async def test_a_budget_remembers_a_bounded_number_of_settled_creates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kling_async import _budget
+
+    monkeypatch.setattr(_budget, "SETTLED_REMEMBERED", 3)
+    budget = UnitBudget(100)
+    for key in "abcd":
+        await budget.reserve(key, Decimal(2))
+        budget.settle(key, Decimal(1))
+    budget.settle("d", Decimal(1))  # remembered: counted once
+    assert budget.spent == 4
+    assert len(budget._spent) == 3  # "a" is forgotten: memory does not grow per task
+    budget.settle("a", Decimal(1))  # forgotten, so counted again: over, never under
+    assert budget.spent == 5
