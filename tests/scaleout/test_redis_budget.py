@@ -193,9 +193,11 @@ async def test_a_budget_redis_lost_refuses_every_create(redis: Redis, account_na
         assert (await budget.state()).reserved == 0  # "b" was given back
 
 
+@pytest.mark.parametrize("suffix", ["", "[eu]*"], ids=["plain", "glob-characters"])
 async def test_the_shared_ledger_adds_up_what_every_process_was_billed(
-    redis: Redis, account_name: str
+    redis: Redis, account_name: str, suffix: str
 ) -> None:
+    account_name += suffix  # matched literally, not as a pattern
     async with (
         FakeKlingServer(api_key=API_KEY, task_duration=0.1) as server,
         members(redis, account_name, 2) as (one, two),

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -423,7 +424,9 @@ class RedisLedger:
         """
         await self.flush()
         redis = self.account.redis
-        keys = [key async for key in redis.scan_iter(match=self.account.key("e:*"), count=500)]
+        # The prefix is matched literally: an account name may hold glob characters.
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.account.key("e:")) + "*"
+        keys = [key async for key in redis.scan_iter(match=pattern, count=500)]
         entries: list[LedgerEntry] = []
         for start in range(0, len(keys), _SPEND_CHUNK):
             chunk = keys[start : start + _SPEND_CHUNK]
