@@ -489,3 +489,18 @@ def test_client_accepts_a_shared_limiter_without_io(redis_server: object) -> Non
     with pytest.raises(ValueError, match="member"):
         RedisAccount(Redis(), member="a|b")
     assert FAST_POLL is not None
+
+
+async def test_purge_deletes_its_own_account_only_whatever_its_name(
+    redis: Redis, account_name: str
+) -> None:
+    # "a*" or "eu[1]" as a SCAN pattern would match other accounts' keys too.
+    neighbour, greedy = account_name + "-x", account_name + "*"
+    async with RedisAccount(redis, name=neighbour):
+        pass
+    async with RedisAccount(redis, name=greedy) as account:
+        pass
+    neighbours_keys = await redis.keys(f"kling:{{{neighbour}}}:*")
+    assert neighbours_keys
+    assert await account.purge() > 0
+    assert await redis.keys(f"kling:{{{neighbour}}}:*") == neighbours_keys

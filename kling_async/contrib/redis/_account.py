@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -162,6 +163,12 @@ class RedisAccount:
     def key(self, name: str) -> str:
         """The Redis key of ``name`` in this account."""
         return self.prefix + name
+
+    def keys_matching(self, start: str) -> str:
+        """A ``SCAN`` pattern for this account's keys that begin with ``start``: the
+        prefix is escaped, so an account named ``a*`` or ``eu[1]`` matches its own
+        keys only, never another account's."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.key(start)) + "*"
 
     def script(self, source: str) -> AsyncScript:
         """Register one of the account's scripts on its Redis client."""
@@ -451,8 +458,7 @@ class RedisAccount:
         quota state, the ledger, the members. For an account no process uses
         any more; returns how many keys were deleted."""
         deleted = 0
-        pattern = self.prefix.replace("{", "\\{").replace("}", "\\}") + "*"
-        async for key in self.redis.scan_iter(match=pattern):
+        async for key in self.redis.scan_iter(match=self.keys_matching("")):
             deleted += int(await self.redis.delete(key))
         return deleted
 

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -424,8 +423,7 @@ class RedisLedger:
         """
         await self.flush()
         redis = self.account.redis
-        # The prefix is matched literally: an account name may hold glob characters.
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.account.key("e:")) + "*"
+        pattern = self.account.keys_matching("e:")
         keys = [key async for key in redis.scan_iter(match=pattern, count=500)]
         entries: list[LedgerEntry] = []
         for start in range(0, len(keys), _SPEND_CHUNK):
