@@ -346,6 +346,19 @@ def test_batch_respects_the_account_quota(tmp_path: Path) -> None:
 # --- issue 17: a CLI that holds up in a new user's hands ------------------------------
 
 
+def display_settings(console: Console) -> Settings:
+    """Settings of an interactive run whose progress goes to ``console``."""
+    return Settings(
+        api_key=None,
+        base_url=None,
+        mock=False,
+        as_json=False,
+        verbose=False,
+        mock_task_seconds=0.1,
+        stderr=console,
+    )
+
+
 @contextlib.contextmanager
 def threaded_server(**options: Any) -> Iterator[FakeKlingServer]:
     """A FakeKlingServer on its own loop in a thread: the CLI under CliRunner runs
@@ -513,15 +526,7 @@ async def test_the_batch_display_counts_tasks_running_on_kling_not_queued_reques
             assert len(server.tasks) == 2
             assert batch.in_flight == 6
             console = Console(file=io.StringIO(), force_terminal=True, width=200)
-            settings = Settings(
-                api_key=None,
-                base_url=None,
-                mock=False,
-                as_json=False,
-                verbose=False,
-                mock_task_seconds=0.1,
-                stderr=console,
-            )
+            settings = display_settings(console)
             display = _BatchProgress(settings, total=6)
             display.update(batch, done=0, failed=0)
             console.print(display.progress.get_renderable())

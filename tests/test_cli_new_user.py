@@ -18,9 +18,9 @@ from rich.console import Console
 from kling_async import Client, ConfigurationError, ImageGenerationRequest, Journal
 from kling_async._cli import main
 from kling_async._cli.runner import BatchProgress as _BatchProgress
-from kling_async._cli.session import Settings
 from kling_async.testing import FakeKlingServer
 from tests.helpers import clean_env
+from tests.test_cli import display_settings
 
 FAST = ["--mock-task-seconds", "0.1"]
 
@@ -157,15 +157,7 @@ def test_a_batch_line_with_watermark_info_saves_the_watermarked_copies(tmp_path:
 
 def test_a_resumed_run_s_rate_and_eta_count_only_this_run_s_work() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=200)
-    settings = Settings(
-        api_key=None,
-        base_url=None,
-        mock=False,
-        as_json=False,
-        verbose=False,
-        mock_task_seconds=0.1,
-        stderr=console,
-    )
+    settings = display_settings(console)
     now = [100.0]
     display = _BatchProgress(settings, total=100, clock=lambda: now[0])
     now[0] += 10  # 90 lines read back from the journal at once, 5 made in 10 s
