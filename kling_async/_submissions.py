@@ -123,6 +123,7 @@ class Submission:
 
     __slots__ = (
         "_on_admitted",
+        "_watchers",
         "abandoned",
         "batch",
         "budgets",
@@ -165,6 +166,7 @@ class Submission:
         self.receiver_callback = receiver_callback
         self.key = key
         self.result: asyncio.Future[TaskHandle] = asyncio.get_running_loop().create_future()
+        self._watchers: list[asyncio.Future[TaskHandle]] = []
         self.phase = Phase.QUEUED
         self.abandoned = False
         self.unwatched = False  # its caller was cancelled: only the log will tell
@@ -189,6 +191,37 @@ class Submission:
         """The task's share of the concurrency quota, as its endpoint declares
         (``n``; one per task; the most an ``auto`` series may produce)."""
         return by_request_type(self.request).units.held(self.request)
+
+    def watch(self) -> asyncio.Future[TaskHandle]:
+        """A future of the create's outcome for one caller to await. Cancelling it
+        (the caller was cancelled) leaves :attr:`result` alone, as
+        ``asyncio.shield`` would; it is settled together with :attr:`result`,
+        not one pass of the event loop later."""
+        watcher: asyncio.Future[TaskHandle] = self.result.get_loop().create_future()
+        if self.result.done():
+            _copy_outcome(self.result, watcher)
+        else:
+            self._watchers.append(watcher)
+        return watcher
+
+    def settle(self, handle: TaskHandle | None = None, error: BaseException | None = None) -> None:
+        """End :attr:`result`, and every watcher with it, with ``handle``, or
+        ``error``, or (neither given) cancelled; nothing if it ended already."""
+        result = self.result
+        if result.done():
+            return
+        if handle is not None:
+            result.set_result(handle)
+        elif error is not None:
+            result.set_exception(error)
+            # The outcome always reaches someone (the caller, a batch, the log):
+            # marked retrieved, so asyncio never warns about it.
+            result.exception()
+        else:
+            result.cancel()
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            _copy_outcome(result, watcher)
 
     def admitted(self) -> None:
         """The create holds its units (or needs none) and goes to the wire; tell
@@ -395,7 +428,6 @@ class Submissions:
         submission.runner = asyncio.get_running_loop().create_task(
             self._run(submission, chosen), name=f"kling-create-{submission.external_task_id}"
         )
-        submission.result.add_done_callback(self._retrieved)
         return submission
 
     def _budgets(self, budget: Budget | None) -> tuple[Budget, ...]:
@@ -431,7 +463,7 @@ class Submissions:
         """
         submission = self.start(request, limiter=limiter)
         try:
-            return await asyncio.shield(submission.result)
+            return await submission.watch()
         except asyncio.CancelledError:
             self._left(submission)
             raise
@@ -665,8 +697,7 @@ class Submissions:
                 counted = _quietly("created", limiter.created, submission.units)
                 self._hold(state, limiter, submission.units, counted_created=counted)
         handle = TaskHandle(self._tracker, state, request)
-        if not submission.result.done():
-            submission.result.set_result(handle)
+        submission.settle(handle)
         if submission.unwatched:
             self._report_unwatched(handle)
 
@@ -732,18 +763,10 @@ class Submissions:
         """End the create's result with ``error``; ``None`` for a create dropped
         before it was sent, which ends cancelled (or closed, on ``close()``)."""
         submission.admitted()
-        future = submission.result
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        elif self.closing:
+        if error is None and self.closing:
             closed = ClientClosedError("the client was closed before the create was sent")
-            future.set_exception(
-                for_create(closed, submission.external_task_id, "nothing was created")
-            )
-        else:
-            future.cancel()
+            error = for_create(closed, submission.external_task_id, "nothing was created")
+        submission.settle(error=error)
 
     def _give_back(
         self, submission: Submission, limiter: Limiter | None, *, may_run: bool = False
@@ -817,13 +840,6 @@ class Submissions:
             return
         state.when_terminal(settle)
         self._tracker.keep_polled(state)
-
-    @staticmethod
-    def _retrieved(future: asyncio.Future[TaskHandle]) -> None:
-        # The outcome is always reported (to the caller, a batch, or the log):
-        # mark it retrieved so asyncio never warns about it.
-        if not future.cancelled():
-            future.exception()
 
     def _note(self, state: TaskState, task: Task) -> None:
         """Keep a durable ledger's entry current with the task's status and results."""
@@ -985,7 +1001,7 @@ class Submissions:
                 logger.warning("cannot resume %s: %s", entry.external_task_id, error)
         for submission in submissions:
             try:
-                handles.append(await asyncio.shield(submission.result))
+                handles.append(await submission.watch())
             except asyncio.CancelledError:
                 self._left(submission)
                 raise
@@ -1068,18 +1084,26 @@ def _following(live: Submission, on_admitted: Callable[[], None] | None) -> Subm
     def copy_outcome(result: asyncio.Future[TaskHandle]) -> None:
         follower.phase = Phase.SETTLED
         follower.uncertain = live.uncertain
-        if follower.result.done():
-            return
         if result.cancelled():
-            follower.result.cancel()
-        elif result.exception() is not None:
-            follower.result.set_exception(result.exception())  # type: ignore[arg-type]
+            follower.settle()
         else:
-            follower.result.set_result(result.result())
+            error = result.exception()
+            follower.settle(None if error is not None else result.result(), error)
 
     live.result.add_done_callback(copy_outcome)
-    follower.result.add_done_callback(Submissions._retrieved)
     return follower
+
+
+def _copy_outcome(source: asyncio.Future[TaskHandle], target: asyncio.Future[TaskHandle]) -> None:
+    """End ``target`` as ``source`` ended, unless it ended already (cancelled)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 def gone_error(entry: LedgerEntry) -> TaskNotFoundError:
