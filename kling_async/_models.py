@@ -10,6 +10,7 @@ flat; nested wire shapes get a flat Python spelling (``element_ids`` for
 from __future__ import annotations
 
 import difflib
+import functools
 import enum
 import json
 import re
@@ -789,15 +790,23 @@ def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
     """``cls(**fields)``, leaving out ``None`` values and reporting unknown or
     missing fields as :class:`ValidationError` (not ``TypeError``)."""
     given = {key: value for key, value in fields.items() if value is not None}
-    known = {field.name for field in attrs.fields(cls)}
+    known, required = _field_names(cls)
     for key in given:
         if key not in known:
             rule = f"is not a field of {cls.__name__}{_did_you_mean(str(key), cls)}"
             raise ValidationError(str(key), rule)
-    for field in attrs.fields(cls):
-        if field.default is attrs.NOTHING and field.name not in given:
-            raise ValidationError(field.name, "is required")
+    for name in required:
+        if name not in given:
+            raise ValidationError(name, "is required")
     return cls(**given)
+
+
+@functools.cache
+def _field_names(cls: type[TaskRequest]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """``cls``'s field names, and those of its required fields (in order)."""
+    fields = attrs.fields(cls)
+    required = tuple(field.name for field in fields if field.default is attrs.NOTHING)
+    return frozenset(field.name for field in fields), required
 
 
 def _did_you_mean(name: str, cls: type[TaskRequest]) -> str:

@@ -2,7 +2,10 @@
 flight (issue 26), for each duration of ``inflight_durations``. The SDK with
 DEFAULT settings (no ``PollPolicy``) against the hand-written loop that GETs each
 task every ``inflight_baseline_interval`` s, in alternating rounds of the same
-process, on a fresh fake per duration.
+process, on a fresh fake per duration. A third side, ``create_only``, runs the
+loop's creates alone (no poll; the task's time slept) in the same pattern: what
+a hand-written create costs against the loop's whole task, the least any client
+that creates its tasks can spend.
 
 Beside client CPU per completed task (creates and polls), the SDK's own counts
 of its pollers' work per completed task, which do not depend on the machine:
@@ -25,12 +28,25 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from _baselines import RawKling, create_and_poll, create_body, fixed_delay
-from _common import FakeServerProcess, end_lag, summarize_ms
+from _common import FakeServerProcess, end_lag, ratio, summarize_ms
 
 import kling_async
 from _scale.figures import DEFAULT, Figure, Goal, Section, unmeasured
-from _scale.measure import Window, alternate, medians, of_side, progress, server_args, task_end_lag
+from _scale.measure import (
+    Window,
+    alternate,
+    median,
+    medians,
+    of_side,
+    progress,
+    rounded,
+    server_args,
+    task_end_lag,
+)
 from _scale.params import API_KEY, PROMPT, Params
+
+#: The side measuring the loop's creates alone (context for the CPU goal).
+FLOOR = "create_only"
 
 #: The pollers' counters reported per completed task.
 COUNTERS = ("parsed", "planned", "list_items", "list_pages", "gets")
@@ -99,12 +115,27 @@ async def at_duration(p: Params, duration: float) -> dict[str, Any]:
                 window, completed, lags = await drive(fake, one)
             return {"side": "baseline", **row(window, completed, lags)}
 
+        async def create_only_side() -> dict[str, Any]:
+            async with RawKling(fake.url, API_KEY) as raw:
+
+                async def one() -> float:
+                    # The loop's create alone, then the task's time without a poll.
+                    await raw.created(create_body(PROMPT))
+                    await asyncio.sleep(duration)
+                    return 0.0
+
+                window, completed, lags = await drive(fake, one)
+            return {"side": FLOOR, **row(window, completed, lags)}
+
         progress(f"inflight: {p.inflight_tasks} in flight, {duration:g} s tasks")
-        rounds = await alternate(f"inflight {duration:g}s", p.inflight_rounds, sdk_side, raw_side)
+        rounds = await alternate(
+            f"inflight {duration:g}s", p.inflight_rounds, sdk_side, raw_side, create_only_side
+        )
     sdk_rows = of_side(rounds, "sdk", "per_task")
     return {
         "task_duration_s": duration,
         "client_cpu_ms_per_task": medians(rounds, "client_cpu_ms", 4),
+        "create_only_cpu_ms_per_task": rounded(median(of_side(rounds, FLOOR, "client_cpu_ms")), 4),
         "per_round_ratios": [
             round(s / b, 3) if b else None
             for s, b in zip(
@@ -165,8 +196,14 @@ def figures(p: Params, result: Mapping[str, Any]) -> list[Figure]:
                 context={
                     "per_round_ratios": point["per_round_ratios"],
                     "baseline_poll_interval_s": p.inflight_baseline_interval,
+                    "create_only_cpu_ms": point.get("create_only_cpu_ms_per_task"),
+                    "create_only_ratio": ratio(
+                        point.get("create_only_cpu_ms_per_task"), cpu["baseline_median"]
+                    ),
                 },
-                note="client CPU ms per completed task (create and polls), medians of rounds",
+                note="client CPU ms per completed task (create and polls), medians of rounds; "
+                "create_only: the loop's creates alone, no poll, in the same pattern (context: "
+                "what one hand-written create costs against the loop's whole task)",
             )
         )
         found.append(

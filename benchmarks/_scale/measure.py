@@ -188,15 +188,14 @@ async def warm_then_measure(
     return window
 
 
-async def alternate(
-    section: str, rounds: int, sdk_side: Side, raw_side: Side
-) -> list[dict[str, Any]]:
-    """Each side's row of each round, the SDK first in odd rounds and the
-    baseline first in even ones, so neither always runs on a warmer machine."""
+async def alternate(section: str, rounds: int, *sides: Side) -> list[dict[str, Any]]:
+    """Each side's row of each round, the order of the sides turned by one each
+    round (the SDK first in odd rounds and the baseline first in even ones, for
+    two), so none always runs on a warmer machine."""
     rows: list[dict[str, Any]] = []
     for number in range(rounds):
-        sides = (sdk_side, raw_side) if number % 2 == 0 else (raw_side, sdk_side)
-        for side in sides:
+        turn = number % len(sides)
+        for side in (*sides[turn:], *sides[:turn]):
             progress(f"{section} round {number + 1}/{rounds}: {side.__name__}")
             rows.append({"round": number + 1, **await side()})
     return rows
