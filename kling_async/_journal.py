@@ -887,19 +887,25 @@ class Journal:
             self._checkpoint(connection, "PASSIVE")
 
     def _checkpoint(self, connection: sqlite3.Connection, mode: str) -> None:
-        """Checkpoint (PASSIVE: alongside the loop's commits, never blocking them;
-        TRUNCATE at close). A checkpoint fsyncs, which is why the loop's
-        connection never runs one. Only logged when it fails: the WAL keeps
-        what it did not copy."""
+        """Copy the WAL into the file (PASSIVE; TRUNCATE at close). A checkpoint
+        fsyncs, which is why the loop's connection never runs one. Only logged
+        when it fails: the WAL keeps what it did not copy.
+
+        Held under _writing, so that no commit of this journal's lands during it
+        (one that comes meanwhile is left to this thread, after it): the WAL is
+        then copied whole, and starts over from its beginning, rather than grow
+        for as long as commits keep coming while a checkpoint runs."""
         commits = self._commits
         try:
-            busy, frames, copied = connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-            if mode == "PASSIVE" and not busy and 0 < frames == copied:
-                # Everything is copied: the next commit starts the WAL over, and
-                # the first frame of a WAL has its header fsynced. A write of
-                # nothing new (the schema version it has) does it here rather
-                # than in the loop's next commit.
-                with self._writing:
+            with self._writing:
+                busy, frames, copied = connection.execute(
+                    f"PRAGMA wal_checkpoint({mode})"
+                ).fetchone()
+                if mode == "PASSIVE" and not busy and 0 < frames == copied:
+                    # The next commit starts the WAL over, and the first frame of
+                    # a WAL has its header fsynced: a write of nothing new (the
+                    # schema version it holds) does that here, not in the loop's
+                    # next commit.
                     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as error:
             logger.debug("journal %s: checkpoint %s not done: %s", self.path, mode, error)
