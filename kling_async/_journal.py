@@ -6,12 +6,30 @@ result URLs and which images were downloaded. After a crash, ``await
 client.resume()`` reads it back and settles every create that did not end, and a
 batch run again over the same input skips what is done.
 
-Writes never block the event loop: :meth:`Journal.record` puts the entry on a
-queue, and one thread of the journal's own writes whatever has queued up in one
-transaction (a group commit), so a hundred creates in flight cost one commit, not
-a hundred. :meth:`Journal.flush` returns once everything recorded before it is
-committed: the create's owner awaits it between recording an intent and sending
-the create.
+:meth:`Journal.record` never blocks: it queues the entry. :meth:`Journal.flush`
+returns once everything recorded before it is committed: the create's owner
+awaits it between recording an intent and sending the create (the write-ahead).
+Where the commit is made depends on whether it fsyncs:
+
+- With ``synchronous="NORMAL"`` (the default) or ``"OFF"``, in WAL mode, a commit
+  does no fsync: it writes the WAL's frames into the OS page cache, well under a
+  millisecond. It is made on the event loop's own thread, by a callback at the
+  end of the pass that recorded the entries, with everything that pass recorded,
+  in one statement: a flush waits for no thread. At most one such commit is
+  made every 2 ms: what the passes in between record joins the next one (a
+  commit costs tens of microseconds however few its rows). That connection
+  never waits for a lock (a commit that would is left to the journal's thread)
+  and never checkpoints.
+- With ``"FULL"`` or ``"EXTRA"`` a commit fsyncs, which the loop must not wait
+  for: the journal's thread commits what each pass recorded (a group commit)
+  and answers the flushes.
+
+Records may come from any thread and any event loop (one loop after another, or
+several at once). The journal's thread also opens the file (taking its ownership
+may wait: what is recorded meanwhile is committed once it is open), serves
+the reads on a connection of its own, after committing what was recorded before
+them, and copies the WAL into the file (a checkpoint, which fsyncs) every 500
+commits or each second there were commits, and at close.
 
 A journal has one owner: a second :class:`Journal` on the same file, in another
 process or in this one, is refused with :class:`~kling_async.JournalInUseError`
@@ -25,11 +43,14 @@ entries are committed (they are retried with every commit); a journal that canno
 be opened, or whose writer fails, answers every call with its own
 :class:`~kling_async.JournalError` chained to the cause.
 
-The database runs in WAL mode with ``synchronous=NORMAL`` by default: a commit
-survives the process being killed (SIGKILL included); only a power loss or an OS
-crash may roll back the last commits. ``Journal(path, synchronous="FULL")``
-survives those too, at the price of an fsync per commit. The file is created
-readable by its owner only; it never holds a credential.
+What a commit survives: with ``NORMAL`` a committed intent survives the process
+being killed (SIGKILL included): its WAL frames are in the OS page cache, which
+the OS writes out whatever happens to the process. A power loss or an OS crash
+may roll back the commits made since the last checkpoint (about a second's, or
+500 commits, at most), never leaving a damaged file. ``Journal(path,
+synchronous="FULL")`` survives those too, at the price of an fsync per commit,
+made in the journal's thread. The file is created readable by its owner only; it
+never holds a credential.
 """
 
 from __future__ import annotations
@@ -1139,8 +1160,9 @@ class JournalDurations:
     """A journal's table of learned task durations, for one API root (``scope``):
     the client's :class:`~kling_async._durations.DurationStore` when it has a
     journal. Read on first use from a read-only connection of its own (a small
-    table, read once); written through the journal's writer thread, so it is
-    committed before the journal closes. Never raises."""
+    table, read once); written by the journal's next commit, as a record is (on
+    the loop, or by the journal's thread), so it is committed before the journal
+    closes. Never raises."""
 
     def __init__(self, journal: Journal, scope: str) -> None:
         self.journal = journal

@@ -397,6 +397,41 @@ def test_a_journal_keeps_working_on_one_event_loop_after_another(tmp_path: Path)
     asyncio.run(journal.close())
 
 
+def test_a_journal_works_on_two_event_loops_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+
+    async def creates(side: str) -> None:
+        for number in range(200):
+            journal.record(entry(f"{side}-{number}"))
+            await journal.flush()
+            if number % 50 == 0:
+                assert committed(path, f"{side}-{number}")
+
+    failures: list[BaseException] = []
+
+    def on_another_loop() -> None:
+        try:
+            asyncio.run(creates("thread"))
+        except BaseException as error:
+            failures.append(error)
+
+    other = threading.Thread(target=on_another_loop)
+    other.start()
+    asyncio.run(creates("main"))
+    other.join(30)
+    assert not other.is_alive()
+    assert failures == []
+
+    async def count() -> int:
+        try:
+            return len(await journal.entries())
+        finally:
+            await journal.close()
+
+    assert asyncio.run(count()) == 400
+
+
 async def test_records_from_another_thread_are_committed(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     journal = Journal(path)
