@@ -508,12 +508,12 @@ class Journal:
         if self._thread is None or self._closed:
             return
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             broken = self._broken
+            if broken is None and self._committed == self._recorded:
+                return  # nothing recorded since the last commit
+            future: asyncio.Future[None] = loop.create_future()
             if broken is None:
-                if self._committed == self._recorded:
-                    return
                 self._waiters.append((self._recorded, loop, future))
                 schedule = self._scheduled is not loop
                 if schedule:
