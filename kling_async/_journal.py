@@ -225,8 +225,12 @@ _OWNER_POLL: Final = 0.05
 _RECENTLY_SETTLED: Final = 1024
 
 
+# One encoder: json.dumps with arguments of its own builds a new one each call.
+_encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
 
 
 def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
