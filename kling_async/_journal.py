@@ -624,6 +624,7 @@ class Journal:
             if self._broken is not None:
                 return
             self._durations.update((row[0], row) for row in rows)
+            self._recorded += 1  # a flush after it waits for it too
             schedule = loop is not None and self._scheduled is not loop
             if schedule:
                 self._scheduled = loop
@@ -961,7 +962,8 @@ class Journal:
 
     def _commit(self, connection: sqlite3.Connection, *, on_loop: bool) -> bool:
         """Write every entry recorded and not committed in one transaction, then
-        answer the flushes that waited for them, then save durations. Called with
+        the durations to save, then answer the flushes that waited for them (a
+        save of durations counts as a record for them). Called with
         _writing held. A failure (any: a locked file, a full disk, text SQLite
         cannot encode) keeps the entries for the next try. Returns False, having
         written nothing, when ``on_loop`` and another connection holds the write
@@ -1006,8 +1008,10 @@ class Journal:
                     self._queue.put(("checkpoint", None, None))
         else:
             self._failure = None
+        if not self._save_durations(connection, on_loop=on_loop):
+            return False  # the writer thread saves them, and answers the flushes then
         self._settle(upto, committed)
-        return self._save_durations(connection, on_loop=on_loop)
+        return True
 
     def _settle(self, upto: int, committed: bool) -> None:
         """Answer the flushes that wait for records up to ``upto``: all committed,

@@ -257,6 +257,23 @@ async def test_with_synchronous_normal_a_flush_does_not_wait_for_the_writer_thre
         await journal.close()
 
 
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_a_flush_waits_for_durations_saved_before_it(
+    tmp_path: Path, synchronous: journal_module.Synchronous
+) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path, synchronous=synchronous)
+    await journal.open()
+    try:
+        durations = journal_module.JournalDurations(journal, "https://api.example")
+        durations.save({("image", "kling-v1", 1): [12.5]})
+        await journal.flush()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM durations").fetchone() == (1,)
+    finally:
+        await journal.close()
+
+
 async def test_with_synchronous_full_the_writer_thread_commits(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     journal = Journal(path, synchronous="FULL")
