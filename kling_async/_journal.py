@@ -6,12 +6,30 @@ result URLs and which images were downloaded. After a crash, ``await
 client.resume()`` reads it back and settles every create that did not end, and a
 batch run again over the same input skips what is done.
 
-Writes never block the event loop: :meth:`Journal.record` puts the entry on a
-queue, and one thread of the journal's own writes whatever has queued up in one
-transaction (a group commit), so a hundred creates in flight cost one commit, not
-a hundred. :meth:`Journal.flush` returns once everything recorded before it is
-committed: the create's owner awaits it between recording an intent and sending
-the create.
+:meth:`Journal.record` never blocks: it queues the entry. :meth:`Journal.flush`
+returns once everything recorded before it is committed: the create's owner
+awaits it between recording an intent and sending the create (the write-ahead).
+Where the commit is made depends on whether it fsyncs:
+
+- With ``synchronous="NORMAL"`` (the default) or ``"OFF"``, in WAL mode, a commit
+  does no fsync: it writes the WAL's frames into the OS page cache, well under a
+  millisecond. It is made on the event loop's own thread, by a callback at the
+  end of the pass that recorded the entries, with everything that pass recorded,
+  in one statement: a flush waits for no thread. At most one such commit is
+  made every 2 ms: what the passes in between record joins the next one (a
+  commit costs tens of microseconds however few its rows). That connection
+  never waits for a lock (a commit that would is left to the journal's thread)
+  and never checkpoints.
+- With ``"FULL"`` or ``"EXTRA"`` a commit fsyncs, which the loop must not wait
+  for: the journal's thread commits what each pass recorded (a group commit)
+  and answers the flushes.
+
+Records may come from any thread and any event loop (one loop after another, or
+several at once). The journal's thread also opens the file (taking its ownership
+may wait: what is recorded meanwhile is committed once it is open), serves
+the reads on a connection of its own, after committing what was recorded before
+them, and copies the WAL into the file (a checkpoint, which fsyncs) every 500
+commits or each second there were commits, and at close.
 
 A journal has one owner: a second :class:`Journal` on the same file, in another
 process or in this one, is refused with :class:`~kling_async.JournalInUseError`
@@ -25,11 +43,14 @@ entries are committed (they are retried with every commit); a journal that canno
 be opened, or whose writer fails, answers every call with its own
 :class:`~kling_async.JournalError` chained to the cause.
 
-The database runs in WAL mode with ``synchronous=NORMAL`` by default: a commit
-survives the process being killed (SIGKILL included); only a power loss or an OS
-crash may roll back the last commits. ``Journal(path, synchronous="FULL")``
-survives those too, at the price of an fsync per commit. The file is created
-readable by its owner only; it never holds a credential.
+What a commit survives: with ``NORMAL`` a committed intent survives the process
+being killed (SIGKILL included): its WAL frames are in the OS page cache, which
+the OS writes out whatever happens to the process. A power loss or an OS crash
+may roll back the commits made since the last checkpoint (about a second's, or
+500 commits, at most), never leaving a damaged file. ``Journal(path,
+synchronous="FULL")`` survives those too, at the price of an fsync per commit,
+made in the journal's thread. The file is created readable by its owner only; it
+never holds a credential.
 """
 
 from __future__ import annotations
@@ -173,13 +194,29 @@ _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settl
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-# An operation for the writer thread: a write, or a read answered through a
-# future on the caller's loop.
+# An operation for the writer thread: a read (or open) answered through a
+# future on the caller's loop, or a wake-up (commit, checkpoint, close, ...).
 _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 _Operation = tuple[str, Any, _Reply | None]
+# A flush waiting for a commit: the count of records it waits for, and its future.
+_Waiter = tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 # How long a commit waits for another connection's write lock before it fails.
 _BUSY_TIMEOUT_MS: Final = 10_000
+# SQLite's result code for a lock another connection holds.
+_SQLITE_BUSY: Final = 5
+# The writer thread copies the WAL into the file (a checkpoint, which fsyncs)
+# after this many commits, or this many seconds after its last checkpoint while
+# there were commits: the WAL is reused from its start once copied, so it does
+# not grow with the journal.
+_CHECKPOINT_COMMITS: Final = 500
+# A loop commits at most once in this many seconds: what the passes in between
+# record joins the next commit, and a flush waits for it (a read does not).
+# A commit costs tens of microseconds of CPU however few its rows (the WAL's
+# pages and locks); at a thousand creates a second each would get a commit of
+# its own, doubling what the journal costs a create.
+_COMMIT_INTERVAL: Final = 0.002
+_CHECKPOINT_SECONDS: Final = 1.0
 # Whether the OS has flock (all but Windows).
 _FLOCK: Final = sys.platform != "win32"
 # How often a journal waiting for its owner to let go looks again, in seconds.
@@ -188,8 +225,12 @@ _OWNER_POLL: Final = 0.05
 _RECENTLY_SETTLED: Final = 1024
 
 
+# One encoder: json.dumps with arguments of its own builds a new one each call.
+_encode: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
 
 
 def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
@@ -337,6 +378,12 @@ class Journal:
     that died lets go by itself. ``close()`` commits what is queued, closes the
     file and lets go; a :class:`Client` closes the journals it opened from a path.
 
+    ``synchronous`` is SQLite's: with ``"NORMAL"`` (the default) or ``"OFF"`` a
+    commit does no fsync and is made on the event loop's own thread, at the end
+    of the pass that recorded its entries; with ``"FULL"`` or ``"EXTRA"`` a commit
+    fsyncs, so it is made by the journal's thread. Either way a commit survives
+    the process being killed; only ``"FULL"`` and ``"EXTRA"`` survive a power loss.
+
     Any failure of the writer is a failure of every operation waiting on it: a
     commit that fails fails the flushes waiting on it, and later ones, until its
     entries are committed (they are retried with every commit); a journal that
@@ -363,17 +410,46 @@ class Journal:
         self.path = Path(path)
         self.synchronous = synchronous
         self.wait = wait
-        self._queue: queue.SimpleQueue[tuple[str, Any, _Reply | None]] = queue.SimpleQueue()
-        # Operations queued on an event loop and not handed to the writer yet.
-        self._pending: list[_Operation] = []
+        # A commit that does no fsync is made on the loop: a flush then waits for
+        # no thread (see the module docstring).
+        self._commits_on_loop = synchronous in ("OFF", "NORMAL")
+        self._queue: queue.SimpleQueue[_Operation] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._closed = False
         # Set by close(): a writer waiting for the owner to let go stops waiting.
         self._stop = threading.Event()
-        # The writer thread's own state, below. Entries recorded and not committed
-        # yet (a failed commit's, retried with every commit), latest state per id.
+
+        # What the callers hand over, guarded by _lock (held for a few lines, never
+        # around I/O). Entries recorded and not taken by a commit yet, latest per id.
+        self._lock = threading.Lock()
+        self._incoming: dict[str, LedgerEntry] = {}
+        # Durations to save (JournalDurations), by key, not taken by a commit yet.
+        self._durations: dict[str, tuple[Any, ...]] = {}
+        # How many records were made, and how many of the first were committed
+        # (every one of them): a flush waits until the second reaches the first
+        # as it was when the flush was called.
+        self._recorded = 0
+        self._committed = 0
+        self._waiters: list[_Waiter] = []
+        # Operations for the writer thread (reads, open) asked during a pass of a
+        # loop, handed over at its end.
+        self._pending: list[_Operation] = []
+        # The loop whose end of pass is scheduled (_end_of_pass), if any.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+        # When a loop may commit next (time.monotonic()): see _COMMIT_INTERVAL.
+        self._next_commit = 0.0
+        # Why the journal cannot be used (not opened, or its writer failed).
+        self._broken: BaseException | None = None
+
+        # The writer's own state, guarded by _writing: whoever commits holds it (a
+        # loop, or the writer thread), so one commit runs at a time. The loop's
+        # connection, once the file is open (with synchronous OFF or NORMAL).
+        self._writing = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        # Entries taken by a commit and not committed (a failed commit's,
+        # retried with every commit), latest state per id.
         self._unwritten: dict[str, LedgerEntry] = {}
+        self._unsaved_durations: dict[str, tuple[Any, ...]] = {}
         # Why the last commit failed, while entries are unwritten.
         self._failure: BaseException | None = None
         # Unsettled entries whose body is committed: their later rows leave it out.
@@ -382,6 +458,12 @@ class Journal:
         # the record of a download just after the end does not write the body again.
         self._bodies_written: set[str] = set()
         self._settled_bodies: dict[str, None] = {}
+        # Commits made, and how many when the writer thread was last asked to
+        # checkpoint (a loop asks) and last checkpointed (its own count).
+        self._commits = 0
+        self._checkpoint_asked = 0
+        self._checkpointed = 0
+        self._checkpointed_at = time.monotonic()
 
     @staticmethod
     def discard(path: str | os.PathLike[str]) -> None:
@@ -406,19 +488,45 @@ class Journal:
     # --- the Ledger protocol -----------------------------------------------------------
 
     def record(self, entry: LedgerEntry) -> None:
-        """Queue ``entry`` to be written; never blocks."""
+        """Queue ``entry`` to be written; never blocks. On an event loop it is
+        committed at the end of the loop's pass, with everything else the pass
+        recorded; from anywhere else (a thread, no loop) by the journal's thread."""
         if self._closed:
             logger.debug("journal %s is closed; entry %s not written", self.path, entry)
             return
         self._start()
-        self._enqueue(("write", entry, None))
+        loop = _running_loop()
+        with self._lock:
+            if self._broken is not None:
+                return  # refused: every flush says so
+            self._incoming[entry.external_task_id] = entry
+            self._recorded += 1
+            schedule = loop is not None and self._scheduled is not loop
+            if schedule:
+                self._scheduled = loop
+        self._wake(loop, schedule)
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
         :class:`~kling_async.JournalError` while any of them is not."""
         if self._thread is None or self._closed:
             return
-        await self._ask("flush", None)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            broken = self._broken
+            if broken is None and self._committed == self._recorded:
+                return  # nothing recorded since the last commit
+            future: asyncio.Future[None] = loop.create_future()
+            if broken is None:
+                self._waiters.append((self._recorded, loop, future))
+                schedule = self._scheduled is not loop
+                if schedule:
+                    self._scheduled = loop
+        if broken is not None:
+            raise self._refusal(broken)
+        if schedule:
+            loop.call_soon(self._end_of_pass, loop)
+        await future
 
     async def open(self) -> None:
         """Open the file and become its owner now rather than at first use: raises
@@ -496,32 +604,124 @@ class Journal:
             self._queue.put(("abandon", None, None))
             self._thread.join()
 
-    # --- the writer thread ----------------------------------------------------------------
+    # --- handing over -------------------------------------------------------------------
 
-    def _enqueue(self, operation: _Operation) -> None:
-        """Queue ``operation`` for the writer. On an event loop, what one pass of
-        the loop queues goes over in one hand-over at its end: the creates started
-        together wake the writer (and contend with the loop for the interpreter)
-        once, not once for each intent, flush and status change."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop here: straight to the writer, after what waits
-            self._hand_over()
-            self._queue.put(operation)
+    def _wake(self, loop: asyncio.AbstractEventLoop | None, schedule: bool) -> None:
+        """After a record: on a loop, make sure its pass ends with a commit; with
+        no loop, have the writer thread commit."""
+        if loop is None:
+            self._queue.put(("commit", None, None))
+        elif schedule:
+            loop.call_soon(self._end_of_pass, loop)
+
+    def _save_later(self, rows: list[tuple[Any, ...]]) -> None:
+        """Save durations (``JournalDurations``) with the next commit, as a record is."""
+        if self._closed:
             return
+        self._start()
+        loop = _running_loop()
         with self._lock:
-            pending = self._pending
-            pending.append(operation)
-            if len(pending) > 1:
-                return  # the hand-over is scheduled already
-        loop.call_soon(self._hand_over)
+            if self._broken is not None:
+                return
+            self._durations.update((row[0], row) for row in rows)
+            self._recorded += 1  # a flush after it waits for it too
+            schedule = loop is not None and self._scheduled is not loop
+            if schedule:
+                self._scheduled = loop
+        self._wake(loop, schedule)
+
+    async def _ask(self, op: str, argument: Any) -> Any:
+        """Have the writer thread answer ``op`` (a read, or the file being open),
+        after the entries recorded before it are committed."""
+        if self._closed:
+            raise JournalError(f"the journal {self.path} is closed")
+        self._start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            self._pending.append((op, argument, (loop, future)))
+            schedule = self._scheduled is not loop
+            if schedule:
+                self._scheduled = loop
+        if schedule:
+            loop.call_soon(self._end_of_pass, loop)
+        return await future
+
+    def _end_of_pass(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the end of a pass of ``loop`` that recorded entries or asked for
+        reads: commit the entries (here, or by the writer thread when a commit
+        fsyncs or the writer is busy), then hand the writer the reads, in one
+        hand-over, after the commit that they must see. A commit on the loop comes
+        _COMMIT_INTERVAL after the last one at the soonest (a read does not wait)."""
+        with self._lock:
+            writes = self._has_writes()
+            wait = 0.0
+            if writes and self._commits_on_loop and not self._pending:
+                wait = self._next_commit - time.monotonic()
+            if wait > 0:
+                self._scheduled = loop  # what the next passes record joins this commit
+                operations: list[_Operation] = []
+            else:
+                if self._scheduled is loop:
+                    self._scheduled = None
+                operations, self._pending = self._pending, []
+        if wait > 0:
+            loop.call_later(wait, self._end_of_pass, loop)
+            return
+        try:
+            if writes and not (self._commits_on_loop and self._commit_here()):
+                operations.insert(0, ("commit", None, None))
+        except Exception as error:  # a bug: nobody may be left waiting on it
+            self._break(error, operations)
+            return
+        if operations:
+            self._queue.put(("batch", operations, None))
+
+    def _has_writes(self) -> bool:
+        """Whether a commit has anything to do (called with _lock held): entries or
+        durations to write, or flushes to answer."""
+        return bool(
+            self._incoming
+            or self._durations
+            or self._waiters
+            or self._unwritten
+            or self._unsaved_durations
+        )
+
+    def _commit_here(self) -> bool:
+        """Commit on this thread with the loop's connection. False when that cannot
+        be done without waiting: the writer thread is committing, or another
+        connection holds the file's write lock (the thread then waits for it)."""
+        if not self._writing.acquire(blocking=False):
+            return False
+        try:
+            if self._writer is None:
+                return True  # not open yet: the writer thread commits once it is
+            self._next_commit = time.monotonic() + _COMMIT_INTERVAL
+            return self._commit(self._writer, on_loop=True)
+        finally:
+            self._writing.release()
 
     def _hand_over(self) -> None:
-        """Give the writer everything queued on the loop since the last hand-over."""
+        """Give the writer thread every operation asked on a loop and not handed
+        over yet (by close(), whatever the loops do next)."""
         with self._lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            self._queue.put(("batch", batch, None))
+            operations, self._pending = self._pending, []
+        if operations:
+            self._queue.put(("batch", operations, None))
+
+    def _break(self, error: BaseException, operations: list[_Operation]) -> None:
+        """The loop's side of the writer failed: every flush waiting and every later
+        call fails, chained to ``error``; the writer thread is told, and refuses
+        ``operations`` and every later one."""
+        with self._lock:
+            self._broken = error
+            waiters, self._waiters = self._waiters, []
+        answers = _Answers()
+        for _target, loop, future in waiters:
+            answers.add((loop, future), error=self._refusal(error))
+        answers.send()
+        self._queue.put(("batch", [("broken", error, None), *operations], None))
 
     def _start(self) -> None:
         if self._thread is not None:
@@ -534,25 +734,33 @@ class Journal:
                 thread.start()
                 self._thread = thread
 
-    async def _ask(self, op: str, argument: Any) -> Any:
-        if self._closed:
-            raise JournalError(f"the journal {self.path} is closed")
-        self._start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._enqueue((op, argument, (loop, future)))
-        return await future
+    # --- the writer thread ----------------------------------------------------------------
+
+    def _connect(self, *, busy_timeout_ms: int, check_same_thread: bool) -> sqlite3.Connection:
+        """A connection to the file with the journal's settings. No connection
+        checkpoints on its own: the writer thread does (see _maybe_checkpoint)."""
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=check_same_thread
+        )
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(f"PRAGMA synchronous={self.synchronous}")
+            connection.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     def _open(self) -> sqlite3.Connection:
+        """The writer thread's connection (reads, checkpoints, the commits it makes),
+        with the schema made or migrated."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Created owner-only before SQLite opens it; SQLite gives its -wal and
         # -shm files the database file's permissions.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        connection = self._connect(busy_timeout_ms=_BUSY_TIMEOUT_MS, check_same_thread=True)
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(f"PRAGMA synchronous={self.synchronous}")
-            connection.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(
@@ -577,41 +785,66 @@ class Journal:
             logger.log(level, "cannot open the journal %s: %s", self.path, error)
             self._refuse_forever(error, [])
             return
+        connection: sqlite3.Connection | None = None
         try:
             connection = self._open()
+            # The loop's connection: it never waits for a write lock (the loop
+            # hands such a commit to this thread, which waits for it).
+            writer = (
+                self._connect(busy_timeout_ms=0, check_same_thread=False)
+                if self._commits_on_loop
+                else None
+            )
         except Exception as error:
+            if connection is not None:
+                connection.close()
             ownership.release()
             logger.error("cannot open the journal %s: %s", self.path, error)
             self._refuse_forever(error, [])
             return
-        operations: list[_Operation] = []
+        with self._writing:
+            self._writer = writer
+        operations: list[_Operation] = []  # the first serve commits what waited for the file
         try:
-            while True:
-                operations = self._take()
-                if not self._serve(connection, operations):
-                    return
+            while self._serve(connection, operations):
                 operations = []  # not kept alive (with their bodies) until the next batch
+                operations = self._take(_CHECKPOINT_SECONDS)
         except BaseException as error:  # a writer that fails must not leave anyone waiting
             logger.critical(
                 "the journal %s failed (%d entries not written); every call to it fails "
                 "from now on",
                 self.path,
-                len(self._unwritten),
+                len(self._unwritten) + len(self._incoming),
                 exc_info=True,
             )
-            with contextlib.suppress(Exception):
-                connection.close()
-            ownership.release()
+            self._close_files(connection, ownership)
             self._refuse_forever(error, operations)
         finally:
-            with contextlib.suppress(Exception):
-                connection.close()
-            ownership.release()
+            self._close_files(connection, ownership)
 
-    def _take(self) -> list[_Operation]:
-        """The next operation, and every one queued behind it (a hand-over's in order)."""
+    def _close_files(self, connection: sqlite3.Connection, ownership: _Ownership) -> None:
+        with self._writing:
+            self._close_writer()
+        with contextlib.suppress(Exception):
+            connection.close()
+        ownership.release()
+
+    def _close_writer(self) -> None:
+        """Close the loop's connection (called with _writing held): from now on
+        a loop leaves its commits to this thread."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _take(self, timeout: float | None) -> list[_Operation]:
+        """The next operation, and every one queued behind it (a hand-over's in
+        order); none if ``timeout`` seconds pass first."""
         operations: list[_Operation] = []
-        operation: _Operation | None = self._queue.get()
+        try:
+            operation: _Operation | None = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return operations
         while operation is not None:
             if operation[0] == "batch":
                 operations += operation[1]
@@ -624,35 +857,25 @@ class Journal:
         return operations
 
     def _serve(self, connection: sqlite3.Connection, operations: list[_Operation]) -> bool:
-        """Write everything recorded (with what earlier commits failed to write) in
-        one transaction, then answer the reads and flushes that came with it.
-        Returns False after a close."""
+        """Commit what is recorded and not committed (with what earlier commits
+        failed to write), then answer the reads that came after it, and checkpoint
+        when due. Returns False after a close."""
         if any(op == "abandon" for op, _, _ in operations):
             return self._abandon_now(operations)
-        # Whether a flush's entries, recorded before it, were all committed: those
-        # left over from a failed commit, and the writes ahead of it in this batch.
-        unwritten_before = [bool(self._unwritten)]
+        closing = False
         for op, argument, _ in operations:
-            if op == "write":
-                self._unwritten[argument.external_task_id] = argument  # the latest state wins
-            unwritten_before.append(bool(self._unwritten))
-        committed = self._commit(connection) if self._unwritten else True
-        keep_going = True
+            if op == "broken":  # the loop's side failed: so does this one
+                raise argument
+            closing = closing or op == "close"
+        with self._writing:
+            with self._lock:
+                writes = self._has_writes()
+            if writes:
+                self._commit(connection, on_loop=False)
+            if closing:
+                self._close_writer()
         answers = _Answers()
-        for (op, argument, reply), waits_on_writes in zip(
-            operations, unwritten_before[1:], strict=True
-        ):
-            if op == "close":
-                keep_going = False
-                if self._unwritten:
-                    logger.error(
-                        "journal %s closed with %d entries not written: %s",
-                        self.path,
-                        len(self._unwritten),
-                        self._failure,
-                    )
-            if op == "durations":
-                self._save_durations(connection, argument)
+        for op, argument, reply in operations:
             if reply is None:
                 continue
             if op == "select":
@@ -661,64 +884,177 @@ class Journal:
                     answers.add(reply, connection.execute(sql, parameters).fetchall())
                 except Exception as error:
                     answers.add(reply, error=self._error(f"cannot read it: {error}", error))
-            elif op == "flush" and waits_on_writes and not committed:
-                answers.add(reply, error=self._not_written())
-            else:
+            else:  # "open": it is
                 answers.add(reply)
         answers.send()
-        return keep_going
+        if not closing:
+            self._maybe_checkpoint(connection)
+            return True
+        if self._unwritten:
+            logger.error(
+                "journal %s closed with %d entries not written: %s",
+                self.path,
+                len(self._unwritten),
+                self._failure,
+            )
+        self._fail_waiters("closed before they were committed")
+        # Everything into the file, and an empty WAL left behind.
+        self._checkpoint(connection, "TRUNCATE")
+        return False
 
-    def _save_durations(self, connection: sqlite3.Connection, rows: list[Any]) -> None:
-        """Write learned durations: an optimisation, so a failure is only logged."""
+    def _maybe_checkpoint(self, connection: sqlite3.Connection) -> None:
+        """Copy the WAL into the file when commits were made: after every
+        _CHECKPOINT_COMMITS commits, or _CHECKPOINT_SECONDS after the last time."""
+        behind = self._commits - self._checkpointed
+        if behind and (
+            behind >= _CHECKPOINT_COMMITS
+            or time.monotonic() - self._checkpointed_at >= _CHECKPOINT_SECONDS
+        ):
+            self._checkpoint(connection, "PASSIVE")
+
+    def _checkpoint(self, connection: sqlite3.Connection, mode: str) -> None:
+        """Copy the WAL into the file (PASSIVE; TRUNCATE at close). A checkpoint
+        fsyncs, which is why the loop's connection never runs one. Only logged
+        when it fails: the WAL keeps what it did not copy.
+
+        Held under _writing, so that no commit of this journal's lands during it
+        (one that comes meanwhile is left to this thread, after it): the WAL is
+        then copied whole, and starts over from its beginning, rather than grow
+        for as long as commits keep coming while a checkpoint runs."""
+        commits = self._commits
         try:
-            with connection:
-                connection.execute("BEGIN")
-                connection.executemany(_SAVE_DURATIONS, rows)
-                connection.execute(_TRIM_DURATIONS, (MAX_CACHED_KINDS,))
+            with self._writing:
+                busy, frames, copied = connection.execute(
+                    f"PRAGMA wal_checkpoint({mode})"
+                ).fetchone()
+                if mode == "PASSIVE" and not busy and 0 < frames == copied:
+                    # The next commit starts the WAL over, and the first frame of
+                    # a WAL has its header fsynced: a write of nothing new (the
+                    # schema version it holds) does that here, not in the loop's
+                    # next commit.
+                    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as error:
-            logger.debug("journal %s: durations not written: %s", self.path, error)
+            logger.debug("journal %s: checkpoint %s not done: %s", self.path, mode, error)
+        self._checkpointed = commits
+        self._checkpointed_at = time.monotonic()
 
     def _abandon_now(self, operations: list[_Operation]) -> bool:
         """Stop as a killed process would: what is not committed is lost."""
-        logger.warning(
-            "journal %s abandoned: %d entries not written",
-            self.path,
-            len(self._unwritten) + sum(op == "write" for op, _, _ in operations),
-        )
-        self._unwritten.clear()
+        with self._writing:
+            self._close_writer()
+            with self._lock:
+                lost = len(self._unwritten | self._incoming)
+                self._incoming.clear()
+                self._durations.clear()
+                waiters, self._waiters = self._waiters, []
+            self._unwritten.clear()
+        logger.warning("journal %s abandoned: %d entries not written", self.path, lost)
         answers = _Answers()
+        for _target, loop, future in waiters:
+            answers.add((loop, future), error=self._error("abandoned", None))
         for _op, _argument, reply in operations:
             if reply is not None:
                 answers.add(reply, error=self._error("abandoned", None))
         answers.send()
         return False
 
-    def _commit(self, connection: sqlite3.Connection) -> bool:
-        """Write every unwritten entry in one transaction. A failure (any: a locked
-        file, a full disk, text SQLite cannot encode) keeps them for the next try."""
-        entries = list(self._unwritten.values())
-        try:
-            rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
-            if len(rows) <= _ROWS_PER_STATEMENT:
-                _upsert_many(connection, rows)  # one statement: a transaction of its own
+    # --- committing (by a loop, or by the writer thread) -------------------------------
+
+    def _commit(self, connection: sqlite3.Connection, *, on_loop: bool) -> bool:
+        """Write every entry recorded and not committed in one transaction, then
+        the durations to save, then answer the flushes that waited for them (a
+        save of durations counts as a record for them). Called with
+        _writing held. A failure (any: a locked file, a full disk, text SQLite
+        cannot encode) keeps the entries for the next try. Returns False, having
+        written nothing, when ``on_loop`` and another connection holds the write
+        lock: the writer thread, which may wait for it, commits them then."""
+        with self._lock:
+            upto = self._recorded
+            incoming, self._incoming = self._incoming, {}
+            durations, self._durations = self._durations, {}
+        self._unwritten.update(incoming)  # the latest state wins
+        self._unsaved_durations.update(durations)
+        committed = True
+        if self._unwritten:
+            entries = list(self._unwritten.values())
+            try:
+                rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
+                if len(rows) <= _ROWS_PER_STATEMENT:
+                    _upsert_many(connection, rows)  # one statement: a transaction of its own
+                else:
+                    with connection:
+                        connection.execute("BEGIN IMMEDIATE")
+                        _upsert_many(connection, rows)
+            except Exception as error:
+                if on_loop and _busy(error):
+                    return False
+                committed = False
+                self._failure = error
+                logger.error(
+                    "journal %s: %d entries not written (retried with the next commit): %s",
+                    self.path,
+                    len(entries),
+                    error,
+                )
+                self._drop_unstorable(entries)
             else:
-                with connection:
-                    connection.execute("BEGIN")
-                    _upsert_many(connection, rows)
-        except Exception as error:
-            self._failure = error
-            logger.error(
-                "journal %s: %d entries not written (retried with the next commit): %s",
-                self.path,
-                len(entries),
-                error,
-            )
-            self._drop_unstorable(entries)
-            return False
-        self._unwritten.clear()
-        self._failure = None
-        for entry in entries:
-            self._body_committed(entry)
+                self._unwritten.clear()
+                self._failure = None
+                for entry in entries:
+                    self._body_committed(entry)
+                self._commits += 1
+                if on_loop and self._commits - self._checkpoint_asked >= _CHECKPOINT_COMMITS:
+                    self._checkpoint_asked = self._commits
+                    self._queue.put(("checkpoint", None, None))
+        else:
+            self._failure = None
+        if not self._save_durations(connection, on_loop=on_loop):
+            return False  # the writer thread saves them, and answers the flushes then
+        self._settle(upto, committed)
+        return True
+
+    def _settle(self, upto: int, committed: bool) -> None:
+        """Answer the flushes that wait for records up to ``upto``: all committed,
+        or not (they fail)."""
+        with self._lock:
+            if committed:
+                self._committed = max(self._committed, upto)
+            if not self._waiters:
+                return
+            due = [waiter for waiter in self._waiters if waiter[0] <= upto]
+            if len(due) == len(self._waiters):
+                self._waiters = []
+            else:
+                self._waiters = [waiter for waiter in self._waiters if waiter[0] > upto]
+        answers = _Answers()
+        for _target, loop, future in due:
+            answers.add((loop, future), error=None if committed else self._not_written())
+        answers.send()
+
+    def _fail_waiters(self, reason: str) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        answers = _Answers()
+        for _target, loop, future in waiters:
+            answers.add((loop, future), error=self._error(reason, self._failure))
+        answers.send()
+
+    def _save_durations(self, connection: sqlite3.Connection, *, on_loop: bool) -> bool:
+        """Write learned durations: an optimisation, so a failure is only logged.
+        False, as for _commit, when the loop would have to wait for the file."""
+        if not self._unsaved_durations:
+            return True
+        rows = list(self._unsaved_durations.values())
+        try:
+            with connection:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.executemany(_SAVE_DURATIONS, rows)
+                connection.execute(_TRIM_DURATIONS, (MAX_CACHED_KINDS,))
+        except sqlite3.Error as error:
+            if on_loop and _busy(error):
+                return False
+            logger.debug("journal %s: durations not written: %s", self.path, error)
+        self._unsaved_durations.clear()
         return True
 
     def _drop_unstorable(self, entries: list[LedgerEntry]) -> None:
@@ -759,6 +1095,8 @@ class Journal:
         if len(self._settled_bodies) > _RECENTLY_SETTLED:
             del self._settled_bodies[next(iter(self._settled_bodies))]
 
+    # --- errors -------------------------------------------------------------------------
+
     def _not_written(self) -> JournalError:
         return self._error(
             f"{len(self._unwritten)} entries recorded before this flush are not committed "
@@ -783,8 +1121,18 @@ class Journal:
         return self._error(f"cannot be used: {cause}", cause)
 
     def _refuse_forever(self, cause: BaseException, pending: list[_Operation]) -> None:
-        """Answer the operations left pending, and every later one, with an error of
-        its own chained to ``cause``, until the journal is closed."""
+        """Answer the flushes waiting, the operations left pending and every later
+        one with an error of its own chained to ``cause``, until the journal is
+        closed. What was recorded and not committed is never written."""
+        with self._lock:
+            self._broken = cause
+            waiters, self._waiters = self._waiters, []
+            self._incoming.clear()
+            self._durations.clear()
+        answers = _Answers()
+        for _target, loop, future in waiters:
+            answers.add((loop, future), error=self._refusal(cause))
+        answers.send()
         operations = pending
         while True:
             answers = _Answers()
@@ -796,15 +1144,33 @@ class Journal:
             answers.send()
             if closing:
                 return
-            operations = self._take()
+            operations = self._take(None)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _busy(error: BaseException) -> bool:
+    """Whether ``error`` says another connection holds the file's lock."""
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_BUSY)
+    return "locked" in str(error) or "busy" in str(error)
 
 
 class JournalDurations:
     """A journal's table of learned task durations, for one API root (``scope``):
     the client's :class:`~kling_async._durations.DurationStore` when it has a
     journal. Read on first use from a read-only connection of its own (a small
-    table, read once); written through the journal's writer thread, so it is
-    committed before the journal closes. Never raises."""
+    table, read once); written by the journal's next commit, as a record is (on
+    the loop, or by the journal's thread), so it is committed before the journal
+    closes. Never raises."""
 
     def __init__(self, journal: Journal, scope: str) -> None:
         self.journal = journal
@@ -836,8 +1202,7 @@ class JournalDurations:
             if seconds
         ]
         if rows:
-            journal._start()
-            journal._enqueue(("durations", rows, None))
+            journal._save_later(rows)
 
 
 def _seconds(text: Any) -> object:
@@ -864,7 +1229,11 @@ class _Answers:
         self._by_loop.setdefault(loop, []).append((future, value, error))
 
     def send(self) -> None:
+        here = _running_loop()
         for loop, replies in self._by_loop.items():
+            if loop is here:  # answered on its own thread: no wake-up needed
+                _settle_all(replies)
+                continue
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
                 loop.call_soon_threadsafe(_settle_all, replies)
 

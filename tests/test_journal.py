@@ -8,7 +8,9 @@ import os
 import queue
 import sqlite3
 import stat
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +127,15 @@ async def test_writes_do_not_block_the_loop_and_are_batched(tmp_path: Path) -> N
         await journal.close()
 
 
-async def test_what_one_pass_of_the_loop_records_wakes_the_writer_once(tmp_path: Path) -> None:
-    # Each hand-over to the writer thread wakes it, and it then contends with
-    # the loop for the interpreter: the creates started together share one.
-    journal = Journal(tmp_path / "journal.db")
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_what_one_pass_of_the_loop_records_wakes_the_writer_thread_at_most_once(
+    tmp_path: Path, synchronous: journal_module.Synchronous
+) -> None:
+    # With NORMAL a commit does no fsync: the loop makes it, and the creates
+    # waiting on it never wait for the thread. With FULL the thread commits,
+    # woken once for the creates started together (it then contends with the
+    # loop for the interpreter).
+    journal = Journal(tmp_path / "journal.db", synchronous=synchronous)
     handed: list[str] = []
 
     class Counting(queue.SimpleQueue[Any]):
@@ -138,13 +145,16 @@ async def test_what_one_pass_of_the_loop_records_wakes_the_writer_once(tmp_path:
 
     journal._queue = Counting()
     try:
+        await journal.open()
+        handed.clear()
         for number in range(100):
             journal.record(entry(f"e{number}"))
         await journal.flush()  # as a create does: its intent, then the flush
-        assert handed == ["batch"]
+        by_the_thread = synchronous == "FULL"
+        assert handed == (["batch"] if by_the_thread else [])
         journal.record(entry("e0", EntryState.CREATED, task_id="t-0"))
         first = await journal.get("e0")  # in order: the read comes after the record
-        assert handed == ["batch", "batch"]
+        assert handed == (["batch", "batch"] if by_the_thread else ["batch"])
         assert first is not None
         assert first.state is EntryState.CREATED
         assert len(await journal.entries()) == 100
@@ -188,6 +198,269 @@ def test_a_journal_records_outside_an_event_loop_too(tmp_path: Path) -> None:
     found = asyncio.run(read())
     assert found is not None
     assert found.external_task_id == "a"
+
+
+# --- where commits are made -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def writer_thread_held(journal: Journal) -> AsyncIterator[None]:
+    """Keep the journal's thread busy, as a long read or a checkpoint would,
+    until the block ends."""
+    held, release = threading.Event(), threading.Event()
+    serve = journal._serve
+
+    def slow(connection: sqlite3.Connection, operations: list[Any]) -> bool:
+        held.set()
+        release.wait(HOLD_AT_MOST)
+        return serve(connection, operations)
+
+    journal._serve = slow  # type: ignore[method-assign]
+    journal._queue.put(("wake", None, None))  # an operation it ignores, once served
+    try:
+        assert await asyncio.to_thread(held.wait, HOLD_AT_MOST)
+        yield
+    finally:
+        release.set()
+        journal._serve = serve  # type: ignore[method-assign]
+
+
+# How long a held writer thread stays held if a test fails to let it go.
+HOLD_AT_MOST = 10.0
+
+
+def committed(path: Path, external_task_id: str) -> bool:
+    """Whether the file holds the entry, as another connection sees it."""
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        row = db.execute(
+            "SELECT 1 FROM entries WHERE external_task_id = ?", (external_task_id,)
+        ).fetchone()
+    return row is not None
+
+
+async def test_with_synchronous_normal_a_flush_does_not_wait_for_the_writer_thread(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    await journal.open()
+    try:
+        async with writer_thread_held(journal):
+            journal.record(entry("fox"))
+            # Committed on the loop: no wait for the thread, even a busy one.
+            await asyncio.wait_for(journal.flush(), 2.0)
+            assert committed(path, "fox")
+            durations = journal_module.JournalDurations(journal, "https://api.example")
+            durations.save({("image", "kling-v1", 1): [12.5]})
+            await eventually(lambda: bool(durations.load()))  # the loop's commit saves them too
+    finally:
+        await journal.close()
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_a_flush_waits_for_durations_saved_before_it(
+    tmp_path: Path, synchronous: journal_module.Synchronous
+) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path, synchronous=synchronous)
+    await journal.open()
+    try:
+        durations = journal_module.JournalDurations(journal, "https://api.example")
+        durations.save({("image", "kling-v1", 1): [12.5]})
+        await journal.flush()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM durations").fetchone() == (1,)
+    finally:
+        await journal.close()
+
+
+async def test_with_synchronous_full_the_writer_thread_commits(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path, synchronous="FULL")
+    await journal.open()
+    try:
+        async with writer_thread_held(journal):
+            journal.record(entry("fox"))
+            flushing = asyncio.ensure_future(journal.flush())
+            await asyncio.sleep(0.3)
+            # A commit with an fsync is never made on the loop.
+            assert not flushing.done()
+            assert not committed(path, "fox")
+        await asyncio.wait_for(flushing, 5.0)
+        assert committed(path, "fox")
+    finally:
+        await journal.close()
+
+
+@pytest.mark.parametrize(
+    ("synchronous", "on_the_loop"), [("NORMAL", True), ("OFF", True), ("FULL", False)]
+)
+async def test_commits_are_made_on_the_loop_unless_they_fsync(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    synchronous: journal_module.Synchronous,
+    on_the_loop: bool,
+) -> None:
+    threads: list[str] = []
+    upsert_many = journal_module._upsert_many
+
+    def watched(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        threads.append(threading.current_thread().name)
+        upsert_many(connection, rows)
+
+    monkeypatch.setattr(journal_module, "_upsert_many", watched)
+    journal = Journal(tmp_path / "journal.db", synchronous=synchronous)
+    await journal.open()
+    try:
+        for number in range(5):
+            journal.record(entry(f"e{number}"))
+            await journal.flush()
+    finally:
+        await journal.close()
+    here = threading.current_thread().name
+    assert len(threads) == 5
+    assert all((name == here) is on_the_loop for name in threads), threads
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_a_read_sees_what_was_recorded_before_it(
+    tmp_path: Path, synchronous: journal_module.Synchronous
+) -> None:
+    journal = Journal(tmp_path / "journal.db", synchronous=synchronous)
+    try:
+        for number in range(50):  # no flush: the read alone must see each record
+            journal.record(entry(f"e{number}", EntryState.CREATED, task_id=f"t{number}"))
+            found = await journal.get(f"e{number}")
+            assert found is not None
+            assert found.task_id == f"t{number}"
+        assert len(await journal.unsettled()) == 50
+    finally:
+        await journal.close()
+
+
+def wal_frames(path: Path) -> int:
+    """How many frames the WAL beside ``path`` has room for (its size)."""
+    wal = path.with_name(path.name + "-wal")
+    size = wal.stat().st_size if wal.exists() else 0
+    return max(0, size - 32) // (4096 + 24)
+
+
+async def test_the_loop_never_checkpoints_and_the_writer_thread_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_COMMIT_INTERVAL", 0.0, raising=False)
+    monkeypatch.setattr(journal_module, "_CHECKPOINT_COMMITS", 20, raising=False)
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    await journal.open()
+
+    def big(external_task_id: str) -> LedgerEntry:  # a page or more per commit
+        return LedgerEntry(
+            external_task_id=external_task_id,
+            endpoint=Endpoint.GENERATIONS,
+            body={"prompt": "x" * 3000},
+        )
+
+    try:
+        async with writer_thread_held(journal):
+            for number in range(1200):
+                journal.record(big(f"held-{number}"))
+                await journal.flush()
+            # 1,200 commits of a page or more, no checkpoint (SQLite's own would
+            # have run at 1,000 pages, and the WAL would have started over).
+            assert wal_frames(path) >= 1200
+        high_water = wal_frames(path)
+        largest = 0
+        for number in range(1200):
+            journal.record(big(f"free-{number}"))
+            await journal.flush()
+            largest = max(largest, wal_frames(path) - high_water)
+        # Checkpointed every 20 commits: the WAL is reused from its start, it
+        # does not grow by another 1,200 commits.
+        assert largest < 600
+    finally:
+        await journal.close()
+    assert wal_frames(path) == 0  # all in the file at close
+    assert len(await _entries_of(path)) == 2400
+
+
+async def _entries_of(path: Path) -> list[LedgerEntry]:
+    again = Journal(path)
+    try:
+        return await again.entries()
+    finally:
+        await again.close()
+
+
+def test_a_journal_keeps_working_on_one_event_loop_after_another(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+
+    async def first() -> None:
+        journal.record(entry("a"))
+        await journal.flush()
+        journal.record(entry("a", EntryState.CREATED, task_id="t-a"))  # left to the next loop
+
+    async def second() -> LedgerEntry | None:
+        journal.record(entry("b"))
+        await journal.flush()
+        assert committed(path, "b")
+        return await journal.get("a")
+
+    asyncio.run(first())
+    found = asyncio.run(second())
+    assert found is not None
+    assert found.task_id == "t-a"
+    asyncio.run(journal.close())
+
+
+def test_a_journal_works_on_two_event_loops_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+
+    async def creates(side: str) -> None:
+        for number in range(200):
+            journal.record(entry(f"{side}-{number}"))
+            await journal.flush()
+            if number % 50 == 0:
+                assert committed(path, f"{side}-{number}")
+
+    failures: list[BaseException] = []
+
+    def on_another_loop() -> None:
+        try:
+            asyncio.run(creates("thread"))
+        except BaseException as error:
+            failures.append(error)
+
+    other = threading.Thread(target=on_another_loop)
+    other.start()
+    asyncio.run(creates("main"))
+    other.join(30)
+    assert not other.is_alive()
+    assert failures == []
+
+    async def count() -> int:
+        try:
+            return len(await journal.entries())
+        finally:
+            await journal.close()
+
+    assert asyncio.run(count()) == 400
+
+
+async def test_records_from_another_thread_are_committed(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    await journal.open()
+    try:
+        await asyncio.to_thread(journal.record, entry("from-a-thread"))
+        await eventually(lambda: committed(path, "from-a-thread"))
+        await asyncio.to_thread(journal.record, entry("then-flushed"))
+        await journal.flush()
+        assert committed(path, "then-flushed")
+    finally:
+        await journal.close()
 
 
 async def test_a_journal_that_cannot_be_opened_refuses_every_create(tmp_path: Path) -> None:

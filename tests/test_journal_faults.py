@@ -124,7 +124,35 @@ async def test_an_entry_sqlite_cannot_store_fails_its_flush_not_the_journal(
         await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
 
 
-async def test_a_writer_that_fails_fails_every_waiting_and_later_call(
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_a_commit_that_breaks_fails_every_waiting_and_later_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: journal_module.Synchronous
+) -> None:
+    # NORMAL: the loop commits; FULL: the writer thread does.
+    journal = Journal(tmp_path / "journal.db", synchronous=synchronous)
+    await journal.open()
+
+    def broken(*_: object, **__: object) -> bool:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(journal, "_commit", broken)
+    journal.record(entry("a"))
+    calls = [journal.flush(), journal.get("a"), journal.unsettled()]
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), ANSWER_WITHIN)
+    for outcome in outcomes:
+        assert isinstance(outcome, JournalError)
+        assert isinstance(outcome.__cause__, RuntimeError)
+    assert len({id(outcome) for outcome in outcomes}) == 3  # one error per call
+    with pytest.raises(JournalError):
+        await asyncio.wait_for(journal.by_key("k"), ANSWER_WITHIN)
+    journal.record(entry("b"))
+    with pytest.raises(JournalError) as later:
+        await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+    assert isinstance(later.value.__cause__, RuntimeError)
+    await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
+
+
+async def test_a_writer_thread_that_fails_fails_every_later_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = Journal(tmp_path / "journal.db")
@@ -135,14 +163,15 @@ async def test_a_writer_that_fails_fails_every_waiting_and_later_call(
 
     monkeypatch.setattr(journal, "_serve", broken)
     journal.record(entry("a"))
-    calls = [journal.flush(), journal.get("a"), journal.unsettled()]
+    calls = [journal.get("a"), journal.unsettled()]
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), ANSWER_WITHIN)
     for outcome in outcomes:
         assert isinstance(outcome, JournalError)
         assert isinstance(outcome.__cause__, RuntimeError)
-    assert len({id(outcome) for outcome in outcomes}) == 3  # one error per call
-    with pytest.raises(JournalError):
-        await asyncio.wait_for(journal.by_key("k"), ANSWER_WITHIN)
+    journal.record(entry("b"))
+    with pytest.raises(JournalError) as later:
+        await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+    assert isinstance(later.value.__cause__, RuntimeError)
     await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
 
 
