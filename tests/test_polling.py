@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 import kling_async
@@ -365,6 +366,60 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
             await sweep_for(due)  # one changed: only it is structured
             assert structured == [handles[5].task_id]
             assert (await waits[5]).status is TaskStatus.SUCCEED
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_a_sweep_for_old_tasks_starts_below_the_newer_ones_above_them() -> None:
+    # A list page holds the newest tasks first, and the tasks due are mostly old
+    # ones near their end: a sweep from the top decoded every newer task above
+    # them (issue 26). It starts at the page of the shallowest one's last position.
+    policy = PollPolicy(initial_delay=60.0, max_delay=60.0, timeout=30.0, learn=False)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+
+        async def newer_tasks(count: int) -> None:
+            """Tasks another process creates on the account: listed above ours."""
+            async with aiohttp.ClientSession() as session:
+                for index in range(count):
+                    async with session.post(
+                        f"{server.url}/v1/images/generations",
+                        json={"model_name": "kling-v1", "prompt": f"new {index}"},
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                    ) as response:
+                        answer = await response.json()
+                        assert answer["code"] == 0, answer
+
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"old {i}") for i in range(10)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            poller = client._tracker._poller(handles[0].endpoint)
+            states = [handle._state for handle in handles]
+
+            async def sweep() -> None:
+                for state in states:
+                    polling._plan(state).polling = True
+                await poller._sweep(states, *poller._page_plan())
+
+            await newer_tasks(300)
+            for _ in range(8):  # the sweeps learn how deep the list goes
+                await sweep()
+                if all(polling._plan(state).position > 300 for state in states):
+                    break
+            assert all(polling._plan(state).position > 300 for state in states)
+            await newer_tasks(100)
+            lists_before, items_before = len(server.requests_for("list")), poller.list_items
+            gets_before = len(server.requests_for("get"))
+            server.finish(handles[3].task_id)
+            await sweep()
+            lists = server.requests_for("list")[lists_before:]
+            assert int(lists[0].query["pageNum"]) > 1  # the newer tasks' pages skipped
+            assert poller.list_items - items_before < 250  # not the 400 above them
+            assert (await waits[3]).status is TaskStatus.SUCCEED  # found, 100 deeper
+            assert len(server.requests_for("get")) == gets_before  # every one found
+            assert all(polling._plan(state).position > 400 for state in states)
             for wait in waits:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
