@@ -515,10 +515,11 @@ class Poller:
     async def _sweep(
         self, due: list[TaskState], size: int, pages: int, *, near_at: float | None = None
     ) -> None:
-        # Read from the page of the shallowest due task, in pages sized to the
-        # due tasks' spread, and no more pages than a sweep from the top would.
-        size, first_page = _targeted(due, size)
-        last_page = min(MAX_PAGE_NUMBER, first_page + pages + EXTRA_SWEEP_PAGES - 1)
+        # Read from the page of the shallowest due task, in smaller pages, as
+        # deep as a sweep from the top would (in at most twice its requests).
+        reach = (pages + EXTRA_SWEEP_PAGES) * size
+        size, first_page = _targeted(due, size, reach, 2 * (pages + EXTRA_SWEEP_PAGES))
+        last_page = min(MAX_PAGE_NUMBER, max(first_page, math.ceil(reach / size)))
         if near_at is not None:
             # Taken along: scattered due times merge into a steady cadence of
             # sweeps instead of one per task (the runner starts nothing meanwhile).
@@ -650,26 +651,33 @@ class Poller:
         return found, deepest
 
 
-def _targeted(due: Iterable[TaskState], size: int) -> tuple[int, int]:
-    """The page size (at most ``size``) and the first page of a sweep for ``due``.
+def _targeted(due: Iterable[TaskState], size: int, reach: int, requests: int) -> tuple[int, int]:
+    """The page size (at most ``size``) and the first page of a sweep for ``due``
+    that reads the list down to position ``reach`` in at most ``requests`` pages.
 
     A list page holds the newest tasks first, so a task seen at some position
     is there or deeper now: a sweep may start at the page of the shallowest due
     task's last position and skip the newer tasks above it. Due tasks are
     mostly old ones, near their end and bunched together, so reading from there
-    in smaller pages (twice their spread, at least ``MIN_TARGETED_PAGE``)
-    decodes a fraction of the list. Page 1 of ``size`` when any due task was
-    never seen on a page; a task that came up since (the list shrank) is
-    missed and polled by a GET of its own.
+    in smaller pages (twice their spread, at least ``MIN_TARGETED_PAGE``, and
+    no smaller than ``requests`` pages reaching ``reach`` need) decodes a
+    fraction of the list. Page 1 of ``size`` when any due task was never seen
+    on a page; a task that came up since (the list shrank) is missed and polled
+    by a GET of its own.
     """
     positions = [state.poll_plan.position if state.poll_plan is not None else 0 for state in due]
     shallowest = min(positions, default=0)
     if shallowest <= 0:
         return size, 1
     spread = max(positions) - shallowest + 1
-    targeted = max(MIN_TARGETED_PAGE, 2 * spread)
-    # Never past the endpoint's last page number, however deep the task is.
-    targeted = min(size, max(targeted, math.ceil(shallowest / MAX_PAGE_NUMBER)))
+    targeted = max(
+        MIN_TARGETED_PAGE,
+        2 * spread,
+        math.ceil((reach - shallowest + 1) / requests),
+        # Never past the endpoint's last page number, however deep the task is.
+        math.ceil(shallowest / MAX_PAGE_NUMBER),
+    )
+    targeted = min(size, targeted)
     return targeted, (shallowest - 1) // targeted + 1
 
 
