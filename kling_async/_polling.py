@@ -86,12 +86,14 @@ EXTRA_SWEEP_PAGES = 2
 INITIAL_SPREAD = 1.5
 #: Positions a page holds beyond the estimate, for tasks created meanwhile.
 PAGE_MARGIN = 8
-#: List items the sweeps of one poller decode per second, at most. Reading an
-#: item costs about 4 us of CPU (most of it ``json.loads``) whether or not its
-#: task changed, and every sweep reads every task in flight: without a bound,
-#: sweeps in the dense window of many short tasks would cost CPU per task in
-#: flight, not per change. At 1,000 in flight this spaces sweeps 0.25 s apart
-#: (the dense window then costs a lag of at most that); at 100, 25 ms apart.
+#: List items the sweeps of one poller decode per second, at most, a page
+#: counting as ``ITEMS_PER_REQUEST`` more. Reading an item costs about 4 us of
+#: CPU (most of it ``json.loads``) whether or not its task changed, and a sweep
+#: reads every task between the shallowest and the deepest due one: without a
+#: bound, sweeps in the dense window of many short tasks would cost CPU per task
+#: in flight, not per change. A sweep from the top at 1,000 in flight is then
+#: followed by the next 0.25 s later (the dense window costs a lag of at most
+#: that); at 100, 25 ms.
 SWEEP_ITEMS_PER_SECOND = 4000
 #: The smallest page a sweep starting below the top of the list asks for.
 MIN_TARGETED_PAGE = 64

@@ -472,6 +472,38 @@ async def test_a_change_only_waits_listen_to_is_structured_only_at_the_end() -> 
     assert all(state.unread is None for state in states)
 
 
+async def test_tasks_kept_unread_share_their_common_parts_and_read_back_whole() -> None:
+    # Thousands of tasks in flight each keep the raw task of their last change:
+    # the parts most of them carry alike (no result yet, no watermark) are held
+    # once, shared, and each task read gets copies of its own (issue 26's bytes).
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(3)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            states = [handle._state for handle in handles]
+            await eventually(lambda: all(state.unread is not None for state in states))
+            kept = [state.unread[0] for state in states if state.unread is not None]
+            assert kept[0]["task_result"] is kept[1]["task_result"] is kept[2]["task_result"]
+            assert kept[0]["watermark_info"] is kept[1]["watermark_info"]
+            first, second = handles[0].task, handles[1].task
+            assert first is not None
+            assert second is not None
+            assert first.status is TaskStatus.PROCESSING
+            # What Kling sent for a task in progress, read back whole.
+            assert first.raw["task_result"] == {"images": []}
+            assert first.raw["watermark_info"] == {"enabled": False}
+            assert first.raw["task_result"] is not second.raw["task_result"]
+            first.raw["task_result"]["images"].append({"url": "https://x.invalid/a.png"})
+            assert second.raw["task_result"] == {"images": []}
+            assert kept[2]["task_result"] == {"images": []}
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
 async def test_updates_and_a_late_reader_see_every_status() -> None:
     policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
     async with FakeKlingServer(
