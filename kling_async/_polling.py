@@ -664,12 +664,14 @@ def _targeted(due: Iterable[TaskState], size: int, reach: int, requests: int) ->
     in smaller pages (twice their spread, at least ``MIN_TARGETED_PAGE``, and
     no smaller than ``requests`` pages reaching ``reach`` need) decodes a
     fraction of the list. Page 1 of ``size`` when any due task was never seen
-    on a page; a task that came up since (the list shrank) is missed and polled
-    by a GET of its own.
+    on a page, or was last seen on that first page; a task that came up since
+    (the list shrank) is missed and polled by a GET of its own.
     """
     positions = [state.poll_plan.position if state.poll_plan is not None else 0 for state in due]
     shallowest = min(positions, default=0)
-    if shallowest <= 0:
+    if shallowest <= size:
+        # Never seen, or on the first page anyway: smaller pages would only
+        # cost requests (a few tasks in flight fit one page whole).
         return size, 1
     spread = max(positions) - shallowest + 1
     targeted = max(

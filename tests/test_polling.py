@@ -403,23 +403,23 @@ async def test_a_sweep_for_old_tasks_starts_below_the_newer_ones_above_them() ->
                     polling._plan(state).polling = True
                 await poller._sweep(states, *poller._page_plan())
 
-            await newer_tasks(300)
+            await newer_tasks(600)  # deeper than a page from the top holds
             for _ in range(8):  # the sweeps learn how deep the list goes
                 await sweep()
-                if all(polling._plan(state).position > 300 for state in states):
+                if all(polling._plan(state).position > 600 for state in states):
                     break
-            assert all(polling._plan(state).position > 300 for state in states)
-            await newer_tasks(100)
+            assert all(polling._plan(state).position > 600 for state in states)
+            await newer_tasks(200)
             lists_before, items_before = len(server.requests_for("list")), poller.list_items
             gets_before = len(server.requests_for("get"))
             server.finish(handles[3].task_id)
             await sweep()
             lists = server.requests_for("list")[lists_before:]
             assert int(lists[0].query["pageNum"]) > 1  # the newer tasks' pages skipped
-            assert poller.list_items - items_before < 250  # not the 400 above them
-            assert (await waits[3]).status is TaskStatus.SUCCEED  # found, 100 deeper
+            assert poller.list_items - items_before < 500  # not the 800 above them
+            assert (await waits[3]).status is TaskStatus.SUCCEED  # found, 200 deeper
             assert len(server.requests_for("get")) == gets_before  # every one found
-            assert all(polling._plan(state).position > 400 for state in states)
+            assert all(polling._plan(state).position > 800 for state in states)
             for wait in waits:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
