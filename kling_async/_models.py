@@ -10,8 +10,8 @@ flat; nested wire shapes get a flat Python spelling (``element_ids`` for
 from __future__ import annotations
 
 import difflib
-import functools
 import enum
+import functools
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence

@@ -45,6 +45,7 @@ from ._exceptions import (
 from ._models import Endpoint, Task, TaskStatus
 from ._schedule import poll_delay
 from ._wire import (
+    MAX_PAGE_NUMBER,
     MAX_PAGE_SIZE,
     Envelope,
     get_request,
@@ -85,13 +86,17 @@ EXTRA_SWEEP_PAGES = 2
 INITIAL_SPREAD = 1.5
 #: Positions a page holds beyond the estimate, for tasks created meanwhile.
 PAGE_MARGIN = 8
-#: List items the sweeps of one poller decode per second, at most. Reading an
-#: item costs about 4 us of CPU (most of it ``json.loads``) whether or not its
-#: task changed, and every sweep reads every task in flight: without a bound,
-#: sweeps in the dense window of many short tasks would cost CPU per task in
-#: flight, not per change. At 1,000 in flight this spaces sweeps 0.25 s apart
-#: (the dense window then costs a lag of at most that); at 100, 25 ms apart.
+#: List items the sweeps of one poller decode per second, at most, a page
+#: counting as ``ITEMS_PER_REQUEST`` more. Reading an item costs about 4 us of
+#: CPU (most of it ``json.loads``) whether or not its task changed, and a sweep
+#: reads every task between the shallowest and the deepest due one: without a
+#: bound, sweeps in the dense window of many short tasks would cost CPU per task
+#: in flight, not per change. A sweep from the top at 1,000 in flight is then
+#: followed by the next 0.25 s later (the dense window costs a lag of at most
+#: that); at 100, 25 ms.
 SWEEP_ITEMS_PER_SECOND = 4000
+#: The smallest page a sweep starting below the top of the list asks for.
+MIN_TARGETED_PAGE = 64
 #: The due-time heap is rebuilt from the plans once it holds this many times
 #: more entries than tasks polled (each re-plan leaves its old entry behind).
 HEAP_SLACK = 1.5
@@ -105,7 +110,7 @@ class PollPlan:
     plan, and kept when it stops being polled, so a task polled again later
     keeps its turn. Slotted: thousands are held."""
 
-    __slots__ = ("hurry", "interval", "next_poll", "polling")
+    __slots__ = ("hurry", "interval", "next_poll", "polling", "position")
 
     def __init__(self) -> None:
         #: Poll again as soon as possible (a terminal callback came).
@@ -116,6 +121,9 @@ class PollPlan:
         #: planned), and the gap before it.
         self.next_poll = 0.0
         self.interval = 0.0
+        #: Where a list page last showed the task (1-based; 0: never seen). The
+        #: list is newest first, so the task is there or deeper now.
+        self.position = 0
 
     def start(self) -> None:
         """A poll of the task goes out: it answers any hurry."""
@@ -406,10 +414,12 @@ class Poller:
                     break
         return count
 
-    async def _take_near(self, now: float) -> list[TaskState]:
+    async def _take_near(self, now: float, *, from_position: int = 1) -> list[TaskState]:
         """Start the tasks at least halfway to their next poll at ``now``, for a
-        sweep about to read every task in flight anyway: its pages cost no more.
-        Thousands are gone through in chunks, the loop served between them."""
+        sweep about to read the list from ``from_position`` on anyway: its pages
+        cost no more. A task last seen above that position (or never seen, once
+        the sweep starts below the top) may be on a page it skips, so it keeps
+        its plan. Thousands are gone through in chunks, the loop served between them."""
         states = list(self._active.values())
         near: list[TaskState] = []
         for start in range(0, len(states), REPLAN_CHUNK):
@@ -419,6 +429,8 @@ class Poller:
                 plan = state.poll_plan
                 if _near(plan, now) and self._polls(state):
                     assert plan is not None  # _near says so
+                    if from_position > 1 and plan.position < from_position:
+                        continue
                     plan.start()
                     near.append(state)
         return near
@@ -505,10 +517,15 @@ class Poller:
     async def _sweep(
         self, due: list[TaskState], size: int, pages: int, *, near_at: float | None = None
     ) -> None:
+        # Read from the page of the shallowest due task, in smaller pages, as
+        # deep as a sweep from the top would (in at most twice its requests).
+        reach = (pages + EXTRA_SWEEP_PAGES) * size
+        size, first_page = _targeted(due, size, reach, 2 * (pages + EXTRA_SWEEP_PAGES))
+        last_page = min(MAX_PAGE_NUMBER, max(first_page, math.ceil(reach / size)))
         if near_at is not None:
             # Taken along: scattered due times merge into a steady cadence of
             # sweeps instead of one per task (the runner starts nothing meanwhile).
-            due = due + await self._take_near(near_at)
+            due = due + await self._take_near(near_at, from_position=(first_page - 1) * size + 1)
         missing = set(due)
         # Tasks on the pages whose status changed: due or not, their plan is stale.
         changed: list[TaskState] = []
@@ -517,7 +534,7 @@ class Poller:
         deepest = 0  # list position of the deepest tracked task seen
         read = items_read = 0
         try:
-            for page in range(1, pages + EXTRA_SWEEP_PAGES + 1):
+            for page in range(first_page, last_page + 1):
                 async with self._slots:
                     self.list_pages += 1
                     envelope = await self._transport.send(list_request(self._endpoint, page, size))
@@ -548,7 +565,8 @@ class Poller:
             logger.exception("unexpected error in a list sweep, polling tasks one by one")
         finally:
             self._next_sweep_at = (
-                asyncio.get_running_loop().time() + items_read / SWEEP_ITEMS_PER_SECOND
+                asyncio.get_running_loop().time()
+                + (items_read + read * ITEMS_PER_REQUEST) / SWEEP_ITEMS_PER_SECOND
             )
             self._learn_spread(tracked, found, deepest, complete=not missing)
             # Planned again: the due tasks the pages showed, and the tasks whose
@@ -613,6 +631,9 @@ class Poller:
                 continue
             found += 1
             deepest = position
+            plan = state.poll_plan
+            if plan is not None:
+                plan.position = position
             missing.discard(state)
             if _unchanged(state, item):
                 continue
@@ -630,6 +651,38 @@ class Poller:
             changed.append(state)
             self._take(state, task)
         return found, deepest
+
+
+def _targeted(due: Iterable[TaskState], size: int, reach: int, requests: int) -> tuple[int, int]:
+    """The page size (at most ``size``) and the first page of a sweep for ``due``
+    that reads the list down to position ``reach`` in at most ``requests`` pages.
+
+    A list page holds the newest tasks first, so a task seen at some position
+    is there or deeper now: a sweep may start at the page of the shallowest due
+    task's last position and skip the newer tasks above it. Due tasks are
+    mostly old ones, near their end and bunched together, so reading from there
+    in smaller pages (twice their spread, at least ``MIN_TARGETED_PAGE``, and
+    no smaller than ``requests`` pages reaching ``reach`` need) decodes a
+    fraction of the list. Page 1 of ``size`` when any due task was never seen
+    on a page, or was last seen on that first page; a task that came up since
+    (the list shrank) is missed and polled by a GET of its own.
+    """
+    positions = [state.poll_plan.position if state.poll_plan is not None else 0 for state in due]
+    shallowest = min(positions, default=0)
+    if shallowest <= size:
+        # Never seen, or on the first page anyway: smaller pages would only
+        # cost requests (a few tasks in flight fit one page whole).
+        return size, 1
+    spread = max(positions) - shallowest + 1
+    targeted = max(
+        MIN_TARGETED_PAGE,
+        2 * spread,
+        math.ceil((reach - shallowest + 1) / requests),
+        # Never past the endpoint's last page number, however deep the task is.
+        math.ceil(shallowest / MAX_PAGE_NUMBER),
+    )
+    targeted = min(size, targeted)
+    return targeted, (shallowest - 1) // targeted + 1
 
 
 def _near(plan: PollPlan | None, now: float) -> bool:

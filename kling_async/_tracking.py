@@ -11,12 +11,13 @@ nobody awaits costs nothing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -62,6 +63,39 @@ def _stage(status: TaskStatus) -> int:
 #: Raw statuses a poll's answer may be kept unread with (see Tracker.keep_unread):
 #: known, and not the end.
 _QUIET_STATUSES = frozenset((TaskStatus.SUBMITTED.value, TaskStatus.PROCESSING.value))
+
+
+#: Parts of a raw task that tasks in flight mostly carry alike (no result yet,
+#: no watermark), by key: a version kept unread holds the one shared copy of
+#: such a part instead of its own (a few hundred bytes a task, thousands in
+#: flight), and gets its own copy back when read, so no ``Task.raw`` shares one.
+_COMMON_PARTS: Final[dict[str, tuple[dict[str, Any], ...]]] = {
+    "watermark_info": ({"enabled": False},),
+    "task_result": ({"images": []}, {}),
+}
+
+
+def _share_common_parts(data: dict[str, Any]) -> None:
+    """Put the shared copy of every common part in ``data`` in place of its own."""
+    for key, commons in _COMMON_PARTS.items():
+        part = data.get(key)
+        if part is not None:
+            for common in commons:
+                if part == common:
+                    data[key] = common
+                    break
+
+
+def _unshared(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` with a copy of its own of every shared common part in it."""
+    shared = [
+        key
+        for key, commons in _COMMON_PARTS.items()
+        if any(data.get(key) is common for common in commons)
+    ]
+    if not shared:
+        return data
+    return {**data, **{key: copy.deepcopy(data[key]) for key in shared}}
 
 
 def _stamped_later(data: Mapping[str, Any], known: Mapping[str, Any]) -> bool:
@@ -145,7 +179,7 @@ class TaskState:
         if unread is not None:
             self.unread = None
             data, read = unread
-            task = read(data)
+            task = read(_unshared(data))
             if task is not None and is_newer(task, self._latest):
                 self._latest = task
         return self._latest
@@ -382,6 +416,10 @@ class Tracker:
         if known is None or not _stamped_later(data, known):
             return False  # not plainly newer: weighed as any news is
         state.misses = 0
+        # The one shared string instead of the page's own copy, as a structured
+        # task holds (thousands of tasks in flight each keep their raw dict).
+        data["task_status"] = TaskStatus(data["task_status"]).value
+        _share_common_parts(data)
         # The version it replaces goes: one version of each task is held, read or not.
         state._latest, state.unread = None, (data, read)
         return True

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 import kling_async
@@ -370,6 +371,60 @@ async def test_a_sweep_structures_and_replans_only_what_changed_or_was_due(
             await asyncio.gather(*waits, return_exceptions=True)
 
 
+async def test_a_sweep_for_old_tasks_starts_below_the_newer_ones_above_them() -> None:
+    # A list page holds the newest tasks first, and the tasks due are mostly old
+    # ones near their end: a sweep from the top decoded every newer task above
+    # them (issue 26). It starts at the page of the shallowest one's last position.
+    policy = PollPolicy(initial_delay=60.0, max_delay=60.0, timeout=30.0, learn=False)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+
+        async def newer_tasks(count: int) -> None:
+            """Tasks another process creates on the account: listed above ours."""
+            async with aiohttp.ClientSession() as session:
+                for index in range(count):
+                    async with session.post(
+                        f"{server.url}/v1/images/generations",
+                        json={"model_name": "kling-v1", "prompt": f"new {index}"},
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                    ) as response:
+                        answer = await response.json()
+                        assert answer["code"] == 0, answer
+
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"old {i}") for i in range(10)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            poller = client._tracker._poller(handles[0].endpoint)
+            states = [handle._state for handle in handles]
+
+            async def sweep() -> None:
+                for state in states:
+                    polling._plan(state).polling = True
+                await poller._sweep(states, *poller._page_plan())
+
+            await newer_tasks(600)  # deeper than a page from the top holds
+            for _ in range(8):  # the sweeps learn how deep the list goes
+                await sweep()
+                if all(polling._plan(state).position > 600 for state in states):
+                    break
+            assert all(polling._plan(state).position > 600 for state in states)
+            await newer_tasks(200)
+            lists_before, items_before = len(server.requests_for("list")), poller.list_items
+            gets_before = len(server.requests_for("get"))
+            server.finish(handles[3].task_id)
+            await sweep()
+            lists = server.requests_for("list")[lists_before:]
+            assert int(lists[0].query["pageNum"]) > 1  # the newer tasks' pages skipped
+            assert poller.list_items - items_before < 500  # not the 800 above them
+            assert (await waits[3]).status is TaskStatus.SUCCEED  # found, 200 deeper
+            assert len(server.requests_for("get")) == gets_before  # every one found
+            assert all(polling._plan(state).position > 800 for state in states)
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
 async def test_sweeps_decode_list_items_within_a_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every sweep decodes every task in flight, changed or not: without a bound,
     # tasks polled often would cost CPU per task in flight at each sweep.
@@ -415,6 +470,38 @@ async def test_a_change_only_waits_listen_to_is_structured_only_at_the_end() -> 
     assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
     assert poller.parsed == len(handles)  # one each: the end
     assert all(state.unread is None for state in states)
+
+
+async def test_tasks_kept_unread_share_their_common_parts_and_read_back_whole() -> None:
+    # Thousands of tasks in flight each keep the raw task of their last change:
+    # the parts most of them carry alike (no result yet, no watermark) are held
+    # once, shared, and each task read gets copies of its own (issue 26's bytes).
+    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
+    async with FakeKlingServer(
+        api_key=API_KEY, task_duration=None, processing_delay=0.01
+    ) as server:
+        async with make_client(server, polling=policy) as client:
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(3)]
+            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
+            states = [handle._state for handle in handles]
+            await eventually(lambda: all(state.unread is not None for state in states))
+            kept = [state.unread[0] for state in states if state.unread is not None]
+            assert kept[0]["task_result"] is kept[1]["task_result"] is kept[2]["task_result"]
+            assert kept[0]["watermark_info"] is kept[1]["watermark_info"]
+            first, second = handles[0].task, handles[1].task
+            assert first is not None
+            assert second is not None
+            assert first.status is TaskStatus.PROCESSING
+            # What Kling sent for a task in progress, read back whole.
+            assert first.raw["task_result"] == {"images": []}
+            assert first.raw["watermark_info"] == {"enabled": False}
+            assert first.raw["task_result"] is not second.raw["task_result"]
+            first.raw["task_result"]["images"].append({"url": "https://x.invalid/a.png"})
+            assert second.raw["task_result"] == {"images": []}
+            assert kept[2]["task_result"] == {"images": []}
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def test_updates_and_a_late_reader_see_every_status() -> None:
