@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import enum
-import functools
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -801,12 +800,17 @@ def build_request(cls: type[RequestT], fields: Mapping[str, Any]) -> RequestT:
     return cls(**given)
 
 
-@functools.cache
-def _field_names(cls: type[TaskRequest]) -> tuple[frozenset[str], tuple[str, ...]]:
+_field_names_of: dict[type[Any], tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _field_names(cls: type[Any]) -> tuple[frozenset[str], tuple[str, ...]]:
     """``cls``'s field names, and those of its required fields (in order)."""
-    fields = attrs.fields(cls)
-    required = tuple(field.name for field in fields if field.default is attrs.NOTHING)
-    return frozenset(field.name for field in fields), required
+    names = _field_names_of.get(cls)
+    if names is None:
+        fields = attrs.fields(cls)
+        required = tuple(field.name for field in fields if field.default is attrs.NOTHING)
+        names = _field_names_of[cls] = (frozenset(field.name for field in fields), required)
+    return names
 
 
 def _did_you_mean(name: str, cls: type[TaskRequest]) -> str:
