@@ -54,6 +54,8 @@ MIN_PAD = 0.03
 FEW_SAMPLES_PAD = 0.5
 #: Durations below this are treated as this (Kling stamps milliseconds).
 SHORTEST = 0.001
+#: Durations closer than this (seconds) are one duration to the learned distribution.
+RESOLUTION = 0.01
 #: However wide the floor between polls, a window where tasks end is crossed
 #: in at least this many polls: a narrow one (tasks that all take about as
 #: long) is then polled closely, and the end is caught soon after it comes.
@@ -100,7 +102,9 @@ class Durations:
         count = 0
         for seconds, weight in samples:
             if weight > 0 and math.isfinite(seconds) and seconds >= 0:
-                key = max(seconds, SHORTEST)
+                # To RESOLUTION: two durations a float's last digit apart leave
+                # no room between them for the CDF's interpolation to invert.
+                key = max(round(seconds / RESOLUTION) * RESOLUTION, SHORTEST)
                 weights[key] = weights.get(key, 0.0) + weight
                 count += 1
         if not weights:
