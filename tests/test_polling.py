@@ -4,6 +4,7 @@ what is in flight, and no unexpected error ever stranding a task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -450,23 +451,38 @@ async def test_sweeps_decode_list_items_within_a_budget(monkeypatch: pytest.Monk
     assert server.requests_for("get") == []
 
 
-async def test_a_change_only_waits_listen_to_is_structured_only_at_the_end() -> None:
-    # Awaited handles want the end: a task's "processing" is kept as Kling sent it
-    # and never structured when the end follows before anyone asks for it.
+@contextlib.asynccontextmanager
+async def awaited_in_progress(
+    count: int,
+) -> AsyncIterator[tuple[FakeKlingServer, list[kling_async.TaskHandle], list[Any]]]:
+    """``count`` awaited tasks, each with its ``processing`` kept unread: the
+    server, the handles and the waits (cancelled on the way out)."""
     policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
     async with FakeKlingServer(
         api_key=API_KEY, task_duration=None, processing_delay=0.01
     ) as server:
         async with make_client(server, polling=policy) as client:
-            handles = [await client.images.generate(prompt=f"p{i}") for i in range(6)]
+            handles = [await client.images.generate(prompt=f"p{i}") for i in range(count)]
             waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
-            poller = client._tracker._poller(handles[0].endpoint)
-            states = [handle._state for handle in handles]
-            await eventually(lambda: all(state.unread is not None for state in states))
-            assert poller.parsed == 0
-            for handle in handles:
-                server.finish(handle.task_id)
-            tasks = await asyncio.gather(*waits)
+            await eventually(lambda: all(handle._state.unread is not None for handle in handles))
+            try:
+                yield server, handles, waits
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def test_a_change_only_waits_listen_to_is_structured_only_at_the_end() -> None:
+    # Awaited handles want the end: a task's "processing" is kept as Kling sent it
+    # and never structured when the end follows before anyone asks for it.
+    async with awaited_in_progress(6) as (server, handles, waits):
+        poller = handles[0]._tracker._poller(handles[0].endpoint)
+        states = [handle._state for handle in handles]
+        assert poller.parsed == 0
+        for handle in handles:
+            server.finish(handle.task_id)
+        tasks = await asyncio.gather(*waits)
     assert {task.status for task in tasks} == {TaskStatus.SUCCEED}
     assert poller.parsed == len(handles)  # one each: the end
     assert all(state.unread is None for state in states)
@@ -476,32 +492,21 @@ async def test_tasks_kept_unread_share_their_common_parts_and_read_back_whole() 
     # Thousands of tasks in flight each keep the raw task of their last change:
     # the parts most of them carry alike (no result yet, no watermark) are held
     # once, shared, and each task read gets copies of its own (issue 26's bytes).
-    policy = PollPolicy(initial_delay=0.05, max_delay=0.05, learn=False, timeout=30)
-    async with FakeKlingServer(
-        api_key=API_KEY, task_duration=None, processing_delay=0.01
-    ) as server:
-        async with make_client(server, polling=policy) as client:
-            handles = [await client.images.generate(prompt=f"p{i}") for i in range(3)]
-            waits = [asyncio.ensure_future(handle.wait()) for handle in handles]
-            states = [handle._state for handle in handles]
-            await eventually(lambda: all(state.unread is not None for state in states))
-            kept = [state.unread[0] for state in states if state.unread is not None]
-            assert kept[0]["task_result"] is kept[1]["task_result"] is kept[2]["task_result"]
-            assert kept[0]["watermark_info"] is kept[1]["watermark_info"]
-            first, second = handles[0].task, handles[1].task
-            assert first is not None
-            assert second is not None
-            assert first.status is TaskStatus.PROCESSING
-            # What Kling sent for a task in progress, read back whole.
-            assert first.raw["task_result"] == {"images": []}
-            assert first.raw["watermark_info"] == {"enabled": False}
-            assert first.raw["task_result"] is not second.raw["task_result"]
-            first.raw["task_result"]["images"].append({"url": "https://x.invalid/a.png"})
-            assert second.raw["task_result"] == {"images": []}
-            assert kept[2]["task_result"] == {"images": []}
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+    async with awaited_in_progress(3) as (_server, handles, _waits):
+        kept = [handle._state.unread[0] for handle in handles if handle._state.unread is not None]
+        assert kept[0]["task_result"] is kept[1]["task_result"] is kept[2]["task_result"]
+        assert kept[0]["watermark_info"] is kept[1]["watermark_info"]
+        first, second = handles[0].task, handles[1].task
+        assert first is not None
+        assert second is not None
+        assert first.status is TaskStatus.PROCESSING
+        # What Kling sent for a task in progress, read back whole.
+        assert first.raw["task_result"] == {"images": []}
+        assert first.raw["watermark_info"] == {"enabled": False}
+        assert first.raw["task_result"] is not second.raw["task_result"]
+        first.raw["task_result"]["images"].append({"url": "https://x.invalid/a.png"})
+        assert second.raw["task_result"] == {"images": []}
+        assert kept[2]["task_result"] == {"images": []}
 
 
 async def test_updates_and_a_late_reader_see_every_status() -> None:
