@@ -216,6 +216,10 @@ _CHECKPOINT_COMMITS: Final = 500
 # pages and locks); at a thousand creates a second each would get a commit of
 # its own, doubling what the journal costs a create.
 _COMMIT_INTERVAL: Final = 0.002
+# Rows the loop commits at most: a row costs about 20 us, and a pass that
+# recorded more (a resume, thousands of tasks ending at once) would stall the
+# loop that long; the writer thread commits those instead.
+_LOOP_COMMIT_ROWS: Final = 200
 _CHECKPOINT_SECONDS: Final = 1.0
 # Whether the OS has flock (all but Windows).
 _FLOCK: Final = sys.platform != "win32"
@@ -697,6 +701,10 @@ class Journal:
         try:
             if self._writer is None:
                 return True  # not open yet: the writer thread commits once it is
+            with self._lock:
+                rows = len(self._incoming) + len(self._unwritten)
+            if rows > _LOOP_COMMIT_ROWS:
+                return False  # too long a stall for the loop
             self._next_commit = time.monotonic() + _COMMIT_INTERVAL
             return self._commit(self._writer, on_loop=True)
         finally:
@@ -974,6 +982,7 @@ class Journal:
             durations, self._durations = self._durations, {}
         self._unwritten.update(incoming)  # the latest state wins
         self._unsaved_durations.update(durations)
+        incoming, durations = {}, {}  # held by the journal now, not by this frame
         committed = True
         if self._unwritten:
             entries = list(self._unwritten.values())
@@ -1006,6 +1015,9 @@ class Journal:
                 if on_loop and self._commits - self._checkpoint_asked >= _CHECKPOINT_COMMITS:
                     self._checkpoint_asked = self._commits
                     self._queue.put(("checkpoint", None, None))
+            # Let go of them before the flushes are answered: a caller woken by
+            # the answer finds the batch gone, not still held by this frame.
+            entries, rows = [], []
         else:
             self._failure = None
         if not self._save_durations(connection, on_loop=on_loop):

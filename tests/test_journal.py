@@ -322,6 +322,35 @@ async def test_commits_are_made_on_the_loop_unless_they_fsync(
     assert all((name == here) is on_the_loop for name in threads), threads
 
 
+async def test_a_pass_recording_many_entries_leaves_their_commit_to_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row costs about 20 us to commit: thousands recorded in one pass (a resume,
+    # a sweep finding many tasks ended) would stall the event loop that long.
+    threads: list[tuple[str, int]] = []
+    upsert_many = journal_module._upsert_many
+
+    def watched(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        threads.append((threading.current_thread().name, len(rows)))
+        upsert_many(connection, rows)
+
+    monkeypatch.setattr(journal_module, "_upsert_many", watched)
+    journal = Journal(tmp_path / "journal.db")
+    await journal.open()
+    try:
+        journal.record(entry("few"))
+        await journal.flush()
+        for number in range(journal_module._LOOP_COMMIT_ROWS + 1):
+            journal.record(entry(f"many-{number}"))
+        await journal.flush()
+        assert len(await journal.entries()) == journal_module._LOOP_COMMIT_ROWS + 2
+    finally:
+        await journal.close()
+    here = threading.current_thread().name
+    assert threads[0] == (here, 1)
+    assert all(name != here for name, _rows in threads[1:]), threads
+
+
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
 async def test_a_read_sees_what_was_recorded_before_it(
     tmp_path: Path, synchronous: journal_module.Synchronous
