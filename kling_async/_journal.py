@@ -68,7 +68,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 if sys.platform != "win32":
     import fcntl
@@ -200,6 +200,8 @@ _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 _Operation = tuple[str, Any, _Reply | None]
 # A flush waiting for a commit: the count of records it waits for, and its future.
 _Waiter = tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+# What a pending write holds: an entry, or a durations row.
+_Item = TypeVar("_Item")
 
 # How long a commit waits for another connection's write lock before it fails.
 _BUSY_TIMEOUT_MS: Final = 10_000
@@ -210,6 +212,7 @@ _SQLITE_BUSY: Final = 5
 # there were commits: the WAL is reused from its start once copied, so it does
 # not grow with the journal.
 _CHECKPOINT_COMMITS: Final = 500
+_CHECKPOINT_SECONDS: Final = 1.0
 # A loop commits at most once in this many seconds: what the passes in between
 # record joins the next commit, and a flush waits for it (a read does not).
 # A commit costs tens of microseconds of CPU however few its rows (the WAL's
@@ -220,7 +223,6 @@ _COMMIT_INTERVAL: Final = 0.002
 # recorded more (a resume, thousands of tasks ending at once) would stall the
 # loop that long; the writer thread commits those instead.
 _LOOP_COMMIT_ROWS: Final = 200
-_CHECKPOINT_SECONDS: Final = 1.0
 # Whether the OS has flock (all but Windows).
 _FLOCK: Final = sys.platform != "win32"
 # How often a journal waiting for its owner to let go looks again, in seconds.
@@ -498,17 +500,7 @@ class Journal:
         if self._closed:
             logger.debug("journal %s is closed; entry %s not written", self.path, entry)
             return
-        self._start()
-        loop = _running_loop()
-        with self._lock:
-            if self._broken is not None:
-                return  # refused: every flush says so
-            self._incoming[entry.external_task_id] = entry
-            self._recorded += 1
-            schedule = loop is not None and self._scheduled is not loop
-            if schedule:
-                self._scheduled = loop
-        self._wake(loop, schedule)
+        self._take_in(self._incoming, [(entry.external_task_id, entry)])
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
@@ -523,13 +515,10 @@ class Journal:
             future: asyncio.Future[None] = loop.create_future()
             if broken is None:
                 self._waiters.append((self._recorded, loop, future))
-                schedule = self._scheduled is not loop
-                if schedule:
-                    self._scheduled = loop
+                schedule = self._claim_end_of_pass(loop)
         if broken is not None:
             raise self._refusal(broken)
-        if schedule:
-            loop.call_soon(self._end_of_pass, loop)
+        self._wake(loop, schedule)
         await future
 
     async def open(self) -> None:
@@ -611,8 +600,8 @@ class Journal:
     # --- handing over -------------------------------------------------------------------
 
     def _wake(self, loop: asyncio.AbstractEventLoop | None, schedule: bool) -> None:
-        """After a record: on a loop, make sure its pass ends with a commit; with
-        no loop, have the writer thread commit."""
+        """After a record, flush or read: on a loop, schedule its end of pass if
+        this caller claimed it; with no loop, have the writer thread commit."""
         if loop is None:
             self._queue.put(("commit", None, None))
         elif schedule:
@@ -622,17 +611,31 @@ class Journal:
         """Save durations (``JournalDurations``) with the next commit, as a record is."""
         if self._closed:
             return
+        # One record: a flush after it waits for it too.
+        self._take_in(self._durations, [(row[0], row) for row in rows])
+
+    def _take_in(self, pending: dict[str, _Item], items: list[tuple[str, _Item]]) -> None:
+        """Put ``items`` among the ``pending`` writes (the latest per key wins) as
+        one record, and make sure a commit takes them: at the end of this pass of
+        the running loop, or by the writer thread when there is no loop. Nothing
+        once the journal is refused: every flush says so."""
         self._start()
         loop = _running_loop()
         with self._lock:
             if self._broken is not None:
                 return
-            self._durations.update((row[0], row) for row in rows)
-            self._recorded += 1  # a flush after it waits for it too
-            schedule = loop is not None and self._scheduled is not loop
-            if schedule:
-                self._scheduled = loop
+            pending.update(items)
+            self._recorded += 1
+            schedule = self._claim_end_of_pass(loop)
         self._wake(loop, schedule)
+
+    def _claim_end_of_pass(self, loop: asyncio.AbstractEventLoop | None) -> bool:
+        """Whether the caller must schedule ``loop``'s end of pass (called with
+        _lock held): not when there is no loop or one is scheduled already."""
+        if loop is None or self._scheduled is loop:
+            return False
+        self._scheduled = loop
+        return True
 
     async def _ask(self, op: str, argument: Any) -> Any:
         """Have the writer thread answer ``op`` (a read, or the file being open),
@@ -644,11 +647,8 @@ class Journal:
         future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
             self._pending.append((op, argument, (loop, future)))
-            schedule = self._scheduled is not loop
-            if schedule:
-                self._scheduled = loop
-        if schedule:
-            loop.call_soon(self._end_of_pass, loop)
+            schedule = self._claim_end_of_pass(loop)
+        self._wake(loop, schedule)
         return await future
 
     def _end_of_pass(self, loop: asyncio.AbstractEventLoop) -> None:
