@@ -66,7 +66,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -725,10 +725,7 @@ class Journal:
         with self._lock:
             self._broken = error
             waiters, self._waiters = self._waiters, []
-        answers = _Answers()
-        for _target, loop, future in waiters:
-            answers.add((loop, future), error=self._refusal(error))
-        answers.send()
+        self._fail(waiters, lambda: self._refusal(error))
         self._queue.put(("batch", [("broken", error, None), *operations], None))
 
     def _start(self) -> None:
@@ -957,9 +954,8 @@ class Journal:
                 waiters, self._waiters = self._waiters, []
             self._unwritten.clear()
         logger.warning("journal %s abandoned: %d entries not written", self.path, lost)
+        self._fail(waiters, lambda: self._error("abandoned", None))
         answers = _Answers()
-        for _target, loop, future in waiters:
-            answers.add((loop, future), error=self._error("abandoned", None))
         for _op, _argument, reply in operations:
             if reply is not None:
                 answers.add(reply, error=self._error("abandoned", None))
@@ -973,9 +969,10 @@ class Journal:
         the durations to save, then answer the flushes that waited for them (a
         save of durations counts as a record for them). Called with
         _writing held. A failure (any: a locked file, a full disk, text SQLite
-        cannot encode) keeps the entries for the next try. Returns False, having
-        written nothing, when ``on_loop`` and another connection holds the write
-        lock: the writer thread, which may wait for it, commits them then."""
+        cannot encode) keeps the entries for the next try. Returns False when
+        ``on_loop`` and another connection holds the write lock: the writer
+        thread, which may wait for it, commits what is left (the entries, or the
+        durations alone) and answers the flushes then."""
         with self._lock:
             upto = self._recorded
             incoming, self._incoming = self._incoming, {}
@@ -1046,9 +1043,15 @@ class Journal:
     def _fail_waiters(self, reason: str) -> None:
         with self._lock:
             waiters, self._waiters = self._waiters, []
+        self._fail(waiters, lambda: self._error(reason, self._failure))
+
+    @staticmethod
+    def _fail(waiters: list[_Waiter], error: Callable[[], BaseException]) -> None:
+        """Answer ``waiters`` (flushes taken off the list) each with an error of
+        its own (see _error: one object raised to many would collect their frames)."""
         answers = _Answers()
         for _target, loop, future in waiters:
-            answers.add((loop, future), error=self._error(reason, self._failure))
+            answers.add((loop, future), error=error())
         answers.send()
 
     def _save_durations(self, connection: sqlite3.Connection, *, on_loop: bool) -> bool:
@@ -1141,10 +1144,7 @@ class Journal:
             waiters, self._waiters = self._waiters, []
             self._incoming.clear()
             self._durations.clear()
-        answers = _Answers()
-        for _target, loop, future in waiters:
-            answers.add((loop, future), error=self._refusal(cause))
-        answers.send()
+        self._fail(waiters, lambda: self._refusal(cause))
         operations = pending
         while True:
             answers = _Answers()
