@@ -68,7 +68,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 if sys.platform != "win32":
     import fcntl
@@ -200,8 +200,6 @@ _Reply = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 _Operation = tuple[str, Any, _Reply | None]
 # A flush waiting for a commit: the count of records it waits for, and its future.
 _Waiter = tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
-# What a pending write holds: an entry, or a durations row.
-_Item = TypeVar("_Item")
 
 # How long a commit waits for another connection's write lock before it fails.
 _BUSY_TIMEOUT_MS: Final = 10_000
@@ -500,7 +498,7 @@ class Journal:
         if self._closed:
             logger.debug("journal %s is closed; entry %s not written", self.path, entry)
             return
-        self._take_in(self._incoming, [(entry.external_task_id, entry)])
+        self._take_in(entry=entry)
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
@@ -612,19 +610,26 @@ class Journal:
         if self._closed:
             return
         # One record: a flush after it waits for it too.
-        self._take_in(self._durations, [(row[0], row) for row in rows])
+        self._take_in(durations=rows)
 
-    def _take_in(self, pending: dict[str, _Item], items: list[tuple[str, _Item]]) -> None:
-        """Put ``items`` among the ``pending`` writes (the latest per key wins) as
-        one record, and make sure a commit takes them: at the end of this pass of
-        the running loop, or by the writer thread when there is no loop. Nothing
-        once the journal is refused: every flush says so."""
+    def _take_in(
+        self, *, entry: LedgerEntry | None = None, durations: Sequence[tuple[Any, ...]] = ()
+    ) -> None:
+        """Put ``entry`` or ``durations`` among the pending writes (the latest per
+        key wins) as one record, and make sure a commit takes them: at the end of
+        this pass of the running loop, or by the writer thread when there is no
+        loop. Nothing once the journal is refused: every flush says so."""
         self._start()
         loop = _running_loop()
         with self._lock:
             if self._broken is not None:
                 return
-            pending.update(items)
+            # The dicts are read under the lock: a commit swaps them for new ones,
+            # and what went into one it had taken would never be written.
+            if entry is not None:
+                self._incoming[entry.external_task_id] = entry
+            for row in durations:
+                self._durations[row[0]] = row
             self._recorded += 1
             schedule = self._claim_end_of_pass(loop)
         self._wake(loop, schedule)

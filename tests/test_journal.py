@@ -8,6 +8,7 @@ import os
 import queue
 import sqlite3
 import stat
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,35 @@ async def test_writes_do_not_block_the_loop_and_are_batched(tmp_path: Path) -> N
         assert len(await journal.entries()) == 2000
         assert queued < 1.0  # queueing 2,000 entries does no I/O on the loop
     finally:
+        await journal.close()
+
+
+async def test_records_made_while_the_writer_commits_are_all_written(tmp_path: Path) -> None:
+    # Threads record (no loop: each record wakes the writer thread) while the
+    # writer takes the pending entries for its commits. A record that chose the
+    # pending dict before taking the lock put its entry into one a commit had
+    # already taken: hundreds of 4,000 went missing, and the flush said all was
+    # written. A short switch interval makes the threads interleave often.
+    journal = Journal(tmp_path / "journal.db")
+    switch_interval = sys.getswitchinterval()
+    try:
+        await journal.open()
+
+        def record_many(thread: int) -> None:
+            for number in range(1000):
+                journal.record(entry(f"t{thread}-e{number}"))
+
+        sys.setswitchinterval(1e-6)
+        threads = [threading.Thread(target=record_many, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sys.setswitchinterval(switch_interval)
+        await journal.flush()
+        assert len(await journal.entries()) == 4000
+    finally:
+        sys.setswitchinterval(switch_interval)
         await journal.close()
 
 
