@@ -435,6 +435,10 @@ class Journal:
         self._recorded = 0
         self._committed = 0
         self._waiters: list[_Waiter] = []
+        # Entries given up (see _drop_unstorable) since a flush was last told,
+        # and why: the next flushes answered fail for them.
+        self._given_up = 0
+        self._given_up_because: BaseException | None = None
         # Operations for the writer thread (reads, open) asked during a pass of a
         # loop, handed over at its end.
         self._pending: list[_Operation] = []
@@ -508,7 +512,7 @@ class Journal:
         loop = asyncio.get_running_loop()
         with self._lock:
             broken = self._broken
-            if broken is None and self._committed == self._recorded:
+            if broken is None and self._committed == self._recorded and not self._given_up:
                 return  # nothing recorded since the last commit
             future: asyncio.Future[None] = loop.create_future()
             if broken is None:
@@ -985,8 +989,8 @@ class Journal:
         self._unwritten.update(incoming)  # the latest state wins
         self._unsaved_durations.update(durations)
         incoming, durations = {}, {}  # held by the journal now, not by this frame
-        committed = True
-        if self._unwritten:
+        failure: BaseException | None = None  # why this commit fails its flushes
+        while self._unwritten:
             entries = list(self._unwritten.values())
             try:
                 rows = [_row(entry, with_body=not self._body_written(entry)) for entry in entries]
@@ -999,39 +1003,48 @@ class Journal:
             except Exception as error:
                 if on_loop and _busy(error):
                     return False
-                committed = False
-                self._failure = error
+                failure = self._failure = error
                 logger.error(
                     "journal %s: %d entries not written (retried with the next commit): %s",
                     self.path,
                     len(entries),
                     error,
                 )
-                self._drop_unstorable(entries)
+                dropped = self._drop_unstorable(entries)
+                if dropped:
+                    with self._lock:
+                        self._given_up += dropped
+                        self._given_up_because = error
+                entries, rows = [], []
+                if not dropped:
+                    break  # kept for the next commit
+                # The others are written now, not left for a next commit that
+                # may never come (a close, or nothing recorded any more).
             else:
                 self._unwritten.clear()
-                self._failure = None
                 for entry in entries:
                     self._body_committed(entry)
                 self._commits += 1
                 if on_loop and self._commits - self._checkpoint_asked >= _CHECKPOINT_COMMITS:
                     self._checkpoint_asked = self._commits
                     self._queue.put(("checkpoint", None, None))
-            # Let go of them before the flushes are answered: a caller woken by
-            # the answer finds the batch gone, not still held by this frame.
-            entries, rows = [], []
-        else:
+                # Let go of them before the flushes are answered: a caller woken by
+                # the answer finds the batch gone, not still held by this frame.
+                entries, rows = [], []
+        if not self._unwritten:
             self._failure = None
         if not self._save_durations(connection, on_loop=on_loop):
             return False  # the writer thread saves them, and answers the flushes then
-        self._settle(upto, committed)
+        self._settle(upto, failure)
         return True
 
-    def _settle(self, upto: int, committed: bool) -> None:
+    def _settle(self, upto: int, failure: BaseException | None) -> None:
         """Answer the flushes that wait for records up to ``upto``: all committed,
-        or not (they fail)."""
+        or not (they fail, with ``failure``, when entries are kept for the next
+        commit or were given up)."""
+        given_up = 0
         with self._lock:
-            if committed:
+            if failure is None:
                 self._committed = max(self._committed, upto)
             if not self._waiters:
                 return
@@ -1040,9 +1053,13 @@ class Journal:
                 self._waiters = []
             else:
                 self._waiters = [waiter for waiter in self._waiters if waiter[0] > upto]
+            if due and self._given_up:
+                given_up, self._given_up = self._given_up, 0
+                failure = failure or self._given_up_because
         answers = _Answers()
         for _target, loop, future in due:
-            answers.add((loop, future), error=None if committed else self._not_written())
+            error = None if failure is None else self._not_written(failure, given_up)
+            answers.add((loop, future), error=error)
         answers.send()
 
     def _fail_waiters(self, reason: str) -> None:
@@ -1077,11 +1094,12 @@ class Journal:
         self._unsaved_durations.clear()
         return True
 
-    def _drop_unstorable(self, entries: list[LedgerEntry]) -> None:
+    def _drop_unstorable(self, entries: list[LedgerEntry]) -> int:
         """Entries SQLite can never store (text it cannot encode: validation refuses
         it in requests, but a key or an error message may carry it) fail the flushes
         that waited on them once, then are given up, so that they do not fail every
-        later commit too."""
+        later commit too. Returns how many were given up."""
+        given_up = 0
         for entry in entries:
             try:
                 for value in _row(entry):
@@ -1095,6 +1113,8 @@ class Journal:
                     error,
                 )
                 self._unwritten.pop(entry.external_task_id, None)
+                given_up += 1
+        return given_up
 
     def _body_written(self, entry: LedgerEntry) -> bool:
         return (
@@ -1117,12 +1137,14 @@ class Journal:
 
     # --- errors -------------------------------------------------------------------------
 
-    def _not_written(self) -> JournalError:
-        return self._error(
-            f"{len(self._unwritten)} entries recorded before this flush are not committed "
-            f"yet: {self._failure}",
-            self._failure,
-        )
+    def _not_written(self, failure: BaseException, given_up: int) -> JournalError:
+        kept = f"{len(self._unwritten)} entries recorded before this flush are not committed yet"
+        if given_up:
+            kept = (
+                f"{given_up} entries recorded before this flush can never be written and "
+                f"were given up, {len(self._unwritten)} are not committed yet"
+            )
+        return self._error(f"{kept}: {failure}", failure)
 
     def _error(self, reason: str, cause: BaseException | None) -> JournalError:
         """A new error for each caller, chained to ``cause``: one exception object

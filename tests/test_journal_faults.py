@@ -125,6 +125,45 @@ async def test_an_entry_sqlite_cannot_store_fails_its_flush_not_the_journal(
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+async def test_entries_committed_beside_one_sqlite_cannot_store_are_written_at_once(
+    tmp_path: Path, synchronous: journal_module.Synchronous
+) -> None:
+    # The bad entry is given up; the others in its commit were kept "for the
+    # next commit", which a close (or a process that records nothing more)
+    # never makes: they were lost, the created state of a task among them.
+    path = tmp_path / "journal.db"
+    journal = Journal(path, synchronous=synchronous)
+    await journal.open()
+    journal.record(entry("task", EntryState.CREATED, task_id="t-1"))
+    journal.record(entry("bad", key="caf\udce9.jsonl#1"))
+    journal.record(entry("other"))
+    await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
+    states = {name: row(path, name) for name in ("task", "other", "bad")}
+    assert {name: found and found[0] for name, found in states.items()} == {
+        "task": "created",
+        "other": "intended",
+        "bad": None,
+    }
+
+
+async def test_an_entry_given_up_when_no_flush_waited_fails_the_next_flush_once(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        journal.record(entry("bad", key="caf\udce9.jsonl#1"))
+        journal.record(entry("good"))
+        await asyncio.wait_for(journal.get("good"), ANSWER_WITHIN)  # committed, bad given up
+        # Recorded before this flush and never to be written: it says so.
+        with pytest.raises(JournalError, match="given up") as caught:
+            await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+        assert isinstance(caught.value.__cause__, UnicodeError)
+        await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)  # once
+    finally:
+        await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
 async def test_a_commit_that_breaks_fails_every_waiting_and_later_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synchronous: journal_module.Synchronous
 ) -> None:
