@@ -419,6 +419,8 @@ class Journal:
         self._commits_on_loop = synchronous in ("OFF", "NORMAL")
         self._queue: queue.SimpleQueue[_Operation] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Set under _lock (read without it only to return early): a record, flush
+        # or read either comes before it, and the close answers it, or sees it.
         self._closed = False
         # Set by close(): a writer waiting for the owner to let go stops waiting.
         self._stop = threading.Event()
@@ -444,6 +446,9 @@ class Journal:
         self._next_commit = 0.0
         # Why the journal cannot be used (not opened, or its writer failed).
         self._broken: BaseException | None = None
+        # Whether the writer thread has ended (after a close): what is handed
+        # over from then on is answered by whoever hands it over.
+        self._stopped = False
 
         # The writer's own state, guarded by _writing: whoever commits holds it (a
         # loop, or the writer thread), so one commit runs at a time. The loop's
@@ -503,10 +508,12 @@ class Journal:
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
         :class:`~kling_async.JournalError` while any of them is not."""
-        if self._thread is None or self._closed:
+        if self._thread is None:
             return
         loop = asyncio.get_running_loop()
         with self._lock:
+            if self._closed:  # under the lock: a flush before the close is answered by it
+                return
             broken = self._broken
             if broken is None and self._committed == self._recorded:
                 return  # nothing recorded since the last commit
@@ -574,8 +581,9 @@ class Journal:
         idempotent. Always returns: entries that cannot be committed are logged."""
         if self._closed:
             return
-        self._closed = True
-        thread = self._thread
+        with self._lock:
+            self._closed = True
+            thread = self._thread
         if thread is not None:
             self._stop.set()
             self._hand_over()
@@ -588,12 +596,14 @@ class Journal:
         committed are lost, later calls fail, and another :class:`Journal` may take
         the file over. For fault tests that simulate a crash inside one process
         (one owner per file holds within a process too)."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            thread = self._thread
         self._stop.set()
-        if self._thread is not None:
+        if thread is not None:
             self._hand_over()
             self._queue.put(("abandon", None, None))
-            self._thread.join()
+            thread.join()
 
     # --- handing over -------------------------------------------------------------------
 
@@ -624,6 +634,9 @@ class Journal:
         with self._lock:
             if self._broken is not None:
                 return
+            if self._closed:  # closed since record() looked: the close has committed
+                logger.debug("journal %s is closed; not written: %s", self.path, entry or durations)
+                return
             # The dicts are read under the lock: a commit swaps them for new ones,
             # and what went into one it had taken would never be written.
             if entry is not None:
@@ -651,6 +664,8 @@ class Journal:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
+            if self._closed:  # under the lock: a read before the close is answered by it
+                raise JournalError(f"the journal {self.path} is closed")
             self._pending.append((op, argument, (loop, future)))
             schedule = self._claim_end_of_pass(loop)
         self._wake(loop, schedule)
@@ -684,7 +699,7 @@ class Journal:
             self._break(error, operations)
             return
         if operations:
-            self._queue.put(("batch", operations, None))
+            self._send(operations)
 
     def _has_writes(self) -> bool:
         """Whether a commit has anything to do (called with _lock held): entries or
@@ -721,7 +736,26 @@ class Journal:
         with self._lock:
             operations, self._pending = self._pending, []
         if operations:
-            self._queue.put(("batch", operations, None))
+            self._send(operations)
+
+    def _send(self, operations: list[_Operation]) -> None:
+        """Hand ``operations`` to the writer thread in one batch. Once it has
+        ended (a close by another thread may come between a loop taking them and
+        handing them over) the reads among them are refused here: nobody would
+        answer them."""
+        with self._lock:
+            stopped = self._stopped
+            if not stopped:
+                self._queue.put(("batch", operations, None))
+        if stopped:
+            self._refuse_closed(operations)
+
+    def _refuse_closed(self, operations: list[_Operation]) -> None:
+        answers = _Answers()
+        for _op, _argument, reply in operations:
+            if reply is not None:
+                answers.add(reply, error=self._error("closed before it was answered", None))
+        answers.send()
 
     def _break(self, error: BaseException, operations: list[_Operation]) -> None:
         """The loop's side of the writer failed: every flush waiting and every later
@@ -731,13 +765,13 @@ class Journal:
             self._broken = error
             waiters, self._waiters = self._waiters, []
         self._fail(waiters, lambda: self._refusal(error))
-        self._queue.put(("batch", [("broken", error, None), *operations], None))
+        self._send([("broken", error, None), *operations])
 
     def _start(self) -> None:
         if self._thread is not None:
             return
         with self._lock:
-            if self._thread is None:
+            if self._thread is None and not self._closed:
                 thread = threading.Thread(
                     target=self._write_forever, name=f"kling-journal-{self.path.name}", daemon=True
                 )
@@ -785,6 +819,16 @@ class Journal:
         return connection
 
     def _write_forever(self) -> None:
+        try:
+            self._write_until_closed()
+        finally:
+            # Whatever was handed over after the last batch served is answered
+            # here, and what is handed over from now on by whoever hands it over.
+            with self._lock:
+                self._stopped = True
+            self._refuse_closed(self._take(0))
+
+    def _write_until_closed(self) -> None:
         ownership = _Ownership(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -508,6 +508,117 @@ def test_a_journal_works_on_two_event_loops_at_once(tmp_path: Path) -> None:
     assert asyncio.run(count()) == 400
 
 
+class HeldAt:
+    """Holds the thread named ``name`` the first time it calls this, until let go:
+    forces one interleaving of that thread with a close made meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reached, self.go = threading.Event(), threading.Event()
+        self._armed = True
+
+    def __call__(self) -> None:
+        if threading.current_thread().name == self.name and self._armed:
+            self._armed = False
+            self.reached.set()
+            self.go.wait(HOLD_AT_MOST)
+
+
+class LockHeldAt:
+    """A journal's _lock whose taking holds a thread (see HeldAt)."""
+
+    def __init__(self, lock: Any, hold: HeldAt) -> None:
+        self.lock, self.hold = lock, hold
+
+    def __enter__(self) -> bool:
+        self.hold()
+        return bool(self.lock.__enter__())
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__(*exc)
+
+
+def outcome_on_a_thread(name: str, call: Any) -> tuple[threading.Thread, list[str]]:
+    """Run ``call()`` (a coroutine) on a loop of its own in the thread ``name``:
+    its outcome is "answered", "refused" (a JournalError) or "hung" (3 s)."""
+    outcome: list[str] = []
+
+    async def run() -> None:
+        try:
+            await asyncio.wait_for(call(), 3.0)
+            outcome.append("answered")
+        except TimeoutError:
+            outcome.append("hung")
+        except kling_async.JournalError:
+            outcome.append("refused")
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()), name=name)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_read_handed_over_while_another_thread_closes_is_answered(tmp_path: Path) -> None:
+    # Loop B takes its read off the pending ones at the end of its pass; the
+    # main thread closes the journal before B hands the read over (held here,
+    # as a busy interpreter could hold it): the writer thread had served the
+    # close and ended, and the read waited for ever on a queue nobody read.
+    journal = Journal(tmp_path / "journal.db")
+    asyncio.run(journal.open())
+    hold = HeldAt("B")
+    commit_here = journal._commit_here
+
+    def held() -> bool:
+        hold()
+        return commit_here()
+
+    journal._commit_here = held  # type: ignore[method-assign]
+
+    async def read() -> LedgerEntry | None:
+        journal.record(entry("b"))  # a commit for the end of this pass to make
+        return await journal.get("b")
+
+    thread, outcome = outcome_on_a_thread("B", read)
+    try:
+        assert hold.reached.wait(HOLD_AT_MOST)
+        asyncio.run(asyncio.wait_for(journal.close(), HOLD_AT_MOST))
+    finally:
+        hold.go.set()
+        thread.join(HOLD_AT_MOST)
+    assert outcome == ["refused"]
+
+
+def test_a_flush_made_while_another_thread_closes_is_answered(tmp_path: Path) -> None:
+    # Loop B's flush looks whether the journal is closed, then (held here) the
+    # main thread closes it, and a record from thread C that had looked too
+    # lands after the close's commit: B's flush then waited for a commit by a
+    # writer thread that had ended.
+    journal = Journal(tmp_path / "journal.db")
+    asyncio.run(journal.open())
+    hold_b, hold_c = HeldAt("B"), HeldAt("C")
+    start = journal._start
+
+    def held_start() -> None:
+        hold_c()
+        start()
+
+    journal._start = held_start  # type: ignore[method-assign]
+    recording = threading.Thread(target=lambda: journal.record(entry("c")), name="C")
+    recording.start()
+    journal._lock = LockHeldAt(journal._lock, hold_b)  # type: ignore[assignment]
+    flushing, outcome = outcome_on_a_thread("B", journal.flush)
+    try:
+        assert hold_c.reached.wait(HOLD_AT_MOST)
+        assert hold_b.reached.wait(HOLD_AT_MOST)
+        asyncio.run(asyncio.wait_for(journal.close(), HOLD_AT_MOST))
+        hold_c.go.set()
+        recording.join(HOLD_AT_MOST)
+    finally:
+        hold_c.go.set()
+        hold_b.go.set()
+        flushing.join(HOLD_AT_MOST)
+    assert outcome in (["answered"], ["refused"])
+
+
 async def test_records_from_another_thread_are_committed(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     journal = Journal(path)
