@@ -436,6 +436,9 @@ class Journal:
         # as it was when the flush was called.
         self._recorded = 0
         self._committed = 0
+        # Entries recorded once the journal was closed: never written, and apart
+        # from _recorded, which a commit's count would sweep up.
+        self._refused = 0
         self._waiters: list[_Waiter] = []
         # Operations for the writer thread (reads, open) asked during a pass of a
         # loop, handed over at its end.
@@ -499,30 +502,34 @@ class Journal:
     def record(self, entry: LedgerEntry) -> None:
         """Queue ``entry`` to be written; never blocks. On an event loop it is
         committed at the end of the loop's pass, with everything else the pass
-        recorded; from anywhere else (a thread, no loop) by the journal's thread."""
-        if self._closed:
-            logger.debug("journal %s is closed; entry %s not written", self.path, entry)
-            return
+        recorded; from anywhere else (a thread, no loop) by the journal's thread.
+        Once the journal is closed it is not written, and a flush says so."""
         self._take_in(entry=entry)
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
-        :class:`~kling_async.JournalError` while any of them is not."""
-        if self._thread is None:
+        :class:`~kling_async.JournalError` while any of them is not (after a
+        close too: one recorded after it, or that the close could not commit)."""
+        if self._thread is None and not self._closed:
             return
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._closed:  # under the lock: a flush before the close is answered by it
-                return
             broken = self._broken
-            if broken is None and self._committed == self._recorded:
+            missing = self._recorded - self._committed + self._refused
+            if broken is None and not missing:
                 return  # nothing recorded since the last commit
+            # Under the lock: a flush before the close is answered by it.
+            closed = self._closed
             future: asyncio.Future[None] = loop.create_future()
-            if broken is None:
+            if broken is None and not closed:
                 self._waiters.append((self._recorded, loop, future))
                 schedule = self._claim_end_of_pass(loop)
         if broken is not None:
             raise self._refusal(broken)
+        if closed:
+            raise self._error(
+                f"closed with {missing} of the records made not committed", self._failure
+            )
         self._wake(loop, schedule)
         await future
 
@@ -628,23 +635,30 @@ class Journal:
         """Put ``entry`` or ``durations`` among the pending writes (the latest per
         key wins) as one record, and make sure a commit takes them: at the end of
         this pass of the running loop, or by the writer thread when there is no
-        loop. Nothing once the journal is refused: every flush says so."""
+        loop. Nothing once the journal is refused or closed: every flush says so
+        (a save of durations, an optimisation, is not counted then)."""
         self._start()
         loop = _running_loop()
         with self._lock:
             if self._broken is not None:
                 return
-            if self._closed:  # closed since record() looked: the close has committed
-                logger.debug("journal %s is closed; not written: %s", self.path, entry or durations)
-                return
-            # The dicts are read under the lock: a commit swaps them for new ones,
-            # and what went into one it had taken would never be written.
-            if entry is not None:
-                self._incoming[entry.external_task_id] = entry
-            for row in durations:
-                self._durations[row[0]] = row
-            self._recorded += 1
-            schedule = self._claim_end_of_pass(loop)
+            # Under the lock: what comes before the close is committed by it.
+            closed = self._closed
+            if closed:
+                if entry is not None:
+                    self._refused += 1  # never committed: a flush from now on says so
+            else:
+                # The dicts are read under the lock: a commit swaps them for new
+                # ones, and what went into one it had taken would never be written.
+                if entry is not None:
+                    self._incoming[entry.external_task_id] = entry
+                for row in durations:
+                    self._durations[row[0]] = row
+                self._recorded += 1
+                schedule = self._claim_end_of_pass(loop)
+        if closed:
+            logger.debug("journal %s is closed; not written: %s", self.path, entry or durations)
+            return
         self._wake(loop, schedule)
 
     def _claim_end_of_pass(self, loop: asyncio.AbstractEventLoop | None) -> bool:
@@ -924,7 +938,7 @@ class Journal:
         with self._writing:
             with self._lock:
                 writes = self._has_writes()
-            if writes:
+            if writes or closing:  # a close settles the count a flush after it reads
                 self._commit(connection, on_loop=False)
             if closing:
                 self._close_writer()

@@ -616,7 +616,50 @@ def test_a_flush_made_while_another_thread_closes_is_answered(tmp_path: Path) ->
         hold_c.go.set()
         hold_b.go.set()
         flushing.join(HOLD_AT_MOST)
-    assert outcome in (["answered"], ["refused"])
+    assert outcome == ["refused"]  # C's entry came after the close: not written
+
+
+async def test_a_flush_after_a_close_fails_for_what_was_not_committed(tmp_path: Path) -> None:
+    # A create still running after its journal closed records its intent, which
+    # is not written: its flush returned at once, as if it had been, and the
+    # create went out with no intent in the file.
+    path = tmp_path / "closed.db"
+    closed = Journal(path)
+    closed.record(entry("before"))
+    await closed.close()
+    await closed.flush()  # all recorded before the close is committed
+    closed.record(entry("after"))
+    with pytest.raises(
+        kling_async.JournalError, match="closed with 1 of the records made not committed"
+    ):
+        await closed.flush()
+    assert committed(path, "before")
+    assert not committed(path, "after")
+    # Recorded while the close waits for the writer thread: the close's commit
+    # must not count it among what it committed.
+    racing = Journal(tmp_path / "racing.db")
+    await racing.open()
+    async with writer_thread_held(racing):
+        closing = asyncio.create_task(racing.close())
+        await asyncio.sleep(0)  # closed, waiting for the writer thread
+        racing.record(entry("during"))
+    await closing
+    with pytest.raises(kling_async.JournalError, match="closed with 1 of the records"):
+        await racing.flush()
+    never_opened = Journal(tmp_path / "never.db")
+    await never_opened.close()
+    never_opened.record(entry("after"))
+    with pytest.raises(kling_async.JournalError):
+        await never_opened.flush()
+    # An abandoned journal (a crash) lost what it had not committed: later calls fail.
+    abandoned = Journal(tmp_path / "abandoned.db")
+    abandoned.record(entry("committed"))
+    await abandoned.flush()
+    abandoned.record(entry("lost"))
+    abandoned._abandon()
+    with pytest.raises(kling_async.JournalError):
+        await abandoned.flush()
+    await abandoned.close()
 
 
 async def test_records_from_another_thread_are_committed(tmp_path: Path) -> None:
