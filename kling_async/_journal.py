@@ -419,6 +419,8 @@ class Journal:
         self._commits_on_loop = synchronous in ("OFF", "NORMAL")
         self._queue: queue.SimpleQueue[_Operation] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Set under _lock (read without it only to return early): a record, flush
+        # or read either comes before it, and the close answers it, or sees it.
         self._closed = False
         # Set by close(): a writer waiting for the owner to let go stops waiting.
         self._stop = threading.Event()
@@ -434,6 +436,9 @@ class Journal:
         # as it was when the flush was called.
         self._recorded = 0
         self._committed = 0
+        # Entries recorded once the journal was closed: never written, and apart
+        # from _recorded, which a commit's count would sweep up.
+        self._refused = 0
         self._waiters: list[_Waiter] = []
         # Entries given up (see _drop_unstorable) since a flush was last told,
         # and why: the next flushes answered fail for them.
@@ -448,6 +453,9 @@ class Journal:
         self._next_commit = 0.0
         # Why the journal cannot be used (not opened, or its writer failed).
         self._broken: BaseException | None = None
+        # Whether the writer thread has ended (after a close): what is handed
+        # over from then on is answered by whoever hands it over.
+        self._stopped = False
 
         # The writer's own state, guarded by _writing: whoever commits holds it (a
         # loop, or the writer thread), so one commit runs at a time. The loop's
@@ -498,28 +506,36 @@ class Journal:
     def record(self, entry: LedgerEntry) -> None:
         """Queue ``entry`` to be written; never blocks. On an event loop it is
         committed at the end of the loop's pass, with everything else the pass
-        recorded; from anywhere else (a thread, no loop) by the journal's thread."""
-        if self._closed:
-            logger.debug("journal %s is closed; entry %s not written", self.path, entry)
-            return
+        recorded; from anywhere else (a thread, no loop) by the journal's thread.
+        Once the journal is closed it is not written, and a flush says so."""
         self._take_in(entry=entry)
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is committed; raise
-        :class:`~kling_async.JournalError` while any of them is not."""
-        if self._thread is None or self._closed:
+        :class:`~kling_async.JournalError` while any of them is not (after a
+        close too: one recorded after it, or that the close could not commit)."""
+        if self._thread is None and not self._closed:
             return
         loop = asyncio.get_running_loop()
         with self._lock:
             broken = self._broken
-            if broken is None and self._committed == self._recorded and not self._given_up:
+            missing = self._recorded - self._committed + self._refused
+            if broken is None and not missing and not self._given_up:
                 return  # nothing recorded since the last commit
+            # Under the lock: a flush before the close is answered by it.
+            closed = self._closed
             future: asyncio.Future[None] = loop.create_future()
-            if broken is None:
+            if broken is None and not closed:
                 self._waiters.append((self._recorded, loop, future))
                 schedule = self._claim_end_of_pass(loop)
         if broken is not None:
             raise self._refusal(broken)
+        if closed:
+            lost = missing + self._given_up
+            raise self._error(
+                f"closed with {lost} of the records made not committed",
+                self._failure or self._given_up_because,
+            )
         self._wake(loop, schedule)
         await future
 
@@ -578,8 +594,9 @@ class Journal:
         idempotent. Always returns: entries that cannot be committed are logged."""
         if self._closed:
             return
-        self._closed = True
-        thread = self._thread
+        with self._lock:
+            self._closed = True
+            thread = self._thread
         if thread is not None:
             self._stop.set()
             self._hand_over()
@@ -592,12 +609,14 @@ class Journal:
         committed are lost, later calls fail, and another :class:`Journal` may take
         the file over. For fault tests that simulate a crash inside one process
         (one owner per file holds within a process too)."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            thread = self._thread
         self._stop.set()
-        if self._thread is not None:
+        if thread is not None:
             self._hand_over()
             self._queue.put(("abandon", None, None))
-            self._thread.join()
+            thread.join()
 
     # --- handing over -------------------------------------------------------------------
 
@@ -622,20 +641,30 @@ class Journal:
         """Put ``entry`` or ``durations`` among the pending writes (the latest per
         key wins) as one record, and make sure a commit takes them: at the end of
         this pass of the running loop, or by the writer thread when there is no
-        loop. Nothing once the journal is refused: every flush says so."""
+        loop. Nothing once the journal is refused or closed: every flush says so
+        (a save of durations, an optimisation, is not counted then)."""
         self._start()
         loop = _running_loop()
         with self._lock:
             if self._broken is not None:
                 return
-            # The dicts are read under the lock: a commit swaps them for new ones,
-            # and what went into one it had taken would never be written.
-            if entry is not None:
-                self._incoming[entry.external_task_id] = entry
-            for row in durations:
-                self._durations[row[0]] = row
-            self._recorded += 1
-            schedule = self._claim_end_of_pass(loop)
+            # Under the lock: what comes before the close is committed by it.
+            closed = self._closed
+            if closed:
+                if entry is not None:
+                    self._refused += 1  # never committed: a flush from now on says so
+            else:
+                # The dicts are read under the lock: a commit swaps them for new
+                # ones, and what went into one it had taken would never be written.
+                if entry is not None:
+                    self._incoming[entry.external_task_id] = entry
+                for row in durations:
+                    self._durations[row[0]] = row
+                self._recorded += 1
+                schedule = self._claim_end_of_pass(loop)
+        if closed:
+            logger.debug("journal %s is closed; not written: %s", self.path, entry or durations)
+            return
         self._wake(loop, schedule)
 
     def _claim_end_of_pass(self, loop: asyncio.AbstractEventLoop | None) -> bool:
@@ -655,6 +684,8 @@ class Journal:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
+            if self._closed:  # under the lock: a read before the close is answered by it
+                raise JournalError(f"the journal {self.path} is closed")
             self._pending.append((op, argument, (loop, future)))
             schedule = self._claim_end_of_pass(loop)
         self._wake(loop, schedule)
@@ -688,7 +719,7 @@ class Journal:
             self._break(error, operations)
             return
         if operations:
-            self._queue.put(("batch", operations, None))
+            self._send(operations)
 
     def _has_writes(self) -> bool:
         """Whether a commit has anything to do (called with _lock held): entries or
@@ -725,7 +756,26 @@ class Journal:
         with self._lock:
             operations, self._pending = self._pending, []
         if operations:
-            self._queue.put(("batch", operations, None))
+            self._send(operations)
+
+    def _send(self, operations: list[_Operation]) -> None:
+        """Hand ``operations`` to the writer thread in one batch. Once it has
+        ended (a close by another thread may come between a loop taking them and
+        handing them over) the reads among them are refused here: nobody would
+        answer them."""
+        with self._lock:
+            stopped = self._stopped
+            if not stopped:
+                self._queue.put(("batch", operations, None))
+        if stopped:
+            self._refuse_closed(operations)
+
+    def _refuse_closed(self, operations: list[_Operation]) -> None:
+        answers = _Answers()
+        for _op, _argument, reply in operations:
+            if reply is not None:
+                answers.add(reply, error=self._error("closed before it was answered", None))
+        answers.send()
 
     def _break(self, error: BaseException, operations: list[_Operation]) -> None:
         """The loop's side of the writer failed: every flush waiting and every later
@@ -735,13 +785,13 @@ class Journal:
             self._broken = error
             waiters, self._waiters = self._waiters, []
         self._fail(waiters, lambda: self._refusal(error))
-        self._queue.put(("batch", [("broken", error, None), *operations], None))
+        self._send([("broken", error, None), *operations])
 
     def _start(self) -> None:
         if self._thread is not None:
             return
         with self._lock:
-            if self._thread is None:
+            if self._thread is None and not self._closed:
                 thread = threading.Thread(
                     target=self._write_forever, name=f"kling-journal-{self.path.name}", daemon=True
                 )
@@ -789,6 +839,16 @@ class Journal:
         return connection
 
     def _write_forever(self) -> None:
+        try:
+            self._write_until_closed()
+        finally:
+            # Whatever was handed over after the last batch served is answered
+            # here, and what is handed over from now on by whoever hands it over.
+            with self._lock:
+                self._stopped = True
+            self._refuse_closed(self._take(0))
+
+    def _write_until_closed(self) -> None:
         ownership = _Ownership(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -884,7 +944,7 @@ class Journal:
         with self._writing:
             with self._lock:
                 writes = self._has_writes()
-            if writes:
+            if writes or closing:  # a close settles the count a flush after it reads
                 self._commit(connection, on_loop=False)
             if closing:
                 self._close_writer()

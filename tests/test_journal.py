@@ -435,8 +435,10 @@ async def test_the_loop_never_checkpoints_and_the_writer_thread_does(
             await journal.flush()
             largest = max(largest, wal_frames(path) - high_water)
         # Checkpointed every 20 commits: the WAL is reused from its start, it
-        # does not grow by another 1,200 commits.
-        assert largest < 600
+        # does not grow by another 1,200 commits. (How far it grows before the
+        # thread's first checkpoint depends on when the thread gets the CPU: under
+        # load it passed 600 frames.)
+        assert largest < 1200
     finally:
         await journal.close()
     assert wal_frames(path) == 0  # all in the file at close
@@ -506,6 +508,160 @@ def test_a_journal_works_on_two_event_loops_at_once(tmp_path: Path) -> None:
             await journal.close()
 
     assert asyncio.run(count()) == 400
+
+
+class HeldAt:
+    """Holds the thread named ``name`` the first time it calls this, until let go:
+    forces one interleaving of that thread with a close made meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reached, self.go = threading.Event(), threading.Event()
+        self._armed = True
+
+    def __call__(self) -> None:
+        if threading.current_thread().name == self.name and self._armed:
+            self._armed = False
+            self.reached.set()
+            self.go.wait(HOLD_AT_MOST)
+
+
+class LockHeldAt:
+    """A journal's _lock whose taking holds a thread (see HeldAt)."""
+
+    def __init__(self, lock: Any, hold: HeldAt) -> None:
+        self.lock, self.hold = lock, hold
+
+    def __enter__(self) -> bool:
+        self.hold()
+        return bool(self.lock.__enter__())
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__(*exc)
+
+
+def outcome_on_a_thread(name: str, call: Any) -> tuple[threading.Thread, list[str]]:
+    """Run ``call()`` (a coroutine) on a loop of its own in the thread ``name``:
+    its outcome is "answered", "refused" (a JournalError) or "hung" (3 s)."""
+    outcome: list[str] = []
+
+    async def run() -> None:
+        try:
+            await asyncio.wait_for(call(), 3.0)
+            outcome.append("answered")
+        except TimeoutError:
+            outcome.append("hung")
+        except kling_async.JournalError:
+            outcome.append("refused")
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()), name=name)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_read_handed_over_while_another_thread_closes_is_answered(tmp_path: Path) -> None:
+    # Loop B takes its read off the pending ones at the end of its pass; the
+    # main thread closes the journal before B hands the read over (held here,
+    # as a busy interpreter could hold it): the writer thread had served the
+    # close and ended, and the read waited for ever on a queue nobody read.
+    journal = Journal(tmp_path / "journal.db")
+    asyncio.run(journal.open())
+    hold = HeldAt("B")
+    commit_here = journal._commit_here
+
+    def held() -> bool:
+        hold()
+        return commit_here()
+
+    journal._commit_here = held  # type: ignore[method-assign]
+
+    async def read() -> LedgerEntry | None:
+        journal.record(entry("b"))  # a commit for the end of this pass to make
+        return await journal.get("b")
+
+    thread, outcome = outcome_on_a_thread("B", read)
+    try:
+        assert hold.reached.wait(HOLD_AT_MOST)
+        asyncio.run(asyncio.wait_for(journal.close(), HOLD_AT_MOST))
+    finally:
+        hold.go.set()
+        thread.join(HOLD_AT_MOST)
+    assert outcome == ["refused"]
+
+
+def test_a_flush_made_while_another_thread_closes_is_answered(tmp_path: Path) -> None:
+    # Loop B's flush looks whether the journal is closed, then (held here) the
+    # main thread closes it, and a record from thread C that had looked too
+    # lands after the close's commit: B's flush then waited for a commit by a
+    # writer thread that had ended.
+    journal = Journal(tmp_path / "journal.db")
+    asyncio.run(journal.open())
+    hold_b, hold_c = HeldAt("B"), HeldAt("C")
+    start = journal._start
+
+    def held_start() -> None:
+        hold_c()
+        start()
+
+    journal._start = held_start  # type: ignore[method-assign]
+    recording = threading.Thread(target=lambda: journal.record(entry("c")), name="C")
+    recording.start()
+    journal._lock = LockHeldAt(journal._lock, hold_b)  # type: ignore[assignment]
+    flushing, outcome = outcome_on_a_thread("B", journal.flush)
+    try:
+        assert hold_c.reached.wait(HOLD_AT_MOST)
+        assert hold_b.reached.wait(HOLD_AT_MOST)
+        asyncio.run(asyncio.wait_for(journal.close(), HOLD_AT_MOST))
+        hold_c.go.set()
+        recording.join(HOLD_AT_MOST)
+    finally:
+        hold_c.go.set()
+        hold_b.go.set()
+        flushing.join(HOLD_AT_MOST)
+    assert outcome == ["refused"]  # C's entry came after the close: not written
+
+
+async def test_a_flush_after_a_close_fails_for_what_was_not_committed(tmp_path: Path) -> None:
+    # A create still running after its journal closed records its intent, which
+    # is not written: its flush returned at once, as if it had been, and the
+    # create went out with no intent in the file.
+    path = tmp_path / "closed.db"
+    closed = Journal(path)
+    closed.record(entry("before"))
+    await closed.close()
+    await closed.flush()  # all recorded before the close is committed
+    closed.record(entry("after"))
+    with pytest.raises(
+        kling_async.JournalError, match="closed with 1 of the records made not committed"
+    ):
+        await closed.flush()
+    assert committed(path, "before")
+    assert not committed(path, "after")
+    # Recorded while the close waits for the writer thread: the close's commit
+    # must not count it among what it committed.
+    racing = Journal(tmp_path / "racing.db")
+    await racing.open()
+    async with writer_thread_held(racing):
+        closing = asyncio.create_task(racing.close())
+        await asyncio.sleep(0)  # closed, waiting for the writer thread
+        racing.record(entry("during"))
+    await closing
+    with pytest.raises(kling_async.JournalError, match="closed with 1 of the records"):
+        await racing.flush()
+    never_opened = Journal(tmp_path / "never.db")
+    await never_opened.close()
+    never_opened.record(entry("after"))
+    with pytest.raises(kling_async.JournalError):
+        await never_opened.flush()
+    # An abandoned journal (a crash) lost what it had not committed: later calls fail.
+    abandoned = Journal(tmp_path / "abandoned.db")
+    abandoned.record(entry("committed"))
+    await abandoned.flush()
+    abandoned.record(entry("lost"))
+    abandoned._abandon()
+    with pytest.raises(kling_async.JournalError):
+        await abandoned.flush()
+    await abandoned.close()
 
 
 async def test_records_from_another_thread_are_committed(tmp_path: Path) -> None:

@@ -98,6 +98,7 @@ class JournalInterleavings(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        self.threads_before = set(threading.enumerate())
         self.folder = tempfile.TemporaryDirectory(prefix="kling-journal-model-")
         self.path = Path(self.folder.name) / "journal.db"
         self.loop = asyncio.new_event_loop()
@@ -411,8 +412,8 @@ class JournalInterleavings(RuleBasedStateMachine):
 
     @invariant()
     def no_thread_left_but_the_writer(self) -> None:
-        names = [thread.name for thread in threading.enumerate()]
-        writers = [name for name in names if name.startswith("kling-journal-")]
+        started = set(threading.enumerate()) - self.threads_before
+        writers = [t.name for t in started if t.name.startswith("kling-journal-")]
         if len(writers) > 1:
             raise self.violation(f"writer threads left behind: {writers}")
 
