@@ -203,6 +203,9 @@ _Waiter = tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 # How long a commit waits for another connection's write lock before it fails.
 _BUSY_TIMEOUT_MS: Final = 10_000
+# The integers SQLite stores (sqlite3 raises OverflowError binding others).
+_SQLITE_MIN_INT: Final = -(2**63)
+_SQLITE_MAX_INT: Final = 2**63 - 1
 # SQLite's result code for a lock another connection holds.
 _SQLITE_BUSY: Final = 5
 # The writer thread copies the WAL into the file (a checkpoint, which fsyncs)
@@ -1156,7 +1159,8 @@ class Journal:
 
     def _drop_unstorable(self, entries: list[LedgerEntry]) -> int:
         """Entries SQLite can never store (text it cannot encode: validation refuses
-        it in requests, but a key or an error message may carry it) fail the flushes
+        it in requests, but a key or an error message may carry it; an integer
+        beyond 64 bits) fail the flushes
         that waited on them once, then are given up, so that they do not fail every
         later commit too. Returns how many were given up."""
         given_up = 0
@@ -1165,6 +1169,8 @@ class Journal:
                 for value in _row(entry):
                     if isinstance(value, str):
                         value.encode("utf-8")
+                    elif isinstance(value, int) and not _SQLITE_MIN_INT <= value <= _SQLITE_MAX_INT:
+                        raise OverflowError(f"{value} does not fit SQLite's 64-bit integers")
             except Exception as error:
                 logger.error(
                     "journal %s: entry %s can never be written, given up: %s",

@@ -146,6 +146,23 @@ async def test_entries_committed_beside_one_sqlite_cannot_store_are_written_at_o
     }
 
 
+async def test_an_integer_sqlite_cannot_store_fails_one_flush_not_every_later_one(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        journal.record(entry("huge", units_used=2**70))
+        journal.record(entry("good"))
+        with pytest.raises(JournalError, match="given up"):
+            await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+        journal.record(entry("later"))
+        await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+        assert await journal.get("good") is not None
+        assert await journal.get("huge") is None
+    finally:
+        await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
+
+
 async def test_an_entry_given_up_when_no_flush_waited_fails_the_next_flush_once(
     tmp_path: Path,
 ) -> None:
