@@ -266,8 +266,12 @@ async def test_the_ledger_keeps_entries_and_indexes(redis: Redis, account_name: 
         assert await ledger.get("missing") is None
         assert await ledger.by_key("missing") is None
         await ledger.close()
+        await ledger.flush()  # everything recorded was written
         ledger.record(entry("d", EntryState.INTENDED))  # closed: dropped, logged
         assert await ledger.get("d") is None
+        # A create running past the close must not be told its intent is written.
+        with pytest.raises(RuntimeError, match="1 entries recorded were not written"):
+            await ledger.flush()
 
 
 async def test_resume_in_another_process_settles_what_a_gone_one_left(

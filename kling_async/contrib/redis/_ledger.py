@@ -162,6 +162,8 @@ class RedisLedger:
         self._submissions: Submissions | None = None
         self._queued = 0
         self._written = 0
+        #: Entries recorded after the close: never written.
+        self._dropped = 0
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -197,6 +199,7 @@ class RedisLedger:
         """Queue ``entry`` to be written (owned by this process); never blocks."""
         if self._closed:
             logger.debug("ledger closed; entry %s not written", entry.external_task_id)
+            self._dropped += 1  # a flush from now on says so
             return
         external_task_id = entry.external_task_id
         current = self._mine.get(external_task_id)
@@ -229,8 +232,15 @@ class RedisLedger:
 
     async def flush(self) -> None:
         """Return once every entry recorded so far is written to Redis; raise
-        :class:`TimeoutError` when Redis could not be reached for ``flush_timeout``."""
+        :class:`TimeoutError` when Redis could not be reached for ``flush_timeout``,
+        :class:`RuntimeError` once closed with entries recorded and not written."""
         target = self._queued
+        if self._closed:
+            unwritten = self._dropped + max(0, target - self._written)
+            if unwritten:
+                raise RuntimeError(
+                    f"the shared ledger is closed: {unwritten} entries recorded were not written"
+                )
         if self._written >= target:
             return
         self._start()
