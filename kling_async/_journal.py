@@ -237,30 +237,39 @@ def _json(value: Any) -> str:
     return _encode(value)
 
 
+# What a row binds for a column that is NULL. The sqlite3 module binds None by
+# looking for an adapter for its type (a tuple built, a dict and two attributes
+# looked up: a third of a row's binding, and a row has about eight); a float is
+# bound as it is, and SQLite stores a NaN as NULL (it has no NaN), in a column
+# of any type, and reads it back as None.
+_NULL: Final = float("nan")
+
+
 def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
-    """The entry as a row; written by hand, field by field, since the writer
-    thread shares the interpreter with the event loop and this runs per record."""
+    """The entry as a row, with _NULL for None; written by hand, field by field,
+    since the writer thread shares the interpreter with the event loop and this
+    runs per record."""
     return (
         entry.external_task_id,
         entry.endpoint.value,
-        _json(entry.body) if with_body else None,
+        _json(entry.body) if with_body else _NULL,
         entry.units,
         entry.state.value,
-        entry.task_id,
-        entry.status,
+        _NULL if entry.task_id is None else entry.task_id,
+        _NULL if entry.status is None else entry.status,
         _json([records.unstructure(image) for image in entry.images]) if entry.images else "[]",
-        entry.error,
+        _NULL if entry.error is None else entry.error,
         int(entry.receiver_callback),
-        entry.key,
-        entry.owner,
+        _NULL if entry.key is None else entry.key,
+        _NULL if entry.owner is None else entry.owner,
         _json(entry.downloaded) if entry.downloaded else "[]",
         entry.intended_at,
         entry.updated_at,
-        None if entry.estimate is None else str(entry.estimate),
-        None if entry.cost is None else _json(records.unstructure(entry.cost)),
+        _NULL if entry.estimate is None else str(entry.estimate),
+        _NULL if entry.cost is None else _json(records.unstructure(entry.cost)),
         entry.pack,
-        entry.units_used,
-        entry.batch,
+        _NULL if entry.units_used is None else entry.units_used,
+        _NULL if entry.batch is None else entry.batch,
     )
 
 

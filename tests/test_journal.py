@@ -100,6 +100,32 @@ async def test_entries_survive_closing_and_reopening(tmp_path: Path) -> None:
         await again.close()
 
 
+async def test_a_field_that_is_none_is_stored_as_null(tmp_path: Path) -> None:
+    # Rows bind a NaN for None (cheaper to bind): the file must hold NULL, which
+    # any reader of the file (SQL included) takes as "not known", never a number.
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a"))
+    await journal.flush()
+    journal.record(entry("a", EntryState.CREATED, task_id="t-a"))  # its body left out
+    await journal.flush()
+    nullable = ("status", "error", "key", "owner", "estimate", "cost", "units_used", "batch")
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            types = connection.execute(
+                f"SELECT {', '.join(f'typeof({name})' for name in nullable)}, "
+                "typeof(task_id), typeof(body) FROM entries"
+            ).fetchall()
+        assert types == [("null",) * len(nullable) + ("text", "text")]
+        found = await journal.get("a")
+        assert found is not None
+        assert (found.status, found.error, found.key, found.cost, found.units_used) == (None,) * 5
+        assert found.task_id == "t-a"
+        assert found.body["prompt"] == "prompt of a"
+    finally:
+        await journal.close()
+
+
 async def test_the_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "journal.db"
     journal = Journal(path)
