@@ -132,7 +132,11 @@ CREATE TABLE IF NOT EXISTS entries (
     intended_at REAL NOT NULL,
     updated_at REAL NOT NULL{"".join(f", {name} {kind}" for name, kind in _ADDED_COLUMNS)}
 );
-CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key);
+-- Only the entries that have a key (a batch's): most have none, and an index
+-- of them all would be written by every commit. Named anew: a journal made
+-- before has the index of every entry, dropped here.
+DROP INDEX IF EXISTS entries_by_key;
+CREATE INDEX IF NOT EXISTS entries_with_a_key ON entries (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_by_state ON entries (state);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
