@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -164,14 +165,18 @@ _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
 _ROWS_PER_STATEMENT: Final = max(1, 999 // len(_COLUMNS))
 _UPSERT_HEAD, _, _UPSERT_TAIL = _UPSERT.partition(f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ")
 _ROW_MARKS: Final = f"({', '.join('?' for _ in _COLUMNS)})"
+# The statement for each count of rows, made once rather than per commit.
+_UPSERTS: Final = tuple(
+    f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in range(count))} {_UPSERT_TAIL}"
+    for count in range(_ROWS_PER_STATEMENT + 1)
+)
 
 
 def _upsert_many(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Insert or update ``rows`` (no two of one entry) with few statements."""
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        sql = f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in chunk)} {_UPSERT_TAIL}"
-        connection.execute(sql, [value for row in chunk for value in row])
+        connection.execute(_UPSERTS[len(chunk)], list(itertools.chain.from_iterable(chunk)))
 
 
 # How long the client's tasks took, for the schedule of its polls (``_durations``):
@@ -195,6 +200,9 @@ _TRIM_DURATIONS: Final = (
     "(SELECT key FROM durations ORDER BY written_at DESC LIMIT ?)"
 )
 _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settled)
+# EntryState.settled compares with each settled state in turn; a set is asked
+# once per committed entry.
+_SETTLED: Final = frozenset(state for state in EntryState if state.settled)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -1119,7 +1127,7 @@ class Journal:
         """Remember that ``entry``'s body is in the file, for as long as it matters:
         while the entry is unsettled, then among a bounded few recently settled."""
         external_task_id = entry.external_task_id
-        if not entry.state.settled:
+        if entry.state not in _SETTLED:
             self._bodies_written.add(external_task_id)
             return
         self._bodies_written.discard(external_task_id)
