@@ -21,7 +21,7 @@ The fake Kling server runs in a process of its own. Sections:
 
 Every journaled create waits for its intent to be committed before it is sent.
 With the journal's default (``synchronous="NORMAL"``) that commit is made on the
-event loop's own thread (at most one every 0.5 ms, with what the passes in
+event loop's own thread (at most one every 2 ms, with what the passes in
 between recorded), so the CPU figure counts it there; the journal's thread only
 opens the file, checkpoints the WAL and answers reads.
 

@@ -16,7 +16,7 @@ Where the commit is made depends on whether it fsyncs:
   millisecond. It is made on the event loop's own thread, by a callback at the
   end of the pass that recorded the entries, with everything that pass recorded,
   in one statement: a flush waits for no thread. At most one such commit is
-  made every 0.5 ms: what the passes in between record joins the next one (a
+  made every 2 ms: what the passes in between record joins the next one (a
   commit costs tens of microseconds however few its rows). That connection
   never waits for a lock (a commit that would is left to the journal's thread)
   and never checkpoints.
@@ -225,12 +225,10 @@ _CHECKPOINT_COMMITS: Final = 500
 _CHECKPOINT_SECONDS: Final = 1.0
 # A loop commits at most once in this many seconds: what the passes in between
 # record joins the next commit, and a flush waits for it (a read does not).
-# A commit costs about 40 us of CPU however few its rows (the WAL's pages and
-# locks), so each record cannot have one of its own; but a create waits for
-# its intent's commit, and at 2 ms apart that wait was 2.9 ms on average (1.5-2.2
-# at 0.5 ms) of a 60 ms create. At a thousand creates a second this makes about
-# one commit per two creates (one per five at 2 ms; about 15 us a create more).
-_COMMIT_INTERVAL: Final = 0.0005
+# A commit costs tens of microseconds of CPU however few its rows (the WAL's
+# pages and locks); at a thousand creates a second each would get a commit of
+# its own, doubling what the journal costs a create.
+_COMMIT_INTERVAL: Final = 0.002
 # Rows the loop commits at most: a row costs about 20 us, and a pass that
 # recorded more (a resume, thousands of tasks ending at once) would stall the
 # loop that long; the writer thread commits those instead.
