@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -132,7 +133,11 @@ CREATE TABLE IF NOT EXISTS entries (
     intended_at REAL NOT NULL,
     updated_at REAL NOT NULL{"".join(f", {name} {kind}" for name, kind in _ADDED_COLUMNS)}
 );
-CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key);
+-- Only the entries that have a key (a batch's): most have none, and an index
+-- of them all would be written by every commit. Named anew: a journal made
+-- before has the index of every entry, dropped here.
+DROP INDEX IF EXISTS entries_by_key;
+CREATE INDEX IF NOT EXISTS entries_with_a_key ON entries (key) WHERE key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_by_state ON entries (state);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -160,14 +165,18 @@ _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM entries"
 _ROWS_PER_STATEMENT: Final = max(1, 999 // len(_COLUMNS))
 _UPSERT_HEAD, _, _UPSERT_TAIL = _UPSERT.partition(f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ")
 _ROW_MARKS: Final = f"({', '.join('?' for _ in _COLUMNS)})"
+# The statement for each count of rows, made once rather than per commit.
+_UPSERTS: Final = tuple(
+    f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in range(count))} {_UPSERT_TAIL}"
+    for count in range(_ROWS_PER_STATEMENT + 1)
+)
 
 
 def _upsert_many(connection: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     """Insert or update ``rows`` (no two of one entry) with few statements."""
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        sql = f"{_UPSERT_HEAD}VALUES {', '.join(_ROW_MARKS for _ in chunk)} {_UPSERT_TAIL}"
-        connection.execute(sql, [value for row in chunk for value in row])
+        connection.execute(_UPSERTS[len(chunk)], list(itertools.chain.from_iterable(chunk)))
 
 
 # How long the client's tasks took, for the schedule of its polls (``_durations``):
@@ -191,6 +200,9 @@ _TRIM_DURATIONS: Final = (
     "(SELECT key FROM durations ORDER BY written_at DESC LIMIT ?)"
 )
 _UNSETTLED: Final = tuple(state.value for state in EntryState if not state.settled)
+# EntryState.settled compares with each settled state in turn; a set is asked
+# once per committed entry.
+_SETTLED: Final = frozenset(state for state in EntryState if state.settled)
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -240,30 +252,39 @@ def _json(value: Any) -> str:
     return _encode(value)
 
 
+# What a row binds for a column that is NULL. The sqlite3 module binds None by
+# looking for an adapter for its type (a tuple built, a dict and two attributes
+# looked up: a third of a row's binding, and a row has about eight); a float is
+# bound as it is, and SQLite stores a NaN as NULL (it has no NaN), in a column
+# of any type, and reads it back as None.
+_NULL: Final = float("nan")
+
+
 def _row(entry: LedgerEntry, *, with_body: bool = True) -> tuple[Any, ...]:
-    """The entry as a row; written by hand, field by field, since the writer
-    thread shares the interpreter with the event loop and this runs per record."""
+    """The entry as a row, with _NULL for None; written by hand, field by field,
+    since the writer thread shares the interpreter with the event loop and this
+    runs per record."""
     return (
         entry.external_task_id,
         entry.endpoint.value,
-        _json(entry.body) if with_body else None,
+        _json(entry.body) if with_body else _NULL,
         entry.units,
         entry.state.value,
-        entry.task_id,
-        entry.status,
+        _NULL if entry.task_id is None else entry.task_id,
+        _NULL if entry.status is None else entry.status,
         _json([records.unstructure(image) for image in entry.images]) if entry.images else "[]",
-        entry.error,
+        _NULL if entry.error is None else entry.error,
         int(entry.receiver_callback),
-        entry.key,
-        entry.owner,
+        _NULL if entry.key is None else entry.key,
+        _NULL if entry.owner is None else entry.owner,
         _json(entry.downloaded) if entry.downloaded else "[]",
         entry.intended_at,
         entry.updated_at,
-        None if entry.estimate is None else str(entry.estimate),
-        None if entry.cost is None else _json(records.unstructure(entry.cost)),
+        _NULL if entry.estimate is None else str(entry.estimate),
+        _NULL if entry.cost is None else _json(records.unstructure(entry.cost)),
         entry.pack,
-        entry.units_used,
-        entry.batch,
+        _NULL if entry.units_used is None else entry.units_used,
+        _NULL if entry.batch is None else entry.batch,
     )
 
 
@@ -1192,7 +1213,7 @@ class Journal:
         """Remember that ``entry``'s body is in the file, for as long as it matters:
         while the entry is unsettled, then among a bounded few recently settled."""
         external_task_id = entry.external_task_id
-        if not entry.state.settled:
+        if entry.state not in _SETTLED:
             self._bodies_written.add(external_task_id)
             return
         self._bodies_written.discard(external_task_id)

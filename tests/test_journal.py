@@ -100,6 +100,81 @@ async def test_entries_survive_closing_and_reopening(tmp_path: Path) -> None:
         await again.close()
 
 
+def key_indexes(path: Path) -> dict[str, str]:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return dict(
+            connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql LIKE '%(key)%'"
+            ).fetchall()
+        )
+
+
+async def test_only_entries_with_a_key_are_indexed_by_key_in_old_journals_too(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a", key="batch#0#x"))
+    journal.record(entry("b"))
+    await journal.close()
+    [(name, sql)] = key_indexes(path).items()
+    assert "WHERE key IS NOT NULL" in sql
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        # As a journal made before (or opened since by a version before) has it:
+        # the index of every entry.
+        connection.execute(f"DROP INDEX {name}")
+        connection.execute("CREATE INDEX IF NOT EXISTS entries_by_key ON entries (key)")
+        connection.commit()
+        [used] = connection.execute(
+            f"EXPLAIN QUERY PLAN {journal_module._SELECT} WHERE key = 'x'"
+        ).fetchall()
+        assert "entries_by_key" in used[-1]
+    assert list(key_indexes(path)) == ["entries_by_key"]
+    again = Journal(path)
+    try:
+        found = await again.by_key("batch#0#x")
+        assert found is not None
+        assert found.external_task_id == "a"
+        again.record(entry("c", key="batch#1#y"))
+        assert (await again.by_key("batch#1#y")) is not None
+        assert len(await again.entries()) == 3
+    finally:
+        await again.close()
+    assert list(key_indexes(path)) == [name]  # the index of every entry is gone
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        [used] = connection.execute(
+            f"EXPLAIN QUERY PLAN {journal_module._SELECT} WHERE key = 'x' "
+            "ORDER BY intended_at DESC LIMIT 1"
+        ).fetchall()[:1]
+        assert name in used[-1]  # by_key's query uses the partial index
+
+
+async def test_a_field_that_is_none_is_stored_as_null(tmp_path: Path) -> None:
+    # Rows bind a NaN for None (cheaper to bind): the file must hold NULL, which
+    # any reader of the file (SQL included) takes as "not known", never a number.
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    journal.record(entry("a"))
+    await journal.flush()
+    journal.record(entry("a", EntryState.CREATED, task_id="t-a"))  # its body left out
+    await journal.flush()
+    nullable = ("status", "error", "key", "owner", "estimate", "cost", "units_used", "batch")
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            types = connection.execute(
+                f"SELECT {', '.join(f'typeof({name})' for name in nullable)}, "
+                "typeof(task_id), typeof(body) FROM entries"
+            ).fetchall()
+        assert types == [("null",) * len(nullable) + ("text", "text")]
+        found = await journal.get("a")
+        assert found is not None
+        assert (found.status, found.error, found.key, found.cost, found.units_used) == (None,) * 5
+        assert found.task_id == "t-a"
+        assert found.body["prompt"] == "prompt of a"
+    finally:
+        await journal.close()
+
+
 async def test_the_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "journal.db"
     journal = Journal(path)
