@@ -795,11 +795,7 @@ class Journal:
             self._refuse_closed(operations)
 
     def _refuse_closed(self, operations: list[_Operation]) -> None:
-        answers = _Answers()
-        for _op, _argument, reply in operations:
-            if reply is not None:
-                answers.add(reply, error=self._error("closed before it was answered", None))
-        answers.send()
+        self._refuse(operations, lambda: self._error("closed before it was answered", None))
 
     def _break(self, error: BaseException, operations: list[_Operation]) -> None:
         """The loop's side of the writer failed: every flush waiting and every later
@@ -1048,11 +1044,7 @@ class Journal:
             self._unwritten.clear()
         logger.warning("journal %s abandoned: %d entries not written", self.path, lost)
         self._fail(waiters, lambda: self._error("abandoned", None))
-        answers = _Answers()
-        for _op, _argument, reply in operations:
-            if reply is not None:
-                answers.add(reply, error=self._error("abandoned", None))
-        answers.send()
+        self._refuse(operations, lambda: self._error("abandoned", None))
         return False
 
     # --- committing (by a loop, or by the writer thread) -------------------------------
@@ -1160,6 +1152,16 @@ class Journal:
             answers.add((loop, future), error=error())
         answers.send()
 
+    @staticmethod
+    def _refuse(operations: list[_Operation], error: Callable[[], BaseException]) -> None:
+        """Answer the reads and opens among ``operations`` each with an error of
+        its own, as _fail answers flushes."""
+        answers = _Answers()
+        for _op, _argument, reply in operations:
+            if reply is not None:
+                answers.add(reply, error=error())
+        answers.send()
+
     def _save_durations(self, connection: sqlite3.Connection, *, on_loop: bool) -> bool:
         """Write learned durations: an optimisation, so a failure is only logged.
         False, as for _commit, when the loop would have to wait for the file."""
@@ -1181,9 +1183,9 @@ class Journal:
     def _drop_unstorable(self, entries: list[LedgerEntry]) -> int:
         """Entries SQLite can never store (text it cannot encode: validation refuses
         it in requests, but a key or an error message may carry it; an integer
-        beyond 64 bits) fail the flushes
-        that waited on them once, then are given up, so that they do not fail every
-        later commit too. Returns how many were given up."""
+        beyond 64 bits) fail the flushes that waited on them once, then are given
+        up, so that they do not fail every later commit too. Returns how many
+        were given up."""
         given_up = 0
         for entry in entries:
             try:
@@ -1261,14 +1263,8 @@ class Journal:
         self._fail(waiters, lambda: self._refusal(cause))
         operations = pending
         while True:
-            answers = _Answers()
-            closing = False
-            for op, _argument, reply in operations:
-                closing = closing or op in ("close", "abandon")
-                if reply is not None:
-                    answers.add(reply, error=self._refusal(cause))
-            answers.send()
-            if closing:
+            self._refuse(operations, lambda: self._refusal(cause))
+            if any(op in ("close", "abandon") for op, _argument, _reply in operations):
                 return
             operations = self._take(None)
 
