@@ -59,6 +59,7 @@ from kling_async.contrib.redis import (
     TaskTakenOverError,
     submit_once,
 )
+from kling_async.contrib.redis._account import stop_tasks
 
 __all__ = ["JOB_KEY_PREFIX", "generate", "job_key", "task_summary", "worker_settings"]
 
@@ -207,9 +208,7 @@ def worker_settings(
         client: Client | None = ctx.get("kling_client")
         shared: RedisAccount | None = ctx.get("kling_account")
         rerun: asyncio.Task[None] | None = ctx.get("kling_rerun")
-        if rerun is not None:
-            rerun.cancel()
-            await asyncio.gather(rerun, return_exceptions=True)
+        await stop_tasks(rerun)
         if client is not None:
             await client.close()
         if shared is not None:

@@ -4,7 +4,6 @@ keys and scripts everything else uses."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -73,6 +72,27 @@ def _member_id() -> str:
 def text(value: Any) -> str:
     """A Redis reply as ``str``, whether or not the client decodes responses."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: How long :func:`stop_tasks` lets a cancelled task finish before cancelling it again.
+_RECANCEL_AFTER: Final = 0.5
+
+
+async def stop_tasks(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel ``tasks`` and return once each has ended (their exceptions are
+    retrieved, not raised). A task still running after a while is cancelled
+    again: redis-py on Python 3.10 loses a cancellation that lands in its
+    zero-timeout connection check (async-timeout turns it into a timeout that
+    redis-py ignores), and a background loop that lost one would run, and
+    its closer wait, for ever."""
+    running = {task for task in tasks if task is not None}
+    while running:
+        for task in running:
+            task.cancel()
+        ended, running = await asyncio.wait(running, timeout=_RECANCEL_AFTER)
+        for task in ended:
+            if not task.cancelled():
+                task.exception()
 
 
 class RedisAccount:
@@ -445,9 +465,7 @@ class RedisAccount:
                     await part.close()
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await stop_tasks(renewer)
             try:
                 await asyncio.wait_for(self.renew(leave=True), self.close_timeout)
             except (RedisError, asyncio.TimeoutError) as error:  # it runs out by itself

@@ -21,6 +21,7 @@ from kling_async._models import TaskRequest
 from kling_async._submissions import CLIENT_LIMITER, Submission
 from kling_async._wire import create_request
 
+from ._account import stop_tasks
 from ._ledger import KeyReusedError, RedisLedger, request_digest
 from ._limiter import RedisLimiter
 from ._steps import Step, adoption_step, keyed_step
@@ -197,9 +198,7 @@ class Adopter:
         """Stop adopting; tasks taken over stay attached to the client. Idempotent."""
         tasks = [*self._follows, *([self._loop] if self._loop is not None else [])]
         self._loop = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(*tasks)
 
 
 async def _wait_quietly(handle: TaskHandle) -> None:

@@ -24,7 +24,6 @@ every create until it is opened afresh, rather than spend the same money twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Final
@@ -34,7 +33,7 @@ from redis.exceptions import RedisError
 from kling_async._budget import BudgetState
 from kling_async._exceptions import BudgetExceededError, KlingError
 
-from ._account import text
+from ._account import stop_tasks, text
 from ._scripts import _PRELUDE
 
 if TYPE_CHECKING:
@@ -257,10 +256,7 @@ class RedisBudget:
             logger.error("budget %s closed with %d steps not applied in Redis", self.name, left)
         self._closed = True
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+        await stop_tasks(writer)
 
     def reassert(self) -> None:
         """Called by the account when Redis lost its state: what was spent is

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from ._account import text
+from ._account import stop_tasks, text
 
 if TYPE_CHECKING:
     from kling_async._callbacks import CallbackReceiver
@@ -152,6 +152,4 @@ class CallbackFanIn:
         if self.receiver.forwarder == self._forward:
             self.receiver.forwarder = None
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(*tasks)

@@ -17,7 +17,7 @@ from kling_async._ledger import EntryState, LedgerEntry
 from kling_async._records import records
 
 from . import _scripts
-from ._account import credentials_fingerprint, text
+from ._account import credentials_fingerprint, stop_tasks, text
 
 if TYPE_CHECKING:
     from kling_async._client import Client
@@ -378,9 +378,7 @@ class RedisLedger:
                 ", ".join(sorted({entry.external_task_id for entry, _ in self._queue})),
             )
         self._closed = True
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        await stop_tasks(self._writer)
         for _target, future in self._flushes:
             if not future.done():
                 future.set_exception(RuntimeError("the ledger closed before the write"))

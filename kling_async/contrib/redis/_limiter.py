@@ -26,7 +26,7 @@ from kling_async._limiter import (
 )
 
 from . import _scripts
-from ._account import text
+from ._account import stop_tasks, text
 
 if TYPE_CHECKING:
     from ._account import RedisAccount
@@ -503,10 +503,7 @@ class RedisLimiter:
             if not waiter.future.done():
                 waiter.future.set_exception(RuntimeError("the shared limiter was closed"))
         self._queue.clear()
-        tasks = [task for task in (self._runner, self._listener) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(self._runner, self._listener)
         self._settle_flushes()
 
 
