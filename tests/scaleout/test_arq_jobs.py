@@ -20,6 +20,7 @@ from kling_async.contrib.arq import _rerun_dead_jobs, _Unstarted, job_key, worke
 from kling_async.contrib.redis import RedisAccount, RedisLedger
 from kling_async.testing import FakeKlingServer, RedisServer
 from tests.helpers import API_KEY, FAST_POLL, eventually
+from tests.scaleout.test_redis_shared import stall
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")  # arq's own
@@ -92,8 +93,7 @@ async def test_the_jobs_of_a_worker_that_holds_its_fence_are_not_run_again(
         RedisAccount(redis, name=account_name, lease=0.2) as survivor,
         RedisAccount(redis, name=account_name, lease=0.2) as stalled,
     ):
-        assert stalled._renewer is not None
-        stalled._renewer.cancel()
+        await stall(stalled)
         await redis.zadd(survivor.key("members"), {stalled.member: 0})  # lease "expired"
         await redis.sadd(survivor.key("arq-workers"), stalled.member)  # type: ignore[misc]  # redis-py: reply or awaitable
         await redis.sadd(survivor.key(f"arq-jobs:{stalled.member}"), "job-3")  # type: ignore[misc]  # redis-py: reply or awaitable

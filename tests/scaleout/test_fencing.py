@@ -29,7 +29,7 @@ from kling_async.contrib.redis import (
 )
 from kling_async.testing import FakeKlingServer, RedisServer
 from tests.helpers import API_KEY, eventually, make_client
-from tests.scaleout.test_redis_shared import body, entry, held, members, total
+from tests.scaleout.test_redis_shared import body, entry, held, members, stall, total, until_reaped
 
 
 @pytest.fixture
@@ -37,12 +37,6 @@ async def own_redis() -> AsyncIterator[RedisServer]:
     """A redis-server of the test's own, to stop, pause or restart."""
     with RedisServer() as server:
         yield server
-
-
-def _stall(account: RedisAccount) -> None:
-    """The member stops renewing (a blocked loop, a GC pause), as if dead."""
-    assert account._renewer is not None
-    account._renewer.cancel()
 
 
 # --- close hands over, never frees (s01) ----------------------------------------------------
@@ -96,9 +90,9 @@ async def test_an_adopter_keeps_the_units_of_a_create_that_may_have_landed(
         dead_ledger.record(intent)
         await dead_ledger.flush()
         await dead_limiter.acquire(4, task="in-flight")
-        _stall(dead)
+        await stall(dead)
         await dead_limiter.close()
-        await asyncio.sleep(0.5)
+        await until_reaped(survivor, dead)
 
         limiter = survivor.limiter(8)
         server.inject("delay", route="get", delay=0.5, times=1)  # the look-up takes a while
@@ -143,8 +137,8 @@ async def test_an_adopted_create_that_never_had_units_waits_for_room(
                 )
             )
             await dead_ledger.flush()
-            _stall(dead)
-            await asyncio.sleep(0.5)
+            await stall(dead)
+            await until_reaped(survivor, dead)
             adopter = survivor.adopt(client, interval=0.05)
             await eventually(lambda: adopter.settled == 1)
             await asyncio.sleep(0.3)
@@ -174,7 +168,7 @@ async def test_a_member_taken_for_dead_releases_nothing_it_no_longer_holds(
         )
         t1 = await stalled_client.images.generate(prompt="t1", n=4)
         await stalled_client.ledger.flush()
-        _stall(stalled)
+        await stall(stalled)
         async with make_client(
             server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
         ) as client:
@@ -416,8 +410,8 @@ async def test_resume_in_a_survivor_moves_the_dead_members_units(
         await dying.images.generate(prompt="d", n=4)
         await dying.ledger.flush()
         await dead_limiter.flush()
-        _stall(dead)
-        await asyncio.sleep(0.5)
+        await stall(dead)
+        await until_reaped(survivor, dead)
         limiter = survivor.limiter(8)
         async with make_client(server, max_concurrency=limiter, ledger=survivor.ledger()) as client:
             handles = await client.resume()
@@ -482,7 +476,7 @@ async def test_a_member_taken_for_dead_does_not_reopen_an_entry_a_survivor_settl
         intent = entry("e1", EntryState.INTENDED)
         stale.record(intent)
         await stale.flush()
-        _stall(stalled)
+        await stall(stalled)
         ledger = survivor.ledger()
         claimed: list[tuple[str, LedgerEntry]] = []
 
@@ -528,7 +522,7 @@ async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
         )
         lost = await stalled_client.images.generate(prompt="lost", n=3)
         await stalled_client.ledger.flush()
-        _stall(stalled)
+        await stall(stalled)
         async with make_client(
             server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
         ) as client:
@@ -633,10 +627,9 @@ async def test_a_dead_members_units_for_another_members_unsettled_entry_stay_cou
         dead_limiter.adopt(2, task="t-x")  # runs on Kling; its entry is the owner's
         await dead_limiter.for_task("t-y").acquire(1)  # a create that never landed
         await dead_limiter.flush()
-        _stall(dead)
-        await asyncio.sleep(0.4)
+        await stall(dead)
         limiter = survivor.limiter(8)
-        await survivor.renew()  # reaps the dead member
+        await until_reaped(survivor, dead)
         limiter.release_orphans(dead.member)
         await limiter.flush()
         assert set(await held(redis, survivor)) == {"t-x"}

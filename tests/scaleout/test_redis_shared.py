@@ -31,6 +31,7 @@ from kling_async.contrib.redis import (
     RedisLimiter,
     submit_once,
 )
+from kling_async.contrib.redis._account import stop_tasks
 from kling_async.testing import FakeKlingServer
 from tests.helpers import API_KEY, FAST_POLL, eventually, make_client
 
@@ -48,6 +49,25 @@ async def members(
             for _ in range(count)
         ]
         yield accounts
+
+
+async def stall(account: RedisAccount) -> None:
+    """The member stops renewing its lease (a blocked loop, a GC pause, a killed
+    process), as if dead; its renewer has ended when this returns."""
+    assert account._renewer is not None
+    await stop_tasks(account._renewer)
+
+
+async def until_reaped(survivor: RedisAccount, dead: RedisAccount) -> None:
+    """Wait until ``survivor`` reaps the stalled member ``dead``. A lease runs
+    out only while Redis serves the account (a gap in its scripts is given
+    back), so on a loaded machine it may take longer than the lease."""
+
+    async def reaped() -> bool:
+        await survivor.renew()
+        return not await survivor.alive(dead.member)
+
+    await eventually(reaped, timeout=10.0)
 
 
 async def held(redis: Redis, account: RedisAccount) -> dict[str, tuple[str, int, bool]]:
@@ -164,8 +184,7 @@ async def test_a_dead_members_units_count_until_adopted_or_orphan_ttl(
         doomed = dead.limiter(4)
         await doomed.acquire(3, task="t-dead")
         await doomed.close()
-        assert dead._renewer is not None
-        dead._renewer.cancel()  # the process stops renewing: it is dead
+        await stall(dead)  # the process stops renewing: it is dead
 
         survivor = other.limiter(4)
         waiting = asyncio.create_task(survivor.acquire(2, task="t-new"))
@@ -179,10 +198,9 @@ async def test_a_dead_members_units_count_until_adopted_or_orphan_ttl(
         survivor.created(2, task="t-new")
         await survivor.acquire(1, task="t-extra")
         taker = third.limiter(10)
-        assert other._renewer is not None
-        other._renewer.cancel()
-        await asyncio.sleep(0.5)
-        await taker.acquire(1, task="t-taker")  # a call that reaps the dead member
+        await stall(other)
+        await until_reaped(third, other)
+        await taker.acquire(1, task="t-taker")
         assert await total(redis, third) == 4
         taker.adopt(2, task="t-new")
         await taker.flush()
@@ -319,8 +337,7 @@ async def test_a_survivor_adopts_a_dead_members_tasks_and_their_units(
         await dying.ledger.flush()
         await dying_limiter.flush()
         # Killed: no more renewals, no more Redis calls (its client is left as is).
-        assert dead._renewer is not None
-        dead._renewer.cancel()
+        await stall(dead)
         await dying_limiter.close()
 
         limiter = survivor.limiter(10)
