@@ -67,6 +67,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -367,12 +368,16 @@ class _Ownership:
 
     def release(self) -> None:
         """Let go: the owner's details are cleared (nobody took it over from a
-        crash), then closing the file releases the lock."""
+        crash), then the lock is released, explicitly: a child forked meanwhile
+        holds a copy of the descriptor, and closing ours alone would leave the
+        file locked until that child exits."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
     def _in_use(self, fd: int) -> JournalInUseError:
@@ -396,6 +401,26 @@ def _read_owner(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# Journals whose writer thread runs in this process: a child forked from it
+# refuses them (Journal._after_fork).
+_STARTED: weakref.WeakSet[Journal] = weakref.WeakSet()
+# In a forked child, the parent's SQLite connections: kept referenced, so that
+# no garbage collection closes them there (SQLite's lock state in the child's
+# memory is a copy of the parent's, and a close may checkpoint its WAL).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _refuse_in_forked_child() -> None:
+    parent = os.getppid()
+    for journal in list(_STARTED):
+        journal._after_fork(parent)
+    _STARTED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_refuse_in_forked_child)
+
+
 class Journal:
     """A :class:`~kling_async.Ledger` kept in a SQLite file (see the module docstring).
 
@@ -403,8 +428,10 @@ class Journal:
     opening a file another :class:`Journal` holds (in another process, or in this
     one) raises :class:`~kling_async.JournalInUseError` naming it, unless ``wait``
     (seconds; ``math.inf`` for ever) lets it wait for that owner to close. An owner
-    that died lets go by itself. ``close()`` commits what is queued, closes the
-    file and lets go; a :class:`Client` closes the journals it opened from a path.
+    that died lets go by itself. In a process forked from the owner every call
+    raises :class:`~kling_async.JournalError` (the child opens a journal of its
+    own). ``close()`` commits what is queued, closes the file and lets go; a
+    :class:`Client` closes the journals it opened from a path.
 
     ``synchronous`` is SQLite's: with ``"NORMAL"`` (the default) or ``"OFF"`` a
     commit does no fsync and is made on the event loop's own thread, at the end
@@ -480,6 +507,9 @@ class Journal:
         # Whether the writer thread has ended (after a close): what is handed
         # over from then on is answered by whoever hands it over.
         self._stopped = False
+        # The pid of the process that started this journal, in a child forked
+        # from it (see _after_fork); None in that process.
+        self._forked_from: int | None = None
 
         # The writer's own state, guarded by _writing: whoever commits holds it (a
         # loop, or the writer thread), so one commit runs at a time. The loop's
@@ -703,6 +733,8 @@ class Journal:
         """Have the writer thread answer ``op`` (a read, or the file being open),
         after the entries recorded before it are committed."""
         if self._closed:
+            if self._forked_from is not None and self._broken is not None:
+                raise self._refusal(self._broken)
             raise JournalError(f"the journal {self.path} is closed")
         self._start()
         loop = asyncio.get_running_loop()
@@ -807,6 +839,29 @@ class Journal:
         self._fail(waiters, lambda: self._refusal(error))
         self._send([("broken", error, None), *operations])
 
+    def _after_fork(self, parent: int) -> None:
+        """In a child forked from the process that started this journal: its
+        writer thread did not come along, its lock may be held by a thread that
+        did not either, and its SQLite connections and file lock are the
+        parent's (a connection used across a fork can corrupt the file). Every
+        call is refused at once, naming the fork, and nothing of the parent's
+        is touched, not even by close(): the child opens a journal of its own."""
+        self._lock = threading.Lock()
+        self._writing = threading.Lock()
+        self._forked_from = parent
+        self._broken = JournalError(
+            f"it was opened by process {parent}, and this process ({os.getpid()}) was forked "
+            "from it; a journal does not cross a fork: open one in the child, on a file of "
+            "its own"
+        )
+        self._closed = self._stopped = True
+        self._waiters, self._pending, self._scheduled = [], [], None
+        if self._writer is not None:
+            # An end of pass the parent's loop had scheduled, run by a child
+            # that forked on that loop, finds no connection to commit with.
+            _INHERITED.append(self._writer)
+            self._writer = None
+
     def _start(self) -> None:
         if self._thread is not None:
             return
@@ -817,6 +872,7 @@ class Journal:
                 )
                 thread.start()
                 self._thread = thread
+                _STARTED.add(self)
 
     # --- the writer thread ----------------------------------------------------------------
 

@@ -4,17 +4,21 @@ cannot be opened, memory over many tasks, and the journal's one owner."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from click.testing import CliRunner
@@ -34,7 +38,7 @@ from kling_async import _journal as journal_module
 from kling_async._cli import main
 from kling_async._models import Endpoint
 from kling_async.testing import FakeKlingServer
-from tests.helpers import API_KEY, make_client
+from tests.helpers import API_KEY, eventually, make_client
 
 CLI = [sys.executable, "-m", "kling_async", "--mock-task-seconds", "0.1"]
 # A journal refused or failing answers at once; this only bounds a hang.
@@ -554,3 +558,87 @@ async def test_an_abandoned_journal_loses_what_it_did_not_commit_and_lets_go(
     finally:
         await again.close()
     await asyncio.wait_for(crashed.close(), ANSWER_WITHIN)
+
+
+# --- a fork -----------------------------------------------------------------------------------
+
+
+async def _in_forked_child(journal: Journal) -> int:
+    """What the child sees of its parent's journal: 0 if every call is refused
+    at once, naming the fork; the exit code of what went wrong otherwise."""
+    journal.record(entry("child"))
+    try:
+        await asyncio.wait_for(journal.flush(), ANSWER_WITHIN)
+    except asyncio.TimeoutError:
+        return 10  # the flush waited for a writer thread the fork did not copy
+    except JournalError as error:
+        if "fork" not in str(error):
+            return 11
+    else:
+        return 12
+    with contextlib.suppress(JournalError):
+        await asyncio.wait_for(journal.entries(), ANSWER_WITHIN)
+        return 13
+    await asyncio.wait_for(journal.close(), ANSWER_WITHIN)
+    return 0
+
+
+def _be_the_forked_child(journal: Journal, answered: Path) -> NoReturn:
+    """Try the parent's journal, write the exit code to ``answered``, and stay
+    alive with the parent's files open until killed. Not a line of pytest's
+    may run in the child, nor the parent's loop: a thread of its own runs one."""
+    code = [99]
+
+    def run() -> None:
+        code[0] = asyncio.run(_in_forked_child(journal))
+
+    try:
+        child = threading.Thread(target=run)
+        child.start()
+        child.join(ANSWER_WITHIN * 4)
+        written = answered.with_suffix(".partial")
+        written.write_text(str(code[0]))
+        written.replace(answered)
+        threading.Event().wait(ANSWER_WITHIN * 4)
+    finally:
+        os._exit(code[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+@pytest.mark.parametrize("lock_held", [False, True], ids=["quiet", "lock-held"])
+async def test_a_forked_child_is_refused_its_parents_journal_and_the_parent_goes_on(
+    tmp_path: Path, lock_held: bool
+) -> None:
+    path, answered = tmp_path / "journal.db", tmp_path / "child-answered"
+    journal = Journal(path)
+    journal.record(entry("before"))
+    await journal.flush()
+    # The worst moment: another thread holds the journal's lock as the process
+    # forks (the child's copy of it stays held: that thread is not in the child).
+    if lock_held:
+        journal._lock.acquire()
+    pid = os.fork()
+    if pid == 0:
+        _be_the_forked_child(journal, answered)
+    try:
+        if lock_held:
+            journal._lock.release()
+        journal.record(entry("after"))
+        await journal.flush()
+        await eventually(answered.exists, timeout=ANSWER_WITHIN * 6)  # else it hung
+        assert answered.read_text() == "0"
+        assert {each.external_task_id for each in await journal.entries()} == {"before", "after"}
+        other = Journal(path)
+        with pytest.raises(JournalInUseError):  # still the parent's: the child took nothing
+            await other.open()
+        await other.close()
+        # Closed by its owner, the journal can be opened again while the child
+        # lives on with a copy of the lock's file descriptor.
+        await journal.close()
+        reopened = Journal(path)
+        await asyncio.wait_for(reopened.open(), ANSWER_WITHIN)
+        assert len(await reopened.entries()) == 2
+        await reopened.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(os.waitpid, pid, 0)
