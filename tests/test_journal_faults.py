@@ -605,6 +605,9 @@ def _be_the_forked_child(journal: Journal, answered: Path) -> NoReturn:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+# Python 3.12+ warns that a fork with threads running may deadlock the child:
+# what this test makes sure the journal's part cannot do.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("lock_held", [False, True], ids=["quiet", "lock-held"])
 async def test_a_forked_child_is_refused_its_parents_journal_and_the_parent_goes_on(
     tmp_path: Path, lock_held: bool
