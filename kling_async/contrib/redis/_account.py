@@ -74,8 +74,10 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-#: How long :func:`stop_tasks` lets a cancelled task finish before cancelling it again.
-_RECANCEL_AFTER: Final = 0.5
+#: How long :func:`stop_tasks` lets a cancelled task finish before cancelling it
+#: again: time for its cleanup (closing a connection) on a loaded machine, which a
+#: second cancellation would cut short; a lost cancellation delays a close this much.
+_RECANCEL_AFTER: Final = 1.0
 
 
 async def stop_tasks(*tasks: asyncio.Task[Any] | None) -> None:
