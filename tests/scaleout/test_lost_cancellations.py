@@ -5,8 +5,10 @@ On Python 3.10 redis-py checks each pooled connection under async-timeout's
 ignores, and the command goes on as if nothing happened. CI hung on it for 120 s:
 ``RedisAccount.close()`` cancelled its lease renewer once and waited for it, and
 the renewer, its cancellation lost, went on renewing. :class:`LosesCancellations`
-loses every cancellation that lands while a command runs, on any Python, so each
-background task of the account is closed while one is in flight."""
+loses a cancellation that lands while a command runs, on any Python; the account is
+closed while its renewer, or its budget's writer, awaits such a command directly.
+(The ledger's and limiter's calls sit inside ``wait_for``, which on 3.10 and 3.11
+cancels them in a task of their own: a lost cancellation does not reach them.)"""
 
 from __future__ import annotations
 
