@@ -244,7 +244,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-creates", type=int, default=1500)
-    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--latency-rounds", type=int, default=9)
     parser.add_argument("--size-tasks", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     arguments = parser.parse_args()

@@ -37,7 +37,7 @@ class Params:
     inflight_durations: str = "3,10"
     inflight_processing_delay: float = 0.5
     inflight_lifecycles: int = 2
-    inflight_rounds: int = 3
+    inflight_rounds: int = 5
     inflight_baseline_interval: float = 1.0
     # 3. quota utilisation, default settings; "2,10": 2 s tasks, then 10 s tasks
     util_durations: str = "2,10"
