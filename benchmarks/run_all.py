@@ -3,7 +3,7 @@
 Each benchmark runs in a process of its own (so one's leftovers cannot skew the
 next) with the options given here; its progress goes to stderr as it runs::
 
-    python benchmarks/run_all.py            # the full runs, about 29 minutes on 2 cores
+    python benchmarks/run_all.py            # the full runs, about 35 minutes on 2 cores
     python benchmarks/run_all.py --quick    # smoke runs, about 4 minutes
 
 The run fails (exit status 1) when any goal of a figure measured with default

@@ -28,7 +28,7 @@ describes it:
 
 Run::
 
-    python benchmarks/scale.py            # the full run, about 15 minutes on 2 cores
+    python benchmarks/scale.py            # the full run, about 27 minutes on 2 cores
     python benchmarks/scale.py --quick    # a smoke run, about 2 minutes
 
 Progress goes to stderr. Every section has a hard timeout; the fake servers and
