@@ -73,6 +73,40 @@ def test_a_figure_worse_than_the_last_beyond_noise_is_reported(tmp_path: Path) -
     assert [entry["figure"] for entry in found] == ["scale.utilisation"]
 
 
+def judged_one(name: str, value: float, lower_is_better: bool = True) -> verdict.Judged:
+    return verdict.Judged(
+        name=name, value=value, lower_is_better=lower_is_better, met=True, default=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "reported"),
+    [
+        (0.005, 0.006, False),  # one step of the last digit both are rounded to
+        (0.005, 0.007, True),
+        (0.005, 0.0061, True),  # a figure with more digits is compared as it is
+        (84.2, 84.3, False),
+        (1.0, 1.2, True),  # a whole number may be exact: no rounding is allowed for
+        (3.0, 4.0, True),
+    ],
+)
+def test_a_change_within_the_rounding_of_the_figures_is_not_worse(
+    before: float, now: float, reported: bool
+) -> None:
+    found = verdict.worse(
+        [judged_one("scale.polls_per_task", now)], {"scale.polls_per_task": before}
+    )
+    assert bool(found) is reported
+
+
+def test_a_tail_latency_may_double_before_it_counts_as_worse() -> None:
+    last = {"scale.loop_lag_p99_ms": 2.225, "scale.cpu_ms_per_lifecycle": 1.0}
+    assert verdict.worse([judged_one("scale.loop_lag_p99_ms", 3.63)], last) == []
+    assert verdict.worse([judged_one("scale.loop_lag_p99_ms", 4.6)], last) != []
+    # Other timings keep their own noise.
+    assert verdict.worse([judged_one("scale.cpu_ms_per_lifecycle", 1.3)], last) != []
+
+
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"full": 3}'])
 def test_an_unreadable_record_is_no_record(tmp_path: Path, content: str) -> None:
     record = tmp_path / "last.json"
