@@ -163,36 +163,38 @@ async def test_a_member_taken_for_dead_releases_nothing_it_no_longer_holds(
         members(redis, account_name, 2, lease=0.3) as (stalled, survivor),
     ):
         stalled_limiter = stalled.limiter(8)
-        stalled_client = make_client(
-            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
-        )
-        t1 = await stalled_client.images.generate(prompt="t1", n=4)
-        await stalled_client.ledger.flush()
-        await stall(stalled)
         async with make_client(
-            server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
-        ) as client:
-            adopter = survivor.adopt(client, interval=0.05)
-            await eventually(lambda: adopter.reattached == 1)
-            # Alive again: its next call learns it was reaped; it joins anew.
-            await stalled.renew()
-            assert stalled.rejoins == 1
-            server.finish(t1.task_id)
-            await eventually(lambda: stalled_limiter.in_use == 0)
-            await stalled_limiter.flush()
-            await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
-            assert await total(redis, survivor) == 0
-            # Released once: two creates of 4 fill the quota of 8, no more.
-            t2 = await stalled_client.images.generate(prompt="t2", n=4)
-            t3 = await client.images.generate(prompt="t3", n=4)
-            late = asyncio.ensure_future(client.images.generate(prompt="t4", n=4))
-            await asyncio.sleep(0.3)
-            assert not late.done()
-            assert server.peak_units <= 8
-            server.finish(t2.task_id)
-            server.finish(t3.task_id)
-            await asyncio.wait_for(late, 5)
-        await stalled_client.close()
+            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
+        ) as stalled_client:
+            t1 = await stalled_client.images.generate(prompt="t1", n=4)
+            await stalled_client.ledger.flush()
+            await stall(stalled)
+            survivor_limiter = survivor.limiter(8)
+            async with make_client(
+                server, max_concurrency=survivor_limiter, ledger=survivor.ledger()
+            ) as client:
+                adopter = survivor.adopt(client, interval=0.05)
+                await eventually(lambda: adopter.reattached == 1)
+                # Alive again: its next call learns it was reaped; it joins anew.
+                await stalled.renew()
+                assert stalled.rejoins == 1
+                server.finish(t1.task_id)
+                await eventually(lambda: stalled_limiter.in_use == 0)
+                await stalled_limiter.flush()
+                await eventually(lambda: survivor_limiter.in_use == 0)
+                # A release is written to Redis after in_use drops: wait for it.
+                await survivor_limiter.flush()
+                assert await total(redis, survivor) == 0
+                # Released once: two creates of 4 fill the quota of 8, no more.
+                t2 = await stalled_client.images.generate(prompt="t2", n=4)
+                t3 = await client.images.generate(prompt="t3", n=4)
+                late = asyncio.ensure_future(client.images.generate(prompt="t4", n=4))
+                await asyncio.sleep(0.3)
+                assert not late.done()
+                assert server.peak_units <= 8
+                server.finish(t2.task_id)
+                server.finish(t3.task_id)
+                await asyncio.wait_for(late, 5)
 
 
 # --- atomic keys (s04, s05, s09) ---------------------------------------------------------------
@@ -517,38 +519,37 @@ async def test_a_member_taken_for_dead_stops_following_the_tasks_it_lost(
         members(redis, account_name, 2, lease=0.3) as (stalled, survivor),
     ):
         stalled_limiter = stalled.limiter(8)
-        stalled_client = make_client(
-            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
-        )
-        lost = await stalled_client.images.generate(prompt="lost", n=3)
-        await stalled_client.ledger.flush()
-        await stall(stalled)
         async with make_client(
-            server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
-        ) as client:
-            adopter = survivor.adopt(client, interval=0.05)
-            await eventually(lambda: adopter.reattached == 1)
-            await stalled.renew()  # alive again: it learns it was reaped
-            with pytest.raises(TaskTakenOverError) as raised:
-                await asyncio.wait_for(lost.wait(), 5)
-            assert raised.value.task_id == lost.task_id
-            assert raised.value.owner == survivor.member
-            again = stalled_client.images.attach(lost.task_id)  # followed afresh, read only
-            assert stalled_limiter.in_use == 0
-            await stalled_limiter.flush()
-            assert await total(redis, survivor) == 3  # the survivor's, not released
-            polls = len(server.requests_for("get")) + len(server.requests_for("list"))
-            await asyncio.sleep(0.5)
-            # the survivor alone polls it now: at most a few polls in 0.5 s
-            after = len(server.requests_for("get")) + len(server.requests_for("list"))
-            server.finish(lost.task_id)
-            await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
-            assert (await asyncio.wait_for(again, 5)).task_id == lost.task_id
-        ended = await survivor.ledger().get(str(lost.external_task_id))
-        assert ended is not None
-        assert ended.state is EntryState.TERMINAL
-        assert after - polls < 12
-        await stalled_client.close()
+            server, max_concurrency=stalled_limiter, ledger=stalled.ledger()
+        ) as stalled_client:
+            lost = await stalled_client.images.generate(prompt="lost", n=3)
+            await stalled_client.ledger.flush()
+            await stall(stalled)
+            async with make_client(
+                server, max_concurrency=survivor.limiter(8), ledger=survivor.ledger()
+            ) as client:
+                adopter = survivor.adopt(client, interval=0.05)
+                await eventually(lambda: adopter.reattached == 1)
+                await stalled.renew()  # alive again: it learns it was reaped
+                with pytest.raises(TaskTakenOverError) as raised:
+                    await asyncio.wait_for(lost.wait(), 5)
+                assert raised.value.task_id == lost.task_id
+                assert raised.value.owner == survivor.member
+                again = stalled_client.images.attach(lost.task_id)  # followed afresh, read only
+                assert stalled_limiter.in_use == 0
+                await stalled_limiter.flush()
+                assert await total(redis, survivor) == 3  # the survivor's, not released
+                polls = len(server.requests_for("get")) + len(server.requests_for("list"))
+                await asyncio.sleep(0.5)
+                # the survivor alone polls it now: at most a few polls in 0.5 s
+                after = len(server.requests_for("get")) + len(server.requests_for("list"))
+                server.finish(lost.task_id)
+                await eventually(lambda: client.limiter.in_use == 0)  # type: ignore[union-attr]
+                assert (await asyncio.wait_for(again, 5)).task_id == lost.task_id
+            ended = await survivor.ledger().get(str(lost.external_task_id))
+            assert ended is not None
+            assert ended.state is EntryState.TERMINAL
+            assert after - polls < 12
 
 
 async def test_a_second_create_of_a_running_task_frees_none_of_its_units(
